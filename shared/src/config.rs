@@ -1,0 +1,90 @@
+//! Configuration that every service reads from its environment (Cloud Run's way), parsed once at
+//! start with clap so that a missing or bad variable stops the service with a message naming it.
+
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::auth::{GOOGLE_JWKS_URL, OidcVerifier};
+use crate::gcp::GcpArgs;
+use crate::store::Store;
+
+/// What each service needs: its port, the database, Google APIs and push authentication.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    /// Port to listen on (Cloud Run sets it).
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: SecretString,
+    /// Largest number of database connections this instance opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+    #[command(flatten)]
+    pub gcp: GcpArgs,
+    #[command(flatten)]
+    pub auth: PushAuthArgs,
+}
+
+impl CommonArgs {
+    /// Connects to the database lazily (the service starts even while it is unreachable) and
+    /// brings its schema up to date when it is reachable.
+    pub async fn store(&self) -> anyhow::Result<Store> {
+        let store = Store::connect_lazy(self.database_url.expose_secret(), self.database_max_connections)?;
+        if let Err(err) = store.migrate().await {
+            tracing::warn!(error = %err, "Database migration did not run; it will be retried at the next start.");
+        }
+        Ok(store)
+    }
+
+    pub fn verifier(&self) -> Arc<OidcVerifier> {
+        Arc::new(OidcVerifier::new(
+            self.auth.jwks_url.clone(),
+            self.auth.audience.clone(),
+            self.auth.invokers.clone(),
+        ))
+    }
+}
+
+/// Who may push work to this service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PushAuthArgs {
+    /// Key set of the OIDC tokens that Pub/Sub and Cloud Tasks attach.
+    #[arg(long, env = "OIDC_JWKS_URL", default_value = GOOGLE_JWKS_URL)]
+    pub jwks_url: String,
+    /// The audience the tokens must carry: this service's URL.
+    #[arg(long, env = "PUSH_AUDIENCE")]
+    pub audience: String,
+    /// Service accounts allowed to push to this service, comma-separated.
+    #[arg(long, env = "PUSH_INVOKERS", value_delimiter = ',', required = true)]
+    pub invokers: Vec<String>,
+}
+
+/// How to reach the ESP.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EspArgs {
+    /// Base URL of the ESP's API.
+    #[arg(long, env = "ESP_URL")]
+    pub esp_url: String,
+    /// API key for the ESP.
+    #[arg(long, env = "ESP_API_KEY", hide_env_values = true)]
+    pub esp_api_key: Option<SecretString>,
+    /// Longest wait for one ESP call, in seconds.
+    #[arg(long, env = "ESP_TIMEOUT_SECS", default_value_t = 30)]
+    pub esp_timeout_secs: u64,
+}
+
+impl EspArgs {
+    /// The ESP client these settings describe.
+    pub fn provider(&self) -> anyhow::Result<std::sync::Arc<dyn crate::esp::EspProvider>> {
+        let mut config = crate::esp::HttpEspConfig::new(self.esp_url.clone())
+            .with_timeout(std::time::Duration::from_secs(self.esp_timeout_secs));
+        config.api_key = self.esp_api_key.clone();
+        let esp = crate::esp::HttpEsp::new(config).map_err(|e| anyhow::anyhow!("ESP_URL: {e}"))?;
+        Ok(std::sync::Arc::new(esp))
+    }
+}

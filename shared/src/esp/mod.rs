@@ -1,0 +1,203 @@
+//! The ESP provider: the one seam between Haishin and the email service provider (ESP)
+//! that actually delivers mail.
+//!
+//! Services hold an `Arc<dyn EspProvider>` and never speak to an ESP directly. A provider
+//! does four things: upload one chunk's recipients as a list, send a template to an
+//! uploaded list, look a send up in the ESP's delivery history by its idempotency key,
+//! and read a delivery's status.
+//!
+//! # Errors decide what happens next
+//! Every failure is an [`EspError`] classified by what a caller may do about it:
+//! - [`EspError::RateLimited`]: the ESP refused the call (429); retry later, after
+//!   `retry_after` when the ESP said so. Nothing was done.
+//! - [`EspError::Transient`]: a 5xx, a connection that could not be made, or a read
+//!   that failed; a later attempt can succeed. Nothing was accepted (or the call only reads).
+//! - [`EspError::Indeterminate`]: a call that changes something (upload, send) reached the
+//!   ESP but no answer came back (a timeout, a dropped connection, a gateway timeout). The
+//!   ESP may have accepted it. A list upload may simply be repeated with the same key; a
+//!   send must not be: look it up with [`EspProvider::find_delivery`] first, and if the
+//!   history cannot tell, leave the chunk `unknown` rather than risk sending twice.
+//! - [`EspError::Permanent`]: any other 4xx (bad request, unknown list, bad credentials);
+//!   repeating the same call can never succeed.
+//!
+//! # Layout
+//! - this module: the trait, the values it exchanges and the error type;
+//! - [`http`]: [`HttpEsp`], the implementation that speaks the ESP simulator's HTTP API
+//!   (`tools/esp-sim`), the protocol Haishin's local stack, tests and benchmarks use.
+
+pub mod http;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Class, Recipient, Template};
+
+pub use http::{HttpEsp, HttpEspConfig};
+
+/// An ESP provider: uploads lists, sends templates to them and reports on deliveries.
+#[async_trait]
+pub trait EspProvider: Send + Sync + 'static {
+    /// Uploads one chunk's recipients as a list at the ESP. Idempotent by key where the ESP supports it.
+    async fn upload_list(&self, list: &ListUpload) -> Result<ListId, EspError>;
+    /// Sends a template to an uploaded list. The key is recorded by the ESP so that the send can be looked up later.
+    async fn send(&self, send: &SendRequest) -> Result<DeliveryId, EspError>;
+    /// Looks a send up in the ESP's delivery history by idempotency key: Some if the ESP accepted it.
+    async fn find_delivery(&self, idempotency_key: &str) -> Result<Option<DeliveryId>, EspError>;
+    /// Reads a delivery's status (processing, or done with counts).
+    async fn delivery_status(&self, id: &DeliveryId) -> Result<DeliveryStatus, EspError>;
+}
+
+/// One chunk's recipients, to be stored at the ESP as a list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListUpload {
+    /// Repeating an upload with the same key returns the same list where the ESP supports it.
+    pub idempotency_key: String,
+    /// The delivery request the chunk belongs to.
+    pub request_id: String,
+    pub recipients: Vec<Recipient>,
+}
+
+/// A send of a template to an uploaded list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// Recorded by the ESP with the delivery, so that [`EspProvider::find_delivery`] can find it.
+    /// The ESP does not de-duplicate by it: sending twice with one key delivers twice.
+    pub idempotency_key: String,
+    /// The delivery request the chunk belongs to.
+    pub request_id: String,
+    pub list_id: ListId,
+    pub template: Template,
+    pub class: Class,
+}
+
+/// The ESP's id of an uploaded list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ListId(pub String);
+
+/// The ESP's id of an accepted send.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DeliveryId(pub String);
+
+impl fmt::Display for ListId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for DeliveryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for ListId {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+impl From<String> for DeliveryId {
+    fn from(id: String) -> Self {
+        Self(id)
+    }
+}
+
+/// Where an accepted send stands at the ESP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// The ESP is still delivering.
+    Processing,
+    /// Every recipient has an outcome.
+    Done { delivered: u64, bounced: u64, failed: u64 },
+}
+
+/// A failed ESP call, classified by what the caller may do next (see the module doc).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EspError {
+    /// 429: the ESP refused the call and did nothing; retry after `retry_after` when given.
+    #[error("rate limited by the esp")]
+    RateLimited { retry_after: Option<Duration> },
+    /// A 5xx, a connection that could not be made, or a failed read: nothing was accepted,
+    /// and a later attempt can succeed.
+    #[error("transient esp error: {0}")]
+    Transient(String),
+    /// An upload or a send reached the ESP but its outcome is unknown: the ESP may have
+    /// accepted it. Look a send up with `find_delivery` before sending it again.
+    #[error("esp outcome unknown: {0}")]
+    Indeterminate(String),
+    /// A 4xx other than 429 (and other answers no retry can change): never retry.
+    #[error("permanent esp error: {0}")]
+    Permanent(String),
+}
+
+impl EspError {
+    /// True when a later attempt can succeed: rate limited, transient and indeterminate
+    /// errors. An indeterminate send must still be looked up before it is repeated
+    /// (see [`EspError::maybe_accepted`]).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Permanent(_))
+    }
+
+    /// True when the ESP may have accepted the call although it failed: the caller must
+    /// check the ESP's history (`find_delivery`) before sending again.
+    pub fn maybe_accepted(&self) -> bool {
+        matches!(self, Self::Indeterminate(_))
+    }
+
+    /// How long the ESP asked the caller to wait, when it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_permanent_errors_are_not_retryable() {
+        assert!(EspError::RateLimited { retry_after: None }.is_retryable());
+        assert!(EspError::Transient("503".into()).is_retryable());
+        assert!(EspError::Indeterminate("timeout".into()).is_retryable());
+        assert!(!EspError::Permanent("400".into()).is_retryable());
+    }
+
+    #[test]
+    fn only_indeterminate_errors_may_have_been_accepted() {
+        assert!(EspError::Indeterminate("timeout".into()).maybe_accepted());
+        assert!(!EspError::Transient("503".into()).maybe_accepted());
+        assert!(!EspError::RateLimited { retry_after: None }.maybe_accepted());
+        assert!(!EspError::Permanent("404".into()).maybe_accepted());
+    }
+
+    #[test]
+    fn a_send_request_has_the_wire_shape_of_the_simulator_protocol() {
+        let send = SendRequest {
+            idempotency_key: "r-1~000001:send".into(),
+            request_id: "r-1".into(),
+            list_id: ListId("lst-1".into()),
+            template: Template::Stored { id: "welcome".into() },
+            class: Class::Batch,
+        };
+        let json = serde_json::to_value(&send).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "idempotency_key": "r-1~000001:send",
+                "request_id": "r-1",
+                "list_id": "lst-1",
+                "template": {"id": "welcome"},
+                "class": "batch",
+            })
+        );
+        assert_eq!(serde_json::from_value::<SendRequest>(json).unwrap(), send);
+    }
+}

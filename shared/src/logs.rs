@@ -1,0 +1,172 @@
+//! Completion and delivery logs: one row per chunk, one summary row per finished request.
+//!
+//! Written through [`LogSink`]: BigQuery in production (dataset `haishin`, tables `deliveries`
+//! and `requests`), NDJSON files locally. For every finished request the summary adds up:
+//! `audience_rows = recipients + skipped`, and
+//! `recipients = sent + failed + expired + cancelled + unknown`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+use crate::store::{ChunkRow, RequestRow};
+
+/// One row per finished chunk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeliveryLog {
+    pub request_id: String,
+    pub chunk_id: String,
+    pub class: String,
+    pub labels: Value,
+    pub state: String,
+    pub recipients: i64,
+    pub delivered: i64,
+    pub bounced: i64,
+    pub failed: i64,
+    /// Recipients whose outcome could not be established.
+    pub unknown: i64,
+    pub reason: Option<String>,
+    pub uploaded_at: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl DeliveryLog {
+    pub fn from_chunk(chunk: &ChunkRow, labels: &Value) -> Self {
+        let unknown = if chunk.state == "unknown" { chunk.recipients as i64 } else { 0 };
+        Self {
+            request_id: chunk.request_id.clone(),
+            chunk_id: chunk.id.clone(),
+            class: chunk.class.clone(),
+            labels: labels.clone(),
+            state: chunk.state.clone(),
+            recipients: chunk.recipients as i64,
+            delivered: chunk.delivered.unwrap_or(0),
+            bounced: chunk.bounced.unwrap_or(0),
+            failed: chunk.failed.unwrap_or(0),
+            unknown,
+            reason: chunk.reason.clone(),
+            uploaded_at: chunk.uploaded_at,
+            sent_at: chunk.sent_at,
+            completed_at: chunk.finished_at,
+        }
+    }
+}
+
+/// One summary row per finished request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RequestLog {
+    pub request_id: String,
+    pub class: String,
+    pub priority: i32,
+    pub labels: Value,
+    pub state: String,
+    pub reason: Option<String>,
+    /// Rows read from the audience, valid or not.
+    pub audience_rows: i64,
+    /// Recipients kept after validation and de-duplication.
+    pub recipients: i64,
+    /// Rows skipped, by reason.
+    pub skipped: BTreeMap<String, i64>,
+    /// Recipients in chunks the ESP accepted.
+    pub sent: i64,
+    pub delivered: i64,
+    pub bounced: i64,
+    /// Recipients in chunks that failed, or that the ESP reported failed.
+    pub failed: i64,
+    pub expired: i64,
+    pub cancelled: i64,
+    pub unknown: i64,
+    pub received_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl RequestLog {
+    /// Builds the summary from the request and its chunk totals per state
+    /// (chunks, recipients, delivered, bounced, failed).
+    pub fn new(request: &RequestRow, totals: &BTreeMap<String, (i64, i64, i64, i64, i64)>) -> Self {
+        let recipients_in = |state: &str| totals.get(state).map_or(0, |t| t.1);
+        let sum = |pick: fn(&(i64, i64, i64, i64, i64)) -> i64| totals.values().map(pick).sum::<i64>();
+        let skipped: BTreeMap<String, i64> =
+            serde_json::from_value(request.skipped.clone()).unwrap_or_default();
+        Self {
+            request_id: request.id.clone(),
+            class: request.class.clone(),
+            priority: request.priority,
+            labels: request.labels.clone(),
+            state: request.state.clone(),
+            reason: request.reason.clone(),
+            audience_rows: request.audience_rows.unwrap_or(0),
+            recipients: request.recipients.unwrap_or(0),
+            skipped,
+            sent: recipients_in("completed") + recipients_in("sent"),
+            delivered: sum(|t| t.2),
+            bounced: sum(|t| t.3),
+            failed: recipients_in("failed"),
+            expired: recipients_in("expired"),
+            cancelled: recipients_in("cancelled"),
+            unknown: recipients_in("unknown"),
+            received_at: request.received_at,
+            finished_at: request.finished_at,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("writing logs failed: {0}")]
+pub struct LogError(pub String);
+
+/// Where completion and delivery logs go.
+#[async_trait]
+pub trait LogSink: Send + Sync + 'static {
+    async fn write_deliveries(&self, rows: &[DeliveryLog]) -> Result<(), LogError>;
+    async fn write_requests(&self, rows: &[RequestLog]) -> Result<(), LogError>;
+}
+
+/// Appends rows as NDJSON to `deliveries.ndjson` and `requests.ndjson` in a directory.
+#[derive(Debug, Clone)]
+pub struct FileSink {
+    dir: PathBuf,
+}
+
+impl FileSink {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    async fn append<T: Serialize>(&self, file: &str, rows: &[T]) -> Result<(), LogError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut text = Vec::new();
+        for row in rows {
+            serde_json::to_writer(&mut text, row).map_err(|e| LogError(e.to_string()))?;
+            text.push(b'\n');
+        }
+        tokio::fs::create_dir_all(&self.dir).await.map_err(|e| LogError(e.to_string()))?;
+        let mut out = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(file))
+            .await
+            .map_err(|e| LogError(e.to_string()))?;
+        out.write_all(&text).await.map_err(|e| LogError(e.to_string()))?;
+        out.flush().await.map_err(|e| LogError(e.to_string()))
+    }
+}
+
+#[async_trait]
+impl LogSink for FileSink {
+    async fn write_deliveries(&self, rows: &[DeliveryLog]) -> Result<(), LogError> {
+        self.append("deliveries.ndjson", rows).await
+    }
+
+    async fn write_requests(&self, rows: &[RequestLog]) -> Result<(), LogError> {
+        self.append("requests.ndjson", rows).await
+    }
+}

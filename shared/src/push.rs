@@ -1,0 +1,121 @@
+//! The envelopes in which Pub/Sub push and Cloud Tasks deliver work, and the outcome a handler
+//! reports back to them.
+//!
+//! Both services treat any 2xx as done and anything else as "try again later". So a handler says
+//! either [`Outcome::Done`] (the work is done, or can never succeed and was recorded as such) or
+//! [`Outcome::Retry`] (a later attempt can succeed).
+
+use std::collections::HashMap;
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// A Pub/Sub push request body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PushEnvelope {
+    pub message: PushMessage,
+    #[serde(default)]
+    pub subscription: String,
+    #[serde(default, rename = "deliveryAttempt")]
+    pub delivery_attempt: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PushMessage {
+    #[serde(default)]
+    pub data: String,
+    #[serde(default)]
+    pub attributes: HashMap<String, String>,
+    #[serde(default, rename = "messageId")]
+    pub message_id: String,
+}
+
+impl PushMessage {
+    /// The message's payload, decoded from base64.
+    pub fn data(&self) -> Result<Vec<u8>, String> {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.data)
+            .map_err(|e| format!("message data is not base64: {e}"))
+    }
+
+    /// The payload parsed as JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, String> {
+        let data = self.data()?;
+        serde_json::from_slice(&data).map_err(|e| format!("message data is not the expected JSON: {e}"))
+    }
+}
+
+/// The Cloud Tasks headers of a dispatched task.
+#[derive(Debug, Clone, Default)]
+pub struct TaskInfo {
+    pub queue: String,
+    pub name: String,
+    pub retry_count: u32,
+}
+
+impl TaskInfo {
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let text =
+            |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+        Self {
+            queue: text("x-cloudtasks-queuename"),
+            name: text("x-cloudtasks-taskname"),
+            retry_count: text("x-cloudtasks-taskretrycount").parse().unwrap_or(0),
+        }
+    }
+}
+
+/// What a push or task handler tells Pub/Sub or Cloud Tasks.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Done, or never possible (and recorded as such): acknowledge.
+    Done(String),
+    /// A later attempt can succeed: answer so that the sender retries with back-off.
+    Retry(RetryReason),
+}
+
+/// Why work should be retried; each maps to the status that makes the sender back off.
+#[derive(Debug)]
+pub enum RetryReason {
+    /// The ESP asked us to slow down (429).
+    Throttled(String),
+    /// Something a retry can fix: the database, the ESP or a Google API was unavailable (503).
+    Unavailable(String),
+    /// Another worker holds the work; try again after its lease (409).
+    Busy(String),
+}
+
+impl Outcome {
+    pub fn done(what: impl Into<String>) -> Self {
+        Outcome::Done(what.into())
+    }
+
+    pub fn unavailable(what: impl std::fmt::Display) -> Self {
+        Outcome::Retry(RetryReason::Unavailable(what.to_string()))
+    }
+}
+
+impl IntoResponse for Outcome {
+    fn into_response(self) -> Response {
+        match self {
+            Outcome::Done(what) => (StatusCode::OK, what).into_response(),
+            Outcome::Retry(RetryReason::Throttled(why)) => {
+                (StatusCode::TOO_MANY_REQUESTS, why).into_response()
+            }
+            Outcome::Retry(RetryReason::Unavailable(why)) => {
+                tracing::warn!(reason = %why, "Work will be retried.");
+                (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+            }
+            Outcome::Retry(RetryReason::Busy(why)) => (StatusCode::CONFLICT, why).into_response(),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for Outcome {
+    fn from(err: crate::store::StoreError) -> Self {
+        Outcome::unavailable(err)
+    }
+}
