@@ -1,0 +1,213 @@
+//! The list-uploader: one Cloud Tasks task, one chunk uploaded to the ESP as a list.
+//!
+//! It calls the ESP's upload API and does nothing else, so that its Cloud Run capacity (max
+//! instances × per-instance concurrency) is its number of upload slots. When the upload is done,
+//! it hands the chunk to the sender (topic `deliveries`) and tells the trigger a slot is free
+//! (topic `pipeline-events`).
+//!
+//! `POST /tasks/upload` answers 2xx when the chunk is uploaded, was already past this step, or can
+//! never be uploaded (recorded as failed with the reason), and 429/503 when a retry can help; the
+//! chunk then stays `queued`, so it keeps its slot while Cloud Tasks backs off.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use haishin_shared::config::{CommonArgs, EspArgs};
+use haishin_shared::domain::{ChunkState, Recipient};
+use haishin_shared::esp::{EspError, EspProvider, ListUpload};
+use haishin_shared::gcp::{Blobs, Topic};
+use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, UploadTask};
+use haishin_shared::push::{Outcome, RetryReason};
+use haishin_shared::store::{Claim, Store};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "list-uploader", about = "Uploads chunks to the ESP, one per task.")]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub esp: EspArgs,
+    /// Bucket holding the chunk objects.
+    #[arg(long, env = "BUCKET")]
+    pub bucket: String,
+    /// Topic of chunks ready to send.
+    #[arg(long, env = "DELIVERIES_TOPIC", default_value = "deliveries")]
+    pub deliveries_topic: String,
+    /// Topic of pipeline events (slots freed).
+    #[arg(long, env = "EVENTS_TOPIC", default_value = "pipeline-events")]
+    pub events_topic: String,
+    /// How long an upload may run before another attempt may take the chunk over, in seconds.
+    #[arg(long, env = "UPLOAD_LEASE_SECS", default_value_t = 300)]
+    pub upload_lease_secs: u64,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub blobs: Blobs,
+    pub esp: Arc<dyn EspProvider>,
+    pub deliveries: Topic,
+    pub events: Topic,
+    pub bucket: String,
+    pub lease: Duration,
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    verifier: Arc<haishin_shared::auth::OidcVerifier>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let listener = haishin_shared::server::bind(&config.common.host, config.common.port)
+            .await
+            .with_context(|| format!("binding port {}", config.common.port))?;
+        let gcp = &config.common.gcp;
+        let state = AppState {
+            store: config.common.store().await?,
+            blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
+            esp: config.esp.provider()?,
+            deliveries: Topic::connect(gcp, &config.deliveries_topic)
+                .await
+                .context("connecting to Pub/Sub")?,
+            events: Topic::connect(gcp, &config.events_topic).await.context("connecting to Pub/Sub")?,
+            bucket: config.bucket,
+            lease: Duration::from_secs(config.upload_lease_secs),
+        };
+        Ok(Self { listener, state, verifier: config.common.verifier() })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or_default()
+    }
+
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(port = self.port(), "List-uploader listening.");
+        let events = self.state.events.clone();
+        let deliveries = self.state.deliveries.clone();
+        haishin_shared::server::serve(self.listener, router(self.state, self.verifier), shutdown).await?;
+        deliveries.flush().await;
+        events.flush().await;
+        Ok(())
+    }
+}
+
+pub fn router(state: AppState, verifier: Arc<haishin_shared::auth::OidcVerifier>) -> Router {
+    let router = Router::new()
+        .route("/tasks/upload", post(upload))
+        .layer(axum::middleware::from_fn_with_state(verifier, haishin_shared::auth::require_token))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state);
+    haishin_shared::server::with_tracing(router)
+}
+
+/// The ESP's idempotency key for a chunk's list.
+pub fn list_key(chunk_id: &str) -> String {
+    format!("list:{chunk_id}")
+}
+
+#[tracing::instrument(skip_all, fields(request_id = %task.request_id, chunk = %task.chunk_id))]
+async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> Outcome {
+    let claimed = match state.store.claim_upload(&task.chunk_id, state.lease).await {
+        Ok(Claim::Claimed(claimed)) => claimed,
+        Ok(Claim::Busy) => {
+            return Outcome::Retry(RetryReason::Busy(format!("chunk {} is being uploaded", task.chunk_id)));
+        }
+        Ok(Claim::Done(current)) => {
+            return Outcome::done(format!(
+                "chunk {} is {}",
+                task.chunk_id,
+                current.as_deref().unwrap_or("gone")
+            ));
+        }
+        Err(err) => return err.into(),
+    };
+    let chunk = claimed.chunk;
+    let recipients = match read_chunk(&state, &chunk.object).await {
+        Ok(recipients) => recipients,
+        Err(outcome) => return release(&state, &chunk.id, outcome).await,
+    };
+    let list =
+        ListUpload { idempotency_key: list_key(&chunk.id), request_id: chunk.request_id.clone(), recipients };
+    match state.esp.upload_list(&list).await {
+        Ok(list_id) => {
+            match state.store.mark_uploaded(&chunk.id, &list_id.to_string()).await {
+                Ok(true) => {}
+                Ok(false) => return Outcome::done("chunk was taken over while uploading"),
+                Err(err) => return err.into(),
+            }
+            tracing::info!(recipients = list.recipients.len(), "Chunk uploaded.");
+            let message = DeliveryMessage {
+                chunk_id: chunk.id.clone(),
+                request_id: chunk.request_id.clone(),
+                class: chunk.class(),
+            };
+            let attributes = [("class", chunk.class.as_str()), ("request_id", chunk.request_id.as_str())];
+            let event = PipelineEvent::chunk(EventKind::ChunkUploaded, &chunk.request_id, &chunk.id);
+            let (sent, evented) = tokio::join!(
+                state.deliveries.publish(&message, &attributes),
+                state.events.publish(&event, &attributes)
+            );
+            if let Err(err) = evented {
+                tracing::warn!(error = %err, "Pipeline event not published; the scheduler tick will cover it.");
+            }
+            match sent {
+                Ok(_) => Outcome::done("uploaded"),
+                // The chunk is uploaded; the completion job re-publishes chunks that linger there.
+                Err(err) => {
+                    tracing::warn!(error = %err, "Delivery message not published; reconcile will re-publish it.");
+                    Outcome::done("uploaded; delivery message pending")
+                }
+            }
+        }
+        Err(err) if err.is_retryable() => {
+            let outcome = match &err {
+                EspError::RateLimited { .. } => Outcome::Retry(RetryReason::Throttled(err.to_string())),
+                _ => Outcome::unavailable(&err),
+            };
+            release(&state, &chunk.id, outcome).await
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "Chunk cannot be uploaded.");
+            let reason = format!("upload refused by the ESP: {err}");
+            match state
+                .store
+                .finish_chunk(&chunk.id, ChunkState::Uploading, ChunkState::Failed, &reason)
+                .await
+            {
+                Ok(_) => {
+                    let event = PipelineEvent::chunk(EventKind::ChunkFinished, &chunk.request_id, &chunk.id);
+                    let _ = state.events.publish(&event, &[]).await;
+                    Outcome::done(reason)
+                }
+                Err(err) => err.into(),
+            }
+        }
+    }
+}
+
+/// Puts the chunk back to `queued` for the task's next attempt, keeping its slot.
+async fn release(state: &AppState, chunk_id: &str, outcome: Outcome) -> Outcome {
+    if let Err(err) = state.store.transition(chunk_id, ChunkState::Uploading, ChunkState::Queued).await {
+        tracing::warn!(error = %err, "Chunk not released; its lease will run out.");
+    }
+    outcome
+}
+
+async fn read_chunk(state: &AppState, object: &str) -> Result<Vec<Recipient>, Outcome> {
+    let data = state.blobs.read_all(&state.bucket, object).await.map_err(Outcome::unavailable)?;
+    data.split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(serde_json::from_slice::<Recipient>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Outcome::unavailable(format!("chunk object {object} is unreadable: {e}")))
+}

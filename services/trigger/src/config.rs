@@ -1,0 +1,52 @@
+//! The trigger's configuration, from its environment.
+
+use haishin_shared::config::CommonArgs;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "trigger",
+    about = "Takes delivery requests, prepares their audiences and dispatches chunks."
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Region of the Cloud Tasks queues.
+    #[arg(long, env = "TASKS_LOCATION", default_value = "us-central1")]
+    pub tasks_location: String,
+    /// Queue of prepare tasks (targets this service).
+    #[arg(long, env = "PREPARE_QUEUE", default_value = "prepare")]
+    pub prepare_queue: String,
+    /// Queue of upload tasks (targets the list-uploader).
+    #[arg(long, env = "UPLOAD_QUEUE", default_value = "upload")]
+    pub upload_queue: String,
+    /// Service account whose OIDC token the tasks carry.
+    #[arg(long, env = "TASKS_INVOKER_SA")]
+    pub tasks_invoker: String,
+    /// This service's URL, where prepare tasks are delivered (default: the push audience).
+    #[arg(long, env = "TRIGGER_URL")]
+    pub trigger_url: Option<String>,
+    /// The list-uploader's URL, where upload tasks are delivered.
+    #[arg(long, env = "LIST_UPLOADER_URL")]
+    pub list_uploader_url: String,
+    /// Bucket for chunk objects.
+    #[arg(long, env = "BUCKET")]
+    pub bucket: String,
+    /// Most recipients per chunk.
+    #[arg(long, env = "CHUNK_SIZE", default_value_t = 10_000)]
+    pub chunk_size: u32,
+    /// Concurrency limit of the ESP's upload API: chunks in flight toward it never exceed this.
+    #[arg(long, env = "ESP_UPLOAD_LIMIT", default_value_t = 8)]
+    pub esp_upload_limit: u32,
+    /// Upload slots that batch chunks never take, kept free for realtime events.
+    #[arg(long, env = "REALTIME_RESERVED_SLOTS", default_value_t = 0)]
+    pub realtime_reserved_slots: u32,
+    /// Upload tasks allowed to wait in the queue beyond the limit.
+    #[arg(long, env = "DISPATCH_PREFETCH", default_value_t = 0)]
+    pub dispatch_prefetch: u32,
+    /// Inline audiences up to this size are prepared as soon as they arrive, without a prepare task.
+    #[arg(long, env = "INLINE_PREPARE_MAX", default_value_t = 1_000)]
+    pub inline_prepare_max: usize,
+    /// How long a prepare step may run before another may take it over, in seconds.
+    #[arg(long, env = "PREPARE_LEASE_SECS", default_value_t = 900)]
+    pub prepare_lease_secs: u64,
+}

@@ -1,0 +1,103 @@
+//! Driving the scheduling rule.
+//!
+//! Each event (a request prepared, a chunk uploaded or sent, a scheduler tick) asks for a dispatch
+//! round. Rounds never overlap within an instance, and requests that arrive while one runs are
+//! folded into one more round after it, so a burst of events costs one or two rounds, not one
+//! each. Across instances, the store's slot lock keeps rounds consistent.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures::future::join_all;
+use haishin_shared::gcp::TaskQueue;
+use haishin_shared::messages::UploadTask;
+use haishin_shared::store::{Dispatched, SlotLimits, Store, StoreError};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+pub struct Dispatcher {
+    store: Store,
+    upload_queue: TaskQueue,
+    limits: SlotLimits,
+    running: Mutex<()>,
+    wanted: AtomicBool,
+}
+
+/// The Cloud Tasks name of a chunk's upload task for one dispatch. Hashed, because Cloud Tasks
+/// slows down on sequential names; deterministic, so that re-dispatch after a crash cannot create a
+/// second task.
+pub fn upload_task_name(chunk_id: &str, generation: i32) -> String {
+    let digest = Sha256::digest(format!("upload:{chunk_id}:{generation}"));
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Dispatcher {
+    pub fn new(store: Store, upload_queue: TaskQueue, limits: SlotLimits) -> Self {
+        Self { store, upload_queue, limits, running: Mutex::new(()), wanted: AtomicBool::new(false) }
+    }
+
+    pub fn limits(&self) -> SlotLimits {
+        self.limits
+    }
+
+    /// Runs dispatch rounds until no more were asked for. Returns the chunks this call dispatched;
+    /// a call that finds a round already running leaves the work to it and returns at once.
+    pub async fn run(&self) -> Result<Vec<Dispatched>, StoreError> {
+        self.wanted.store(true, Ordering::SeqCst);
+        let mut all = Vec::new();
+        loop {
+            let Ok(guard) = self.running.try_lock() else { return Ok(all) };
+            while self.wanted.swap(false, Ordering::SeqCst) {
+                all.extend(self.round().await?);
+            }
+            drop(guard);
+            // An event may have arrived between the last check and the release.
+            if !self.wanted.load(Ordering::SeqCst) {
+                return Ok(all);
+            }
+        }
+    }
+
+    async fn round(&self) -> Result<Vec<Dispatched>, StoreError> {
+        let round = self.store.dispatch_round(self.limits).await?;
+        if round.expired > 0 {
+            tracing::info!(chunks = round.expired, "Chunks expired before dispatch.");
+        }
+        let results = join_all(round.dispatched.iter().map(|chunk| async move {
+            let task = UploadTask {
+                chunk_id: chunk.chunk_id.clone(),
+                request_id: chunk.request_id.clone(),
+                generation: chunk.generation,
+            };
+            let name = upload_task_name(&chunk.chunk_id, chunk.generation);
+            (chunk, self.upload_queue.enqueue(Some(&name), &task).await)
+        }))
+        .await;
+        let mut dispatched = Vec::new();
+        for (chunk, result) in results {
+            match result {
+                Ok(_) => {
+                    tracing::debug!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, class = %chunk.class, "Chunk dispatched.");
+                    dispatched.push(chunk.clone());
+                }
+                Err(err) => {
+                    tracing::warn!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, error = %err, "Upload task not created; chunk back in line.");
+                    self.store.undo_dispatch(&chunk.chunk_id, chunk.generation).await?;
+                }
+            }
+        }
+        Ok(dispatched)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upload_task_name;
+
+    #[test]
+    fn task_names_are_stable_and_differ_per_generation() {
+        assert_eq!(upload_task_name("r~000001", 1), upload_task_name("r~000001", 1));
+        assert_ne!(upload_task_name("r~000001", 1), upload_task_name("r~000001", 2));
+        assert_ne!(upload_task_name("r~000001", 1), upload_task_name("r~000002", 1));
+        assert_eq!(upload_task_name("r~000001", 1).len(), 32);
+    }
+}

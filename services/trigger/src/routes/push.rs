@@ -1,0 +1,36 @@
+//! `POST /push/requests`: delivery requests pushed by Pub/Sub.
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use haishin_shared::push::{Outcome, PushEnvelope};
+
+use crate::AppState;
+use crate::intake::{self, Intake};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new().route("/push/requests", post(push_request))
+}
+
+/// A malformed request is acknowledged (and recorded with its reason): a retry cannot fix it.
+async fn push_request(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>) -> Outcome {
+    let message_id = envelope.message.message_id.as_str();
+    let body = match envelope.message.data() {
+        Ok(body) => body,
+        Err(reason) => {
+            return match state
+                .store
+                .insert_rejected_message(Some(message_id), &reason, envelope.message.data.as_bytes())
+                .await
+            {
+                Ok(()) => Outcome::done(reason),
+                Err(err) => err.into(),
+            };
+        }
+    };
+    match intake::take(&state, &body, Some(message_id)).await {
+        Ok(Intake::Accepted { id, .. }) => Outcome::done(format!("request {id} accepted")),
+        Ok(Intake::Rejected(rejection)) => Outcome::done(format!("rejected: {}", rejection.reason)),
+        Err(retry) => retry,
+    }
+}
