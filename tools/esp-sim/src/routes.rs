@@ -1,0 +1,316 @@
+//! The HTTP API: the ESP protocol under `/v1` and the simulator's controls under `/_sim`.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use haishin_shared::esp::SendRequest;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::config::{Api, Faults};
+use crate::ledger::{ListData, address_hash, at_domain};
+use crate::state::{Plan, Refusal, SimState};
+
+/// Largest accepted body: a list of a few hundred thousand recipients with parameters.
+const MAX_BODY: usize = 512 * 1024 * 1024;
+
+pub(crate) fn router(state: Arc<SimState>) -> Router {
+    Router::new()
+        .route("/v1/lists", post(upload_list))
+        .route("/v1/sends", post(send).get(find_send))
+        .route("/v1/sends/{delivery_id}", get(send_status))
+        .route("/_sim/report", get(report))
+        .route("/_sim/deliveries", get(deliveries))
+        .route("/_sim/faults", get(faults).post(set_faults))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// An error answer: `{"error": code, "message": ...}`.
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": code, "message": message.into() }))).into_response()
+}
+
+fn too_many(state: &SimState, code: &'static str, message: &str) -> Response {
+    let mut response = error(StatusCode::TOO_MANY_REQUESTS, code, message);
+    let seconds = state.config.retry_after.as_secs_f64().ceil() as u64;
+    response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
+/// The 401 for a call without `Authorization: Bearer <key>`, when the simulator has a key.
+fn unauthorized(state: &SimState, headers: &HeaderMap) -> Option<Response> {
+    let key = state.config.api_key.as_ref()?;
+    let given =
+        headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        return None;
+    }
+    let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong api key");
+    response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    Some(response)
+}
+
+/// Answers a call whose work is done: at once, or (timeout after accept) never in time.
+async fn answer(state: &SimState, plan: Plan, status: StatusCode, body: serde_json::Value) -> Response {
+    let Some(hold) = plan.withhold else {
+        return (status, Json(body)).into_response();
+    };
+    tokio::select! {
+        () = tokio::time::sleep(hold) => {}
+        () = state.shutdown.cancelled() => {}
+    }
+    // A body that fails makes the server drop the connection: the caller never learns the id.
+    let failing = futures::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("answer withheld"))
+    });
+    (status, Body::from_stream(failing)).into_response()
+}
+
+/// The answer to a call the dice or the limit turned away.
+fn refusal(state: &SimState, refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::InjectedError => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "injected server error")
+        }
+        Refusal::InjectedRateLimit => too_many(state, "rate_limited", "injected rate limit"),
+        Refusal::OverLimit => too_many(state, "over_limit", "too many calls in progress for this api"),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListBody<'a> {
+    #[serde(borrow)]
+    idempotency_key: Cow<'a, str>,
+    #[serde(borrow)]
+    request_id: Cow<'a, str>,
+    #[serde(borrow)]
+    recipients: Vec<RecipientBody<'a>>,
+}
+
+/// A recipient as the simulator reads it: parameters are skipped, not stored.
+#[derive(Deserialize)]
+struct RecipientBody<'a> {
+    #[serde(borrow)]
+    email: Cow<'a, str>,
+}
+
+/// Parses a list upload into its key, request id and compact list.
+fn parse_list(state: &SimState, body: &[u8]) -> Result<(String, String, ListData), String> {
+    let list: ListBody<'_> = serde_json::from_slice(body).map_err(|e| format!("invalid list upload: {e}"))?;
+    if list.idempotency_key.is_empty() || list.request_id.is_empty() {
+        return Err("idempotency_key and request_id are required".into());
+    }
+    if list.recipients.is_empty() {
+        return Err("the list has no recipients".into());
+    }
+    let keep = list.recipients.len() <= state.config.keep_addresses_max;
+    let bounce_domain = state.config.bounce_domain.as_deref();
+    let mut hashes = Vec::with_capacity(list.recipients.len());
+    let mut bounced = Vec::new();
+    for (i, r) in list.recipients.iter().enumerate() {
+        if !r.email.contains('@') {
+            return Err(format!("recipient {i} has no valid address"));
+        }
+        hashes.push(address_hash(&r.email));
+        if bounce_domain.is_some_and(|d| at_domain(&r.email, d)) {
+            bounced.push(u32::try_from(i).map_err(|_| "the list is too long")?);
+        }
+    }
+    let addresses = keep.then(|| list.recipients.into_iter().map(|r| Box::from(r.email.as_ref())).collect());
+    Ok((
+        list.idempotency_key.into_owned(),
+        list.request_id.into_owned(),
+        ListData { hashes, bounced, addresses },
+    ))
+}
+
+/// `POST /v1/lists`: stores a list (idempotent by key) → 201 `{list_id}`.
+async fn upload_list(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        state.invalid_call(Api::Upload);
+        return refused;
+    }
+    let (key, request_id, list) = match parse_list(&state, &body) {
+        Ok(parsed) => parsed,
+        Err(message) => {
+            state.invalid_call(Api::Upload);
+            return error(StatusCode::BAD_REQUEST, "invalid_request", message);
+        }
+    };
+    drop(body);
+    let (slot, plan) = match state.admit(Api::Upload, list.len()) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refusal(&state, refused),
+    };
+    let recipients = list.len();
+    let (done, result) = oneshot::channel();
+    let worker = Arc::clone(&state);
+    // The work goes on when the caller hangs up, as at an ESP that accepted it.
+    tokio::spawn(async move {
+        tokio::time::sleep(plan.latency).await;
+        let list_id = worker.ledger().store_list(&key, list);
+        drop(slot);
+        let _ = done.send(list_id);
+    });
+    let Ok(list_id) = result.await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the upload failed");
+    };
+    tracing::debug!(request_id, recipients, list_id, "List uploaded.");
+    answer(&state, plan, StatusCode::CREATED, json!({ "list_id": list_id })).await
+}
+
+/// `POST /v1/sends`: delivers to every recipient of a list → 202 `{delivery_id}`.
+async fn send(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        state.invalid_call(Api::Send);
+        return refused;
+    }
+    let send: SendRequest = match serde_json::from_slice(&body) {
+        Ok(send) => send,
+        Err(e) => {
+            state.invalid_call(Api::Send);
+            return error(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid send: {e}"));
+        }
+    };
+    if send.idempotency_key.is_empty() || send.request_id.is_empty() {
+        state.invalid_call(Api::Send);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "idempotency_key and request_id are required",
+        );
+    }
+    let Some(list) = state.ledger().list(&send.list_id.0) else {
+        state.invalid_call(Api::Send);
+        return error(StatusCode::NOT_FOUND, "list_not_found", format!("no list `{}`", send.list_id));
+    };
+    let (slot, plan) = match state.admit(Api::Send, list.len()) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refusal(&state, refused),
+    };
+    let (done, result) = oneshot::channel();
+    let worker = Arc::clone(&state);
+    let (key, request_id) = (send.idempotency_key, send.request_id);
+    tokio::spawn(async move {
+        tokio::time::sleep(plan.latency).await;
+        let now = worker.clock.now();
+        let delivery_id = worker.ledger().record_send(&key, &request_id, &list, now);
+        drop(slot);
+        let _ = done.send((delivery_id, request_id, list.len()));
+    });
+    let Ok((delivery_id, request_id, recipients)) = result.await else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the send failed");
+    };
+    tracing::debug!(request_id, recipients, delivery_id, "Send accepted.");
+    answer(&state, plan, StatusCode::ACCEPTED, json!({ "delivery_id": delivery_id })).await
+}
+
+#[derive(Deserialize)]
+struct FindParams {
+    idempotency_key: Option<String>,
+}
+
+/// `GET /v1/sends?idempotency_key=K`: the first accepted send with that key.
+async fn find_send(
+    State(state): State<Arc<SimState>>,
+    headers: HeaderMap,
+    Query(params): Query<FindParams>,
+) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    let Some(key) = params.idempotency_key.filter(|k| !k.is_empty()) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", "idempotency_key is required");
+    };
+    let ledger = state.ledger();
+    match ledger.find_by_key(&key) {
+        Some((delivery_id, delivery)) => Json(json!({
+            "delivery_id": delivery_id,
+            "accepted_at": delivery.accepted_at,
+        }))
+        .into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "delivery_not_found",
+            "no send was accepted with this idempotency key",
+        ),
+    }
+}
+
+/// `GET /v1/sends/{delivery_id}`: processing until `settle_delay` after accept, then done.
+async fn send_status(
+    State(state): State<Arc<SimState>>,
+    headers: HeaderMap,
+    Path(delivery_id): Path<String>,
+) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        return refused;
+    }
+    let ledger = state.ledger();
+    let Some(delivery) = ledger.delivery(&delivery_id) else {
+        return error(StatusCode::NOT_FOUND, "delivery_not_found", format!("no delivery `{delivery_id}`"));
+    };
+    let settle = chrono::Duration::from_std(state.config.settle_delay).unwrap_or(chrono::Duration::MAX);
+    if state.clock.now() < delivery.accepted_at + settle {
+        return Json(json!({ "state": "processing", "delivered": 0, "bounced": 0, "failed": 0 }))
+            .into_response();
+    }
+    Json(json!({
+        "state": "done",
+        "delivered": delivery.delivered,
+        "bounced": delivery.bounced,
+        "failed": 0,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ReportParams {
+    timeline: Option<bool>,
+}
+
+/// `GET /_sim/report[?timeline=false]`.
+async fn report(State(state): State<Arc<SimState>>, Query(params): Query<ReportParams>) -> Response {
+    Json(state.report(params.timeline.unwrap_or(true))).into_response()
+}
+
+#[derive(Deserialize)]
+struct DeliveriesParams {
+    request_id: String,
+}
+
+/// `GET /_sim/deliveries?request_id=R`: who a request was delivered to, with counts.
+async fn deliveries(State(state): State<Arc<SimState>>, Query(params): Query<DeliveriesParams>) -> Response {
+    match state.ledger().request_deliveries(&params.request_id) {
+        Some(d) => Json(d).into_response(),
+        None => error(StatusCode::NOT_FOUND, "request_not_found", "no send was accepted for this request"),
+    }
+}
+
+/// `GET /_sim/faults`.
+async fn faults(State(state): State<Arc<SimState>>) -> Json<Faults> {
+    Json(state.faults())
+}
+
+/// `POST /_sim/faults`: replaces the faults in effect.
+async fn set_faults(State(state): State<Arc<SimState>>, body: Bytes) -> Response {
+    let faults: Faults = match serde_json::from_slice(&body) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", format!("invalid faults: {e}")),
+    };
+    match state.set_faults(faults) {
+        Ok(()) => Json(state.faults()).into_response(),
+        Err(message) => error(StatusCode::BAD_REQUEST, "invalid_request", message),
+    }
+}
