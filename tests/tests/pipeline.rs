@@ -1,0 +1,211 @@
+//! The whole pipeline on the local stack (services in this process, stand-ins, ESP simulator,
+//! real PostgreSQL): what a caller sees and what the ESP received.
+
+use std::time::Duration;
+
+use haishin_local::stack::{BUCKET, LocalStack};
+use haishin_tests::{TestStack, eventually, finished, request_status};
+use serde_json::{Value, json};
+
+fn template() -> Value {
+    json!({ "subject": "Hi {{name}}", "text": "Hello {{name}}" })
+}
+
+async fn publish(stack: &LocalStack, body: &Value) {
+    stack.requests_topic.publish(body, &[]).await.expect("published");
+}
+
+/// A CSV audience of `n` good rows plus the bad rows given, written to the local Cloud Storage.
+async fn csv_audience(stack: &LocalStack, name: &str, n: usize, extra: &str) -> String {
+    let mut csv = String::from("email,name\n");
+    for i in 0..n {
+        csv.push_str(&format!("{name}-{i}@example.com,User {i}\n"));
+    }
+    csv.push_str(extra);
+    let object = format!("audiences/{name}.csv");
+    stack.blobs.write(BUCKET, &object, csv.into_bytes().into()).await.expect("audience written");
+    format!("gs://{BUCKET}/{object}")
+}
+
+#[tokio::test]
+async fn a_batch_and_realtime_events_are_delivered_exactly_once_with_counts_that_add_up() {
+    let stack = TestStack::default().start().await;
+    let bad_rows = "not-an-address,Bad\nbatch-1@example.com,Repeated\nshort-row@example.com\n";
+    let uri = csv_audience(&stack, "batch", 450, bad_rows).await;
+
+    publish(
+        &stack,
+        &json!({"id": "batch", "class": "batch", "template": template(),
+        "audience": {"gcs": {"uris": [uri]}}, "labels": {"campaign": "c1"}}),
+    )
+    .await;
+    for i in 0..3 {
+        publish(
+            &stack,
+            &json!({"id": format!("event-{i}"), "class": "realtime", "priority": 5, "template": template(),
+            "audience": {"inline": [{"email": format!("rt-{i}@example.com"), "params": {"name": "R"}}]}}),
+        )
+        .await;
+    }
+
+    let batch = finished(&stack, "batch").await;
+    for i in 0..3 {
+        assert_eq!(finished(&stack, &format!("event-{i}")).await["state"], "completed");
+    }
+    assert_eq!(batch["state"], "completed");
+    assert_eq!(batch["audience"]["rows"], 453);
+    assert_eq!(batch["audience"]["recipients"], 450);
+    assert_eq!(
+        batch["audience"]["skipped"],
+        json!({"invalid_email": 1, "duplicate": 1, "missing_column": 1})
+    );
+    assert_eq!(batch["audience"]["chunks"], 5);
+    assert_eq!(batch["delivered"], 450);
+
+    let sim = stack.esp.report();
+    assert_eq!(sim.requests["batch"].counts.unique, 450);
+    assert_eq!(sim.deliveries.duplicates, 0);
+    assert_eq!(sim.upload.over_limit_attempts + sim.send.over_limit_attempts, 0);
+    assert!(sim.upload.peak_concurrency <= 2 && sim.send.peak_concurrency <= 2);
+
+    // The completion job's summary row adds up: rows = recipients + skipped, recipients = sent.
+    let logs = stack.config.run_dir.join("logs");
+    let summary = eventually("the batch's summary row", Duration::from_secs(30), || async {
+        let text = tokio::fs::read_to_string(logs.join("requests.ndjson")).await.ok()?;
+        text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|r| r["request_id"] == "batch")
+    })
+    .await;
+    let skipped: i64 = summary["skipped"].as_object().unwrap().values().map(|v| v.as_i64().unwrap()).sum();
+    assert_eq!(summary["audience_rows"].as_i64().unwrap(), summary["recipients"].as_i64().unwrap() + skipped);
+    assert_eq!(summary["sent"], 450);
+    assert_eq!(summary["labels"]["campaign"], "c1");
+    let deliveries = tokio::fs::read_to_string(logs.join("deliveries.ndjson")).await.unwrap();
+    let batch_rows: Vec<Value> = deliveries
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["request_id"] == "batch")
+        .collect();
+    assert_eq!(batch_rows.len(), 5);
+    assert_eq!(batch_rows.iter().map(|r| r["delivered"].as_i64().unwrap()).sum::<i64>(), 450);
+
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_are_acknowledged_recorded_and_never_block_others() {
+    let stack = TestStack::default().start().await;
+
+    stack.requests_topic.publish(&"{not json", &[]).await.unwrap();
+    publish(
+        &stack,
+        &json!({"id": "bad-class", "class": "urgent", "template": template(),
+        "audience": {"inline": [{"email": "a@example.com"}]}}),
+    )
+    .await;
+    publish(&stack, &json!({"id": "no-audience", "class": "batch", "template": template()})).await;
+    publish(
+        &stack,
+        &json!({"id": "fine", "class": "realtime", "template": template(),
+        "audience": {"inline": [{"email": "a@example.com"}]}}),
+    )
+    .await;
+
+    let bad_class = finished(&stack, "bad-class").await;
+    assert_eq!(bad_class["state"], "rejected");
+    assert!(bad_class["reason"].as_str().unwrap().contains("urgent"), "{bad_class}");
+    let no_audience = finished(&stack, "no-audience").await;
+    assert_eq!(no_audience["state"], "rejected");
+    assert!(no_audience["reason"].as_str().unwrap().contains("audience"), "{no_audience}");
+    assert_eq!(finished(&stack, "fine").await["state"], "completed");
+
+    let sub = stack
+        .stand_ins
+        .pubsub
+        .subscription_stats("projects/haishin-local/subscriptions/trigger-requests")
+        .unwrap();
+    assert_eq!(sub.acked, 4, "every message acknowledged once: {sub:?}");
+    assert_eq!((sub.nacked, sub.dead_lettered), (0, 0));
+    let kept: i64 = sqlx_count(&stack, "SELECT count(*) FROM rejected_messages").await;
+    assert_eq!(kept, 1, "the message without an id is kept with its reason");
+
+    stack.stop().await;
+}
+
+async fn sqlx_count(stack: &LocalStack, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(stack.store.pool()).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_api_accepts_a_request_once_and_explains_a_refusal() {
+    let stack = TestStack::default().start().await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/requests", stack.endpoints.trigger);
+    let body = json!({"id": "direct", "class": "realtime", "template": template(),
+        "audience": {"inline": [{"email": "d@example.com"}]}});
+
+    let first = client.post(&url).json(&body).send().await.unwrap();
+    let again = client.post(&url).json(&body).send().await.unwrap();
+    let bad = client.post(&url).json(&json!({"id": "x", "class": "batch"})).send().await.unwrap();
+
+    assert_eq!(first.status(), 202);
+    assert_eq!(again.status(), 200);
+    assert_eq!(bad.status(), 400);
+    let reason: Value = bad.json().await.unwrap();
+    assert!(reason["error"].as_str().unwrap().contains("missing field"), "{reason}");
+    assert_eq!(finished(&stack, "direct").await["state"], "completed");
+    assert_eq!(stack.esp.report().requests["direct"].counts.total, 1);
+    assert!(request_status(&stack, "never-sent").await.is_none());
+
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn push_and_task_routes_refuse_missing_or_wrong_tokens_and_change_nothing() {
+    let stack = TestStack::default().start().await;
+    let signer = &stack.stand_ins.signer;
+    let impostor = haishin_stand_ins::TokenSigner::impostor();
+    let request = json!({"id": "sneaky", "class": "realtime", "template": template(),
+        "audience": {"inline": [{"email": "s@example.com"}]}});
+    let data = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        serde_json::to_vec(&request).unwrap(),
+    );
+    let envelope =
+        json!({"message": {"data": data, "messageId": "1", "attributes": {}}, "subscription": "s"});
+    let routes = [
+        (format!("{}/push/requests", stack.endpoints.trigger), envelope.clone(), &stack.endpoints.trigger),
+        (format!("{}/push/events", stack.endpoints.trigger), envelope.clone(), &stack.endpoints.trigger),
+        (
+            format!("{}/tasks/prepare", stack.endpoints.trigger),
+            json!({"request_id": "sneaky"}),
+            &stack.endpoints.trigger,
+        ),
+        (
+            format!("{}/tasks/upload", stack.endpoints.list_uploader),
+            json!({"chunk_id": "sneaky~000000", "request_id": "sneaky", "generation": 1}),
+            &stack.endpoints.list_uploader,
+        ),
+        (format!("{}/push/deliveries", stack.endpoints.sender), envelope.clone(), &stack.endpoints.sender),
+    ];
+    let client = reqwest::Client::new();
+    for (url, body, audience) in &routes {
+        let tokens = [
+            None,
+            Some(impostor.sign(audience, haishin_local::stack::PUSH_ACCOUNT)),
+            Some(signer.sign("https://somewhere-else.example", haishin_local::stack::PUSH_ACCOUNT)),
+            Some(signer.sign(audience, "intruder@elsewhere.iam.gserviceaccount.com")),
+        ];
+        for token in tokens {
+            let mut call = client.post(url).json(body);
+            if let Some(token) = &token {
+                call = call.bearer_auth(token);
+            }
+            let status = call.send().await.unwrap().status();
+            assert_eq!(status, 401, "{url} with token {:?}", token.map(|t| t.len()));
+        }
+    }
+    assert!(request_status(&stack, "sneaky").await.is_none(), "nothing was stored");
+    assert_eq!(stack.esp.report().upload.calls_accepted, 0);
+
+    stack.stop().await;
+}

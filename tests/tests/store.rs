@@ -1,0 +1,182 @@
+//! The store's scheduling rule and guarded state machine, against a real PostgreSQL.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use haishin_shared::domain::{Audience, ChunkState, Class, DeliveryRequest, Recipient, Template, chunk_id};
+use haishin_shared::store::{Claim, NewChunk, SlotLimits, Store};
+use haishin_tests::fresh_database;
+
+const LIMITS: SlotLimits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0 };
+
+fn request(id: &str, class: Class, priority: i32) -> DeliveryRequest {
+    DeliveryRequest {
+        id: id.into(),
+        class,
+        priority,
+        template: Template::Stored { id: "t".into() },
+        audience: Audience::Inline(vec![Recipient {
+            email: "a@example.com".into(),
+            params: Default::default(),
+        }]),
+        not_before: None,
+        deadline: None,
+        labels: Default::default(),
+    }
+}
+
+/// Stores a request with `chunks` pending chunks, ready for dispatch.
+async fn ready(store: &Store, request: &DeliveryRequest, chunks: u32) {
+    assert!(store.insert_request(request).await.unwrap());
+    let Claim::Claimed(_) = store.claim_prepare(&request.id, Duration::from_secs(60)).await.unwrap() else {
+        panic!("prepare not claimed")
+    };
+    let rows: Vec<NewChunk> = (0..chunks)
+        .map(|seq| NewChunk {
+            id: chunk_id(&request.id, seq),
+            seq,
+            object: format!("o/{seq}"),
+            recipients: 10,
+        })
+        .collect();
+    store.insert_chunks(request, &rows).await.unwrap();
+    let summary = haishin_shared::store::AudienceSummary {
+        chunks,
+        recipients: 10 * chunks as u64,
+        ..Default::default()
+    };
+    assert!(store.finish_prepare(&request.id, &summary).await.unwrap());
+}
+
+async fn dispatched_requests(store: &Store, limits: SlotLimits) -> Vec<String> {
+    store.dispatch_round(limits).await.unwrap().dispatched.into_iter().map(|d| d.request_id).collect()
+}
+
+/// Moves a dispatched chunk through upload so that its slot frees.
+async fn finish_upload(store: &Store, chunk: &str) {
+    let Claim::Claimed(_) = store.claim_upload(chunk, Duration::from_secs(60)).await.unwrap() else {
+        panic!("upload not claimed")
+    };
+    assert!(store.mark_uploaded(chunk, "list").await.unwrap());
+}
+
+#[tokio::test]
+async fn the_same_request_id_twice_makes_one_request() {
+    let (store, _) = fresh_database().await;
+    let first = request("dup", Class::Batch, 1);
+    let mut second = request("dup", Class::Realtime, 9);
+    second.labels.insert("other".into(), "body".into());
+    assert!(store.insert_request(&first).await.unwrap());
+    assert!(!store.insert_request(&second).await.unwrap());
+    let row = store.request("dup").await.unwrap().unwrap();
+    assert_eq!((row.class.as_str(), row.priority), ("batch", 1));
+}
+
+#[tokio::test]
+async fn realtime_chunks_go_before_batch_and_higher_priority_before_lower() {
+    let (store, _) = fresh_database().await;
+    ready(&store, &request("batch-low", Class::Batch, 1), 5).await;
+    ready(&store, &request("batch-high", Class::Batch, 7), 5).await;
+    ready(&store, &request("event", Class::Realtime, 0), 1).await;
+
+    let order = dispatched_requests(&store, LIMITS).await;
+
+    assert_eq!(order, ["event", "batch-high", "batch-high"]);
+}
+
+#[tokio::test]
+async fn chunks_in_flight_never_exceed_the_limit() {
+    let (store, _) = fresh_database().await;
+    ready(&store, &request("big", Class::Batch, 0), 10).await;
+
+    assert_eq!(dispatched_requests(&store, LIMITS).await.len(), 3);
+    assert_eq!(dispatched_requests(&store, LIMITS).await.len(), 0, "all slots are taken");
+
+    finish_upload(&store, &chunk_id("big", 0)).await;
+    let round = store.dispatch_round(LIMITS).await.unwrap();
+    assert_eq!(round.dispatched.len(), 1, "one slot freed, one chunk dispatched");
+    assert_eq!(round.in_flight, 3);
+}
+
+#[tokio::test]
+async fn batch_work_never_takes_the_slots_reserved_for_realtime() {
+    let (store, _) = fresh_database().await;
+    let limits = SlotLimits { limit: 3, realtime_reserved: 1, prefetch: 0 };
+    ready(&store, &request("campaign", Class::Batch, 9), 10).await;
+
+    assert_eq!(dispatched_requests(&store, limits).await.len(), 2);
+    ready(&store, &request("event", Class::Realtime, 0), 1).await;
+    assert_eq!(dispatched_requests(&store, limits).await, ["event"]);
+}
+
+#[tokio::test]
+async fn equal_requests_take_turns() {
+    let (store, _) = fresh_database().await;
+    let limits = SlotLimits { limit: 4, realtime_reserved: 0, prefetch: 0 };
+    ready(&store, &request("a", Class::Batch, 0), 10).await;
+    ready(&store, &request("b", Class::Batch, 0), 10).await;
+
+    let mut order = dispatched_requests(&store, limits).await;
+    order.sort();
+    assert_eq!(order, ["a", "a", "b", "b"]);
+}
+
+#[tokio::test]
+async fn overdue_chunks_expire_instead_of_being_dispatched() {
+    let (store, _) = fresh_database().await;
+    let mut late = request("late", Class::Batch, 0);
+    late.deadline = Some(Utc::now() + chrono::Duration::milliseconds(300));
+    ready(&store, &late, 2).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let round = store.dispatch_round(LIMITS).await.unwrap();
+
+    assert!(round.dispatched.is_empty());
+    assert_eq!(round.expired, 2);
+    assert_eq!(store.chunk(&chunk_id("late", 0)).await.unwrap().unwrap().state(), ChunkState::Expired);
+}
+
+#[tokio::test]
+async fn concurrent_rounds_from_two_pools_never_over_commit() {
+    let (store, url) = fresh_database().await;
+    let other = Store::connect(&url, 10).await.unwrap();
+    ready(&store, &request("big", Class::Batch, 0), 50).await;
+    let limits = SlotLimits { limit: 5, realtime_reserved: 0, prefetch: 0 };
+
+    let rounds = (0..20).map(|i| {
+        let store = if i % 2 == 0 { store.clone() } else { other.clone() };
+        async move { store.dispatch_round(limits).await.unwrap().dispatched }
+    });
+    let dispatched: Vec<_> = futures::future::join_all(rounds).await.into_iter().flatten().collect();
+
+    assert_eq!(dispatched.len(), 5);
+    let mut ids: Vec<_> = dispatched.iter().map(|d| d.chunk_id.clone()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "no chunk dispatched twice");
+}
+
+#[tokio::test]
+async fn a_claimed_chunk_is_busy_until_its_lease_runs_out_then_taken_over() {
+    let (store, _) = fresh_database().await;
+    ready(&store, &request("r", Class::Batch, 0), 1).await;
+    store.dispatch_round(LIMITS).await.unwrap();
+    let chunk = chunk_id("r", 0);
+    finish_upload(&store, &chunk).await;
+
+    let Claim::Claimed(first) = store.claim_send(&chunk, Duration::from_millis(200)).await.unwrap() else {
+        panic!()
+    };
+    assert!(!first.takeover);
+    assert!(matches!(store.claim_send(&chunk, Duration::from_secs(60)).await.unwrap(), Claim::Busy));
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let Claim::Claimed(second) = store.claim_send(&chunk, Duration::from_secs(60)).await.unwrap() else {
+        panic!()
+    };
+    assert!(second.takeover, "the earlier attempt's outcome is unknown");
+
+    assert!(store.mark_sent(&chunk, "d-1").await.unwrap());
+    assert!(
+        matches!(store.claim_send(&chunk, Duration::from_secs(60)).await.unwrap(), Claim::Done(Some(s)) if s == "sent")
+    );
+}

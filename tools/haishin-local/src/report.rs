@@ -1,0 +1,201 @@
+//! The demo's report. Delivery figures come from the ESP simulator's ledger; request states come
+//! from the trigger's API, as a caller would read them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use haishin_esp_sim::config::Api;
+use serde::Serialize;
+
+use crate::demo::DemoArgs;
+use crate::stack::LocalStack;
+
+/// What the scenario published: (request id, audience rows, publish time).
+#[derive(Debug, Default, Clone)]
+pub struct Submitted {
+    pub batch: Vec<(String, u64, DateTime<Utc>)>,
+    pub realtime: Vec<(String, u64, DateTime<Utc>)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub requests: Requests,
+    pub recipients: Recipients,
+    pub esp: Esp,
+    pub realtime_latency_ms: Latency,
+    pub batch_makespan_s: f64,
+    pub wall_s: f64,
+    /// Requests by final state, as `GET /v1/requests/{id}` shows them.
+    pub states: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Requests {
+    pub submitted: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub expired: u64,
+    pub rejected: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Recipients {
+    /// Rows in all audiences, valid or not.
+    pub audience: u64,
+    /// Distinct (request, recipient) pairs the ESP sent to.
+    pub delivered: u64,
+    /// Sends beyond the first to a (request, recipient) pair.
+    pub duplicates: u64,
+    /// Over completed requests: audience − skipped − delivered.
+    pub lost: i64,
+    /// Rows skipped by the trigger (bad address, repeated address, …).
+    pub skipped: u64,
+    pub skipped_by_reason: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Esp {
+    pub upload_limit: u32,
+    pub send_limit: u32,
+    pub upload_peak_concurrency: u32,
+    pub send_peak_concurrency: u32,
+    pub over_limit_attempts: u64,
+    pub upload_utilization: f64,
+    pub send_utilization: f64,
+    pub upload_calls: u64,
+    pub send_calls: u64,
+    pub upload_lower_bound_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+pub async fn build(
+    stack: &LocalStack,
+    args: &DemoArgs,
+    submitted: &Submitted,
+    wall: Duration,
+) -> anyhow::Result<Report> {
+    let sim = stack.esp.report();
+    let api = reqwest::Client::new();
+    let mut requests = Requests::default();
+    let mut recipients = Recipients::default();
+    let mut states = BTreeMap::new();
+    let mut upload_service = Duration::ZERO;
+
+    for (id, rows, _) in submitted.batch.iter().chain(&submitted.realtime) {
+        let status: serde_json::Value = api
+            .get(format!("{}/v1/requests/{id}", stack.endpoints.trigger))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let state = status["state"].as_str().unwrap_or("unknown").to_owned();
+        requests.submitted += 1;
+        match state.as_str() {
+            "completed" => requests.completed += 1,
+            "failed" => requests.failed += 1,
+            "expired" => requests.expired += 1,
+            "rejected" => requests.rejected += 1,
+            _ => {}
+        }
+        let skipped: BTreeMap<String, u64> =
+            serde_json::from_value(status["audience"]["skipped"].clone()).unwrap_or_default();
+        let skipped_total: u64 = skipped.values().sum();
+        for (reason, n) in skipped {
+            *recipients.skipped_by_reason.entry(reason).or_default() += n;
+        }
+        let delivered = sim.requests.get(id).map_or(0, |r| r.counts.unique);
+        recipients.audience += rows;
+        recipients.skipped += skipped_total;
+        recipients.delivered += delivered;
+        if state == "completed" {
+            recipients.lost += *rows as i64 - skipped_total as i64 - delivered as i64;
+        }
+        if submitted.batch.iter().any(|(b, _, _)| b == id) {
+            let kept = status["audience"]["recipients"].as_u64().unwrap_or(0);
+            let size = args.chunk_size.max(1) as u64;
+            upload_service += args.upload_time(size) * (kept / size) as u32;
+            if !kept.is_multiple_of(size) {
+                upload_service += args.upload_time(kept % size);
+            }
+        }
+        states.insert(id.clone(), state);
+    }
+    recipients.duplicates = sim.deliveries.duplicates;
+
+    let batch_start = submitted.batch.iter().map(|b| b.2).min();
+    let batch_end =
+        submitted.batch.iter().filter_map(|(id, _, _)| sim.requests.get(id).map(|r| r.last_send_at)).max();
+    let (makespan, upload_utilization, send_utilization) = match (batch_start, batch_end) {
+        (Some(from), Some(to)) if to > from => (
+            (to - from).as_seconds_f64(),
+            sim.utilization(Api::Upload, from, to),
+            sim.utilization(Api::Send, from, to),
+        ),
+        _ => (0.0, 0.0, 0.0),
+    };
+
+    let mut latencies: Vec<f64> = submitted
+        .realtime
+        .iter()
+        .filter_map(|(id, _, at)| {
+            sim.requests.get(id).map(|r| (r.first_send_at - *at).as_seconds_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+
+    Ok(Report {
+        requests,
+        recipients,
+        esp: Esp {
+            upload_limit: sim.upload.limit,
+            send_limit: sim.send.limit,
+            upload_peak_concurrency: sim.upload.peak_concurrency,
+            send_peak_concurrency: sim.send.peak_concurrency,
+            over_limit_attempts: sim.upload.over_limit_attempts + sim.send.over_limit_attempts,
+            upload_utilization,
+            send_utilization,
+            upload_calls: sim.upload.calls_accepted,
+            send_calls: sim.send.calls_accepted,
+            upload_lower_bound_s: upload_service.as_secs_f64() / f64::from(sim.upload.limit.max(1)),
+        },
+        realtime_latency_ms: Latency {
+            p50: percentile(&latencies, 50.0),
+            p99: percentile(&latencies, 99.0),
+            max: latencies.last().copied().unwrap_or(0.0),
+        },
+        batch_makespan_s: makespan,
+        wall_s: wall.as_secs_f64(),
+        states,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 50.0), 50.0);
+        assert_eq!(percentile(&values, 99.0), 99.0);
+        assert_eq!(percentile(&[7.0], 99.0), 7.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}

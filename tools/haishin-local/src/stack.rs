@@ -1,0 +1,525 @@
+//! The local stack: a throwaway PostgreSQL, the Google Cloud stand-ins, the ESP simulator and the
+//! four services, wired as Terraform wires them in production (same topics, queues, push
+//! subscriptions with OIDC tokens and dead-letter topics, same environment variables).
+//!
+//! Services run either as separate processes of this binary (`haishin-local service NAME`: the
+//! demo, so that one can be killed) or inside this process (the tests). Both read the same
+//! environment-variable configuration.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{CommandFactory, FromArgMatches};
+use haishin_esp_sim::{EspSim, EspSimConfig, EspSimHandle};
+use haishin_shared::gcp::{Blobs, GcpArgs, Topic};
+use haishin_shared::store::Store;
+use haishin_stand_ins::postgres::PgCluster;
+use haishin_stand_ins::pubsub::{DeadLetterPolicy, PushAuth, PushSubscription};
+use haishin_stand_ins::tasks::Queue;
+use haishin_stand_ins::{StandIns, StandInsConfig};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::services::Service;
+
+pub const PROJECT: &str = "haishin-local";
+pub const LOCATION: &str = "local";
+pub const BUCKET: &str = "haishin-local-data";
+/// The account Pub/Sub signs push tokens as.
+pub const PUSH_ACCOUNT: &str = "pubsub-push@haishin-local.iam.gserviceaccount.com";
+/// The account Cloud Tasks signs task tokens as.
+pub const TASKS_ACCOUNT: &str = "tasks-invoker@haishin-local.iam.gserviceaccount.com";
+pub const ESP_API_KEY: &str = "local-esp-key";
+
+/// Topic names, as in Terraform.
+pub mod topics {
+    pub const REQUESTS: &str = "delivery-requests";
+    pub const DELIVERIES: &str = "deliveries";
+    pub const EVENTS: &str = "pipeline-events";
+    pub const COMPLETED: &str = "request-completed";
+}
+
+/// How the services run.
+#[derive(Debug, Clone)]
+pub enum ServiceMode {
+    /// Each service is a process of this executable (`EXE service NAME`), logging to `log_dir`.
+    Processes { exe: PathBuf },
+    /// Each service runs inside this process.
+    InProcess,
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    pub esp: EspSimConfig,
+    pub chunk_size: u32,
+    pub realtime_reserved_slots: u32,
+    pub mode: ServiceMode,
+    /// How often the completion job runs (Cloud Scheduler's schedule).
+    pub completion_every: Duration,
+    /// Where service logs and delivery logs go.
+    pub run_dir: PathBuf,
+    /// `RUST_LOG` of the services.
+    pub service_log: String,
+    /// A database to use instead of starting a throwaway cluster.
+    pub database_url: Option<String>,
+}
+
+/// URLs of everything running, as `haishin-local up` writes them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Endpoints {
+    pub trigger: String,
+    pub list_uploader: String,
+    pub sender: String,
+    pub esp: String,
+    pub pubsub: String,
+    pub tasks: String,
+    pub storage: String,
+    pub jwks: String,
+    pub database_url: String,
+}
+
+enum Running {
+    Process { child: tokio::process::Child },
+    Task { stop: watch::Sender<bool>, task: JoinHandle<anyhow::Result<()>> },
+}
+
+/// A running local stack. Stop it with [`LocalStack::stop`].
+pub struct LocalStack {
+    pub config: StackConfig,
+    pub endpoints: Endpoints,
+    pub store: Store,
+    pub esp: EspSimHandle,
+    pub stand_ins: StandIns,
+    pub blobs: Blobs,
+    pub requests_topic: Topic,
+    pg: Option<PgCluster>,
+    services: Vec<(Service, Running)>,
+    env: BTreeMap<Service, Vec<(String, String)>>,
+    scheduler: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+impl LocalStack {
+    /// Starts everything and waits until the services answer.
+    pub async fn start(config: StackConfig) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.run_dir).context("creating the run directory")?;
+        let (pg, database_url) = match &config.database_url {
+            Some(url) => (None, url.clone()),
+            None => {
+                let pg = PgCluster::start().await.context("starting PostgreSQL")?;
+                let url = pg.create_database().await?;
+                (Some(pg), url)
+            }
+        };
+        let store = Store::connect(&database_url, 5).await?;
+        store.migrate().await?;
+
+        let stand_ins = StandIns::start(StandInsConfig::default()).await.context("starting the stand-ins")?;
+        let mut esp_config = config.esp.clone();
+        esp_config.api_key = Some(ESP_API_KEY.to_owned());
+        let esp = EspSim::start(esp_config).await.context("starting the ESP simulator")?;
+
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let endpoints = Endpoints {
+            trigger: url(free_port()?),
+            list_uploader: url(free_port()?),
+            sender: url(free_port()?),
+            esp: esp.url(),
+            pubsub: stand_ins.pubsub_endpoint(),
+            tasks: stand_ins.tasks_endpoint(),
+            storage: stand_ins.storage_endpoint(),
+            jwks: stand_ins.jwks_url(),
+            database_url: database_url.clone(),
+        };
+        let gcp = GcpArgs {
+            project: PROJECT.into(),
+            pubsub_endpoint: Some(endpoints.pubsub.clone()),
+            tasks_endpoint: Some(endpoints.tasks.clone()),
+            storage_endpoint: Some(endpoints.storage.clone()),
+        };
+        provision(&stand_ins, &config)?;
+        let blobs = Blobs::connect(&gcp).await?;
+        let requests_topic = Topic::connect(&gcp, topics::REQUESTS).await?;
+        let env = service_env(&config, &endpoints, config.esp.send_limit);
+
+        let mut stack = Self {
+            config,
+            endpoints,
+            store,
+            esp,
+            stand_ins,
+            blobs,
+            requests_topic,
+            pg,
+            services: Vec::new(),
+            env,
+            scheduler: None,
+        };
+        for service in [Service::Trigger, Service::ListUploader, Service::Sender] {
+            let running = stack.spawn(service).await?;
+            stack.services.push((service, running));
+        }
+        for base in [&stack.endpoints.trigger, &stack.endpoints.list_uploader, &stack.endpoints.sender] {
+            wait_healthy(base).await?;
+        }
+        subscribe(&stack.stand_ins, &stack.endpoints)?;
+        stack.start_scheduler();
+        Ok(stack)
+    }
+
+    /// The environment a service is configured with.
+    pub fn env_of(&self, service: Service) -> &[(String, String)] {
+        &self.env[&service]
+    }
+
+    async fn spawn(&self, service: Service) -> anyhow::Result<Running> {
+        let env = &self.env[&service];
+        match &self.config.mode {
+            ServiceMode::Processes { exe } => {
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.config.run_dir.join(format!("{}.log", service.name())))?;
+                let child = tokio::process::Command::new(exe)
+                    .args(["service", service.name()])
+                    .env_clear()
+                    .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
+                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .kill_on_drop(true)
+                    .spawn()
+                    .with_context(|| format!("starting {}", service.name()))?;
+                Ok(Running::Process { child })
+            }
+            ServiceMode::InProcess => {
+                let (stop, mut stopped) = watch::channel(false);
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                };
+                let task = match service {
+                    Service::Trigger => {
+                        let app = haishin_trigger::Application::build(parse_env(service, env)?).await?;
+                        tokio::spawn(app.run_until_stopped(shutdown))
+                    }
+                    Service::ListUploader => {
+                        let app = haishin_list_uploader::Application::build(parse_env(service, env)?).await?;
+                        tokio::spawn(app.run_until_stopped(shutdown))
+                    }
+                    Service::Sender => {
+                        let app = haishin_sender::Application::build(parse_env(service, env)?).await?;
+                        tokio::spawn(app.run_until_stopped(shutdown))
+                    }
+                    Service::Completion => bail!("the completion job is run by the scheduler"),
+                };
+                Ok(Running::Task { stop, task })
+            }
+        }
+    }
+
+    /// Runs Cloud Scheduler's part: one completion pass every `completion_every`.
+    fn start_scheduler(&mut self) {
+        let (stop, mut stopped) = watch::channel(false);
+        let every = self.config.completion_every;
+        let env = self.env[&Service::Completion].clone();
+        let mode = self.config.mode.clone();
+        let log_path = self.config.run_dir.join("completion.log");
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                if let Err(err) = run_completion(&mode, &env, &log_path).await {
+                    tracing::warn!(error = %err, "Completion pass failed.");
+                }
+            }
+        });
+        self.scheduler = Some((stop, task));
+    }
+
+    /// Runs one completion pass now.
+    pub async fn run_completion(&self) -> anyhow::Result<()> {
+        run_completion(
+            &self.config.mode,
+            &self.env[&Service::Completion],
+            &self.config.run_dir.join("completion.log"),
+        )
+        .await
+    }
+
+    /// Kills a service the hard way (SIGKILL or task abort) and starts it again.
+    pub async fn restart(&mut self, service: Service) -> anyhow::Result<()> {
+        if let Some(i) = self.services.iter().position(|(s, _)| *s == service) {
+            let (_, running) = self.services.remove(i);
+            match running {
+                Running::Process { mut child } => {
+                    let _ = child.kill().await;
+                }
+                Running::Task { task, .. } => task.abort(),
+            }
+        }
+        let running = self.spawn(service).await?;
+        self.services.push((service, running));
+        let base = match service {
+            Service::Trigger => &self.endpoints.trigger,
+            Service::ListUploader => &self.endpoints.list_uploader,
+            Service::Sender => &self.endpoints.sender,
+            Service::Completion => return Ok(()),
+        };
+        wait_healthy(base).await
+    }
+
+    /// Stops the services (SIGTERM, then waits), the stand-ins, the ESP simulator and PostgreSQL.
+    pub async fn stop(mut self) {
+        if let Some((stop, task)) = self.scheduler.take() {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+        for (_, running) in self.services.drain(..) {
+            match running {
+                Running::Process { mut child } => {
+                    if let Some(pid) = child.id() {
+                        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                    }
+                    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                        let _ = child.kill().await;
+                    }
+                }
+                Running::Task { stop, task } => {
+                    let _ = stop.send(true);
+                    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+                }
+            }
+        }
+        self.stand_ins.shutdown().await;
+        let _ = self.esp.shutdown().await;
+        if let Some(pg) = self.pg.take() {
+            pg.stop().await;
+        }
+    }
+}
+
+async fn run_completion(mode: &ServiceMode, env: &[(String, String)], log_path: &Path) -> anyhow::Result<()> {
+    match mode {
+        ServiceMode::Processes { exe } => {
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
+            let status = tokio::process::Command::new(exe)
+                .args(["service", Service::Completion.name()])
+                .env_clear()
+                .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
+                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .status()
+                .await?;
+            if !status.success() {
+                bail!("completion pass exited with {status}");
+            }
+            Ok(())
+        }
+        ServiceMode::InProcess => {
+            let job = haishin_completion::Job::build(parse_env(Service::Completion, env)?).await?;
+            job.run_once().await.map(drop)
+        }
+    }
+}
+
+/// Parses a service's clap configuration from environment-variable pairs, without touching the
+/// process environment: each pair is matched to the argument that reads that variable.
+pub fn parse_env<C: CommandFactory + FromArgMatches>(
+    service: Service,
+    env: &[(String, String)],
+) -> anyhow::Result<C> {
+    let command = C::command();
+    let mut args = vec![service.name().to_owned()];
+    for (key, value) in env {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == key.as_str()))
+            .and_then(|a| a.get_long());
+        if let Some(long) = arg {
+            args.push(format!("--{long}={value}"));
+        }
+    }
+    let matches = command.try_get_matches_from(args)?;
+    Ok(C::from_arg_matches(&matches)?)
+}
+
+/// The environment variables a service reads (from its clap definition).
+pub fn env_names<C: CommandFactory>() -> Vec<String> {
+    C::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+        .collect()
+}
+
+fn service_env(
+    config: &StackConfig,
+    endpoints: &Endpoints,
+    send_limit: u32,
+) -> BTreeMap<Service, Vec<(String, String)>> {
+    let pairs =
+        |list: &[(&str, String)]| list.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<Vec<_>>();
+    let port = |url: &str| url.rsplit(':').next().unwrap_or_default().to_owned();
+    let gcp = [
+        ("GOOGLE_CLOUD_PROJECT", PROJECT.to_owned()),
+        ("PUBSUB_ENDPOINT", endpoints.pubsub.clone()),
+        ("TASKS_ENDPOINT", endpoints.tasks.clone()),
+        ("STORAGE_ENDPOINT", endpoints.storage.clone()),
+        ("DATABASE_URL", endpoints.database_url.clone()),
+        ("RUST_LOG", config.service_log.clone()),
+    ];
+    let serving = |url: &String| {
+        let mut list = gcp.to_vec();
+        list.extend([
+            ("PORT", port(url)),
+            ("LISTEN_HOST", "127.0.0.1".to_owned()),
+            ("OIDC_JWKS_URL", endpoints.jwks.clone()),
+            ("PUSH_AUDIENCE", url.clone()),
+            ("PUSH_INVOKERS", format!("{PUSH_ACCOUNT},{TASKS_ACCOUNT}")),
+            ("DATABASE_MAX_CONNECTIONS", "20".to_owned()),
+        ]);
+        list
+    };
+    let esp = [
+        ("ESP_URL", endpoints.esp.clone()),
+        ("ESP_API_KEY", ESP_API_KEY.to_owned()),
+        ("ESP_TIMEOUT_SECS", "30".to_owned()),
+    ];
+    let mut trigger = serving(&endpoints.trigger);
+    trigger.extend([
+        ("TASKS_LOCATION", LOCATION.to_owned()),
+        ("TASKS_INVOKER_SA", TASKS_ACCOUNT.to_owned()),
+        ("TRIGGER_URL", endpoints.trigger.clone()),
+        ("LIST_UPLOADER_URL", endpoints.list_uploader.clone()),
+        ("BUCKET", BUCKET.to_owned()),
+        ("CHUNK_SIZE", config.chunk_size.to_string()),
+        ("ESP_UPLOAD_LIMIT", config.esp.upload_limit.to_string()),
+        ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
+    ]);
+    let mut uploader = serving(&endpoints.list_uploader);
+    uploader.extend(esp.clone());
+    uploader.extend([("BUCKET", BUCKET.to_owned()), ("UPLOAD_LEASE_SECS", "60".to_owned())]);
+    let mut sender = serving(&endpoints.sender);
+    sender.extend(esp.clone());
+    sender.extend([("ESP_SEND_CONCURRENCY", send_limit.to_string()), ("SEND_LEASE_SECS", "30".to_owned())]);
+    let mut completion = gcp.to_vec();
+    completion.extend(esp);
+    completion.extend([
+        ("LOG_SINK", format!("file:{}", config.run_dir.join("logs").display())),
+        ("QUEUED_TIMEOUT_SECS", "120".to_owned()),
+        ("UPLOADED_TIMEOUT_SECS", "15".to_owned()),
+    ]);
+    BTreeMap::from([
+        (Service::Trigger, pairs(&trigger)),
+        (Service::ListUploader, pairs(&uploader)),
+        (Service::Sender, pairs(&sender)),
+        (Service::Completion, pairs(&completion)),
+    ])
+}
+
+fn topic(name: &str) -> String {
+    format!("projects/{PROJECT}/topics/{name}")
+}
+
+fn queue(name: &str) -> String {
+    format!("projects/{PROJECT}/locations/{LOCATION}/queues/{name}")
+}
+
+/// Topics, queues and the bucket; subscriptions come once the services listen.
+fn provision(stand_ins: &StandIns, config: &StackConfig) -> anyhow::Result<()> {
+    for name in [topics::REQUESTS, topics::DELIVERIES, topics::EVENTS, topics::COMPLETED] {
+        stand_ins.pubsub.create_topic(&topic(name))?;
+        stand_ins.pubsub.create_topic(&topic(&format!("{name}-dead-letter")))?;
+    }
+    let mut prepare = Queue::new(queue("prepare"));
+    prepare.max_concurrent_dispatches = 10;
+    prepare.min_backoff = Duration::from_millis(200);
+    prepare.max_backoff = Duration::from_secs(5);
+    stand_ins.tasks.create_queue(prepare)?;
+    let mut upload = Queue::new(queue("upload"));
+    // As in Terraform: the queue never dispatches more at once than the ESP's upload limit.
+    upload.max_concurrent_dispatches = config.esp.upload_limit;
+    upload.max_dispatches_per_second = 500.0;
+    upload.min_backoff = Duration::from_millis(200);
+    upload.max_backoff = Duration::from_secs(5);
+    stand_ins.tasks.create_queue(upload)?;
+    stand_ins.storage.create_bucket(BUCKET)?;
+    Ok(())
+}
+
+fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<()> {
+    let push = |name: &str, topic_name: &str, endpoint: String, filter: Option<&str>| {
+        let mut sub = PushSubscription::new(
+            format!("projects/{PROJECT}/subscriptions/{name}"),
+            topic(topic_name),
+            endpoint,
+        );
+        sub.filter = filter.map(str::to_owned);
+        sub.oidc = Some(PushAuth { service_account_email: PUSH_ACCOUNT.to_owned(), audience: None });
+        sub.min_backoff = Duration::from_millis(200);
+        sub.max_backoff = Duration::from_secs(5);
+        sub.ack_deadline = Duration::from_secs(60);
+        sub.dead_letter = Some(DeadLetterPolicy {
+            topic: topic(&format!("{topic_name}-dead-letter")),
+            max_delivery_attempts: 20,
+        });
+        sub
+    };
+    let mut subs = vec![
+        push("trigger-requests", topics::REQUESTS, format!("{}/push/requests", endpoints.trigger), None),
+        push("trigger-events", topics::EVENTS, format!("{}/push/events", endpoints.trigger), None),
+        push(
+            "sender-realtime",
+            topics::DELIVERIES,
+            format!("{}/push/deliveries", endpoints.sender),
+            Some(r#"attributes.class = "realtime""#),
+        ),
+        push(
+            "sender-batch",
+            topics::DELIVERIES,
+            format!("{}/push/deliveries", endpoints.sender),
+            Some(r#"attributes.class != "realtime""#),
+        ),
+    ];
+    // Audience must match the pushed service's URL, as Terraform sets it.
+    for sub in &mut subs {
+        let base = sub.push_endpoint.rsplit_once("/push/").map(|(b, _)| b.to_owned()).unwrap_or_default();
+        if let Some(auth) = &mut sub.oidc {
+            auth.audience = Some(base);
+        }
+    }
+    for sub in subs {
+        stand_ins.pubsub.create_push_subscription(sub)?;
+    }
+    Ok(())
+}
+
+async fn wait_healthy(base: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = client.get(format!("{base}/healthz")).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{base} did not become healthy within a minute");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
