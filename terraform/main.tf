@@ -1,0 +1,66 @@
+# Names and addresses shared by every file, and the APIs Haishin uses.
+
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
+locals {
+  project_number = data.google_project.this.number
+  data_location  = coalesce(var.data_location, var.region)
+
+  # Cloud Run service names, and the job's.
+  service_names = {
+    trigger       = "haishin-trigger"
+    list_uploader = "haishin-list-uploader"
+    sender        = "haishin-sender"
+  }
+  completion_job_name = "haishin-completion"
+
+  # Every Cloud Run service also answers at https://SERVICE-PROJECT_NUMBER.REGION.run.app. That
+  # address is known before the service exists, so the trigger can be told the list-uploader's
+  # URL and every service its own (the audience of the tokens it accepts) without a dependency
+  # cycle.
+  service_urls = {
+    for key, name in local.service_names : key => "https://${name}-${local.project_number}.${var.region}.run.app"
+  }
+
+  topic_names = {
+    delivery_requests = "delivery-requests"
+    deliveries        = "deliveries"
+    pipeline_events   = "pipeline-events"
+    request_completed = "request-completed"
+  }
+
+  queue_names = {
+    prepare = "prepare"
+    upload  = "upload"
+  }
+
+  # Google's key set for the OIDC tokens that Pub/Sub and Cloud Tasks attach.
+  google_jwks_url = "https://www.googleapis.com/oauth2/v3/certs"
+
+  pubsub_service_agent = "service-${local.project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+
+resource "google_project_service" "enabled" {
+  for_each = toset([
+    "artifactregistry.googleapis.com",
+    "bigquery.googleapis.com",
+    "cloudbuild.googleapis.com",
+    "cloudscheduler.googleapis.com",
+    "cloudtasks.googleapis.com",
+    "compute.googleapis.com",
+    "iam.googleapis.com",
+    "iamcredentials.googleapis.com",
+    "pubsub.googleapis.com",
+    "run.googleapis.com",
+    "secretmanager.googleapis.com",
+    "servicenetworking.googleapis.com",
+    "sqladmin.googleapis.com",
+    "storage.googleapis.com",
+  ])
+
+  project            = var.project_id
+  service            = each.value
+  disable_on_destroy = false
+}

@@ -1,0 +1,314 @@
+# The three Cloud Run services and the completion job, with the environment each one reads.
+
+locals {
+  registry = "${var.region}-docker.pkg.dev/${var.project_id}/${google_artifact_registry_repository.haishin.repository_id}"
+
+  # Image per service, named as cloudbuild.yaml pushes them.
+  image_names = {
+    trigger       = "trigger"
+    list_uploader = "list-uploader"
+    sender        = "sender"
+    completion    = "completion"
+  }
+
+  # Google's sample images, which a service or job runs from its creation until Cloud Build
+  # deploys the real one (see var.image_tag).
+  placeholder_images = {
+    service = "us-docker.pkg.dev/cloudrun/container/hello"
+    job     = "us-docker.pkg.dev/cloudrun/container/job"
+  }
+
+  images = {
+    for key, name in local.image_names : key => (
+      var.image_tag == null
+      ? (key == "completion" ? local.placeholder_images.job : local.placeholder_images.service)
+      : "${local.registry}/${name}:${var.image_tag}"
+    )
+  }
+
+  # Service accounts whose OIDC tokens each service accepts on its push and task routes.
+  push_invokers = {
+    trigger       = concat([google_service_account.pubsub_push.email, google_service_account.tasks_invoker.email], var.api_callers)
+    list_uploader = [google_service_account.tasks_invoker.email]
+    sender        = [google_service_account.pubsub_push.email]
+  }
+
+  # ------------------------------------------------------------------------------------------
+  # Environment: the one place that says what each service and the job read. Secrets are
+  # listed apart, by Secret Manager secret; iam.tf grants each service access to exactly the
+  # secrets listed here. Cloud Run sets PORT and K_SERVICE itself.
+  # ------------------------------------------------------------------------------------------
+  common_env = {
+    GOOGLE_CLOUD_PROJECT = var.project_id
+    RUST_LOG             = var.rust_log
+  }
+
+  push_env = {
+    for key, url in local.service_urls : key => {
+      OIDC_JWKS_URL = local.google_jwks_url
+      PUSH_AUDIENCE = url
+      PUSH_INVOKERS = join(",", local.push_invokers[key])
+    }
+  }
+
+  env = {
+    trigger = merge(local.common_env, local.push_env.trigger, {
+      DATABASE_MAX_CONNECTIONS = var.trigger.db_connections
+      TASKS_LOCATION           = var.region
+      PREPARE_QUEUE            = google_cloud_tasks_queue.prepare.name
+      UPLOAD_QUEUE             = google_cloud_tasks_queue.upload.name
+      TASKS_INVOKER_SA         = google_service_account.tasks_invoker.email
+      TRIGGER_URL              = local.service_urls.trigger
+      LIST_UPLOADER_URL        = local.service_urls.list_uploader
+      BUCKET                   = google_storage_bucket.audiences.name
+      CHUNK_SIZE               = var.chunk_size
+      # The upload slots the trigger fills: the least of the ESP's upload limit, the
+      # list-uploader's capacity and the upload queue's dispatches (modules/capacity).
+      ESP_UPLOAD_LIMIT        = module.capacity.upload_slots
+      REALTIME_RESERVED_SLOTS = module.capacity.realtime_reserved_slots
+      DISPATCH_PREFETCH       = var.dispatch_prefetch
+    })
+
+    list_uploader = merge(local.common_env, local.push_env.list_uploader, {
+      DATABASE_MAX_CONNECTIONS = var.list_uploader.db_connections
+      ESP_URL                  = var.esp_url
+      BUCKET                   = google_storage_bucket.audiences.name
+      DELIVERIES_TOPIC         = google_pubsub_topic.topic["deliveries"].name
+      EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
+    })
+
+    sender = merge(local.common_env, local.push_env.sender, {
+      DATABASE_MAX_CONNECTIONS = var.sender.db_connections
+      ESP_URL                  = var.esp_url
+      EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
+      ESP_SEND_CONCURRENCY     = module.capacity.sender.concurrency
+    })
+
+    # The job receives no pushes, so it has no push settings.
+    completion = merge(local.common_env, {
+      DATABASE_MAX_CONNECTIONS = var.completion.db_connections
+      ESP_URL                  = var.esp_url
+      EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
+      COMPLETED_TOPIC          = google_pubsub_topic.topic["request_completed"].name
+      LOG_SINK                 = "bigquery"
+      BIGQUERY_DATASET         = google_bigquery_dataset.haishin.dataset_id
+    })
+  }
+
+  secret_env = {
+    trigger = {
+      DATABASE_URL = google_secret_manager_secret.database_url.secret_id
+    }
+    list_uploader = {
+      DATABASE_URL = google_secret_manager_secret.database_url.secret_id
+      ESP_API_KEY  = google_secret_manager_secret.esp_api_key.secret_id
+    }
+    sender = {
+      DATABASE_URL = google_secret_manager_secret.database_url.secret_id
+      ESP_API_KEY  = google_secret_manager_secret.esp_api_key.secret_id
+    }
+    completion = {
+      DATABASE_URL = google_secret_manager_secret.database_url.secret_id
+      ESP_API_KEY  = google_secret_manager_secret.esp_api_key.secret_id
+    }
+  }
+
+  # ------------------------------------------------------------------------------------------
+  # Scaling. The list-uploader and the sender take theirs from modules/capacity, which refuses
+  # a plan where either could exceed the ESP's limit.
+  # ------------------------------------------------------------------------------------------
+  services = {
+    trigger = {
+      description   = "Validates and stores delivery requests, plans chunks and dispatches them."
+      min_instances = var.trigger.min_instances
+      max_instances = var.trigger.max_instances
+      concurrency   = var.trigger.concurrency
+      cpu           = var.trigger.cpu
+      memory        = var.trigger.memory
+      timeout       = var.trigger.timeout
+      cpu_idle      = true
+      ingress       = var.trigger.ingress
+    }
+    list_uploader = {
+      description   = "Uploads one chunk's recipients to the ESP per request."
+      min_instances = var.list_uploader.min_instances
+      max_instances = module.capacity.list_uploader.max_instances
+      concurrency   = module.capacity.list_uploader.concurrency
+      cpu           = var.list_uploader.cpu
+      memory        = var.list_uploader.memory
+      timeout       = var.list_uploader.timeout
+      cpu_idle      = true
+      ingress       = "INGRESS_TRAFFIC_INTERNAL_ONLY"
+    }
+    sender = {
+      description   = "Sends one uploaded chunk through the ESP per request."
+      min_instances = var.sender.min_instances
+      max_instances = module.capacity.sender.max_instances
+      concurrency   = module.capacity.sender.concurrency
+      cpu           = var.sender.cpu
+      memory        = var.sender.memory
+      timeout       = var.sender.timeout
+      # CPU stays allocated between requests, so the Pub/Sub publisher's background batches go
+      # out at once. Each ESP call still runs inside a request, which is what keeps
+      # max instances × concurrency an upper bound on concurrent ESP send calls.
+      cpu_idle = false
+      ingress  = "INGRESS_TRAFFIC_INTERNAL_ONLY"
+    }
+  }
+}
+
+resource "google_cloud_run_v2_service" "service" {
+  for_each = local.services
+
+  name                = local.service_names[each.key]
+  location            = var.region
+  description         = each.value.description
+  ingress             = each.value.ingress
+  deletion_protection = var.deletion_protection
+
+  template {
+    service_account                  = google_service_account.runtime[each.key].email
+    max_instance_request_concurrency = each.value.concurrency
+    timeout                          = each.value.timeout
+    execution_environment            = "EXECUTION_ENVIRONMENT_GEN2"
+
+    scaling {
+      min_instance_count = each.value.min_instances
+      max_instance_count = each.value.max_instances
+    }
+
+    vpc_access {
+      egress = "PRIVATE_RANGES_ONLY"
+      network_interfaces {
+        network    = google_compute_network.haishin.name
+        subnetwork = google_compute_subnetwork.run.name
+      }
+    }
+
+    containers {
+      image = local.images[each.key]
+
+      ports {
+        container_port = 8080
+      }
+
+      resources {
+        limits = {
+          cpu    = each.value.cpu
+          memory = each.value.memory
+        }
+        cpu_idle          = each.value.cpu_idle
+        startup_cpu_boost = true
+      }
+
+      dynamic "env" {
+        for_each = local.env[each.key]
+        content {
+          name  = env.key
+          value = env.value
+        }
+      }
+
+      dynamic "env" {
+        for_each = local.secret_env[each.key]
+        content {
+          name = env.key
+          value_source {
+            secret_key_ref {
+              secret  = env.value
+              version = "latest"
+            }
+          }
+        }
+      }
+    }
+  }
+
+  lifecycle {
+    # Cloud Build deploys new images (cloudbuild.yaml); Terraform owns everything else.
+    ignore_changes = [
+      template[0].containers[0].image,
+      client,
+      client_version,
+    ]
+  }
+
+  depends_on = [
+    google_project_service.enabled,
+    google_secret_manager_secret_iam_member.runtime,
+    google_secret_manager_secret_version.database_url,
+  ]
+}
+
+resource "google_cloud_run_v2_job" "completion" {
+  name                = local.completion_job_name
+  location            = var.region
+  deletion_protection = var.deletion_protection
+
+  template {
+    task_count  = 1
+    parallelism = 1
+
+    template {
+      service_account       = google_service_account.runtime["completion"].email
+      timeout               = var.completion.timeout
+      execution_environment = "EXECUTION_ENVIRONMENT_GEN2"
+      # A failed run is not retried: the next scheduled run, a minute later, redoes its work.
+      max_retries = 0
+
+      vpc_access {
+        egress = "PRIVATE_RANGES_ONLY"
+        network_interfaces {
+          network    = google_compute_network.haishin.name
+          subnetwork = google_compute_subnetwork.run.name
+        }
+      }
+
+      containers {
+        image = local.images.completion
+
+        resources {
+          limits = {
+            cpu    = var.completion.cpu
+            memory = var.completion.memory
+          }
+        }
+
+        dynamic "env" {
+          for_each = local.env.completion
+          content {
+            name  = env.key
+            value = env.value
+          }
+        }
+
+        dynamic "env" {
+          for_each = local.secret_env.completion
+          content {
+            name = env.key
+            value_source {
+              secret_key_ref {
+                secret  = env.value
+                version = "latest"
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  lifecycle {
+    ignore_changes = [
+      template[0].template[0].containers[0].image,
+      client,
+      client_version,
+    ]
+  }
+
+  depends_on = [
+    google_project_service.enabled,
+    google_secret_manager_secret_iam_member.runtime,
+    google_secret_manager_secret_version.database_url,
+  ]
+}

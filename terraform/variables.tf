@@ -1,0 +1,326 @@
+# What an SRE sets and tunes. The ESP limits and the scaling of the two services that call the
+# ESP go through modules/capacity, which refuses a plan that could exceed the ESP's limits.
+
+# ---------------------------------------------------------------------------------------------
+# Where
+# ---------------------------------------------------------------------------------------------
+
+variable "project_id" {
+  description = "Google Cloud project that holds everything Haishin needs."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the Cloud Run services and job, Cloud Tasks queues, Cloud Scheduler, Cloud SQL, Artifact Registry and the network. Default: asia-northeast1."
+  type        = string
+  default     = "asia-northeast1"
+}
+
+variable "data_location" {
+  description = "Location of the audience bucket and the BigQuery dataset. BigQuery exports a query's result only to a bucket in a location compatible with the queried data, so set this to where the marketing datasets live (e.g. \"US\", \"EU\", \"asia-northeast1\"). Default: null, meaning the region."
+  type        = string
+  default     = null
+}
+
+# ---------------------------------------------------------------------------------------------
+# The ESP and throughput
+# ---------------------------------------------------------------------------------------------
+
+variable "esp_url" {
+  description = "Base URL of the ESP's API (https)."
+  type        = string
+
+  validation {
+    condition     = startswith(var.esp_url, "https://")
+    error_message = "esp_url must be an https:// URL."
+  }
+}
+
+variable "esp_upload_limit" {
+  description = "Concurrent calls the ESP accepts on its list-upload API (from the ESP's contract). list-uploader max_instances × concurrency and the upload queue's max_concurrent_dispatches may not exceed it. Default: 8."
+  type        = number
+  default     = 8
+}
+
+variable "esp_send_limit" {
+  description = "Concurrent calls the ESP accepts on its send API (from the ESP's contract). sender max_instances × concurrency may not exceed it. Default: 8."
+  type        = number
+  default     = 8
+}
+
+variable "chunk_size" {
+  description = "Most recipients in one chunk, the unit of upload, send, retry and scheduling. Default: 10000."
+  type        = number
+  default     = 10000
+
+  validation {
+    condition     = var.chunk_size >= 1 && var.chunk_size <= 1000000 && floor(var.chunk_size) == var.chunk_size
+    error_message = "chunk_size must be a whole number from 1 to 1000000."
+  }
+}
+
+variable "realtime_reserved_slots" {
+  description = "Upload slots that batch chunks may never take, so realtime mail starts at once while campaigns run. Must stay below the upload slots. Default: 0."
+  type        = number
+  default     = 0
+}
+
+variable "dispatch_prefetch" {
+  description = "Chunks the trigger may queue beyond the free upload slots, so a freed slot is refilled without waiting for the trigger. Keep it small: queued work cannot be reordered. Default: 1."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.dispatch_prefetch >= 0 && var.dispatch_prefetch <= 100 && floor(var.dispatch_prefetch) == var.dispatch_prefetch
+    error_message = "dispatch_prefetch must be a whole number from 0 to 100."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Cloud Run: one object per service; set only the attributes you change.
+# cpu is one of "1", "2", "4", "6", "8"; memory a Kubernetes quantity ("512Mi", "2Gi");
+# timeout the longest request, in seconds with an "s"; db_connections the pool size of one
+# instance (DATABASE_MAX_CONNECTIONS).
+# ---------------------------------------------------------------------------------------------
+
+variable "trigger" {
+  description = "trigger (validates and stores requests, plans chunks, dispatches work; does not call the ESP, so it scales freely). Defaults: min_instances 0, max_instances 10, concurrency 40, cpu \"1\", memory \"1Gi\", timeout \"1800s\" (preparing a large audience streams it in one request), db_connections 10, ingress \"INGRESS_TRAFFIC_ALL\" (direct API callers; use \"INGRESS_TRAFFIC_INTERNAL_ONLY\" when all requests come through Pub/Sub)."
+  type = object({
+    min_instances  = optional(number, 0)
+    max_instances  = optional(number, 10)
+    concurrency    = optional(number, 40)
+    cpu            = optional(string, "1")
+    memory         = optional(string, "1Gi")
+    timeout        = optional(string, "1800s")
+    db_connections = optional(number, 10)
+    ingress        = optional(string, "INGRESS_TRAFFIC_ALL")
+  })
+  default = {}
+
+  validation {
+    condition     = var.trigger.max_instances >= 1 && var.trigger.min_instances >= 0 && var.trigger.min_instances <= var.trigger.max_instances
+    error_message = "trigger needs 0 <= min_instances <= max_instances and max_instances >= 1."
+  }
+
+  validation {
+    condition     = var.trigger.concurrency >= 1 && var.trigger.concurrency <= 1000
+    error_message = "trigger.concurrency must be from 1 to 1000."
+  }
+
+  validation {
+    condition     = contains(["1", "2", "4", "6", "8"], var.trigger.cpu)
+    error_message = "trigger.cpu must be one of \"1\", \"2\", \"4\", \"6\", \"8\"."
+  }
+
+  validation {
+    condition     = contains(["INGRESS_TRAFFIC_ALL", "INGRESS_TRAFFIC_INTERNAL_ONLY", "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"], var.trigger.ingress)
+    error_message = "trigger.ingress must be INGRESS_TRAFFIC_ALL, INGRESS_TRAFFIC_INTERNAL_ONLY or INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER."
+  }
+}
+
+variable "list_uploader" {
+  description = "list-uploader (uploads one chunk to the ESP's upload API per request). max_instances × concurrency is its number of ESP upload slots and may not exceed esp_upload_limit. Defaults: min_instances 0, max_instances 4, concurrency 2, cpu \"1\", memory \"512Mi\", timeout \"600s\", db_connections 4."
+  type = object({
+    min_instances  = optional(number, 0)
+    max_instances  = optional(number, 4)
+    concurrency    = optional(number, 2)
+    cpu            = optional(string, "1")
+    memory         = optional(string, "512Mi")
+    timeout        = optional(string, "600s")
+    db_connections = optional(number, 4)
+  })
+  default = {}
+
+  validation {
+    condition     = var.list_uploader.min_instances >= 0 && var.list_uploader.min_instances <= var.list_uploader.max_instances
+    error_message = "list_uploader needs 0 <= min_instances <= max_instances."
+  }
+
+  validation {
+    condition     = contains(["1", "2", "4", "6", "8"], var.list_uploader.cpu)
+    error_message = "list_uploader.cpu must be one of \"1\", \"2\", \"4\", \"6\", \"8\"."
+  }
+}
+
+variable "sender" {
+  description = "sender (push subscriber of topic deliveries; one ESP send call per request; CPU always allocated). max_instances × concurrency is its number of ESP send slots and may not exceed esp_send_limit. Defaults: min_instances 0, max_instances 4, concurrency 2, cpu \"1\", memory \"512Mi\", timeout \"600s\" (the push subscriptions' ack deadline follows it), db_connections 4."
+  type = object({
+    min_instances  = optional(number, 0)
+    max_instances  = optional(number, 4)
+    concurrency    = optional(number, 2)
+    cpu            = optional(string, "1")
+    memory         = optional(string, "512Mi")
+    timeout        = optional(string, "600s")
+    db_connections = optional(number, 4)
+  })
+  default = {}
+
+  validation {
+    condition     = var.sender.min_instances >= 0 && var.sender.min_instances <= var.sender.max_instances
+    error_message = "sender needs 0 <= min_instances <= max_instances."
+  }
+
+  validation {
+    condition     = contains(["1", "2", "4", "6", "8"], var.sender.cpu)
+    error_message = "sender.cpu must be one of \"1\", \"2\", \"4\", \"6\", \"8\"."
+  }
+
+  validation {
+    condition     = tonumber(trimsuffix(var.sender.timeout, "s")) >= 10 && tonumber(trimsuffix(var.sender.timeout, "s")) <= 600
+    error_message = "sender.timeout must be from \"10s\" to \"600s\": it is also the Pub/Sub ack deadline of the deliveries subscriptions."
+  }
+}
+
+variable "completion" {
+  description = "completion job (polls the ESP, writes BigQuery, closes requests), run by Cloud Scheduler. Defaults: schedule \"* * * * *\" (every minute, UTC), cpu \"1\", memory \"512Mi\", timeout \"300s\" per run, db_connections 4."
+  type = object({
+    schedule       = optional(string, "* * * * *")
+    cpu            = optional(string, "1")
+    memory         = optional(string, "512Mi")
+    timeout        = optional(string, "300s")
+    db_connections = optional(number, 4)
+  })
+  default = {}
+
+  validation {
+    condition     = contains(["1", "2", "4", "6", "8"], var.completion.cpu)
+    error_message = "completion.cpu must be one of \"1\", \"2\", \"4\", \"6\", \"8\"."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Cloud Tasks and Pub/Sub
+# ---------------------------------------------------------------------------------------------
+
+variable "prepare_queue" {
+  description = "Cloud Tasks queue \"prepare\" (trigger materializes an audience into chunks). Defaults: max_dispatches_per_second 5, max_concurrent_dispatches 10, max_attempts 10, min_backoff \"10s\", max_backoff \"600s\"."
+  type = object({
+    max_dispatches_per_second = optional(number, 5)
+    max_concurrent_dispatches = optional(number, 10)
+    max_attempts              = optional(number, 10)
+    min_backoff               = optional(string, "10s")
+    max_backoff               = optional(string, "600s")
+  })
+  default = {}
+
+  validation {
+    condition     = var.prepare_queue.max_dispatches_per_second > 0 && var.prepare_queue.max_dispatches_per_second <= 500 && var.prepare_queue.max_concurrent_dispatches >= 1 && var.prepare_queue.max_concurrent_dispatches <= 5000
+    error_message = "prepare_queue needs max_dispatches_per_second in (0, 500] and max_concurrent_dispatches in [1, 5000]."
+  }
+}
+
+variable "upload_queue" {
+  description = "Cloud Tasks queue \"upload\" (one task per chunk, to the list-uploader). max_concurrent_dispatches may not exceed esp_upload_limit. Defaults: max_dispatches_per_second 10, max_concurrent_dispatches 8, max_attempts 20, min_backoff \"5s\", max_backoff \"300s\"."
+  type = object({
+    max_dispatches_per_second = optional(number, 10)
+    max_concurrent_dispatches = optional(number, 8)
+    max_attempts              = optional(number, 20)
+    min_backoff               = optional(string, "5s")
+    max_backoff               = optional(string, "300s")
+  })
+  default = {}
+
+  validation {
+    condition     = var.upload_queue.max_dispatches_per_second > 0 && var.upload_queue.max_dispatches_per_second <= 500
+    error_message = "upload_queue.max_dispatches_per_second must be in (0, 500]."
+  }
+}
+
+variable "pubsub_max_delivery_attempts" {
+  description = "Push deliveries of one message before Pub/Sub moves it to the subscription's dead-letter topic (5 to 100). Default: 10."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = var.pubsub_max_delivery_attempts >= 5 && var.pubsub_max_delivery_attempts <= 100
+    error_message = "pubsub_max_delivery_attempts must be from 5 to 100."
+  }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Data and access
+# ---------------------------------------------------------------------------------------------
+
+variable "chunk_retention_days" {
+  description = "Days after which audience exports and chunk objects are deleted from the bucket. Must outlast the longest campaign: a chunk retried after its object is gone fails. Default: 7."
+  type        = number
+  default     = 7
+
+  validation {
+    condition     = var.chunk_retention_days >= 1 && floor(var.chunk_retention_days) == var.chunk_retention_days
+    error_message = "chunk_retention_days must be a whole number of at least 1."
+  }
+}
+
+variable "sql" {
+  description = "Cloud SQL for PostgreSQL (private IP only). Defaults: tier \"db-custom-2-8192\", availability_type \"REGIONAL\" (a standby in a second zone), disk_size_gb 20 (grows automatically), max_connections 200 (every service's max_instances × db_connections must fit, with 10 left for administration)."
+  type = object({
+    tier              = optional(string, "db-custom-2-8192")
+    availability_type = optional(string, "REGIONAL")
+    disk_size_gb      = optional(number, 20)
+    max_connections   = optional(number, 200)
+  })
+  default = {}
+
+  validation {
+    condition     = contains(["ZONAL", "REGIONAL"], var.sql.availability_type)
+    error_message = "sql.availability_type must be ZONAL or REGIONAL."
+  }
+}
+
+variable "run_subnet_cidr" {
+  description = "Range of the subnet that Cloud Run uses for Direct VPC egress to Cloud SQL (at least /26; each instance takes an address). Default: 10.8.0.0/24."
+  type        = string
+  default     = "10.8.0.0/24"
+}
+
+variable "api_callers" {
+  description = "Service-account emails allowed to call the trigger's API (POST /v1/requests) directly, besides publishing to the delivery-requests topic. Default: none."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for email in var.api_callers : can(regex("^[^@:\\s]+@[^@\\s]+\\.gserviceaccount\\.com$", email))])
+    error_message = "api_callers holds service-account emails (NAME@PROJECT.iam.gserviceaccount.com), without a \"serviceAccount:\" prefix."
+  }
+}
+
+variable "image_tag" {
+  description = "Tag in Artifact Registry that a newly created service or job starts from. null starts them on Google's placeholder images, as in the first apply in an empty project, before Cloud Build has pushed anything. After creation Cloud Build owns the running image: Terraform ignores image changes. Default: null."
+  type        = string
+  default     = null
+}
+
+variable "rust_log" {
+  description = "RUST_LOG filter of every service and the job. Default: \"info\"."
+  type        = string
+  default     = "info"
+}
+
+variable "deletion_protection" {
+  description = "Refuse to destroy the Cloud Run services and job, the Cloud SQL instance and the BigQuery tables. Set false only to tear a deployment down. Default: true."
+  type        = bool
+  default     = true
+}
+
+variable "request_publishers" {
+  description = "IAM members (e.g. \"serviceAccount:mkt@other-project.iam.gserviceaccount.com\") allowed to publish delivery requests to the delivery-requests topic. Default: none."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for member in var.request_publishers : can(regex("^(serviceAccount|user|group|domain|principal|principalSet):", member))])
+    error_message = "request_publishers holds IAM members such as \"serviceAccount:NAME@PROJECT.iam.gserviceaccount.com\"."
+  }
+}
+
+variable "completion_subscribers" {
+  description = "IAM members allowed to attach subscriptions to the request-completed topic (the marketing platform). Default: none."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for member in var.completion_subscribers : can(regex("^(serviceAccount|user|group|domain|principal|principalSet):", member))])
+    error_message = "completion_subscribers holds IAM members such as \"serviceAccount:NAME@PROJECT.iam.gserviceaccount.com\"."
+  }
+}
