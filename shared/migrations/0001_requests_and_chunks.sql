@@ -17,8 +17,10 @@ CREATE TABLE requests (
     recipients        BIGINT,
     skipped           JSONB NOT NULL DEFAULT '{}',
     chunk_count       INTEGER,
-    -- Chunks handed to the upload queue so far: the round-robin key among requests of equal rank.
+    -- Chunks handed to the upload queue so far, and when the last one was: requests of equal rank
+    -- take turns by the latter (round-robin).
     dispatched_chunks INTEGER NOT NULL DEFAULT 0,
+    last_dispatched_at TIMESTAMPTZ,
     received_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
     prepared_at       TIMESTAMPTZ,
     finished_at       TIMESTAMPTZ,

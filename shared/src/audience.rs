@@ -97,6 +97,7 @@ struct Chunker<'a> {
     bucket: &'a str,
     request: &'a DeliveryRequest,
     chunk_size: usize,
+    on_chunk: &'a (dyn Fn() + Sync),
     seen: HashSet<u64, std::hash::RandomState>,
     hasher: std::hash::RandomState,
     buffer: Vec<u8>,
@@ -111,6 +112,7 @@ impl<'a> Chunker<'a> {
         bucket: &'a str,
         request: &'a DeliveryRequest,
         chunk_size: usize,
+        on_chunk: &'a (dyn Fn() + Sync),
     ) -> Self {
         Self {
             blobs,
@@ -118,6 +120,7 @@ impl<'a> Chunker<'a> {
             bucket,
             request,
             chunk_size: chunk_size.max(1),
+            on_chunk,
             seen: HashSet::default(),
             hasher: std::hash::RandomState::new(),
             buffer: Vec::new(),
@@ -168,12 +171,18 @@ impl<'a> Chunker<'a> {
         self.store.insert_chunks(self.request, &[chunk]).await?;
         self.summary.chunks += 1;
         self.in_buffer = 0;
+        (self.on_chunk)();
         Ok(())
     }
 }
 
 /// Streams the request's audience into chunk objects under `gs://bucket/requests/<id>/chunks/`
-/// and chunk rows, and returns what was found.
+/// and chunk rows, and returns what was found. `on_chunk` runs after each chunk is stored: a
+/// stored chunk may be dispatched at once, while the rest of the audience is still being read.
+///
+/// Preparing the same request again produces the same chunks (ids, objects and contents are
+/// derived from the audience), so a prepare step interrupted after some chunks were dispatched
+/// can be repeated safely.
 #[tracing::instrument(skip_all, fields(request_id = %request.id))]
 pub async fn prepare(
     blobs: &Blobs,
@@ -181,9 +190,10 @@ pub async fn prepare(
     bucket: &str,
     request: &DeliveryRequest,
     chunk_size: usize,
+    on_chunk: &(dyn Fn() + Sync),
 ) -> Result<AudienceSummary, PrepareError> {
     store.clear_chunks(&request.id).await?;
-    let mut chunker = Chunker::new(blobs, store, bucket, request, chunk_size);
+    let mut chunker = Chunker::new(blobs, store, bucket, request, chunk_size, on_chunk);
     match &request.audience {
         Audience::Inline(list) => {
             for recipient in list {

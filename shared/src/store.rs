@@ -478,8 +478,9 @@ impl Store {
     /// One round of the scheduling rule: expire what is overdue, count chunks in flight toward the
     /// upload API, and move the best pending chunks to `queued` to fill the free slots.
     ///
-    /// Order: realtime first, then priority, then earliest deadline, then the request that has had
-    /// the fewest chunks dispatched (round-robin among equals). Batch chunks never take the slots
+    /// Order: realtime first, then priority, then earliest deadline, then the request whose last
+    /// chunk was dispatched longest ago (round-robin among equals, so two equal campaigns progress
+    /// at the same rate whenever each started). Batch chunks never take the slots
     /// reserved for realtime. The slot row is locked for the round, so concurrent rounds (several
     /// trigger instances) see each other's work and never over-commit.
     pub async fn dispatch_round(&self, limits: SlotLimits) -> Result<DispatchRound> {
@@ -530,9 +531,9 @@ impl Store {
             let row: Option<(String, String, i32)> = sqlx::query_as(
                 "WITH next AS (
                      SELECT c.id, c.request_id FROM chunks c JOIN requests r ON r.id = c.request_id
-                     WHERE c.state = 'pending' AND c.class = $1 AND r.state = 'dispatching'
+                     WHERE c.state = 'pending' AND c.class = $1 AND r.state IN ('preparing', 'dispatching')
                        AND (r.not_before IS NULL OR r.not_before <= now())
-                     ORDER BY c.priority DESC, c.deadline ASC NULLS LAST, r.dispatched_chunks ASC,
+                     ORDER BY c.priority DESC, c.deadline ASC NULLS LAST, r.last_dispatched_at ASC NULLS FIRST,
                               r.received_at ASC, c.seq ASC
                      LIMIT 1 FOR UPDATE OF c SKIP LOCKED
                  ), moved AS (
@@ -540,7 +541,7 @@ impl Store {
                      FROM next WHERE chunks.id = next.id
                      RETURNING chunks.id, chunks.request_id, chunks.generation
                  ), counted AS (
-                     UPDATE requests SET dispatched_chunks = dispatched_chunks + 1
+                     UPDATE requests SET dispatched_chunks = dispatched_chunks + 1, last_dispatched_at = clock_timestamp()
                      FROM moved WHERE requests.id = moved.request_id
                  )
                  SELECT id, request_id, generation FROM moved",

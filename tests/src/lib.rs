@@ -58,6 +58,7 @@ impl TestStack {
             esp,
             chunk_size: self.chunk_size,
             realtime_reserved_slots: self.realtime_reserved_slots,
+            triggers: 1,
             mode: ServiceMode::InProcess,
             completion_every: Duration::from_millis(200),
             run_dir,

@@ -180,3 +180,36 @@ async fn a_claimed_chunk_is_busy_until_its_lease_runs_out_then_taken_over() {
         matches!(store.claim_send(&chunk, Duration::from_secs(60)).await.unwrap(), Claim::Done(Some(s)) if s == "sent")
     );
 }
+
+#[tokio::test]
+async fn a_later_campaign_takes_turns_with_a_running_one_instead_of_waiting_or_catching_up() {
+    let (store, _) = fresh_database().await;
+    let limits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0 };
+    ready(&store, &request("first", Class::Batch, 0), 20).await;
+    assert_eq!(dispatched_requests(&store, limits).await, ["first"; 3]);
+    ready(&store, &request("second", Class::Batch, 0), 20).await;
+
+    let mut order = Vec::new();
+    for seq in 0..4 {
+        finish_upload(&store, &chunk_id("first", seq)).await;
+        let next = dispatched_requests(&store, limits).await;
+        assert_eq!(next.len(), 1);
+        order.extend(next);
+    }
+
+    assert_eq!(order, ["second", "first", "second", "first"]);
+}
+
+#[tokio::test]
+async fn chunks_of_a_request_still_being_prepared_are_dispatched() {
+    let (store, _) = fresh_database().await;
+    let campaign = request("streaming", Class::Batch, 0);
+    store.insert_request(&campaign).await.unwrap();
+    let Claim::Claimed(_) = store.claim_prepare("streaming", Duration::from_secs(60)).await.unwrap() else {
+        panic!()
+    };
+    let first = NewChunk { id: chunk_id("streaming", 0), seq: 0, object: "o/0".into(), recipients: 10 };
+    store.insert_chunks(&campaign, &[first]).await.unwrap();
+
+    assert_eq!(dispatched_requests(&store, LIMITS).await, ["streaming"]);
+}

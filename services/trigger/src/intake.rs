@@ -96,7 +96,21 @@ pub async fn prepare(state: &AppState, id: &str) -> Outcome {
         Ok(request) => request,
         Err(err) => return fail(state, id, &err.to_string()).await,
     };
-    match audience::prepare(&state.blobs, &state.store, &state.bucket, &request, state.chunk_size).await {
+    let dispatcher = state.dispatcher.clone();
+    let dispatch_now = move || {
+        let dispatcher = dispatcher.clone();
+        tokio::spawn(async move { dispatcher.run().await });
+    };
+    let prepared = audience::prepare(
+        &state.blobs,
+        &state.store,
+        &state.bucket,
+        &request,
+        state.chunk_size,
+        &dispatch_now,
+    )
+    .await;
+    match prepared {
         Ok(summary) => {
             if let Err(err) = state.store.finish_prepare(id, &summary).await {
                 return err.into();

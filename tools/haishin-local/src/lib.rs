@@ -4,10 +4,14 @@
 //! - [`stack`]: starts PostgreSQL, the Google Cloud stand-ins, the ESP simulator and the four
 //!   services, wired as in production.
 //! - [`services`]: runs one service from this binary (`haishin-local service NAME`).
-//! - [`demo`]: the demo scenario (batch campaigns plus realtime events) with live progress.
-//! - [`report`]: the demo's JSON report, from the ESP simulator's ledger.
+//! - [`scenario`]: batch campaigns and realtime events published into a running stack.
+//! - [`demo`]: the demo scenario, with live progress.
+//! - [`bench`]: the named benchmark scenarios, a table and JSON of their figures.
+//! - [`report`]: a scenario's report, from the ESP simulator's ledger.
 
+pub mod bench;
 pub mod demo;
 pub mod report;
+pub mod scenario;
 pub mod services;
 pub mod stack;

@@ -1,4 +1,5 @@
 use clap::{Parser, Subcommand};
+use haishin_local::bench::{self, BenchArgs};
 use haishin_local::demo::{self, DemoArgs};
 use haishin_local::services::{self, Service};
 use haishin_local::stack::{LocalStack, ServiceMode, StackConfig};
@@ -15,6 +16,8 @@ struct Cli {
 enum Command {
     /// Runs a sample campaign with realtime events through the whole local stack and writes a report.
     Demo(DemoArgs),
+    /// Runs the benchmark scenarios (build with --release) and prints their figures next to the targets.
+    Bench(BenchArgs),
     /// Starts the whole local stack, writes every URL to a JSON file, and runs until SIGTERM or Ctrl-C.
     Up(UpArgs),
     /// Runs one service, configured by its environment (used by the local stack).
@@ -51,6 +54,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         esp,
         chunk_size: args.chunk_size,
         realtime_reserved_slots: 0,
+        triggers: 1,
         mode: ServiceMode::Processes { exe: std::env::current_exe()? },
         completion_every: std::time::Duration::from_secs(2),
         run_dir: args.run_dir.clone(),
@@ -76,6 +80,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Service { name } => {
             haishin_shared::telemetry::init(name.name());
             services::run(name).await
+        }
+        Command::Bench(args) => {
+            haishin_shared::telemetry::init_with_default("haishin-local", "warn");
+            let path = args.json.clone();
+            bench::run(args, ServiceMode::Processes { exe: std::env::current_exe()? }).await?;
+            eprintln!("Reports written to {}", path.display());
+            Ok(())
         }
         Command::Up(args) => {
             haishin_shared::telemetry::init("haishin-local");

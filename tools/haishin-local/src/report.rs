@@ -8,24 +8,34 @@ use chrono::{DateTime, Utc};
 use haishin_esp_sim::config::Api;
 use serde::Serialize;
 
-use crate::demo::DemoArgs;
+use crate::scenario::Scenario;
 use crate::stack::LocalStack;
 
-/// What the scenario published: (request id, audience rows, publish time).
+/// What the scenario published: (request id, audience rows, arrival time), and samples of each
+/// campaign's delivered count over time.
 #[derive(Debug, Default, Clone)]
 pub struct Submitted {
     pub batch: Vec<(String, u64, DateTime<Utc>)>,
     pub realtime: Vec<(String, u64, DateTime<Utc>)>,
+    pub samples: Vec<(DateTime<Utc>, Vec<u64>)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    pub scenario: String,
     pub requests: Requests,
     pub recipients: Recipients,
     pub esp: Esp,
     pub realtime_latency_ms: Latency,
     pub batch_makespan_s: f64,
     pub wall_s: f64,
+    /// CPU seconds of the four services' processes over the run (process mode only).
+    pub service_cpu_s: f64,
+    /// `service_cpu_s` per million recipients delivered.
+    pub cpu_s_per_million: f64,
+    /// With two or more campaigns: the largest gap between the campaigns' delivered counts, relative
+    /// to the larger, while all of them were running and past their first 10% (fairness).
+    pub fairness_max_gap: Option<f64>,
     /// Requests by final state, as `GET /v1/requests/{id}` shows them.
     pub states: BTreeMap<String, String>,
 }
@@ -84,9 +94,39 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1]
 }
 
+impl Report {
+    pub fn set_service_cpu(&mut self, seconds: f64) {
+        self.service_cpu_s = seconds;
+        let millions = self.recipients.delivered as f64 / 1e6;
+        self.cpu_s_per_million = if millions > 0.0 { seconds / millions } else { 0.0 };
+    }
+}
+
+/// The largest relative gap between campaigns' delivered counts while all of them were running,
+/// ignoring the start (until each delivered a tenth of its audience) and the end (the last tenth).
+fn fairness_gap(submitted: &Submitted) -> Option<f64> {
+    if submitted.batch.len() < 2 {
+        return None;
+    }
+    let sizes: Vec<u64> = submitted.batch.iter().map(|b| b.1).collect();
+    submitted
+        .samples
+        .iter()
+        .filter(|(_, counts)| {
+            counts.len() == sizes.len()
+                && counts.iter().zip(&sizes).all(|(c, size)| *c * 10 >= *size && *c * 10 < *size * 9)
+        })
+        .map(|(_, counts)| {
+            let max = *counts.iter().max().unwrap_or(&0) as f64;
+            let min = *counts.iter().min().unwrap_or(&0) as f64;
+            if max > 0.0 { (max - min) / max } else { 0.0 }
+        })
+        .fold(None, |acc: Option<f64>, gap| Some(acc.map_or(gap, |a| a.max(gap))))
+}
+
 pub async fn build(
     stack: &LocalStack,
-    args: &DemoArgs,
+    scenario: &Scenario,
     submitted: &Submitted,
     wall: Duration,
 ) -> anyhow::Result<Report> {
@@ -129,10 +169,10 @@ pub async fn build(
         }
         if submitted.batch.iter().any(|(b, _, _)| b == id) {
             let kept = status["audience"]["recipients"].as_u64().unwrap_or(0);
-            let size = args.chunk_size.max(1) as u64;
-            upload_service += args.upload_time(size) * (kept / size) as u32;
+            let size = scenario.chunk_size.max(1) as u64;
+            upload_service += scenario.upload_time(size) * (kept / size) as u32;
             if !kept.is_multiple_of(size) {
-                upload_service += args.upload_time(kept % size);
+                upload_service += scenario.upload_time(kept % size);
             }
         }
         states.insert(id.clone(), state);
@@ -161,6 +201,7 @@ pub async fn build(
     latencies.sort_by(f64::total_cmp);
 
     Ok(Report {
+        scenario: scenario.name.clone(),
         requests,
         recipients,
         esp: Esp {
@@ -182,6 +223,9 @@ pub async fn build(
         },
         batch_makespan_s: makespan,
         wall_s: wall.as_secs_f64(),
+        service_cpu_s: 0.0,
+        cpu_s_per_million: 0.0,
+        fairness_max_gap: fairness_gap(submitted),
         states,
     })
 }

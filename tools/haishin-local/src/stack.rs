@@ -57,6 +57,8 @@ pub struct StackConfig {
     pub esp: EspSimConfig,
     pub chunk_size: u32,
     pub realtime_reserved_slots: u32,
+    /// Trigger instances; each gets every pipeline event, so they race to dispatch.
+    pub triggers: u32,
     pub mode: ServiceMode,
     /// How often the completion job runs (Cloud Scheduler's schedule).
     pub completion_every: Duration,
@@ -72,6 +74,8 @@ pub struct StackConfig {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Endpoints {
     pub trigger: String,
+    /// Further trigger instances, sharing the database with the first.
+    pub more_triggers: Vec<String>,
     pub list_uploader: String,
     pub sender: String,
     pub esp: String,
@@ -80,6 +84,19 @@ pub struct Endpoints {
     pub storage: String,
     pub jwks: String,
     pub database_url: String,
+}
+
+/// One running copy of a service: the trigger may run several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Instance {
+    pub service: Service,
+    pub index: u32,
+}
+
+impl Instance {
+    pub fn first(service: Service) -> Self {
+        Self { service, index: 0 }
+    }
 }
 
 enum Running {
@@ -97,8 +114,8 @@ pub struct LocalStack {
     pub blobs: Blobs,
     pub requests_topic: Topic,
     pg: Option<PgCluster>,
-    services: Vec<(Service, Running)>,
-    env: BTreeMap<Service, Vec<(String, String)>>,
+    services: Vec<(Instance, Running)>,
+    env: BTreeMap<Instance, Vec<(String, String)>>,
     scheduler: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
@@ -131,6 +148,9 @@ impl LocalStack {
         let url = |port: u16| format!("http://127.0.0.1:{port}");
         let endpoints = Endpoints {
             trigger: url(free_port()?),
+            more_triggers: (1..config.triggers.max(1))
+                .map(|_| free_port().map(url))
+                .collect::<Result<_, _>>()?,
             list_uploader: url(free_port()?),
             sender: url(free_port()?),
             esp: esp.url(),
@@ -164,31 +184,36 @@ impl LocalStack {
             env,
             scheduler: None,
         };
-        for service in [Service::Trigger, Service::ListUploader, Service::Sender] {
-            let running = stack.spawn(service).await?;
-            stack.services.push((service, running));
+        let instances: Vec<Instance> =
+            stack.env.keys().copied().filter(|i| i.service != Service::Completion).collect();
+        for instance in instances {
+            let running = stack.spawn(instance).await?;
+            stack.services.push((instance, running));
         }
-        for base in [&stack.endpoints.trigger, &stack.endpoints.list_uploader, &stack.endpoints.sender] {
-            wait_healthy(base).await?;
+        for instance in stack.env.keys() {
+            if let Some(base) = stack.endpoints.url_of(*instance) {
+                wait_healthy(base).await?;
+            }
         }
         subscribe(&stack.stand_ins, &stack.endpoints)?;
         stack.start_scheduler();
         Ok(stack)
     }
 
-    /// The environment a service is configured with.
+    /// The environment a service (its first instance) is configured with.
     pub fn env_of(&self, service: Service) -> &[(String, String)] {
-        &self.env[&service]
+        &self.env[&Instance::first(service)]
     }
 
-    async fn spawn(&self, service: Service) -> anyhow::Result<Running> {
-        let env = &self.env[&service];
+    async fn spawn(&self, instance: Instance) -> anyhow::Result<Running> {
+        let env = &self.env[&instance];
+        let service = instance.service;
         match &self.config.mode {
             ServiceMode::Processes { exe } => {
                 let log = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(self.config.run_dir.join(format!("{}.log", service.name())))?;
+                    .open(self.config.run_dir.join(format!("{}-{}.log", service.name(), instance.index)))?;
                 let child = tokio::process::Command::new(exe)
                     .args(["service", service.name()])
                     .env_clear()
@@ -231,7 +256,7 @@ impl LocalStack {
     fn start_scheduler(&mut self) {
         let (stop, mut stopped) = watch::channel(false);
         let every = self.config.completion_every;
-        let env = self.env[&Service::Completion].clone();
+        let env = self.env[&Instance::first(Service::Completion)].clone();
         let mode = self.config.mode.clone();
         let log_path = self.config.run_dir.join("completion.log");
         let task = tokio::spawn(async move {
@@ -252,15 +277,15 @@ impl LocalStack {
     pub async fn run_completion(&self) -> anyhow::Result<()> {
         run_completion(
             &self.config.mode,
-            &self.env[&Service::Completion],
+            &self.env[&Instance::first(Service::Completion)],
             &self.config.run_dir.join("completion.log"),
         )
         .await
     }
 
-    /// Kills a service the hard way (SIGKILL or task abort) and starts it again.
-    pub async fn restart(&mut self, service: Service) -> anyhow::Result<()> {
-        if let Some(i) = self.services.iter().position(|(s, _)| *s == service) {
+    /// Kills a service instance the hard way (SIGKILL or task abort) and starts it again.
+    pub async fn restart(&mut self, instance: Instance) -> anyhow::Result<()> {
+        if let Some(i) = self.services.iter().position(|(s, _)| *s == instance) {
             let (_, running) = self.services.remove(i);
             match running {
                 Running::Process { mut child } => {
@@ -269,19 +294,16 @@ impl LocalStack {
                 Running::Task { task, .. } => task.abort(),
             }
         }
-        let running = self.spawn(service).await?;
-        self.services.push((service, running));
-        let base = match service {
-            Service::Trigger => &self.endpoints.trigger,
-            Service::ListUploader => &self.endpoints.list_uploader,
-            Service::Sender => &self.endpoints.sender,
-            Service::Completion => return Ok(()),
-        };
-        wait_healthy(base).await
+        let running = self.spawn(instance).await?;
+        self.services.push((instance, running));
+        match self.endpoints.url_of(instance) {
+            Some(base) => wait_healthy(base).await,
+            None => Ok(()),
+        }
     }
 
-    /// Stops the services (SIGTERM, then waits), the stand-ins, the ESP simulator and PostgreSQL.
-    pub async fn stop(mut self) {
+    /// Stops the completion schedule and the services (SIGTERM, then waits for them).
+    pub async fn stop_services(&mut self) {
         if let Some((stop, task)) = self.scheduler.take() {
             let _ = stop.send(true);
             let _ = task.await;
@@ -302,6 +324,11 @@ impl LocalStack {
                 }
             }
         }
+    }
+
+    /// Stops everything: the services, the stand-ins, the ESP simulator and PostgreSQL.
+    pub async fn stop(mut self) {
+        self.stop_services().await;
         self.stand_ins.shutdown().await;
         let _ = self.esp.shutdown().await;
         if let Some(pg) = self.pg.take() {
@@ -370,7 +397,7 @@ fn service_env(
     config: &StackConfig,
     endpoints: &Endpoints,
     send_limit: u32,
-) -> BTreeMap<Service, Vec<(String, String)>> {
+) -> BTreeMap<Instance, Vec<(String, String)>> {
     let pairs =
         |list: &[(&str, String)]| list.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<Vec<_>>();
     let port = |url: &str| url.rsplit(':').next().unwrap_or_default().to_owned();
@@ -399,17 +426,20 @@ fn service_env(
         ("ESP_API_KEY", ESP_API_KEY.to_owned()),
         ("ESP_TIMEOUT_SECS", "30".to_owned()),
     ];
-    let mut trigger = serving(&endpoints.trigger);
-    trigger.extend([
-        ("TASKS_LOCATION", LOCATION.to_owned()),
-        ("TASKS_INVOKER_SA", TASKS_ACCOUNT.to_owned()),
-        ("TRIGGER_URL", endpoints.trigger.clone()),
-        ("LIST_UPLOADER_URL", endpoints.list_uploader.clone()),
-        ("BUCKET", BUCKET.to_owned()),
-        ("CHUNK_SIZE", config.chunk_size.to_string()),
-        ("ESP_UPLOAD_LIMIT", config.esp.upload_limit.to_string()),
-        ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
-    ]);
+    let trigger_env = |url: &String| {
+        let mut trigger = serving(url);
+        trigger.extend([
+            ("TASKS_LOCATION", LOCATION.to_owned()),
+            ("TASKS_INVOKER_SA", TASKS_ACCOUNT.to_owned()),
+            ("TRIGGER_URL", url.clone()),
+            ("LIST_UPLOADER_URL", endpoints.list_uploader.clone()),
+            ("BUCKET", BUCKET.to_owned()),
+            ("CHUNK_SIZE", config.chunk_size.to_string()),
+            ("ESP_UPLOAD_LIMIT", config.esp.upload_limit.to_string()),
+            ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
+        ]);
+        pairs(&trigger)
+    };
     let mut uploader = serving(&endpoints.list_uploader);
     uploader.extend(esp.clone());
     uploader.extend([("BUCKET", BUCKET.to_owned()), ("UPLOAD_LEASE_SECS", "60".to_owned())]);
@@ -423,12 +453,16 @@ fn service_env(
         ("QUEUED_TIMEOUT_SECS", "120".to_owned()),
         ("UPLOADED_TIMEOUT_SECS", "15".to_owned()),
     ]);
-    BTreeMap::from([
-        (Service::Trigger, pairs(&trigger)),
-        (Service::ListUploader, pairs(&uploader)),
-        (Service::Sender, pairs(&sender)),
-        (Service::Completion, pairs(&completion)),
-    ])
+    let mut env = BTreeMap::from([
+        (Instance::first(Service::Trigger), trigger_env(&endpoints.trigger)),
+        (Instance::first(Service::ListUploader), pairs(&uploader)),
+        (Instance::first(Service::Sender), pairs(&sender)),
+        (Instance::first(Service::Completion), pairs(&completion)),
+    ]);
+    for (i, url) in endpoints.more_triggers.iter().enumerate() {
+        env.insert(Instance { service: Service::Trigger, index: i as u32 + 1 }, trigger_env(url));
+    }
+    env
 }
 
 fn topic(name: &str) -> String {
@@ -482,6 +516,16 @@ fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<()> 
     let mut subs = vec![
         push("trigger-requests", topics::REQUESTS, format!("{}/push/requests", endpoints.trigger), None),
         push("trigger-events", topics::EVENTS, format!("{}/push/events", endpoints.trigger), None),
+    ];
+    for (i, url) in endpoints.more_triggers.iter().enumerate() {
+        subs.push(push(
+            &format!("trigger-events-{}", i + 1),
+            topics::EVENTS,
+            format!("{url}/push/events"),
+            None,
+        ));
+    }
+    subs.extend([
         push(
             "sender-realtime",
             topics::DELIVERIES,
@@ -494,7 +538,7 @@ fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<()> 
             format!("{}/push/deliveries", endpoints.sender),
             Some(r#"attributes.class != "realtime""#),
         ),
-    ];
+    ]);
     // Audience must match the pushed service's URL, as Terraform sets it.
     for sub in &mut subs {
         let base = sub.push_endpoint.rsplit_once("/push/").map(|(b, _)| b.to_owned()).unwrap_or_default();
@@ -506,6 +550,19 @@ fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<()> 
         stand_ins.pubsub.create_push_subscription(sub)?;
     }
     Ok(())
+}
+
+impl Endpoints {
+    /// The URL a service instance listens on (the completion job listens on none).
+    pub fn url_of(&self, instance: Instance) -> Option<&String> {
+        match instance.service {
+            Service::Trigger if instance.index == 0 => Some(&self.trigger),
+            Service::Trigger => self.more_triggers.get(instance.index as usize - 1),
+            Service::ListUploader => Some(&self.list_uploader),
+            Service::Sender => Some(&self.sender),
+            Service::Completion => None,
+        }
+    }
 }
 
 async fn wait_healthy(base: &str) -> anyhow::Result<()> {
