@@ -202,6 +202,26 @@ pub struct RequestStatus {
     pub delivered: i64,
     pub bounced: i64,
     pub failed: i64,
+    /// For a request still being uploaded: when its last chunk should be, at the current pace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<Forecast>,
+}
+
+/// When a request's uploads should end, from the pipeline's pace over the last minute and the
+/// chunks that go before or alongside this request's (higher rank first, equals taking turns).
+#[derive(Debug, Clone, Serialize)]
+pub struct Forecast {
+    /// This request's chunks not yet uploaded.
+    pub chunks_left: i64,
+    /// Other requests' chunks that will be uploaded before this request's last one.
+    pub chunks_ahead: i64,
+    /// Chunks uploaded in the last minute, all requests together.
+    pub uploads_last_minute: i64,
+    /// `None` while the pace is unknown (nothing uploaded in the last minute).
+    pub uploads_done_by: Option<DateTime<Utc>>,
+    /// True when `uploads_done_by` is later than the deadline: the request will partly expire
+    /// unless throughput rises.
+    pub deadline_at_risk: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -462,7 +482,11 @@ impl Store {
             delivered: 0,
             bounced: 0,
             failed: 0,
+            forecast: None,
         };
+        if !row.state().is_final() {
+            status.forecast = self.forecast(&row).await?;
+        }
         for (state, (chunks, recipients, delivered, bounced, failed)) in totals {
             status.chunks.insert(state.clone(), chunks);
             status.recipients.insert(state, recipients);
@@ -471,6 +495,49 @@ impl Store {
             status.failed += failed;
         }
         Ok(Some(status))
+    }
+
+    async fn forecast(&self, row: &RequestRow) -> Result<Option<Forecast>> {
+        let (left, ahead, pace): (i64, i64, i64) = sqlx::query_as(
+            "WITH own AS (
+                 SELECT count(*) AS n FROM chunks
+                 WHERE request_id = $1 AND state IN ('pending', 'queued', 'uploading')
+             ), others AS (
+                 SELECT c.request_id, count(*) AS n,
+                        bool_or((c.class = 'realtime' AND $2 = 'batch')
+                             OR (c.class = $2 AND c.priority > $3)
+                             OR (c.class = $2 AND c.priority = $3 AND c.deadline IS NOT NULL
+                                 AND ($4::timestamptz IS NULL OR c.deadline < $4))) AS higher,
+                        bool_or(c.class = $2 AND c.priority = $3 AND c.deadline IS NOT DISTINCT FROM $4) AS equal
+                 FROM chunks c WHERE c.state = 'pending' AND c.request_id <> $1 GROUP BY c.request_id
+             )
+             SELECT own.n,
+                    coalesce(sum(CASE WHEN others.higher THEN others.n
+                                      WHEN others.equal THEN least(others.n, own.n) ELSE 0 END), 0)::bigint,
+                    (SELECT count(*) FROM chunks WHERE uploaded_at > now() - interval '60 seconds')
+             FROM own LEFT JOIN others ON true GROUP BY own.n",
+        )
+        .bind(&row.id)
+        .bind(&row.class)
+        .bind(row.priority)
+        .bind(row.deadline)
+        .fetch_one(&self.pool)
+        .await?;
+        if left == 0 {
+            return Ok(None);
+        }
+        let done_by = (pace > 0).then(|| {
+            let seconds = (left + ahead) as f64 * 60.0 / pace as f64;
+            Utc::now() + chrono::Duration::milliseconds((seconds * 1000.0) as i64)
+        });
+        let at_risk = matches!((done_by, row.deadline), (Some(done), Some(deadline)) if done > deadline);
+        Ok(Some(Forecast {
+            chunks_left: left,
+            chunks_ahead: ahead,
+            uploads_last_minute: pace,
+            uploads_done_by: done_by,
+            deadline_at_risk: at_risk,
+        }))
     }
 
     // ---- dispatch ---------------------------------------------------------

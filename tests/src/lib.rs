@@ -34,6 +34,8 @@ pub struct TestStack {
     pub call_latency: Duration,
     pub chunk_size: u32,
     pub realtime_reserved_slots: u32,
+    /// Trigger instances sharing the database.
+    pub triggers: u32,
 }
 
 impl Default for TestStack {
@@ -43,6 +45,7 @@ impl Default for TestStack {
             call_latency: Duration::from_millis(5),
             chunk_size: 100,
             realtime_reserved_slots: 0,
+            triggers: 1,
         }
     }
 }
@@ -58,7 +61,8 @@ impl TestStack {
             esp,
             chunk_size: self.chunk_size,
             realtime_reserved_slots: self.realtime_reserved_slots,
-            triggers: 1,
+            triggers: self.triggers,
+            prefetch: 0,
             mode: ServiceMode::InProcess,
             completion_every: Duration::from_millis(200),
             run_dir,

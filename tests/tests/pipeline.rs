@@ -209,3 +209,27 @@ async fn push_and_task_routes_refuse_missing_or_wrong_tokens_and_change_nothing(
 
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn two_triggers_on_one_database_never_dispatch_a_chunk_twice_or_exceed_the_limit() {
+    let stack = TestStack { triggers: 2, chunk_size: 20, ..TestStack::default() }.start().await;
+    let uri = csv_audience(&stack, "shared", 400, "").await;
+
+    publish(
+        &stack,
+        &json!({"id": "shared", "class": "batch", "template": template(),
+        "audience": {"gcs": {"uris": [uri]}}}),
+    )
+    .await;
+
+    assert_eq!(finished(&stack, "shared").await["state"], "completed");
+    let sim = stack.esp.report();
+    assert_eq!(sim.requests["shared"].counts.unique, 400);
+    assert_eq!(sim.upload.calls_accepted, 20, "each of the 20 chunks uploaded once");
+    assert_eq!(sim.deliveries.duplicates, 0);
+    assert_eq!(sim.upload.over_limit_attempts + sim.send.over_limit_attempts, 0);
+    let second =
+        stack.stand_ins.pubsub.subscription_stats("projects/haishin-local/subscriptions/trigger-events-1");
+    assert!(second.is_some_and(|s| s.acked > 0), "the second trigger received events too");
+    stack.stop().await;
+}

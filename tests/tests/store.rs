@@ -213,3 +213,26 @@ async fn chunks_of_a_request_still_being_prepared_are_dispatched() {
 
     assert_eq!(dispatched_requests(&store, LIMITS).await, ["streaming"]);
 }
+
+#[tokio::test]
+async fn a_request_that_cannot_meet_its_deadline_at_the_current_pace_is_flagged() {
+    let (store, _) = fresh_database().await;
+    // Pace: one chunk uploaded in the last minute.
+    ready(&store, &request("earlier", Class::Batch, 5), 1).await;
+    store.dispatch_round(LIMITS).await.unwrap();
+    finish_upload(&store, &chunk_id("earlier", 0)).await;
+    let mut tight = request("tight", Class::Batch, 0);
+    tight.deadline = Some(Utc::now() + chrono::Duration::minutes(5));
+    ready(&store, &tight, 10).await;
+    let mut roomy = request("roomy", Class::Batch, 0);
+    roomy.deadline = Some(Utc::now() + chrono::Duration::days(1));
+    ready(&store, &roomy, 2).await;
+
+    let tight = store.request_status("tight").await.unwrap().unwrap().forecast.unwrap();
+    let roomy = store.request_status("roomy").await.unwrap().unwrap().forecast.unwrap();
+
+    assert_eq!((tight.chunks_left, tight.uploads_last_minute), (10, 1));
+    assert!(tight.deadline_at_risk, "10 chunks at one a minute take longer than 5 minutes");
+    assert_eq!(roomy.chunks_ahead, 10, "the earlier deadline goes first");
+    assert!(!roomy.deadline_at_risk);
+}

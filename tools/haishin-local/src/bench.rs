@@ -19,6 +19,9 @@ pub struct BenchArgs {
     /// Trigger instances running at once in every scenario.
     #[arg(long, default_value_t = 1)]
     pub triggers: u32,
+    /// Upload tasks allowed to wait in the queue beyond the ESP's limit.
+    #[arg(long, default_value_t = 0)]
+    pub prefetch: u32,
     /// Where to write the reports (a JSON array).
     #[arg(long, default_value = "bench.report.json")]
     pub json: std::path::PathBuf,
@@ -39,6 +42,7 @@ fn base(name: &str, args: &BenchArgs) -> Scenario {
         chunk_size: 10_000,
         realtime_reserved_slots: 0,
         triggers: args.triggers,
+        prefetch: args.prefetch,
         seed: args.seed,
         timeout: Duration::from_secs(600),
         run_dir: None,

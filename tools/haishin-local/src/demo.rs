@@ -89,6 +89,7 @@ impl DemoArgs {
             chunk_size: self.chunk_size,
             realtime_reserved_slots: self.realtime_reserved_slots,
             triggers: self.triggers,
+            prefetch: 0,
             seed: self.seed,
             timeout: Duration::from_secs(self.timeout_secs),
             run_dir: self.run_dir.clone(),

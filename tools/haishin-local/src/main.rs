@@ -55,6 +55,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         chunk_size: args.chunk_size,
         realtime_reserved_slots: 0,
         triggers: 1,
+        prefetch: 0,
         mode: ServiceMode::Processes { exe: std::env::current_exe()? },
         completion_every: std::time::Duration::from_secs(2),
         run_dir: args.run_dir.clone(),

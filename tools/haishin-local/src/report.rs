@@ -33,8 +33,8 @@ pub struct Report {
     pub service_cpu_s: f64,
     /// `service_cpu_s` per million recipients delivered.
     pub cpu_s_per_million: f64,
-    /// With two or more campaigns: the largest gap between the campaigns' delivered counts, relative
-    /// to the larger, while all of them were running and past their first 10% (fairness).
+    /// With two or more campaigns: the largest relative gap between what each delivered since the
+    /// last of them started, while all of them were running (see `fairness_gap`).
     pub fairness_max_gap: Option<f64>,
     /// Requests by final state, as `GET /v1/requests/{id}` shows them.
     pub states: BTreeMap<String, String>,
@@ -102,26 +102,32 @@ impl Report {
     }
 }
 
-/// The largest relative gap between campaigns' delivered counts while all of them were running,
-/// ignoring the start (until each delivered a tenth of its audience) and the end (the last tenth).
+/// Fairness among campaigns: the largest relative gap between what each delivered since the
+/// last of them started, sampled while all of them were running. Samples where either had
+/// delivered less than a tenth of the smallest audience since then are too coarse to judge
+/// (deliveries arrive a chunk at a time) and are left out.
 fn fairness_gap(submitted: &Submitted) -> Option<f64> {
-    if submitted.batch.len() < 2 {
+    let sizes: Vec<u64> = submitted.batch.iter().map(|b| b.1).collect();
+    if sizes.len() < 2 {
         return None;
     }
-    let sizes: Vec<u64> = submitted.batch.iter().map(|b| b.1).collect();
-    submitted
-        .samples
-        .iter()
-        .filter(|(_, counts)| {
-            counts.len() == sizes.len()
-                && counts.iter().zip(&sizes).all(|(c, size)| *c * 10 >= *size && *c * 10 < *size * 9)
-        })
-        .map(|(_, counts)| {
-            let max = *counts.iter().max().unwrap_or(&0) as f64;
-            let min = *counts.iter().min().unwrap_or(&0) as f64;
-            if max > 0.0 { (max - min) / max } else { 0.0 }
-        })
-        .fold(None, |acc: Option<f64>, gap| Some(acc.map_or(gap, |a| a.max(gap))))
+    let floor = sizes.iter().min().copied().unwrap_or(0) / 10;
+    let all_started = submitted.samples.iter().filter(|(_, counts)| counts.len() == sizes.len());
+    let mut base: Option<&Vec<u64>> = None;
+    let mut worst: Option<f64> = None;
+    for (_, counts) in all_started {
+        let base = *base.get_or_insert(counts);
+        let running = counts.iter().zip(&sizes).all(|(c, size)| c * 100 < size * 98);
+        let progress: Vec<u64> = counts.iter().zip(base).map(|(c, b)| c - b).collect();
+        if !running || progress.iter().any(|p| *p < floor) {
+            continue;
+        }
+        let max = *progress.iter().max().unwrap_or(&0) as f64;
+        let min = *progress.iter().min().unwrap_or(&0) as f64;
+        let gap = (max - min) / max;
+        worst = Some(worst.map_or(gap, |w: f64| w.max(gap)));
+    }
+    worst
 }
 
 pub async fn build(

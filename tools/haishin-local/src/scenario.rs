@@ -54,6 +54,8 @@ pub struct Scenario {
     pub realtime_reserved_slots: u32,
     /// Trigger instances running at once.
     pub triggers: u32,
+    /// Upload tasks allowed to wait in the queue beyond the ESP's limit.
+    pub prefetch: u32,
     pub seed: u64,
     pub timeout: Duration,
     pub run_dir: Option<PathBuf>,
@@ -121,6 +123,7 @@ pub async fn run(scenario: &Scenario, mode: ServiceMode) -> anyhow::Result<Repor
         chunk_size: scenario.chunk_size,
         realtime_reserved_slots: scenario.realtime_reserved_slots,
         triggers: scenario.triggers,
+        prefetch: scenario.prefetch,
         mode,
         completion_every: Duration::from_secs(1),
         run_dir,

@@ -59,6 +59,8 @@ pub struct StackConfig {
     pub realtime_reserved_slots: u32,
     /// Trigger instances; each gets every pipeline event, so they race to dispatch.
     pub triggers: u32,
+    /// Upload tasks allowed to wait in the queue beyond the ESP's limit (`DISPATCH_PREFETCH`).
+    pub prefetch: u32,
     pub mode: ServiceMode,
     /// How often the completion job runs (Cloud Scheduler's schedule).
     pub completion_every: Duration,
@@ -437,6 +439,7 @@ fn service_env(
             ("CHUNK_SIZE", config.chunk_size.to_string()),
             ("ESP_UPLOAD_LIMIT", config.esp.upload_limit.to_string()),
             ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
+            ("DISPATCH_PREFETCH", config.prefetch.to_string()),
         ]);
         pairs(&trigger)
     };
