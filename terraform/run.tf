@@ -67,6 +67,9 @@ locals {
       ESP_UPLOAD_LIMIT        = module.capacity.upload_slots
       REALTIME_RESERVED_SLOTS = module.capacity.realtime_reserved_slots
       DISPATCH_PREFETCH       = var.dispatch_prefetch
+      INLINE_PREPARE_MAX      = var.inline_prepare_max
+      # A prepare step may run as long as the request that runs it.
+      PREPARE_LEASE_SECS = trimsuffix(var.trigger.timeout, "s")
     })
 
     list_uploader = merge(local.common_env, local.push_env.list_uploader, {
@@ -75,6 +78,9 @@ locals {
       BUCKET                   = google_storage_bucket.audiences.name
       DELIVERIES_TOPIC         = google_pubsub_topic.topic["deliveries"].name
       EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
+      ESP_TIMEOUT_SECS         = var.esp_timeout_secs
+      # An upload may run as long as the request that runs it; then another may take it over.
+      UPLOAD_LEASE_SECS = trimsuffix(var.list_uploader.timeout, "s")
     })
 
     sender = merge(local.common_env, local.push_env.sender, {
@@ -82,6 +88,8 @@ locals {
       ESP_URL                  = var.esp_url
       EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
       ESP_SEND_CONCURRENCY     = module.capacity.sender.concurrency
+      ESP_TIMEOUT_SECS         = var.esp_timeout_secs
+      SEND_LEASE_SECS          = trimsuffix(var.sender.timeout, "s")
     })
 
     # The job receives no pushes, so it has no push settings.
@@ -92,6 +100,10 @@ locals {
       COMPLETED_TOPIC          = google_pubsub_topic.topic["request_completed"].name
       LOG_SINK                 = "bigquery"
       BIGQUERY_DATASET         = google_bigquery_dataset.haishin.dataset_id
+      DELIVERIES_TOPIC         = google_pubsub_topic.topic["deliveries"].name
+      ESP_TIMEOUT_SECS         = var.esp_timeout_secs
+      QUEUED_TIMEOUT_SECS      = var.reconcile.queued_timeout_secs
+      UPLOADED_TIMEOUT_SECS    = var.reconcile.uploaded_timeout_secs
     })
   }
 

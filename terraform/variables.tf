@@ -83,6 +83,27 @@ variable "dispatch_prefetch" {
 # instance (DATABASE_MAX_CONNECTIONS).
 # ---------------------------------------------------------------------------------------------
 
+variable "inline_prepare_max" {
+  description = "Inline audiences up to this many recipients are prepared as soon as they arrive, without a prepare task (realtime events)."
+  type        = number
+  default     = 1000
+}
+
+variable "esp_timeout_secs" {
+  description = "Longest wait for one ESP call, in seconds. A call that times out may still have been accepted: the sender then asks the ESP's history before anything is sent again."
+  type        = number
+  default     = 30
+}
+
+variable "reconcile" {
+  description = "When the completion job treats work as stuck. queued_timeout_secs: a chunk queued for upload this long is dispatched again under a new task name. uploaded_timeout_secs: a chunk uploaded this long without being sent is published to the sender again."
+  type = object({
+    queued_timeout_secs   = optional(number, 900)
+    uploaded_timeout_secs = optional(number, 120)
+  })
+  default = {}
+}
+
 variable "trigger" {
   description = "trigger (validates and stores requests, plans chunks, dispatches work; does not call the ESP, so it scales freely). Defaults: min_instances 0, max_instances 10, concurrency 40, cpu \"1\", memory \"1Gi\", timeout \"1800s\" (preparing a large audience streams it in one request), db_connections 10, ingress \"INGRESS_TRAFFIC_ALL\" (direct API callers; use \"INGRESS_TRAFFIC_INTERNAL_ONLY\" when all requests come through Pub/Sub)."
   type = object({

@@ -41,6 +41,9 @@ pub struct Config {
     /// PostgreSQL URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: SecretString,
+    /// Largest number of database connections the job opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 4)]
+    pub database_max_connections: u32,
     #[command(flatten)]
     pub gcp: GcpArgs,
     #[command(flatten)]
@@ -96,7 +99,7 @@ pub struct Job {
 
 impl Job {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let store = Store::connect(config.database_url.expose_secret(), 8)
+        let store = Store::connect(config.database_url.expose_secret(), config.database_max_connections)
             .await
             .context("connecting to the database")?;
         store.migrate().await?;

@@ -28,6 +28,10 @@ pub struct Report {
     pub esp: Esp,
     pub realtime_latency_ms: Latency,
     pub batch_makespan_s: f64,
+    /// From the first batch's publication to the first upload at the ESP.
+    pub first_upload_s: f64,
+    /// From the last upload's end to the batch's last send.
+    pub after_last_upload_s: f64,
     pub wall_s: f64,
     /// CPU seconds of the four services' processes over the run (process mode only).
     pub service_cpu_s: f64,
@@ -196,6 +200,19 @@ pub async fn build(
         ),
         _ => (0.0, 0.0, 0.0),
     };
+    // Where the makespan goes beyond the uploads themselves: before the first upload started,
+    // and after the last one ended (the final sends).
+    let (first_upload_s, after_last_upload_s) = match (batch_start, batch_end) {
+        (Some(from), Some(to)) => {
+            let (from_ms, to_ms) =
+                (haishin_esp_sim::report::unix_ms(from), haishin_esp_sim::report::unix_ms(to));
+            let points = &sim.upload.timeline;
+            let first = points.iter().find(|p| p.at_ms >= from_ms && p.in_progress > 0).map(|p| p.at_ms);
+            let last = points.iter().rev().find(|p| p.at_ms <= to_ms && p.in_progress == 0).map(|p| p.at_ms);
+            (first.map_or(0.0, |f| (f - from_ms) / 1000.0), last.map_or(0.0, |l| (to_ms - l) / 1000.0))
+        }
+        _ => (0.0, 0.0),
+    };
 
     let mut latencies: Vec<f64> = submitted
         .realtime
@@ -228,6 +245,8 @@ pub async fn build(
             max: latencies.last().copied().unwrap_or(0.0),
         },
         batch_makespan_s: makespan,
+        first_upload_s,
+        after_last_upload_s,
         wall_s: wall.as_secs_f64(),
         service_cpu_s: 0.0,
         cpu_s_per_million: 0.0,
