@@ -47,6 +47,7 @@ fn base(name: &str, args: &BenchArgs) -> Scenario {
         timeout: Duration::from_secs(600),
         run_dir: None,
         progress: false,
+        chaos: None,
     }
 }
 
@@ -64,7 +65,7 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
         }
         "fairness" => {
             s.campaigns =
-                vec![now(500_000), Campaign { recipients: 500_000, start_after: Duration::from_secs(10) }]
+                vec![now(1_000_000), Campaign { recipients: 1_000_000, start_after: Duration::from_secs(10) }]
         }
         other => unreachable!("unknown scenario {other}"),
     }

@@ -50,6 +50,10 @@ pub struct DemoArgs {
     /// Where service logs and delivery logs go (default: a new directory under the system's temp dir).
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
+    /// Faults to inject while the demo runs, e.g.
+    /// `kill-every=5s,esp-500=0.05,esp-429=0.05,esp-timeout-after-accept=0.02,pg-restart-every=30s`.
+    #[arg(long)]
+    pub chaos: Option<crate::chaos::ChaosSpec>,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout_secs: u64,
@@ -94,6 +98,7 @@ impl DemoArgs {
             timeout: Duration::from_secs(self.timeout_secs),
             run_dir: self.run_dir.clone(),
             progress: true,
+            chaos: self.chaos.clone(),
         }
     }
 }

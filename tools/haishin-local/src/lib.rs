@@ -7,9 +7,11 @@
 //! - [`scenario`]: batch campaigns and realtime events published into a running stack.
 //! - [`demo`]: the demo scenario, with live progress.
 //! - [`bench`]: the named benchmark scenarios, a table and JSON of their figures.
+//! - [`chaos`]: faults injected while a scenario runs.
 //! - [`report`]: a scenario's report, from the ESP simulator's ledger.
 
 pub mod bench;
+pub mod chaos;
 pub mod demo;
 pub mod report;
 pub mod scenario;

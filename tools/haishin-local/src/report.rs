@@ -40,6 +40,9 @@ pub struct Report {
     /// With two or more campaigns: the largest relative gap between what each delivered since the
     /// last of them started, while all of them were running (see `fairness_gap`).
     pub fairness_max_gap: Option<f64>,
+    /// What chaos did, when the scenario ran with faults.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chaos: Option<crate::chaos::ChaosLog>,
     /// Requests by final state, as `GET /v1/requests/{id}` shows them.
     pub states: BTreeMap<String, String>,
 }
@@ -65,6 +68,8 @@ pub struct Recipients {
     pub lost: i64,
     /// Rows skipped by the trigger (bad address, repeated address, …).
     pub skipped: u64,
+    /// Recipients whose outcome could not be established (chunks ended `unknown`).
+    pub unknown: u64,
     pub skipped_by_reason: BTreeMap<String, u64>,
 }
 
@@ -106,8 +111,8 @@ impl Report {
     }
 }
 
-/// Fairness among campaigns: the largest relative gap between what each delivered since the
-/// last of them started, sampled while all of them were running. Samples where either had
+/// Fairness among campaigns: the largest relative gap between what each delivered since all of
+/// them were under way (each had a send accepted), sampled while all of them were running. Samples where either had
 /// delivered less than a tenth of the smallest audience since then are too coarse to judge
 /// (deliveries arrive a chunk at a time) and are left out.
 fn fairness_gap(submitted: &Submitted) -> Option<f64> {
@@ -116,7 +121,12 @@ fn fairness_gap(submitted: &Submitted) -> Option<f64> {
         return None;
     }
     let floor = sizes.iter().min().copied().unwrap_or(0) / 10;
-    let all_started = submitted.samples.iter().filter(|(_, counts)| counts.len() == sizes.len());
+    // From the first moment every campaign has had a send accepted: before that, the earlier ones
+    // were alone and their head start is not a question of fairness.
+    let all_started = submitted
+        .samples
+        .iter()
+        .filter(|(_, counts)| counts.len() == sizes.len() && counts.iter().all(|c| *c > 0));
     let mut base: Option<&Vec<u64>> = None;
     let mut worst: Option<f64> = None;
     for (_, counts) in all_started {
@@ -171,6 +181,7 @@ pub async fn build(
             *recipients.skipped_by_reason.entry(reason).or_default() += n;
         }
         let delivered = sim.requests.get(id).map_or(0, |r| r.counts.unique);
+        recipients.unknown += status["recipients"]["unknown"].as_u64().unwrap_or(0);
         recipients.audience += rows;
         recipients.skipped += skipped_total;
         recipients.delivered += delivered;
@@ -251,6 +262,7 @@ pub async fn build(
         service_cpu_s: 0.0,
         cpu_s_per_million: 0.0,
         fairness_max_gap: fairness_gap(submitted),
+        chaos: None,
         states,
     })
 }

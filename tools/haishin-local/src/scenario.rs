@@ -61,6 +61,8 @@ pub struct Scenario {
     pub run_dir: Option<PathBuf>,
     /// Show progress bars.
     pub progress: bool,
+    /// Faults to inject while the scenario runs.
+    pub chaos: Option<crate::chaos::ChaosSpec>,
 }
 
 impl Scenario {
@@ -131,7 +133,19 @@ pub async fn run(scenario: &Scenario, mode: ServiceMode) -> anyhow::Result<Repor
         database_url: None,
     })
     .await?;
-    let result = drive(&stack, scenario, &progress).await;
+    let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);
+    let driving = async {
+        let result = drive(&stack, scenario, &progress).await;
+        let _ = stop_chaos.send(true);
+        result
+    };
+    let chaos = async {
+        match &scenario.chaos {
+            Some(spec) => Some(crate::chaos::run(&stack, spec, scenario.seed, chaos_stopped).await),
+            None => None,
+        }
+    };
+    let (result, chaos) = tokio::join!(driving, chaos);
     let report = match result {
         Ok(submitted) => report::build(&stack, scenario, &submitted, started.elapsed()).await,
         Err(err) => Err(err),
@@ -142,6 +156,7 @@ pub async fn run(scenario: &Scenario, mode: ServiceMode) -> anyhow::Result<Repor
     stack.stop().await;
     let mut report = report?;
     report.set_service_cpu(cpu);
+    report.chaos = chaos;
     Ok(report)
 }
 
@@ -224,7 +239,7 @@ async fn drive(
             submitted.batch.push((campaign.id, campaign.rows, campaign.arrived));
         }
         let batches_running =
-            !all_final(stack, &submitted.batch).await? || pending_campaigns.peek().is_some();
+            !all_final(stack, &submitted.batch).await.unwrap_or(false) || pending_campaigns.peek().is_some();
         let more_events = match event_count {
             Some(n) => events < n,
             None => batches_running,
@@ -276,9 +291,9 @@ async fn drive(
 
         let done_publishing = pending_campaigns.peek().is_none() && waiting.is_empty() && !more_events;
         if done_publishing
-            && all_final(stack, &submitted.batch).await?
-            && all_final(stack, &submitted.realtime).await?
-            && stack.store.unlogged_requests(1).await?.is_empty()
+            && all_final(stack, &submitted.batch).await.unwrap_or(false)
+            && all_final(stack, &submitted.realtime).await.unwrap_or(false)
+            && stack.store.unlogged_requests(1).await.is_ok_and(|rows| rows.is_empty())
         {
             break;
         }

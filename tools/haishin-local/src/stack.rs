@@ -116,7 +116,7 @@ pub struct LocalStack {
     pub blobs: Blobs,
     pub requests_topic: Topic,
     pg: Option<PgCluster>,
-    services: Vec<(Instance, Running)>,
+    services: tokio::sync::Mutex<Vec<(Instance, Running)>>,
     env: BTreeMap<Instance, Vec<(String, String)>>,
     scheduler: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
@@ -182,7 +182,7 @@ impl LocalStack {
             blobs,
             requests_topic,
             pg,
-            services: Vec::new(),
+            services: tokio::sync::Mutex::new(Vec::new()),
             env,
             scheduler: None,
         };
@@ -190,7 +190,7 @@ impl LocalStack {
             stack.env.keys().copied().filter(|i| i.service != Service::Completion).collect();
         for instance in instances {
             let running = stack.spawn(instance).await?;
-            stack.services.push((instance, running));
+            stack.services.get_mut().push((instance, running));
         }
         for instance in stack.env.keys() {
             if let Some(base) = stack.endpoints.url_of(*instance) {
@@ -286,9 +286,10 @@ impl LocalStack {
     }
 
     /// Kills a service instance the hard way (SIGKILL or task abort) and starts it again.
-    pub async fn restart(&mut self, instance: Instance) -> anyhow::Result<()> {
-        if let Some(i) = self.services.iter().position(|(s, _)| *s == instance) {
-            let (_, running) = self.services.remove(i);
+    pub async fn restart(&self, instance: Instance) -> anyhow::Result<()> {
+        let mut services = self.services.lock().await;
+        if let Some(i) = services.iter().position(|(s, _)| *s == instance) {
+            let (_, running) = services.remove(i);
             match running {
                 Running::Process { mut child } => {
                     let _ = child.kill().await;
@@ -297,11 +298,25 @@ impl LocalStack {
             }
         }
         let running = self.spawn(instance).await?;
-        self.services.push((instance, running));
+        services.push((instance, running));
+        drop(services);
         match self.endpoints.url_of(instance) {
             Some(base) => wait_healthy(base).await,
             None => Ok(()),
         }
+    }
+
+    /// Restarts PostgreSQL (immediate shutdown, as a crash would), when this stack started it.
+    pub async fn restart_postgres(&self) -> anyhow::Result<bool> {
+        match &self.pg {
+            Some(pg) => pg.restart().await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// The instances running.
+    pub async fn instances(&self) -> Vec<Instance> {
+        self.services.lock().await.iter().map(|(i, _)| *i).collect()
     }
 
     /// Stops the completion schedule and the services (SIGTERM, then waits for them).
@@ -310,7 +325,7 @@ impl LocalStack {
             let _ = stop.send(true);
             let _ = task.await;
         }
-        for (_, running) in self.services.drain(..) {
+        for (_, running) in self.services.get_mut().drain(..) {
             match running {
                 Running::Process { mut child } => {
                     if let Some(pid) = child.id() {
@@ -426,7 +441,8 @@ fn service_env(
     let esp = [
         ("ESP_URL", endpoints.esp.clone()),
         ("ESP_API_KEY", ESP_API_KEY.to_owned()),
-        ("ESP_TIMEOUT_SECS", "30".to_owned()),
+        // Leases outlast the ESP timeout, so that work is only taken over once its ESP call has ended.
+        ("ESP_TIMEOUT_SECS", "20".to_owned()),
     ];
     let trigger_env = |url: &String| {
         let mut trigger = serving(url);
@@ -440,20 +456,21 @@ fn service_env(
             ("ESP_UPLOAD_LIMIT", config.esp.upload_limit.to_string()),
             ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
             ("DISPATCH_PREFETCH", config.prefetch.to_string()),
+            ("PREPARE_LEASE_SECS", "30".to_owned()),
         ]);
         pairs(&trigger)
     };
     let mut uploader = serving(&endpoints.list_uploader);
     uploader.extend(esp.clone());
-    uploader.extend([("BUCKET", BUCKET.to_owned()), ("UPLOAD_LEASE_SECS", "60".to_owned())]);
+    uploader.extend([("BUCKET", BUCKET.to_owned()), ("UPLOAD_LEASE_SECS", "25".to_owned())]);
     let mut sender = serving(&endpoints.sender);
     sender.extend(esp.clone());
-    sender.extend([("ESP_SEND_CONCURRENCY", send_limit.to_string()), ("SEND_LEASE_SECS", "30".to_owned())]);
+    sender.extend([("ESP_SEND_CONCURRENCY", send_limit.to_string()), ("SEND_LEASE_SECS", "25".to_owned())]);
     let mut completion = gcp.to_vec();
     completion.extend(esp);
     completion.extend([
         ("LOG_SINK", format!("file:{}", config.run_dir.join("logs").display())),
-        ("QUEUED_TIMEOUT_SECS", "120".to_owned()),
+        ("QUEUED_TIMEOUT_SECS", "40".to_owned()),
         ("UPLOADED_TIMEOUT_SECS", "15".to_owned()),
     ]);
     let mut env = BTreeMap::from([

@@ -52,13 +52,16 @@ impl PgCluster {
         }
         let run = if as_root { "runuser -u postgres --" } else { "" };
         let data = dir.join("data");
+        // fsync is off (the data lives only as long as this process), but every commit still
+        // reaches the operating system before it is acknowledged, so a crash-like restart of
+        // the server loses nothing.
         // The watcher starts the server in the foreground of a subshell and
         // stops it (immediate shutdown) when its stdin reaches end of file.
         let script = format!(
             r#"set -e
 {run} "{bin}/initdb" -D "{data}" -A trust -U postgres --no-sync -E UTF8 >"{dir}/initdb.log" 2>&1
 {run} "{bin}/postgres" -D "{data}" -k "{dir}" -c listen_addresses='' -c fsync=off \
-  -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 \
+  -c full_page_writes=off -c max_connections=400 \
   -c shared_buffers=128MB >"{dir}/server.log" 2>&1 &
 pid=$!
 cat >/dev/null || true
@@ -127,6 +130,31 @@ rm -rf "{dir}"
             .context("creating a test database")?;
         conn.close().await.ok();
         Ok(database_url(&self.admin_url, &name))
+    }
+
+    /// Restarts the server as a crash would (immediate shutdown, then start), keeping its data.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        let Some(dir) = &self.dir else { bail!("the server was not started here") };
+        let bin = find_pg_bin()?;
+        let data = dir.join("data");
+        let mut command = if running_as_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join("pg_ctl"));
+            c
+        } else {
+            Command::new(bin.join("pg_ctl"))
+        };
+        command
+            .arg("-D")
+            .arg(&data)
+            .args(["restart", "-m", "immediate", "-w", "-l"])
+            .arg(dir.join("restart.log"));
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let status = tokio::task::spawn_blocking(move || command.status()).await??;
+        if !status.success() {
+            bail!("pg_ctl restart failed: {status}\n{}", self.server_log());
+        }
+        self.wait_ready().await
     }
 
     /// URL of the maintenance database.

@@ -1,0 +1,200 @@
+//! Faults injected while a scenario runs (`--chaos SPEC`): services killed with SIGKILL and
+//! restarted, the stand-ins' delivery loops stalled, PostgreSQL restarted as after a crash, and
+//! the ESP failing a share of its calls.
+//!
+//! SPEC is a comma-separated list:
+//! - `kill-every=DUR`: every DUR, kill -9 one of the services (trigger, list-uploader, sender) or
+//!   stall one of the delivery loops (Pub/Sub push, Cloud Tasks dispatch) for a second, in turn;
+//! - `pg-restart-every=DUR`: every DUR, restart PostgreSQL with an immediate shutdown;
+//! - `esp-500=P`, `esp-429=P`, `esp-timeout-after-accept=P`, `esp-spike=P`: the share of ESP calls
+//!   answered 500, answered 429, accepted but never answered, or ten times slower.
+//!
+//! Durations are written `500ms`, `5s`, `2m`.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use haishin_esp_sim::{FaultRates, Faults};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::services::Service;
+use crate::stack::{Instance, LocalStack};
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChaosSpec {
+    pub kill_every: Option<Duration>,
+    pub pg_restart_every: Option<Duration>,
+    pub esp: FaultRates,
+    pub text: String,
+}
+
+impl FromStr for ChaosSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut spec = ChaosSpec { text: text.to_owned(), ..ChaosSpec::default() };
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').ok_or_else(|| format!("`{part}` is not KEY=VALUE"))?;
+            let share = || -> Result<f64, String> {
+                let p: f64 = value.parse().map_err(|_| format!("{key}: `{value}` is not a number"))?;
+                if (0.0..=1.0).contains(&p) {
+                    Ok(p)
+                } else {
+                    Err(format!("{key}: {p} is not between 0 and 1"))
+                }
+            };
+            match key {
+                "kill-every" => spec.kill_every = Some(duration(value)?),
+                "pg-restart-every" => spec.pg_restart_every = Some(duration(value)?),
+                "esp-500" => spec.esp.error = share()?,
+                "esp-429" => spec.esp.rate_limit = share()?,
+                "esp-timeout-after-accept" => spec.esp.timeout_after_accept = share()?,
+                "esp-spike" => spec.esp.latency_spike = share()?,
+                other => return Err(format!("unknown chaos setting `{other}`")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) =
+        text.split_at(text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len()));
+    let n: f64 = number.parse().map_err(|_| format!("`{text}` is not a duration"))?;
+    let seconds = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}`")),
+    };
+    if seconds <= 0.0 {
+        return Err(format!("`{text}` must be positive"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// What chaos did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChaosLog {
+    pub spec: String,
+    /// SIGKILLs (and restarts) per service, and stalls per delivery loop.
+    pub kills: BTreeMap<String, u32>,
+    pub pg_restarts: u32,
+    /// Faults the ESP injected, by kind, over both APIs.
+    pub esp_injected: BTreeMap<String, u64>,
+    /// Chaos actions that failed (a restart that did not come back, say).
+    pub errors: Vec<String>,
+}
+
+/// Turns the ESP's faults on and runs kills and restarts until `stop` turns true.
+pub async fn run(
+    stack: &LocalStack,
+    spec: &ChaosSpec,
+    seed: u64,
+    mut stop: watch::Receiver<bool>,
+) -> ChaosLog {
+    let mut log = ChaosLog { spec: spec.text.clone(), ..ChaosLog::default() };
+    let faults = Faults { upload: spec.esp, send: spec.esp, ..stack.esp.faults() };
+    if let Err(err) = stack.esp.set_faults(faults) {
+        log.errors.push(format!("setting ESP faults: {err}"));
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xC4A05);
+    let far = Duration::from_secs(24 * 3600);
+    let mut next_kill = tokio::time::Instant::now() + spec.kill_every.unwrap_or(far);
+    let mut next_pg = tokio::time::Instant::now() + spec.pg_restart_every.unwrap_or(far);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            () = tokio::time::sleep_until(next_kill) => {
+                next_kill += spec.kill_every.unwrap_or(far);
+                let targets: Vec<String> = stack
+                    .instances()
+                    .await
+                    .into_iter()
+                    .map(|i| format!("{}-{}", i.service.name(), i.index))
+                    .chain(["pubsub-push".to_owned(), "tasks-dispatch".to_owned()])
+                    .collect();
+                let target = targets[rng.random_range(0..targets.len())].clone();
+                if let Err(err) = strike(stack, &target).await {
+                    log.errors.push(format!("{target}: {err}"));
+                }
+                *log.kills.entry(target).or_default() += 1;
+            }
+            () = tokio::time::sleep_until(next_pg) => {
+                next_pg += spec.pg_restart_every.unwrap_or(far);
+                match stack.restart_postgres().await {
+                    Ok(true) => log.pg_restarts += 1,
+                    Ok(false) => {}
+                    Err(err) => log.errors.push(format!("postgres: {err}")),
+                }
+            }
+        }
+    }
+    let report = stack.esp.report();
+    for api in [&report.upload, &report.send] {
+        for (kind, n) in [
+            ("500", api.injected.error),
+            ("429", api.injected.rate_limit),
+            ("timeout_after_accept", api.injected.timeout_after_accept),
+            ("latency_spike", api.injected.latency_spike),
+        ] {
+            *log.esp_injected.entry(kind.to_owned()).or_default() += n;
+        }
+    }
+    log
+}
+
+async fn strike(stack: &LocalStack, target: &str) -> anyhow::Result<()> {
+    match target {
+        "pubsub-push" => {
+            stack.stand_ins.pubsub.pause();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stack.stand_ins.pubsub.resume();
+            Ok(())
+        }
+        "tasks-dispatch" => {
+            stack.stand_ins.tasks.pause();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stack.stand_ins.tasks.resume();
+            Ok(())
+        }
+        instance => {
+            let (name, index) = instance.rsplit_once('-').unwrap_or((instance, "0"));
+            let service = match name {
+                "trigger" => Service::Trigger,
+                "list-uploader" => Service::ListUploader,
+                "sender" => Service::Sender,
+                other => anyhow::bail!("no service {other}"),
+            };
+            stack.restart(Instance { service, index: index.parse()? }).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_acceptance_spec_parses() {
+        let spec: ChaosSpec =
+            "kill-every=5s,esp-500=0.05,esp-429=0.05,esp-timeout-after-accept=0.02,pg-restart-every=30s"
+                .parse()
+                .unwrap();
+        assert_eq!(spec.kill_every, Some(Duration::from_secs(5)));
+        assert_eq!(spec.pg_restart_every, Some(Duration::from_secs(30)));
+        assert_eq!((spec.esp.error, spec.esp.rate_limit, spec.esp.timeout_after_accept), (0.05, 0.05, 0.02));
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        assert!("kill-every=soon".parse::<ChaosSpec>().unwrap_err().contains("soon"));
+        assert!("esp-500=2".parse::<ChaosSpec>().unwrap_err().contains("between 0 and 1"));
+        assert!("explode=1".parse::<ChaosSpec>().unwrap_err().contains("explode"));
+        assert_eq!(duration("500ms").unwrap(), Duration::from_millis(500));
+    }
+}
