@@ -109,3 +109,33 @@ resource "google_pubsub_subscription" "dead_letter" {
     ttl = ""
   }
 }
+
+# Every dead-letter topic also pushes to the trigger, which keeps each message against its
+# request (visible in GET /v1/requests/{id}) and takes a dead-lettered delivery request in again.
+resource "google_pubsub_subscription" "dead_letter_record" {
+  for_each = local.push_subscriptions
+
+  name                 = "${each.key}-dead-letter-record"
+  topic                = google_pubsub_topic.dead_letter[each.key].id
+  ack_deadline_seconds = 60
+
+  push_config {
+    push_endpoint = "${local.service_urls.trigger}/push/dead-letters"
+
+    oidc_token {
+      service_account_email = google_service_account.pubsub_push.email
+      audience              = local.service_urls.trigger
+    }
+  }
+
+  retry_policy {
+    minimum_backoff = "10s"
+    maximum_backoff = "600s"
+  }
+
+  expiration_policy {
+    ttl = ""
+  }
+
+  depends_on = [google_cloud_run_v2_service_iam_member.pubsub_push]
+}

@@ -202,9 +202,21 @@ pub struct RequestStatus {
     pub delivered: i64,
     pub bounced: i64,
     pub failed: i64,
+    /// Messages of this request that Pub/Sub gave up delivering (newest first, at most 20).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dead_letters: Vec<DeadLetter>,
     /// For a request still being uploaded: when its last chunk should be, at the current pace.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forecast: Option<Forecast>,
+}
+
+/// A message Pub/Sub dead-lettered.
+#[derive(Debug, Clone, Serialize, FromRow)]
+pub struct DeadLetter {
+    /// The subscription that gave up on it.
+    pub source: String,
+    pub chunk_id: Option<String>,
+    pub received_at: DateTime<Utc>,
 }
 
 /// When a request's uploads should end, from the pipeline's pace over the last minute and the
@@ -325,6 +337,30 @@ impl Store {
             .bind(excerpt)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Keeps a dead-lettered message against its request; the same message twice is kept once.
+    pub async fn insert_dead_letter(
+        &self,
+        message_id: &str,
+        source: &str,
+        request_id: Option<&str>,
+        chunk_id: Option<&str>,
+        body: &[u8],
+    ) -> Result<()> {
+        let excerpt: String = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+        sqlx::query(
+            "INSERT INTO dead_letters (message_id, source, request_id, chunk_id, excerpt) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (message_id) DO NOTHING",
+        )
+        .bind(message_id)
+        .bind(source)
+        .bind(request_id)
+        .bind(chunk_id)
+        .bind(excerpt)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -483,6 +519,13 @@ impl Store {
             bounced: 0,
             failed: 0,
             forecast: None,
+            dead_letters: sqlx::query_as(
+                "SELECT source, chunk_id, received_at FROM dead_letters WHERE request_id = $1
+                 ORDER BY received_at DESC LIMIT 20",
+            )
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?,
         };
         if !row.state().is_final() {
             status.forecast = self.forecast(&row).await?;

@@ -167,3 +167,35 @@ async fn an_upload_task_retried_after_its_work_succeeded_does_nothing() {
     assert_eq!(chunk_state(&stack).await, "uploaded");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_lettered_message_shows_in_its_request_status_and_a_dead_lettered_request_is_taken_in() {
+    let stack = TestStack::default().start().await;
+    uploaded_chunk(&stack).await;
+    let token = stack.stand_ins.signer.sign(&stack.endpoints.trigger, PUSH_ACCOUNT);
+    let post = |body: Value| {
+        let token = token.clone();
+        let url = format!("{}/push/dead-letters", stack.endpoints.trigger);
+        async move {
+            reqwest::Client::new().post(url).bearer_auth(token).json(&body).send().await.unwrap().status()
+        }
+    };
+    let mut dead_chunk = push_envelope(&json!({"chunk_id": CHUNK, "request_id": "manual", "class": "batch"}));
+    dead_chunk["message"]["attributes"] = json!({"CloudPubSubDeadLetterSourceSubscription": "projects/haishin-local/subscriptions/sender-batch"});
+    let dead_request = push_envelope(&json!({"id": "late", "class": "realtime", "template": {"id": "t-1"},
+        "audience": {"inline": [{"email": "late@example.com"}]}}));
+    let mut dead_request = dead_request;
+    dead_request["message"]["messageId"] = json!("m-2");
+
+    assert_eq!(post(dead_chunk.clone()).await, 200);
+    assert_eq!(post(dead_chunk).await, 200, "a redelivered dead letter is kept once");
+    assert_eq!(post(dead_request).await, 200);
+
+    let status = haishin_tests::request_status(&stack, "manual").await.unwrap();
+    let letters = status["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["source"], "projects/haishin-local/subscriptions/sender-batch");
+    assert_eq!(letters[0]["chunk_id"], CHUNK);
+    assert_eq!(haishin_tests::finished(&stack, "late").await["state"], "completed");
+    stack.stop().await;
+}

@@ -176,6 +176,11 @@ async fn push_and_task_routes_refuse_missing_or_wrong_tokens_and_change_nothing(
         (format!("{}/push/requests", stack.endpoints.trigger), envelope.clone(), &stack.endpoints.trigger),
         (format!("{}/push/events", stack.endpoints.trigger), envelope.clone(), &stack.endpoints.trigger),
         (
+            format!("{}/push/dead-letters", stack.endpoints.trigger),
+            envelope.clone(),
+            &stack.endpoints.trigger,
+        ),
+        (
             format!("{}/tasks/prepare", stack.endpoints.trigger),
             json!({"request_id": "sneaky"}),
             &stack.endpoints.trigger,

@@ -566,7 +566,25 @@ fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<()> 
             auth.audience = Some(base);
         }
     }
-    for sub in subs {
+    // Every dead-letter topic pushes to the trigger, which keeps each message against its request.
+    let dead_letters: Vec<PushSubscription> = [topics::REQUESTS, topics::DELIVERIES, topics::EVENTS]
+        .iter()
+        .map(|name| {
+            let mut sub = push(
+                &format!("{name}-dead-letter"),
+                &format!("{name}-dead-letter"),
+                format!("{}/push/dead-letters", endpoints.trigger),
+                None,
+            );
+            sub.dead_letter = None;
+            sub.oidc = Some(PushAuth {
+                service_account_email: PUSH_ACCOUNT.to_owned(),
+                audience: Some(endpoints.trigger.clone()),
+            });
+            sub
+        })
+        .collect();
+    for sub in subs.into_iter().chain(dead_letters) {
         stand_ins.pubsub.create_push_subscription(sub)?;
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! callers and is protected by Cloud Run's IAM in production.
 
 mod api;
+mod dead_letters;
 mod events;
 mod push;
 mod tasks;
@@ -12,10 +13,15 @@ use axum::routing::get;
 use crate::AppState;
 
 pub fn router(state: AppState) -> Router {
-    let authenticated =
-        Router::new().merge(push::router()).merge(tasks::router()).merge(events::router()).layer(
-            axum::middleware::from_fn_with_state(state.verifier.clone(), haishin_shared::auth::require_token),
-        );
+    let authenticated = Router::new()
+        .merge(push::router())
+        .merge(tasks::router())
+        .merge(events::router())
+        .merge(dead_letters::router())
+        .layer(axum::middleware::from_fn_with_state(
+            state.verifier.clone(),
+            haishin_shared::auth::require_token,
+        ));
     let router = Router::new()
         .merge(api::router())
         .merge(authenticated)

@@ -1,0 +1,47 @@
+//! `POST /push/dead-letters`: messages Pub/Sub gave up delivering, from every dead-letter topic.
+//!
+//! Each is kept against its request, so that `GET /v1/requests/{id}` shows it. A dead-lettered
+//! delivery request is also taken in again (intake is idempotent), and a dead-lettered chunk
+//! message needs nothing more: the completion job re-publishes chunks that linger unsent.
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use haishin_shared::domain::DeliveryRequest;
+use haishin_shared::push::{Outcome, PushEnvelope};
+use serde_json::Value;
+
+use crate::AppState;
+use crate::intake;
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new().route("/push/dead-letters", post(dead_letter))
+}
+
+async fn dead_letter(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>) -> Outcome {
+    let message = &envelope.message;
+    let body = message.data().unwrap_or_else(|_| message.data.clone().into_bytes());
+    let source = message
+        .attributes
+        .get("CloudPubSubDeadLetterSourceSubscription")
+        .cloned()
+        .unwrap_or_else(|| envelope.subscription.clone());
+    let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_owned);
+    let request_id = text("request_id").or_else(|| text("id"));
+    let chunk_id = text("chunk_id");
+    tracing::warn!(%source, request_id = request_id.as_deref().unwrap_or("-"), "Message dead-lettered.");
+    if let Err(err) = state
+        .store
+        .insert_dead_letter(&message.message_id, &source, request_id.as_deref(), chunk_id.as_deref(), &body)
+        .await
+    {
+        return err.into();
+    }
+    if DeliveryRequest::parse(&body).is_ok()
+        && let Err(retry) = intake::take(&state, &body, Some(&message.message_id)).await
+    {
+        return retry;
+    }
+    Outcome::done("dead letter recorded")
+}
