@@ -3,8 +3,9 @@
 //! the ESP failing a share of its calls.
 //!
 //! SPEC is a comma-separated list:
-//! - `kill-every=DUR`: every DUR, kill -9 one of the services (trigger, list-uploader, sender) or
-//!   stall one of the delivery loops (Pub/Sub push, Cloud Tasks dispatch) for a second, in turn;
+//! - `kill-every=DUR`: every DUR, kill -9 one of the services (trigger, list-uploader, sender, or
+//!   the completion job's running pass) or stall one of the delivery loops (Pub/Sub push, Cloud
+//!   Tasks dispatch) for a second, picked at random;
 //! - `pg-restart-every=DUR`: every DUR, restart PostgreSQL with an immediate shutdown;
 //! - `esp-500=P`, `esp-429=P`, `esp-timeout-after-accept=P`, `esp-spike=P`: the share of ESP calls
 //!   answered 500, answered 429, accepted but never answered, or ten times slower.
@@ -116,7 +117,7 @@ pub async fn run(
                     .await
                     .into_iter()
                     .map(|i| format!("{}-{}", i.service.name(), i.index))
-                    .chain(["pubsub-push".to_owned(), "tasks-dispatch".to_owned()])
+                    .chain(["completion".to_owned(), "pubsub-push".to_owned(), "tasks-dispatch".to_owned()])
                     .collect();
                 let target = targets[rng.random_range(0..targets.len())].clone();
                 if let Err(err) = strike(stack, &target).await {
@@ -155,6 +156,14 @@ async fn strike(stack: &LocalStack, target: &str) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(1)).await;
             stack.stand_ins.pubsub.resume();
             Ok(())
+        }
+        "completion" => {
+            // A pass starts every second or so; kill the one running or the next.
+            if stack.kill_completion(Duration::from_secs(5)).await {
+                Ok(())
+            } else {
+                anyhow::bail!("no completion pass ran to be killed")
+            }
         }
         "tasks-dispatch" => {
             stack.stand_ins.tasks.pause();

@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -119,6 +121,8 @@ pub struct LocalStack {
     services: tokio::sync::Mutex<Vec<(Instance, Running)>>,
     env: BTreeMap<Instance, Vec<(String, String)>>,
     scheduler: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// Process id of the completion pass running now (0: none).
+    completion_pid: Arc<AtomicU32>,
 }
 
 /// A port that was free a moment ago.
@@ -185,6 +189,7 @@ impl LocalStack {
             services: tokio::sync::Mutex::new(Vec::new()),
             env,
             scheduler: None,
+            completion_pid: Arc::new(AtomicU32::new(0)),
         };
         let instances: Vec<Instance> =
             stack.env.keys().copied().filter(|i| i.service != Service::Completion).collect();
@@ -261,13 +266,14 @@ impl LocalStack {
         let env = self.env[&Instance::first(Service::Completion)].clone();
         let mode = self.config.mode.clone();
         let log_path = self.config.run_dir.join("completion.log");
+        let pid = self.completion_pid.clone();
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = stopped.wait_for(|s| *s) => return,
                     () = tokio::time::sleep(every) => {}
                 }
-                if let Err(err) = run_completion(&mode, &env, &log_path).await {
+                if let Err(err) = run_completion(&mode, &env, &log_path, &pid).await {
                     tracing::warn!(error = %err, "Completion pass failed.");
                 }
             }
@@ -281,8 +287,26 @@ impl LocalStack {
             &self.config.mode,
             &self.env[&Instance::first(Service::Completion)],
             &self.config.run_dir.join("completion.log"),
+            &self.completion_pid,
         )
         .await
+    }
+
+    /// Kills the completion pass that runs next (or now) with SIGKILL, as a crashed job.
+    /// Returns false when none started within `wait`.
+    pub async fn kill_completion(&self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < deadline {
+            let pid = self.completion_pid.load(Ordering::SeqCst);
+            if pid != 0 {
+                return std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// Kills a service instance the hard way (SIGKILL or task abort) and starts it again.
@@ -354,11 +378,16 @@ impl LocalStack {
     }
 }
 
-async fn run_completion(mode: &ServiceMode, env: &[(String, String)], log_path: &Path) -> anyhow::Result<()> {
+async fn run_completion(
+    mode: &ServiceMode,
+    env: &[(String, String)],
+    log_path: &Path,
+    running: &AtomicU32,
+) -> anyhow::Result<()> {
     match mode {
         ServiceMode::Processes { exe } => {
             let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
-            let status = tokio::process::Command::new(exe)
+            let mut child = tokio::process::Command::new(exe)
                 .args(["service", Service::Completion.name()])
                 .env_clear()
                 .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
@@ -367,8 +396,11 @@ async fn run_completion(mode: &ServiceMode, env: &[(String, String)], log_path: 
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .kill_on_drop(true)
-                .status()
-                .await?;
+                .spawn()?;
+            running.store(child.id().unwrap_or(0), Ordering::SeqCst);
+            let status = child.wait().await;
+            running.store(0, Ordering::SeqCst);
+            let status = status?;
             if !status.success() {
                 bail!("completion pass exited with {status}");
             }
