@@ -15,13 +15,13 @@ use crate::stack::ServiceMode;
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Recipients in each batch campaign's audience (a generated CSV, with a few bad rows).
-    #[arg(long, default_value_t = 300_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     pub batch_recipients: u64,
     /// Batch campaigns, published together at the start.
     #[arg(long, default_value_t = 1)]
     pub batches: u32,
     /// Realtime events (1-3 recipients each), spread over the batch's run.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 40)]
     pub realtime_events: u32,
     /// The ESP's concurrency limit, for each of its upload and send APIs.
     #[arg(long, default_value_t = 4)]
