@@ -64,23 +64,18 @@ impl GcpError {
 #[derive(Clone, Debug)]
 pub struct Topic {
     publisher: Publisher,
-    name: String,
 }
 
 impl Topic {
     /// A publisher for `projects/<project>/topics/<topic>`.
     pub async fn connect(args: &GcpArgs, topic: &str) -> anyhow::Result<Self> {
         let name = format!("projects/{}/topics/{topic}", args.project);
-        let mut builder = Publisher::builder(name.clone()).set_delay_threshold(Duration::from_millis(2));
+        let mut builder = Publisher::builder(name).set_delay_threshold(Duration::from_millis(2));
         if let Some(endpoint) = &args.pubsub_endpoint {
             builder = builder.with_endpoint(endpoint.clone()).with_credentials(anonymous());
         }
         let publisher = builder.build().await?;
-        Ok(Self { publisher, name })
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
+        Ok(Self { publisher })
     }
 
     /// Publishes `message` as JSON with `attributes`; returns the message id.
@@ -135,6 +130,14 @@ pub struct QueueTarget {
     pub service_account: String,
     /// The token's audience (the target service's URL).
     pub audience: String,
+}
+
+/// A Cloud Tasks task name derived from `key`: deterministic, so that creating the task again
+/// finds the first one; hashed, because Cloud Tasks slows down on sequential names.
+pub fn task_name(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl TaskQueue {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
@@ -45,26 +45,6 @@ impl PushMessage {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, String> {
         let data = self.data()?;
         serde_json::from_slice(&data).map_err(|e| format!("message data is not the expected JSON: {e}"))
-    }
-}
-
-/// The Cloud Tasks headers of a dispatched task.
-#[derive(Debug, Clone, Default)]
-pub struct TaskInfo {
-    pub queue: String,
-    pub name: String,
-    pub retry_count: u32,
-}
-
-impl TaskInfo {
-    pub fn from_headers(headers: &HeaderMap) -> Self {
-        let text =
-            |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-        Self {
-            queue: text("x-cloudtasks-queuename"),
-            name: text("x-cloudtasks-taskname"),
-            retry_count: text("x-cloudtasks-taskretrycount").parse().unwrap_or(0),
-        }
     }
 }
 

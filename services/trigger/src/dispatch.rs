@@ -11,7 +11,6 @@ use futures::future::join_all;
 use haishin_shared::gcp::TaskQueue;
 use haishin_shared::messages::UploadTask;
 use haishin_shared::store::{Dispatched, SlotLimits, Store, StoreError};
-use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
 pub struct Dispatcher {
@@ -26,17 +25,12 @@ pub struct Dispatcher {
 /// slows down on sequential names; deterministic, so that re-dispatch after a crash cannot create a
 /// second task.
 pub fn upload_task_name(chunk_id: &str, generation: i32) -> String {
-    let digest = Sha256::digest(format!("upload:{chunk_id}:{generation}"));
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    haishin_shared::gcp::task_name(&format!("upload:{chunk_id}:{generation}"))
 }
 
 impl Dispatcher {
     pub fn new(store: Store, upload_queue: TaskQueue, limits: SlotLimits) -> Self {
         Self { store, upload_queue, limits, running: Mutex::new(()), wanted: AtomicBool::new(false) }
-    }
-
-    pub fn limits(&self) -> SlotLimits {
-        self.limits
     }
 
     /// Runs dispatch rounds until no more were asked for. Returns the chunks this call dispatched;

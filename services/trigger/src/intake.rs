@@ -5,7 +5,6 @@ use haishin_shared::domain::{Audience, DeliveryRequest, Rejection, RequestState}
 use haishin_shared::messages::PrepareTask;
 use haishin_shared::push::{Outcome, RetryReason};
 use haishin_shared::store::Claim;
-use sha2::{Digest, Sha256};
 
 use crate::AppState;
 
@@ -75,8 +74,7 @@ pub async fn start(state: &AppState, request: &DeliveryRequest) -> Result<(), Ou
 
 /// Name of a request's prepare task: one per request, ever.
 pub fn prepare_task_name(request_id: &str) -> String {
-    let digest = Sha256::digest(format!("prepare:{request_id}"));
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    haishin_shared::gcp::task_name(&format!("prepare:{request_id}"))
 }
 
 /// The prepare step: the audience becomes chunk objects and chunk rows, then dispatch runs.

@@ -105,10 +105,6 @@ impl Application {
         self.listener.local_addr().map(|a| a.port()).unwrap_or_default()
     }
 
-    pub fn state(&self) -> &AppState {
-        &self.state
-    }
-
     /// Serves until `shutdown` completes.
     pub async fn run_until_stopped(
         self,

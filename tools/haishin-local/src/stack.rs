@@ -207,31 +207,13 @@ impl LocalStack {
         Ok(stack)
     }
 
-    /// The environment a service (its first instance) is configured with.
-    pub fn env_of(&self, service: Service) -> &[(String, String)] {
-        &self.env[&Instance::first(service)]
-    }
-
     async fn spawn(&self, instance: Instance) -> anyhow::Result<Running> {
         let env = &self.env[&instance];
         let service = instance.service;
         match &self.config.mode {
             ServiceMode::Processes { exe } => {
-                let log = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(self.config.run_dir.join(format!("{}-{}.log", service.name(), instance.index)))?;
-                let child = tokio::process::Command::new(exe)
-                    .args(["service", service.name()])
-                    .env_clear()
-                    .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
-                    .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone()?)
-                    .stderr(log)
-                    .kill_on_drop(true)
-                    .spawn()
-                    .with_context(|| format!("starting {}", service.name()))?;
+                let log = self.config.run_dir.join(format!("{}-{}.log", service.name(), instance.index));
+                let child = spawn_service(exe, service, env, &log)?;
                 Ok(Running::Process { child })
             }
             ServiceMode::InProcess => {
@@ -279,17 +261,6 @@ impl LocalStack {
             }
         });
         self.scheduler = Some((stop, task));
-    }
-
-    /// Runs one completion pass now.
-    pub async fn run_completion(&self) -> anyhow::Result<()> {
-        run_completion(
-            &self.config.mode,
-            &self.env[&Instance::first(Service::Completion)],
-            &self.config.run_dir.join("completion.log"),
-            &self.completion_pid,
-        )
-        .await
     }
 
     /// Kills the completion pass that runs next (or now) with SIGKILL, as a crashed job.
@@ -378,6 +349,28 @@ impl LocalStack {
     }
 }
 
+/// Starts `EXE service NAME` with only the service's environment (plus PATH and HOME), its
+/// output appended to `log`. The process is killed if its handle is dropped.
+fn spawn_service(
+    exe: &Path,
+    service: Service,
+    env: &[(String, String)],
+    log: &Path,
+) -> anyhow::Result<tokio::process::Child> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    tokio::process::Command::new(exe)
+        .args(["service", service.name()])
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", service.name()))
+}
+
 async fn run_completion(
     mode: &ServiceMode,
     env: &[(String, String)],
@@ -386,17 +379,7 @@ async fn run_completion(
 ) -> anyhow::Result<()> {
     match mode {
         ServiceMode::Processes { exe } => {
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(log_path)?;
-            let mut child = tokio::process::Command::new(exe)
-                .args(["service", Service::Completion.name()])
-                .env_clear()
-                .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
-                .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .kill_on_drop(true)
-                .spawn()?;
+            let mut child = spawn_service(exe, Service::Completion, env, log_path)?;
             running.store(child.id().unwrap_or(0), Ordering::SeqCst);
             let status = child.wait().await;
             running.store(0, Ordering::SeqCst);

@@ -114,11 +114,6 @@ rm -rf "{dir}"
             .join("\n")
     }
 
-    /// The directory holding the cluster, when this process started it.
-    pub fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
-    }
-
     /// Creates a fresh, empty database and returns its URL.
     pub async fn create_database(&self) -> anyhow::Result<String> {
         let name = format!("haishin_{}", uuid::Uuid::new_v4().simple());
@@ -155,11 +150,6 @@ rm -rf "{dir}"
             bail!("pg_ctl restart failed: {status}\n{}", self.server_log());
         }
         self.wait_ready().await
-    }
-
-    /// URL of the maintenance database.
-    pub fn admin_url(&self) -> &str {
-        &self.admin_url
     }
 
     /// Stops the server now and removes its directory.
