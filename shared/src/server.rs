@@ -6,12 +6,25 @@ use std::net::SocketAddr;
 use axum::Router;
 use axum::extract::MatchedPath;
 use axum::http::Request;
-use tokio::net::TcpListener;
+use axum::serve::{ListenerExt, TapIo};
+use tokio::net::{TcpListener, TcpStream};
 use tower_http::trace::TraceLayer;
 
 /// Binds `0.0.0.0:port` (port 0 picks a free one).
 pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
     TcpListener::bind((host, port)).await
+}
+
+/// Answers without Nagle's delay: a response written in pieces (headers, then a small body)
+/// would otherwise wait for the peer's delayed ACK, some 40 ms, before its last piece goes out.
+pub fn no_delay(listener: TcpListener) -> TapIo<TcpListener, fn(&mut TcpStream)> {
+    listener.tap_io(set_no_delay)
+}
+
+fn set_no_delay(tcp: &mut TcpStream) {
+    if let Err(err) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %err, "TCP_NODELAY not set.");
+    }
 }
 
 /// Adds request tracing (one span per request, named by the matched route).
@@ -28,7 +41,7 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+    axum::serve(no_delay(listener), router.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -99,7 +99,9 @@ impl EspSim {
         let router = routes::router(Arc::clone(&state));
         let stop = state.shutdown.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
+            axum::serve(haishin_shared::server::no_delay(listener), router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
         });
         tracing::info!(%addr, "ESP simulator listening.");
         Ok(EspSimHandle { addr, state, server: Some(server) })
