@@ -79,6 +79,8 @@ pub struct ChunkRow {
     pub priority: i32,
     pub state: String,
     pub object: String,
+    /// The chunk's recipients are lines `[first_line, first_line + recipients)` of its object.
+    pub first_line: i32,
     pub recipients: i32,
     pub generation: i32,
     pub upload_attempts: i32,
@@ -106,12 +108,30 @@ impl ChunkRow {
     }
 }
 
-const CHUNK_COLUMNS: &str = "id, request_id, seq, class, priority, state, object, recipients, generation, \
+const CHUNK_COLUMNS: &str = "id, request_id, seq, class, priority, state, object, first_line, recipients, generation, \
      upload_attempts, send_attempts, list_id, delivery_id, delivered, bounced, failed, reason, \
      created_at, queued_at, uploaded_at, sent_at, finished_at";
 
 const REQUEST_COLUMNS: &str = "id, class, priority, state, body, labels, deadline, reason, recipients, \
      audience_rows, skipped, chunk_count, received_at, finished_at";
+
+/// The next pending chunk of class `$1` by the scheduling rule, locked: realtime and batch are
+/// asked for separately; then priority, earliest deadline, and the request whose last chunk was
+/// dispatched longest ago (round-robin).
+const NEXT_PENDING: &str = "SELECT c.id, c.request_id, c.first_line, c.recipients, c.generation
+     FROM chunks c JOIN requests r ON r.id = c.request_id
+     WHERE c.state = 'pending' AND c.class = $1 AND r.state IN ('preparing', 'dispatching')
+       AND (r.not_before IS NULL OR r.not_before <= now())
+     ORDER BY c.priority DESC, c.deadline ASC NULLS LAST, r.last_dispatched_at ASC NULLS FIRST,
+              r.received_at ASC, c.seq ASC
+     LIMIT 1 FOR UPDATE OF c SKIP LOCKED";
+
+/// How the tail of the batch work is cut: over `slots`, into pieces of at least `min_part`.
+#[derive(Debug, Clone, Copy)]
+struct TailSplit {
+    slots: u32,
+    min_part: u32,
+}
 
 /// A chunk written by the prepare step.
 #[derive(Debug, Clone)]
@@ -162,6 +182,11 @@ pub struct SlotLimits {
     pub realtime_reserved: u32,
     /// Chunks that may wait in the upload queue beyond the limit.
     pub prefetch: u32,
+    /// Smallest piece, in recipients, that the tail of the batch work is cut into (0: never cut).
+    /// Once every batch request is prepared, each batch chunk dispatched is cut to the pending
+    /// batch recipients divided by the batch slots, so that the last pieces are small and the slots
+    /// finish together.
+    pub min_part: u32,
 }
 
 /// A chunk handed to the upload queue.
@@ -593,6 +618,10 @@ impl Store {
     /// at the same rate whenever each started). Batch chunks never take the slots
     /// reserved for realtime. The slot row is locked for the round, so concurrent rounds (several
     /// trigger instances) see each other's work and never over-commit.
+    ///
+    /// At the tail of the batch work, chunks are cut smaller as they are dispatched, so that the
+    /// slots finish together instead of some idling while a few full chunks finish (see
+    /// [`SlotLimits::min_part`]).
     pub async fn dispatch_round(&self, limits: SlotLimits) -> Result<DispatchRound> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT api FROM dispatch_slots WHERE api = 'upload' FOR UPDATE")
@@ -619,11 +648,15 @@ impl Store {
 
         let mut dispatched = Vec::new();
         if free > 0 {
-            dispatched.extend(self.take_pending(&mut tx, Class::Realtime, free).await?);
+            dispatched.extend(self.take_pending(&mut tx, Class::Realtime, free, None).await?);
         }
         let free_batch = free_batch.min(free - dispatched.len() as u32);
         if free_batch > 0 {
-            dispatched.extend(self.take_pending(&mut tx, Class::Batch, free_batch).await?);
+            let split = TailSplit {
+                slots: limits.limit.saturating_sub(limits.realtime_reserved),
+                min_part: limits.min_part,
+            };
+            dispatched.extend(self.take_pending(&mut tx, Class::Batch, free_batch, Some(split)).await?);
         }
         tx.commit().await?;
         Ok(DispatchRound { in_flight: in_flight + dispatched.len() as u32, dispatched, expired })
@@ -634,28 +667,25 @@ impl Store {
         tx: &mut sqlx::Transaction<'_, Postgres>,
         class: Class,
         count: u32,
+        split: Option<TailSplit>,
     ) -> Result<Vec<Dispatched>> {
         // One at a time, so that round-robin sees the counts the previous pick changed.
         let mut taken = Vec::new();
         for _ in 0..count {
-            let row: Option<(String, String, i32)> = sqlx::query_as(
-                "WITH next AS (
-                     SELECT c.id, c.request_id FROM chunks c JOIN requests r ON r.id = c.request_id
-                     WHERE c.state = 'pending' AND c.class = $1 AND r.state IN ('preparing', 'dispatching')
-                       AND (r.not_before IS NULL OR r.not_before <= now())
-                     ORDER BY c.priority DESC, c.deadline ASC NULLS LAST, r.last_dispatched_at ASC NULLS FIRST,
-                              r.received_at ASC, c.seq ASC
-                     LIMIT 1 FOR UPDATE OF c SKIP LOCKED
-                 ), moved AS (
-                     UPDATE chunks SET state = 'queued', queued_at = now(), generation = generation + 1
+            if let Some(split) = split {
+                self.cut_next(tx, class, split).await?;
+            }
+            let row: Option<(String, String, i32)> = sqlx::query_as(&format!(
+                "WITH next AS ({NEXT_PENDING}), moved AS (
+                     UPDATE chunks SET state = 'queued', queued_at = now(), generation = chunks.generation + 1
                      FROM next WHERE chunks.id = next.id
                      RETURNING chunks.id, chunks.request_id, chunks.generation
                  ), counted AS (
                      UPDATE requests SET dispatched_chunks = dispatched_chunks + 1, last_dispatched_at = clock_timestamp()
                      FROM moved WHERE requests.id = moved.request_id
                  )
-                 SELECT id, request_id, generation FROM moved",
-            )
+                 SELECT id, request_id, generation FROM moved"
+            ))
             .bind(class.as_str())
             .fetch_optional(&mut **tx)
             .await?;
@@ -667,6 +697,71 @@ impl Store {
             }
         }
         Ok(taken)
+    }
+
+    /// Guided self-scheduling at the tail of the batch work: once every batch request is
+    /// prepared, the chunk about to be dispatched is cut to `ceil(pending recipients / slots)`
+    /// recipients (at least `min_part`), and the rest of its lines stay pending as a chunk of their
+    /// own (own id, task name and ESP keys, same object). Pieces shrink as the work runs out, so
+    /// the slots run dry together. A chunk that was ever dispatched keeps its range: the ESP may
+    /// hold a list under its key.
+    async fn cut_next(
+        &self,
+        tx: &mut sqlx::Transaction<'_, Postgres>,
+        class: Class,
+        split: TailSplit,
+    ) -> Result<()> {
+        if split.min_part == 0 || split.slots < 2 {
+            return Ok(());
+        }
+        let (preparing, pending): (bool, i64) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM requests
+                            WHERE class = $1 AND state IN ('received', 'preparing')
+                              AND (not_before IS NULL OR not_before <= now())),
+                    (SELECT coalesce(sum(c.recipients), 0) FROM chunks c JOIN requests r ON r.id = c.request_id
+                     WHERE c.state = 'pending' AND c.class = $1 AND r.state IN ('preparing', 'dispatching')
+                       AND (r.not_before IS NULL OR r.not_before <= now()))",
+        )
+        .bind(class.as_str())
+        .fetch_one(&mut **tx)
+        .await?;
+        if preparing || pending == 0 {
+            return Ok(());
+        }
+        let next: Option<(String, String, i32, i32, i32)> =
+            sqlx::query_as(NEXT_PENDING).bind(class.as_str()).fetch_optional(&mut **tx).await?;
+        let Some((id, request_id, first_line, recipients, generation)) = next else { return Ok(()) };
+        let head = (pending as u64).div_ceil(u64::from(split.slots)).max(u64::from(split.min_part));
+        if generation > 0 || (recipients as u64) < head + u64::from(split.min_part) {
+            return Ok(());
+        }
+        let head = head as i32;
+        sqlx::query("UPDATE chunks SET recipients = $2 WHERE id = $1")
+            .bind(&id)
+            .bind(head)
+            .execute(&mut **tx)
+            .await?;
+        let seq: i32 = sqlx::query_scalar(
+            "UPDATE requests SET chunk_count = chunk_count + 1 WHERE id = $1
+             RETURNING (SELECT max(seq) + 1 FROM chunks WHERE request_id = $1)",
+        )
+        .bind(&request_id)
+        .fetch_one(&mut **tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, first_line, recipients)
+             SELECT $2, request_id, $3, class, priority, deadline, 'pending', object, $4, $5
+             FROM chunks WHERE id = $1",
+        )
+        .bind(&id)
+        .bind(crate::domain::chunk_id(&request_id, seq as u32))
+        .bind(seq)
+        .bind(first_line + head)
+        .bind(recipients - head)
+        .execute(&mut **tx)
+        .await?;
+        tracing::debug!(request_id = %request_id, chunk = %id, recipients = head, rest = recipients - head, "Tail chunk cut.");
+        Ok(())
     }
 
     /// Puts a chunk back in line when its upload task could not be created.

@@ -7,7 +7,7 @@ use haishin_shared::domain::{Audience, ChunkState, Class, DeliveryRequest, Recip
 use haishin_shared::store::{Claim, NewChunk, SlotLimits, Store};
 use haishin_tests::fresh_database;
 
-const LIMITS: SlotLimits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0 };
+const LIMITS: SlotLimits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
 
 fn request(id: &str, class: Class, priority: i32) -> DeliveryRequest {
     DeliveryRequest {
@@ -101,7 +101,7 @@ async fn chunks_in_flight_never_exceed_the_limit() {
 #[tokio::test]
 async fn batch_work_never_takes_the_slots_reserved_for_realtime() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 3, realtime_reserved: 1, prefetch: 0 };
+    let limits = SlotLimits { limit: 3, realtime_reserved: 1, prefetch: 0, min_part: 0 };
     ready(&store, &request("campaign", Class::Batch, 9), 10).await;
 
     assert_eq!(dispatched_requests(&store, limits).await.len(), 2);
@@ -112,7 +112,7 @@ async fn batch_work_never_takes_the_slots_reserved_for_realtime() {
 #[tokio::test]
 async fn equal_requests_take_turns() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 4, realtime_reserved: 0, prefetch: 0 };
+    let limits = SlotLimits { limit: 4, realtime_reserved: 0, prefetch: 0, min_part: 0 };
     ready(&store, &request("a", Class::Batch, 0), 10).await;
     ready(&store, &request("b", Class::Batch, 0), 10).await;
 
@@ -141,7 +141,7 @@ async fn concurrent_rounds_from_two_pools_never_over_commit() {
     let (store, url) = fresh_database().await;
     let other = Store::connect(&url, 10).await.unwrap();
     ready(&store, &request("big", Class::Batch, 0), 50).await;
-    let limits = SlotLimits { limit: 5, realtime_reserved: 0, prefetch: 0 };
+    let limits = SlotLimits { limit: 5, realtime_reserved: 0, prefetch: 0, min_part: 0 };
 
     let rounds = (0..20).map(|i| {
         let store = if i % 2 == 0 { store.clone() } else { other.clone() };
@@ -151,6 +151,7 @@ async fn concurrent_rounds_from_two_pools_never_over_commit() {
 
     assert_eq!(dispatched.len(), 5);
     let mut ids: Vec<_> = dispatched.iter().map(|d| d.chunk_id.clone()).collect();
+    ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 5, "no chunk dispatched twice");
 }
@@ -184,7 +185,7 @@ async fn a_claimed_chunk_is_busy_until_its_lease_runs_out_then_taken_over() {
 #[tokio::test]
 async fn a_later_campaign_takes_turns_with_a_running_one_instead_of_waiting_or_catching_up() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0 };
+    let limits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
     ready(&store, &request("first", Class::Batch, 0), 20).await;
     assert_eq!(dispatched_requests(&store, limits).await, ["first"; 3]);
     ready(&store, &request("second", Class::Batch, 0), 20).await;
@@ -235,4 +236,103 @@ async fn a_request_that_cannot_meet_its_deadline_at_the_current_pace_is_flagged(
     assert!(tight.deadline_at_risk, "10 chunks at one a minute take longer than 5 minutes");
     assert_eq!(roomy.chunks_ahead, 10, "the earlier deadline goes first");
     assert!(!roomy.deadline_at_risk);
+}
+
+/// The chunks of `request` as (object, first line, recipients), by object and line.
+async fn line_ranges(store: &Store, request: &str) -> Vec<(String, i32, i32)> {
+    let mut ranges: Vec<_> = store
+        .chunks_of(request)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.object, c.first_line, c.recipients))
+        .collect();
+    ranges.sort();
+    ranges
+}
+
+/// Checks that each of `objects` (10 lines each) is covered once, without gap or overlap.
+fn assert_covered_once(ranges: &[(String, i32, i32)], objects: u32) {
+    for seq in 0..objects {
+        let object = format!("o/{seq}");
+        let mut next = 0;
+        for (_, first, recipients) in ranges.iter().filter(|r| r.0 == object) {
+            assert_eq!(*first, next, "{object}: {ranges:?}");
+            next += recipients;
+        }
+        assert_eq!(next, 10, "{object}: {ranges:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
+    let (store, _) = fresh_database().await;
+    let limits = SlotLimits { limit: 8, realtime_reserved: 1, prefetch: 0, min_part: 2 };
+    // 3 chunks of 10 for 7 batch slots: whole, they would leave 4 slots idle.
+    ready(&store, &request("tail", Class::Batch, 0), 3).await;
+
+    let round = store.dispatch_round(limits).await.unwrap();
+
+    assert_eq!(round.dispatched.len(), 7, "every batch slot gets a piece");
+    let chunks = store.chunks_of("tail").await.unwrap();
+    let queued: Vec<i32> = chunks.iter().filter(|c| c.state == "queued").map(|c| c.recipients).collect();
+    // Each piece is the pending recipients over the slots (30 / 7 → 5 first), never under the minimum.
+    assert_eq!(queued[0], 5);
+    assert!(queued.iter().all(|&n| (2..=5).contains(&n)), "{queued:?}");
+    assert!(queued.windows(2).all(|w| w[0] >= w[1]), "pieces shrink: {queued:?}");
+    let mut ids: Vec<_> = chunks.iter().map(|c| c.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), chunks.len(), "each piece has an id of its own");
+    assert_covered_once(&line_ranges(&store, "tail").await, 3);
+    let request = store.request("tail").await.unwrap().unwrap();
+    assert_eq!(request.chunk_count, Some(chunks.len() as i32));
+    let status = store.request_status("tail").await.unwrap().unwrap();
+    assert_eq!(status.recipients.values().sum::<i64>(), 30, "no recipient gained or lost");
+}
+
+#[tokio::test]
+async fn the_tail_is_not_cut_while_more_batch_work_may_come() {
+    let (store, _) = fresh_database().await;
+    let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 2 };
+    ready(&store, &request("prepared", Class::Batch, 0), 2).await;
+    let preparing = request("preparing", Class::Batch, 0);
+    assert!(store.insert_request(&preparing).await.unwrap());
+
+    let round = store.dispatch_round(limits).await.unwrap();
+
+    assert_eq!(round.dispatched.len(), 2);
+    let ranges: Vec<_> = line_ranges(&store, "prepared").await.into_iter().map(|r| (r.1, r.2)).collect();
+    assert_eq!(ranges, [(0, 10), (0, 10)]);
+}
+
+#[tokio::test]
+async fn a_chunk_dispatched_before_is_never_cut_and_pieces_stay_above_the_minimum() {
+    let (store, _) = fresh_database().await;
+    ready(&store, &request("r", Class::Batch, 0), 2).await;
+    // Chunk 0 goes out and comes back to pending, as after a lost task: the ESP may hold a list
+    // under its key, so its range must stay whole.
+    let one = SlotLimits { limit: 1, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let first = store.dispatch_round(one).await.unwrap().dispatched.remove(0);
+    assert!(store.undo_dispatch(&first.chunk_id, first.generation).await.unwrap());
+
+    // 20 pending over 8 slots would make pieces of 3; the minimum is 4, and a rest of 6 is not
+    // cut again (it would leave a piece under 4).
+    let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 4 };
+    store.dispatch_round(limits).await.unwrap();
+
+    let ranges = line_ranges(&store, "r").await;
+    let ranges: Vec<_> = ranges.iter().map(|(o, f, n)| (o.as_str(), *f, *n)).collect();
+    assert_eq!(ranges, [("o/0", 0, 10), ("o/1", 0, 4), ("o/1", 4, 6)]);
+}
+
+#[tokio::test]
+async fn realtime_chunks_are_never_cut() {
+    let (store, _) = fresh_database().await;
+    let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 1 };
+    ready(&store, &request("event", Class::Realtime, 0), 1).await;
+
+    store.dispatch_round(limits).await.unwrap();
+
+    assert_eq!(line_ranges(&store, "event").await, [("o/0".to_owned(), 0, 10)]);
 }

@@ -10,7 +10,7 @@
 //! chunk then stays `queued`, so it keeps its slot while Cloud Tasks backs off.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::State;
@@ -22,7 +22,7 @@ use haishin_shared::esp::{EspError, EspProvider, ListUpload};
 use haishin_shared::gcp::{Blobs, Topic};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, UploadTask};
 use haishin_shared::push::{Outcome, RetryReason};
-use haishin_shared::store::{Claim, Store};
+use haishin_shared::store::{ChunkRow, Claim, Store};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -132,12 +132,15 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
         Err(err) => return err.into(),
     };
     let chunk = claimed.chunk;
-    let recipients = match read_chunk(&state, &chunk.object).await {
+    let read_start = Instant::now();
+    let recipients = match read_chunk(&state, &chunk).await {
         Ok(recipients) => recipients,
         Err(outcome) => return release(&state, &chunk.id, outcome).await,
     };
+    let read_ms = read_start.elapsed().as_millis() as u64;
     let list =
         ListUpload { idempotency_key: list_key(&chunk.id), request_id: chunk.request_id.clone(), recipients };
+    let upload_start = Instant::now();
     match state.esp.upload_list(&list).await {
         Ok(list_id) => {
             match state.store.mark_uploaded(&chunk.id, &list_id.to_string()).await {
@@ -145,7 +148,8 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
                 Ok(false) => return Outcome::done("chunk was taken over while uploading"),
                 Err(err) => return err.into(),
             }
-            tracing::info!(recipients = list.recipients.len(), "Chunk uploaded.");
+            let upload_ms = upload_start.elapsed().as_millis() as u64;
+            tracing::info!(recipients = list.recipients.len(), read_ms, upload_ms, "Chunk uploaded.");
             let message = DeliveryMessage {
                 chunk_id: chunk.id.clone(),
                 request_id: chunk.request_id.clone(),
@@ -203,11 +207,24 @@ async fn release(state: &AppState, chunk_id: &str, outcome: Outcome) -> Outcome 
     outcome
 }
 
-async fn read_chunk(state: &AppState, object: &str) -> Result<Vec<Recipient>, Outcome> {
+/// Reads a chunk's recipients: its range of lines of its object.
+async fn read_chunk(state: &AppState, chunk: &ChunkRow) -> Result<Vec<Recipient>, Outcome> {
+    let object = &chunk.object;
     let data = state.blobs.read_all(&state.bucket, object).await.map_err(Outcome::unavailable)?;
-    data.split(|b| *b == b'\n')
+    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
+    let recipients = data
+        .split(|b| *b == b'\n')
         .filter(|line| !line.is_empty())
+        .skip(first)
+        .take(count)
         .map(serde_json::from_slice::<Recipient>)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Outcome::unavailable(format!("chunk object {object} is unreadable: {e}")))
+        .map_err(|e| Outcome::unavailable(format!("chunk object {object} is unreadable: {e}")))?;
+    if recipients.len() != count {
+        return Err(Outcome::unavailable(format!(
+            "chunk object {object} holds {} recipients from line {first}, the chunk expects {count}",
+            recipients.len()
+        )));
+    }
+    Ok(recipients)
 }

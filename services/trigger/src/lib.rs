@@ -42,6 +42,10 @@ pub struct AppState {
     pub prepare_lease: Duration,
 }
 
+/// The tail of the batch work is cut into pieces of no less than a chunk divided by this: smaller
+/// pieces balance the last slots better, but each costs the ESP a call.
+const TAIL_PIECES_PER_CHUNK: u32 = 4;
+
 /// The trigger, bound to its port and ready to serve.
 pub struct Application {
     listener: TcpListener,
@@ -86,6 +90,8 @@ impl Application {
             limit: config.esp_upload_limit,
             realtime_reserved: config.realtime_reserved_slots.min(config.esp_upload_limit.saturating_sub(1)),
             prefetch: config.dispatch_prefetch,
+            // Tail pieces stay large enough that the ESP's per-call cost remains a small share.
+            min_part: (config.chunk_size / TAIL_PIECES_PER_CHUNK).max(1),
         };
         let state = AppState {
             dispatcher: Arc::new(dispatch::Dispatcher::new(store.clone(), upload_queue, limits)),
