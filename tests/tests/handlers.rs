@@ -33,11 +33,7 @@ async fn uploaded_chunk(stack: &LocalStack) -> (HttpEsp, String) {
     )
     .unwrap();
     let list = esp
-        .upload_list(&ListUpload {
-            idempotency_key: "list:manual".into(),
-            request_id: "manual".into(),
-            recipients,
-        })
+        .upload_list(&ListUpload::new("list:manual", "manual", &recipients).unwrap())
         .await
         .unwrap();
     sqlx::query(

@@ -17,12 +17,13 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use haishin_shared::config::{CommonArgs, EspArgs};
-use haishin_shared::domain::{ChunkState, Recipient};
+use haishin_shared::domain::ChunkState;
 use haishin_shared::esp::{EspError, EspProvider, ListUpload};
 use haishin_shared::gcp::{Blobs, Topic};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, UploadTask};
 use haishin_shared::push::{Outcome, RetryReason};
 use haishin_shared::store::{ChunkRow, Claim, Store};
+use serde_json::value::RawValue;
 use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -207,8 +208,9 @@ async fn release(state: &AppState, chunk_id: &str, outcome: Outcome) -> Outcome 
     outcome
 }
 
-/// Reads a chunk's recipients: its range of lines of its object.
-async fn read_chunk(state: &AppState, chunk: &ChunkRow) -> Result<Vec<Recipient>, Outcome> {
+/// Reads a chunk's recipients: its range of lines of its object, each line checked to be one JSON
+/// value and passed on as written.
+async fn read_chunk(state: &AppState, chunk: &ChunkRow) -> Result<Vec<Box<RawValue>>, Outcome> {
     let object = &chunk.object;
     let data = state.blobs.read_all(&state.bucket, object).await.map_err(Outcome::unavailable)?;
     let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
@@ -217,7 +219,7 @@ async fn read_chunk(state: &AppState, chunk: &ChunkRow) -> Result<Vec<Recipient>
         .filter(|line| !line.is_empty())
         .skip(first)
         .take(count)
-        .map(serde_json::from_slice::<Recipient>)
+        .map(serde_json::from_slice::<Box<RawValue>>)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| Outcome::unavailable(format!("chunk object {object} is unreadable: {e}")))?;
     if recipients.len() != count {

@@ -33,6 +33,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use serde_json::value::RawValue;
+
 use crate::domain::{Class, Recipient, Template};
 
 pub use http::{HttpEsp, HttpEspConfig};
@@ -51,13 +53,29 @@ pub trait EspProvider: Send + Sync + 'static {
 }
 
 /// One chunk's recipients, to be stored at the ESP as a list.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ListUpload {
     /// Repeating an upload with the same key returns the same list where the ESP supports it.
     pub idempotency_key: String,
     /// The delivery request the chunk belongs to.
     pub request_id: String,
-    pub recipients: Vec<Recipient>,
+    /// Each a [`Recipient`] as JSON, kept as the audience step wrote it: the uploader forwards
+    /// chunks of thousands of recipients and has no reason to take them apart.
+    pub recipients: Vec<Box<RawValue>>,
+}
+
+impl ListUpload {
+    pub fn new(
+        idempotency_key: impl Into<String>,
+        request_id: impl Into<String>,
+        recipients: &[Recipient],
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            idempotency_key: idempotency_key.into(),
+            request_id: request_id.into(),
+            recipients: recipients.iter().map(serde_json::value::to_raw_value).collect::<Result<_, _>>()?,
+        })
+    }
 }
 
 /// A send of a template to an uploaded list.

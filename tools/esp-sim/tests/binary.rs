@@ -26,11 +26,8 @@ async fn the_binary_serves_with_its_flags_and_writes_its_report_on_sigterm() {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut url).unwrap();
     let url = url.trim().to_owned();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    let upload = ListUpload {
-        idempotency_key: "k".into(),
-        request_id: "r".into(),
-        recipients: vec![Recipient { email: "a@x.com".into(), params: Default::default() }],
-    };
+    let upload =
+        ListUpload::new("k", "r", &[Recipient { email: "a@x.com".into(), params: Default::default() }]).unwrap();
 
     let keyed = HttpEsp::new(HttpEspConfig::new(&url).with_api_key("k3y")).unwrap();
     let listed = keyed.upload_list(&upload).await;

@@ -22,11 +22,7 @@ fn recipients(emails: &[&str]) -> Vec<Recipient> {
 }
 
 fn list(key: &str, request_id: &str, emails: &[&str]) -> ListUpload {
-    ListUpload {
-        idempotency_key: key.to_owned(),
-        request_id: request_id.to_owned(),
-        recipients: recipients(emails),
-    }
+    ListUpload::new(key, request_id, &recipients(emails)).unwrap()
 }
 
 fn send_of(key: &str, request_id: &str, list_id: &ListId) -> SendRequest {
