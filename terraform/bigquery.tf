@@ -38,6 +38,6 @@ resource "google_bigquery_table" "requests" {
 
   time_partitioning {
     type  = "DAY"
-    field = "completed_at"
+    field = "finished_at"
   }
 }

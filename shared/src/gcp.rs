@@ -29,10 +29,34 @@ pub struct GcpArgs {
     /// Cloud Storage endpoint override (local stack only).
     #[arg(long, env = "STORAGE_ENDPOINT")]
     pub storage_endpoint: Option<String>,
+    /// BigQuery endpoint override (local stack only).
+    #[arg(long, env = "BIGQUERY_ENDPOINT")]
+    pub bigquery_endpoint: Option<String>,
 }
 
 fn anonymous() -> Credentials {
     google_cloud_auth::credentials::anonymous::Builder::new().build()
+}
+
+/// Credentials for a Google REST API that no client crate covers: Application Default
+/// Credentials, or anonymous ones when `endpoint` points at a local stand-in.
+pub(crate) fn rest_credentials(endpoint: Option<&String>) -> anyhow::Result<Credentials> {
+    match endpoint {
+        Some(_) => Ok(anonymous()),
+        None => Ok(google_cloud_auth::credentials::Builder::default()
+            .with_scopes(["https://www.googleapis.com/auth/cloud-platform"])
+            .build()?),
+    }
+}
+
+/// The `Authorization` (and quota) headers for one REST call.
+pub(crate) async fn rest_headers(credentials: &Credentials) -> Result<http::HeaderMap, GcpError> {
+    use google_cloud_auth::credentials::CacheableResource;
+    match credentials.headers(http::Extensions::new()).await {
+        Ok(CacheableResource::New { data, .. }) => Ok(data),
+        Ok(CacheableResource::NotModified) => Ok(http::HeaderMap::new()),
+        Err(err) => Err(GcpError::Transient { what: "getting credentials", detail: err.to_string() }),
+    }
 }
 
 /// Errors from Google APIs, split by whether a retry can help.
@@ -191,6 +215,7 @@ pub struct Blobs {
     storage: Storage,
     http: reqwest::Client,
     json_api: String,
+    credentials: Credentials,
 }
 
 impl Blobs {
@@ -202,7 +227,8 @@ impl Blobs {
         let storage = builder.build().await?;
         let json_api =
             args.storage_endpoint.clone().unwrap_or_else(|| "https://storage.googleapis.com".to_owned());
-        Ok(Self { storage, http: reqwest::Client::new(), json_api })
+        let credentials = rest_credentials(args.storage_endpoint.as_ref())?;
+        Ok(Self { storage, http: reqwest::Client::new(), json_api, credentials })
     }
 
     fn bucket_path(bucket: &str) -> String {
@@ -270,6 +296,7 @@ impl Blobs {
             let mut request = self
                 .http
                 .get(format!("{}/storage/v1/b/{bucket}/o", self.json_api))
+                .headers(rest_headers(&self.credentials).await?)
                 .query(&[("prefix", prefix)]);
             if let Some(token) = &page_token {
                 request = request.query(&[("pageToken", token)]);

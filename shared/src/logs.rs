@@ -16,6 +16,9 @@ use tokio::io::AsyncWriteExt;
 
 use crate::store::{ChunkRow, RequestRow};
 
+mod bigquery;
+pub use bigquery::{BigQuerySink, Column, DELIVERIES_SCHEMA, REQUESTS_SCHEMA, columns};
+
 /// One row per finished chunk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeliveryLog {
@@ -117,7 +120,7 @@ impl RequestLog {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 #[error("writing logs failed: {0}")]
 pub struct LogError(pub String);
 

@@ -10,8 +10,8 @@ use haishin_local::stack::env_names;
 
 /// Read by the services but never set by Terraform: Cloud Run sets `PORT`; the rest point the
 /// services at the local stand-ins or bind them to loopback.
-const NOT_FROM_TERRAFORM: [&str; 5] =
-    ["PORT", "LISTEN_HOST", "PUBSUB_ENDPOINT", "TASKS_ENDPOINT", "STORAGE_ENDPOINT"];
+const NOT_FROM_TERRAFORM: [&str; 6] =
+    ["PORT", "LISTEN_HOST", "PUBSUB_ENDPOINT", "TASKS_ENDPOINT", "STORAGE_ENDPOINT", "BIGQUERY_ENDPOINT"];
 
 fn terraform_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../terraform"))

@@ -24,7 +24,7 @@ use haishin_shared::config::EspArgs;
 use haishin_shared::domain::ChunkState;
 use haishin_shared::esp::{DeliveryId, DeliveryStatus, EspProvider};
 use haishin_shared::gcp::{GcpArgs, Topic};
-use haishin_shared::logs::{DeliveryLog, FileSink, LogSink, RequestLog};
+use haishin_shared::logs::{BigQuerySink, DeliveryLog, FileSink, LogSink, RequestLog};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, RequestCompleted};
 use haishin_shared::store::{DeliveryCounts, Store};
 use secrecy::{ExposeSecret, SecretString};
@@ -103,11 +103,10 @@ impl Job {
             .await
             .context("connecting to the database")?;
         store.migrate().await?;
-        let sink: Arc<dyn LogSink> = match config.log_sink.strip_prefix("file:") {
-            Some(dir) => Arc::new(FileSink::new(dir)),
-            None => {
-                anyhow::bail!("LOG_SINK `{}` is not available in this build: use file:DIR", config.log_sink)
-            }
+        let sink: Arc<dyn LogSink> = match (config.log_sink.as_str(), config.log_sink.strip_prefix("file:")) {
+            ("bigquery", _) => Arc::new(BigQuerySink::new(&config.gcp, &config.bigquery_dataset)?),
+            (_, Some(dir)) if !dir.is_empty() => Arc::new(FileSink::new(dir)),
+            (other, _) => anyhow::bail!("LOG_SINK `{other}` is not a log sink: use `bigquery` or `file:DIR`"),
         };
         Ok(Self {
             store,

@@ -171,6 +171,7 @@ impl LocalStack {
             pubsub_endpoint: Some(endpoints.pubsub.clone()),
             tasks_endpoint: Some(endpoints.tasks.clone()),
             storage_endpoint: Some(endpoints.storage.clone()),
+            bigquery_endpoint: None,
         };
         provision(&stand_ins, &config)?;
         let blobs = Blobs::connect(&gcp).await?;
