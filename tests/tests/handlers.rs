@@ -32,10 +32,8 @@ async fn uploaded_chunk(stack: &LocalStack) -> (HttpEsp, String) {
         HttpEspConfig::new(stack.endpoints.esp.clone()).with_api_key(haishin_local::stack::ESP_API_KEY),
     )
     .unwrap();
-    let list = esp
-        .upload_list(&ListUpload::new("list:manual", "manual", &recipients).unwrap())
-        .await
-        .unwrap();
+    let list =
+        esp.upload_list(&ListUpload::new("list:manual", "manual", &recipients).unwrap()).await.unwrap();
     sqlx::query(
         "UPDATE requests SET state = 'preparing', lease_until = now() + interval '1 hour' WHERE id = 'manual';
          ",

@@ -27,7 +27,8 @@ async fn the_binary_serves_with_its_flags_and_writes_its_report_on_sigterm() {
     let url = url.trim().to_owned();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     let upload =
-        ListUpload::new("k", "r", &[Recipient { email: "a@x.com".into(), params: Default::default() }]).unwrap();
+        ListUpload::new("k", "r", &[Recipient { email: "a@x.com".into(), params: Default::default() }])
+            .unwrap();
 
     let keyed = HttpEsp::new(HttpEspConfig::new(&url).with_api_key("k3y")).unwrap();
     let listed = keyed.upload_list(&upload).await;
