@@ -74,6 +74,7 @@ locals {
 
     list_uploader = merge(local.common_env, local.push_env.list_uploader, {
       DATABASE_MAX_CONNECTIONS = var.list_uploader.db_connections
+      ESP_PROVIDER             = var.esp_provider
       ESP_URL                  = var.esp_url
       BUCKET                   = google_storage_bucket.audiences.name
       DELIVERIES_TOPIC         = google_pubsub_topic.topic["deliveries"].name
@@ -85,6 +86,7 @@ locals {
 
     sender = merge(local.common_env, local.push_env.sender, {
       DATABASE_MAX_CONNECTIONS = var.sender.db_connections
+      ESP_PROVIDER             = var.esp_provider
       ESP_URL                  = var.esp_url
       EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
       ESP_SEND_CONCURRENCY     = module.capacity.sender.concurrency
@@ -95,6 +97,7 @@ locals {
     # The job receives no pushes, so it has no push settings.
     completion = merge(local.common_env, {
       DATABASE_MAX_CONNECTIONS = var.completion.db_connections
+      ESP_PROVIDER             = var.esp_provider
       ESP_URL                  = var.esp_url
       EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
       COMPLETED_TOPIC          = google_pubsub_topic.topic["request_completed"].name

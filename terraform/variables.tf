@@ -26,6 +26,17 @@ variable "data_location" {
 # The ESP and throughput
 # ---------------------------------------------------------------------------------------------
 
+variable "esp_provider" {
+  description = "The ESP provider that delivers the mail: list-send (a list-based ESP speaking the list-send protocol)."
+  type        = string
+  default     = "list-send"
+
+  validation {
+    condition     = contains(["list-send"], var.esp_provider)
+    error_message = "esp_provider must be one of: list-send."
+  }
+}
+
 variable "esp_url" {
   description = "Base URL of the ESP's API (https)."
   type        = string

@@ -17,14 +17,14 @@ use serde::Deserialize;
 use tokio::sync::{Mutex, RwLock};
 
 /// Google's key set for the ID tokens it signs.
-pub const GOOGLE_JWKS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
+pub(crate) const GOOGLE_JWKS_URL: &str = "https://www.googleapis.com/oauth2/v3/certs";
 const ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
 /// Shortest time between two key-set fetches triggered by unknown key ids.
 const REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Why a token was refused. Shown to the caller in the 401 body.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     #[error("missing bearer token")]
     Missing,
     #[error("malformed token: {0}")]
@@ -41,11 +41,10 @@ pub enum AuthError {
 
 /// The claims this service relies on.
 #[derive(Debug, Clone, Deserialize)]
-pub struct Claims {
-    pub email: String,
+pub(crate) struct Claims {
+    pub(crate) email: String,
     #[serde(default)]
-    pub email_verified: bool,
-    pub aud: String,
+    pub(crate) email_verified: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,7 +62,7 @@ struct Jwk {
 
 /// Checks ID tokens for one audience and a set of allowed callers.
 #[derive(Debug)]
-pub struct OidcVerifier {
+pub(crate) struct OidcVerifier {
     jwks_url: String,
     audience: String,
     invokers: HashSet<String>,
@@ -74,7 +73,7 @@ pub struct OidcVerifier {
 
 impl OidcVerifier {
     /// A verifier for tokens whose audience is `audience` and whose `email` is one of `invokers`.
-    pub fn new(
+    pub(crate) fn new(
         jwks_url: impl Into<String>,
         audience: impl Into<String>,
         invokers: impl IntoIterator<Item = String>,
@@ -92,12 +91,8 @@ impl OidcVerifier {
         }
     }
 
-    pub fn audience(&self) -> &str {
-        &self.audience
-    }
-
     /// Verifies a token's signature, issuer, audience, expiry and caller.
-    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub(crate) async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let header = decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
         if header.alg != Algorithm::RS256 {
             return Err(AuthError::Malformed(format!("unexpected algorithm {:?}", header.alg)));
@@ -160,7 +155,7 @@ impl OidcVerifier {
 }
 
 /// Middleware for push and task routes: 401 unless the request carries a valid token.
-pub async fn require_token(
+pub(crate) async fn require_token(
     State(verifier): State<Arc<OidcVerifier>>,
     request: Request,
     next: Next,

@@ -1,5 +1,5 @@
-//! Configuration that every service reads from its environment (Cloud Run's way), parsed once at
-//! start with clap so that a missing or bad variable stops the service with a message naming it.
+//! Configuration that every push service reads from its environment (Cloud Run's way), parsed once
+//! at start with clap so that a missing or bad variable stops the service with a message naming it.
 
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use crate::auth::{GOOGLE_JWKS_URL, OidcVerifier};
 use crate::gcp::GcpArgs;
 use crate::store::Store;
 
-/// What each service needs: its port, the database, Google APIs and push authentication.
+/// What each push service needs: its port, the database, Google APIs and push authentication.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
     /// Port to listen on (Cloud Run sets it).
@@ -41,7 +41,7 @@ impl CommonArgs {
         Ok(store)
     }
 
-    pub fn verifier(&self) -> Arc<OidcVerifier> {
+    pub(crate) fn verifier(&self) -> Arc<OidcVerifier> {
         Arc::new(OidcVerifier::new(
             self.auth.jwks_url.clone(),
             self.auth.audience.clone(),
@@ -62,29 +62,4 @@ pub struct PushAuthArgs {
     /// Service accounts allowed to push to this service, comma-separated.
     #[arg(long, env = "PUSH_INVOKERS", value_delimiter = ',', required = true)]
     pub invokers: Vec<String>,
-}
-
-/// How to reach the ESP.
-#[derive(Debug, Clone, clap::Args)]
-pub struct EspArgs {
-    /// Base URL of the ESP's API.
-    #[arg(long, env = "ESP_URL")]
-    pub esp_url: String,
-    /// API key for the ESP.
-    #[arg(long, env = "ESP_API_KEY", hide_env_values = true)]
-    pub esp_api_key: Option<SecretString>,
-    /// Longest wait for one ESP call, in seconds.
-    #[arg(long, env = "ESP_TIMEOUT_SECS", default_value_t = 30)]
-    pub esp_timeout_secs: u64,
-}
-
-impl EspArgs {
-    /// The ESP client these settings describe.
-    pub fn provider(&self) -> anyhow::Result<std::sync::Arc<dyn crate::esp::EspProvider>> {
-        let mut config = crate::esp::HttpEspConfig::new(self.esp_url.clone())
-            .with_timeout(std::time::Duration::from_secs(self.esp_timeout_secs));
-        config.api_key = self.esp_api_key.clone();
-        let esp = crate::esp::HttpEsp::new(config).map_err(|e| anyhow::anyhow!("ESP_URL: {e}"))?;
-        Ok(std::sync::Arc::new(esp))
-    }
 }

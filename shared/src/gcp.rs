@@ -40,7 +40,7 @@ fn anonymous() -> Credentials {
 
 /// Credentials for a Google REST API that no client crate covers: Application Default
 /// Credentials, or anonymous ones when `endpoint` points at a local stand-in.
-pub(crate) fn rest_credentials(endpoint: Option<&String>) -> anyhow::Result<Credentials> {
+pub fn rest_credentials(endpoint: Option<&String>) -> anyhow::Result<Credentials> {
     match endpoint {
         Some(_) => Ok(anonymous()),
         None => Ok(google_cloud_auth::credentials::Builder::default()
@@ -50,7 +50,7 @@ pub(crate) fn rest_credentials(endpoint: Option<&String>) -> anyhow::Result<Cred
 }
 
 /// The `Authorization` (and quota) headers for one REST call.
-pub(crate) async fn rest_headers(credentials: &Credentials) -> Result<http::HeaderMap, GcpError> {
+pub async fn rest_headers(credentials: &Credentials) -> Result<http::HeaderMap, GcpError> {
     use google_cloud_auth::credentials::CacheableResource;
     match credentials.headers(http::Extensions::new()).await {
         Ok(CacheableResource::New { data, .. }) => Ok(data),

@@ -1,26 +1,27 @@
-//! Haishin's shared library: what more than one service needs.
+//! Haishin's shared library: the contracts between the services, and the plumbing they all use.
+//!
+//! What only one service does lives in that service (the trigger's intake, audience reader and
+//! scheduling rule; the completion job's passes and log sinks). `ARCHITECTURE.md` at the
+//! repository's root maps the whole house.
 //!
 //! # Layout
-//! - [`domain`]: delivery requests, audiences, templates, request and chunk states.
+//! - [`domain`]: delivery requests, audiences, templates; classes and states; request and chunk ids.
 //! - [`messages`]: the task and Pub/Sub payloads the services exchange (ids, never recipients).
-//! - [`store`]: PostgreSQL schema (`migrations/`) and every guarded state change.
-//! - [`audience`]: streaming an audience into validated, de-duplicated chunk objects.
-//! - [`esp`]: the ESP provider trait and its HTTP implementation.
+//! - [`store`]: the PostgreSQL schema (`migrations/`), the rows every service reads, and the chunk
+//!   transitions that more than one service makes.
+//! - [`esp`]: the ESP provider trait, the providers, and `ESP_PROVIDER` that chooses one.
 //! - [`gcp`]: Pub/Sub, Cloud Tasks and Cloud Storage clients, built once at start.
 //! - [`push`]: Pub/Sub push and Cloud Tasks envelopes, and the done/retry outcome of a handler.
-//! - [`auth`]: OIDC token verification for push and task routes.
-//! - [`logs`]: delivery and request log rows and the sinks they go to.
+//! - [`server`]: the push services' scaffold: token check, `/healthz`, tracing, graceful shutdown.
+//! - [`config`]: configuration every push service reads.
 //! - [`telemetry`]: logging setup (Cloud Logging JSON on Cloud Run, text locally).
-//! - [`server`]: serving a router with graceful shutdown.
-//! - [`config`]: configuration every service reads.
+//! - `auth` (private): verification of the OIDC tokens on push and task routes, used by [`server`].
 
-pub mod audience;
-pub mod auth;
+mod auth;
 pub mod config;
 pub mod domain;
 pub mod esp;
 pub mod gcp;
-pub mod logs;
 pub mod messages;
 pub mod push;
 pub mod server;

@@ -2,19 +2,20 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::Class;
+use crate::domain::{ChunkId, Class, RequestId};
+use crate::store::ChunkRow;
 
 /// Cloud Tasks payload for the trigger's prepare step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PrepareTask {
-    pub request_id: String,
+    pub request_id: RequestId,
 }
 
 /// Cloud Tasks payload for the list-uploader: one chunk to upload.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UploadTask {
-    pub chunk_id: String,
-    pub request_id: String,
+    pub chunk_id: ChunkId,
+    pub request_id: RequestId,
     /// The dispatch this task belongs to; a chunk re-dispatched later gets a new generation.
     pub generation: i32,
 }
@@ -22,9 +23,22 @@ pub struct UploadTask {
 /// Pub/Sub message on `deliveries`: an uploaded chunk ready to send.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeliveryMessage {
-    pub chunk_id: String,
-    pub request_id: String,
+    pub chunk_id: ChunkId,
+    pub request_id: RequestId,
     pub class: Class,
+}
+
+impl DeliveryMessage {
+    /// The message that hands `chunk` to the sender.
+    pub fn for_chunk(chunk: &ChunkRow) -> Self {
+        Self { chunk_id: chunk.id.clone(), request_id: chunk.request_id.clone(), class: chunk.class }
+    }
+
+    /// The message's Pub/Sub attributes. `class` routes it: the realtime and the batch push
+    /// subscriptions on `deliveries` filter on it, so that realtime sends never queue behind batch ones.
+    pub fn attributes(&self) -> [(&'static str, &str); 2] {
+        [("class", self.class.as_str()), ("request_id", self.request_id.as_str())]
+    }
 }
 
 /// Pub/Sub message on `pipeline-events`: something freed a slot or made work available.
@@ -32,15 +46,14 @@ pub struct DeliveryMessage {
 pub struct PipelineEvent {
     pub kind: EventKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
+    pub request_id: Option<RequestId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chunk_id: Option<String>,
+    pub chunk_id: Option<ChunkId>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
-    RequestPrepared,
     ChunkUploaded,
     ChunkSent,
     ChunkFinished,
@@ -48,15 +61,13 @@ pub enum EventKind {
 }
 
 impl PipelineEvent {
-    pub fn chunk(kind: EventKind, request_id: &str, chunk_id: &str) -> Self {
-        Self { kind, request_id: Some(request_id.to_owned()), chunk_id: Some(chunk_id.to_owned()) }
+    /// An event about one chunk.
+    pub fn chunk(kind: EventKind, chunk: &ChunkRow) -> Self {
+        Self { kind, request_id: Some(chunk.request_id.clone()), chunk_id: Some(chunk.id.clone()) }
     }
-}
 
-/// Pub/Sub message on `request-completed`, for the marketing platform.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RequestCompleted {
-    pub request_id: String,
-    pub state: String,
-    pub summary: crate::logs::RequestLog,
+    /// The scheduler's safety net, published by each completion pass.
+    pub fn tick() -> Self {
+        Self { kind: EventKind::Tick, request_id: None, chunk_id: None }
+    }
 }

@@ -68,6 +68,16 @@ pub enum RetryReason {
     Busy(String),
 }
 
+impl std::fmt::Display for RetryReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RetryReason::Throttled(why) => write!(f, "throttled: {why}"),
+            RetryReason::Unavailable(why) => write!(f, "unavailable: {why}"),
+            RetryReason::Busy(why) => write!(f, "busy: {why}"),
+        }
+    }
+}
+
 impl Outcome {
     pub fn done(what: impl Into<String>) -> Self {
         Outcome::Done(what.into())

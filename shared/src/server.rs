@@ -1,49 +1,93 @@
-//! Serving a router until SIGTERM (Cloud Run's stop signal) or Ctrl-C, with graceful shutdown.
+//! The scaffold of the three push services (trigger, list-uploader, sender): the port, the token
+//! check in front of push and task routes, `/healthz`, one span per request, and graceful
+//! shutdown on SIGTERM (Cloud Run's stop signal) that flushes the service's publishers.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use anyhow::Context;
 use axum::Router;
 use axum::extract::MatchedPath;
 use axum::http::Request;
-use axum::serve::{ListenerExt, TapIo};
+use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tower_http::trace::TraceLayer;
 
-/// Binds `0.0.0.0:port` (port 0 picks a free one).
-pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
-    TcpListener::bind((host, port)).await
+use crate::auth::{OidcVerifier, require_token};
+use crate::config::CommonArgs;
+use crate::gcp::Topic;
+
+/// A push service bound to its port, not yet serving.
+pub struct PushService {
+    name: &'static str,
+    listener: TcpListener,
+    verifier: Arc<OidcVerifier>,
+}
+
+impl PushService {
+    /// Binds `host:port` from `args` (port 0 picks a free one).
+    pub async fn bind(name: &'static str, args: &CommonArgs) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding port {}", args.port))?;
+        Ok(Self { name, listener, verifier: args.verifier() })
+    }
+
+    /// The port the service listens on.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or_default()
+    }
+
+    /// The service's whole router: `authenticated` routes answer 401 without a valid token,
+    /// `public` ones and `/healthz` need none, and every request gets a span named by its route.
+    pub fn router<S>(&self, state: S, authenticated: Router<S>, public: Router<S>) -> Router
+    where
+        S: Clone + Send + Sync + 'static,
+    {
+        let authenticated =
+            authenticated.layer(axum::middleware::from_fn_with_state(self.verifier.clone(), require_token));
+        let router = Router::new()
+            .merge(public)
+            .merge(authenticated)
+            .route("/healthz", get(|| async { "ok" }))
+            .with_state(state);
+        router.layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
+            let path =
+                request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
+            tracing::info_span!("http", method = %request.method(), path)
+        }))
+    }
+
+    /// Serves `router` until `shutdown` completes, lets requests in progress finish, then sends
+    /// what the `publishers` still hold.
+    pub async fn run(
+        self,
+        router: Router,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        publishers: &[&Topic],
+    ) -> anyhow::Result<()> {
+        tracing::info!(service = self.name, port = self.port(), "Listening.");
+        axum::serve(
+            self.listener.tap_io(set_no_delay),
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
+        for topic in publishers {
+            topic.flush().await;
+        }
+        Ok(())
+    }
 }
 
 /// Answers without Nagle's delay: a response written in pieces (headers, then a small body)
 /// would otherwise wait for the peer's delayed ACK, some 40 ms, before its last piece goes out.
-pub fn no_delay(listener: TcpListener) -> TapIo<TcpListener, fn(&mut TcpStream)> {
-    listener.tap_io(set_no_delay)
-}
-
 fn set_no_delay(tcp: &mut TcpStream) {
     if let Err(err) = tcp.set_nodelay(true) {
         tracing::debug!(error = %err, "TCP_NODELAY not set.");
     }
-}
-
-/// Adds request tracing (one span per request, named by the matched route).
-pub fn with_tracing(router: Router) -> Router {
-    router.layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
-        let path = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
-        tracing::info_span!("http", method = %request.method(), path)
-    }))
-}
-
-/// Serves until `shutdown` completes, then lets requests in progress finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(no_delay(listener), router.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 /// Completes on SIGTERM or Ctrl-C.

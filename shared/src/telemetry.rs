@@ -111,25 +111,3 @@ impl Visit for JsonVisitor<'_> {
         self.0.insert(field.name().into(), value.into());
     }
 }
-
-/// A recipient's address as it may appear in logs: the first letter and the domain.
-pub fn redact_email(email: &str) -> String {
-    match email.split_once('@') {
-        Some((local, domain)) => {
-            let first = local.chars().next().map(String::from).unwrap_or_default();
-            format!("{first}***@{domain}")
-        }
-        None => "***".into(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_email;
-
-    #[test]
-    fn redaction_keeps_only_the_first_letter_and_the_domain() {
-        assert_eq!(redact_email("alice@example.com"), "a***@example.com");
-        assert_eq!(redact_email("not-an-address"), "***");
-    }
-}

@@ -1,16 +1,17 @@
 //! The BigQuery log sink against bqemulator (a DuckDB-backed BigQuery emulator from PyPI, started
 //! through `scripts/bqemulator-launcher.py`), with the tables created from Terraform's schemas.
 
+use haishin_shared::domain::{Class, RequestState};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use haishin_shared::gcp::GcpArgs;
-use haishin_shared::logs::{
+use haishin_completion::logs::{
     BigQuerySink, DELIVERIES_SCHEMA, DeliveryLog, LogSink, REQUESTS_SCHEMA, RequestLog,
 };
+use haishin_shared::gcp::GcpArgs;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -137,10 +138,10 @@ fn at(seconds: i64) -> Option<chrono::DateTime<Utc>> {
 fn delivery(chunk: u32, state: &str, recipients: i64, delivered: i64) -> DeliveryLog {
     DeliveryLog {
         request_id: "spring-sale".into(),
-        chunk_id: format!("spring-sale~{chunk:06}"),
-        class: "batch".into(),
+        chunk_id: format!("spring-sale~{chunk:06}").into(),
+        class: Class::Batch,
         labels: json!({ "campaign": "spring" }),
-        state: state.into(),
+        state: state.parse().unwrap(),
         recipients,
         delivered,
         bounced: 0,
@@ -156,10 +157,10 @@ fn delivery(chunk: u32, state: &str, recipients: i64, delivered: i64) -> Deliver
 fn summary() -> RequestLog {
     RequestLog {
         request_id: "spring-sale".into(),
-        class: "batch".into(),
+        class: Class::Batch,
         priority: 3,
         labels: json!({ "campaign": "spring" }),
-        state: "completed".into(),
+        state: RequestState::Completed,
         reason: None,
         audience_rows: 27,
         recipients: 25,
@@ -253,7 +254,7 @@ fn the_table_schemas_hold_exactly_the_fields_of_the_rows() {
     }
     fn names(schema: &str) -> Vec<String> {
         let mut names: Vec<String> =
-            haishin_shared::logs::columns(schema).unwrap().into_iter().map(|c| c.name).collect();
+            haishin_completion::logs::columns(schema).unwrap().into_iter().map(|c| c.name).collect();
         names.sort();
         names
     }

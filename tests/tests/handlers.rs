@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use haishin_local::stack::{LocalStack, PUSH_ACCOUNT, TASKS_ACCOUNT};
-use haishin_shared::domain::{Audience, Class, DeliveryRequest, Recipient, Template};
-use haishin_shared::esp::{EspProvider, HttpEsp, HttpEspConfig, ListUpload, SendRequest};
+use haishin_shared::domain::{Audience, ChunkId, ChunkState, Class, DeliveryRequest, Recipient, Template};
+use haishin_shared::esp::{EspProvider, ListSendConfig, ListSendEsp, ListUpload, SendRequest};
 use haishin_tests::TestStack;
 use serde_json::{Value, json};
 
@@ -13,7 +13,7 @@ const CHUNK: &str = "manual~000000";
 
 /// A request whose one chunk the test moves by hand (the trigger never dispatches it: the request
 /// stays `preparing`), with its list already uploaded to the ESP.
-async fn uploaded_chunk(stack: &LocalStack) -> (HttpEsp, String) {
+async fn uploaded_chunk(stack: &LocalStack) -> (ListSendEsp, String) {
     let recipients: Vec<Recipient> = (0..3)
         .map(|i| Recipient { email: format!("m{i}@example.com"), params: Default::default() })
         .collect();
@@ -27,9 +27,9 @@ async fn uploaded_chunk(stack: &LocalStack) -> (HttpEsp, String) {
         deadline: None,
         labels: Default::default(),
     };
-    stack.store.insert_request(&request).await.unwrap();
-    let esp = HttpEsp::new(
-        HttpEspConfig::new(stack.endpoints.esp.clone()).with_api_key(haishin_local::stack::ESP_API_KEY),
+    haishin_trigger::intake::records::insert_request(&stack.store, &request).await.unwrap();
+    let esp = ListSendEsp::new(
+        ListSendConfig::new(stack.endpoints.esp.clone()).with_api_key(haishin_local::stack::ESP_API_KEY),
     )
     .unwrap();
     let list =
@@ -74,8 +74,8 @@ async fn push_delivery(stack: &LocalStack) -> reqwest::StatusCode {
         .status()
 }
 
-async fn chunk_state(stack: &LocalStack) -> String {
-    stack.store.chunk(CHUNK).await.unwrap().unwrap().state
+async fn chunk_state(stack: &LocalStack) -> ChunkState {
+    stack.store.chunk(&ChunkId::from(CHUNK)).await.unwrap().unwrap().state
 }
 
 #[tokio::test]
@@ -90,7 +90,7 @@ async fn the_same_push_delivered_twice_at_once_sends_once() {
     statuses.sort();
     assert!(statuses == [200, 409] || statuses == [200, 200], "{statuses:?}");
     assert_eq!(stack.esp.report().requests["manual"].counts.sends, 1);
-    assert_eq!(chunk_state(&stack).await, "sent");
+    assert_eq!(chunk_state(&stack).await, ChunkState::Sent);
     stack.stop().await;
 }
 
@@ -114,7 +114,7 @@ async fn a_send_taken_over_after_a_crash_is_found_in_the_esp_history_not_repeate
     let (esp, list) = uploaded_chunk(&stack).await;
     // An earlier attempt reached the ESP, then its worker died before recording the outcome.
     esp.send(&SendRequest {
-        idempotency_key: haishin_sender::send_key(CHUNK),
+        idempotency_key: haishin_sender::send_key(&ChunkId::from(CHUNK)),
         request_id: "manual".into(),
         list_id: haishin_shared::esp::ListId(list),
         template: Template::Stored { id: "t-1".into() },
@@ -132,7 +132,7 @@ async fn a_send_taken_over_after_a_crash_is_found_in_the_esp_history_not_repeate
 
     assert_eq!(push_delivery(&stack).await, 200);
 
-    assert_eq!(chunk_state(&stack).await, "sent");
+    assert_eq!(chunk_state(&stack).await, ChunkState::Sent);
     let sim = stack.esp.report();
     assert_eq!(sim.requests["manual"].counts.sends, 1, "not sent a second time");
     assert_eq!(sim.deliveries.duplicates, 0);
@@ -158,7 +158,7 @@ async fn an_upload_task_retried_after_its_work_succeeded_does_nothing() {
 
     assert_eq!(status, 200);
     assert_eq!(stack.esp.report().upload.calls_accepted, uploads_before);
-    assert_eq!(chunk_state(&stack).await, "uploaded");
+    assert_eq!(chunk_state(&stack).await, ChunkState::Uploaded);
     stack.stop().await;
 }
 

@@ -1,5 +1,6 @@
 //! The throwaway cluster survives a crash-like restart with its data, and the store reconnects.
 
+use haishin_shared::domain::RequestId;
 use haishin_shared::store::Store;
 use haishin_stand_ins::postgres::PgCluster;
 
@@ -12,11 +13,12 @@ async fn the_store_reconnects_after_postgres_restarts_and_keeps_its_data() {
     let cluster = PgCluster::start().await.unwrap();
     let store = Store::connect(&cluster.create_database().await.unwrap(), 2).await.unwrap();
     store.migrate().await.unwrap();
-    store.insert_rejected("kept", "before the restart").await.unwrap();
+    let id = RequestId::from("kept");
+    haishin_trigger::intake::records::insert_rejected(&store, &id, "before the restart").await.unwrap();
 
     cluster.restart().await.unwrap();
 
-    let row = store.request("kept").await.unwrap().expect("data kept");
+    let row = store.request(&id).await.unwrap().expect("data kept");
     assert_eq!(row.reason.as_deref(), Some("before the restart"));
     cluster.stop().await;
 }

@@ -14,26 +14,35 @@
 //!
 //! Every step is a guarded state change, so two passes at once, or a pass killed half-way, leave
 //! nothing inconsistent.
+//!
+//! # Layout
+//! - this module: the configuration and the pass, step by step;
+//! - [`close`]: expiring requests never prepared in time, closing requests whose chunks are final;
+//! - `poll`: the ESP's delivery status of sent chunks;
+//! - `reconcile`: stuck uploads and sends;
+//! - [`logs`]: the delivery and request log rows, their sinks (BigQuery, files), and writing them.
+
+pub mod close;
+pub mod logs;
+mod poll;
+mod reconcile;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures::StreamExt;
-use haishin_shared::config::EspArgs;
-use haishin_shared::domain::ChunkState;
-use haishin_shared::esp::{DeliveryId, DeliveryStatus, EspProvider};
+use haishin_shared::esp::{EspArgs, EspProvider};
 use haishin_shared::gcp::{GcpArgs, Topic};
-use haishin_shared::logs::{BigQuerySink, DeliveryLog, FileSink, LogSink, RequestLog};
-use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, RequestCompleted};
-use haishin_shared::store::{DeliveryCounts, Store};
+use haishin_shared::messages::PipelineEvent;
+use haishin_shared::store::{Store, expire_overdue_chunks};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
+use crate::logs::{BigQuerySink, FileSink, LogSink};
+use crate::reconcile::Timeouts;
+
 /// Most rows one pass handles per step; the next pass takes the rest.
 const BATCH: i64 = 1_000;
-/// ESP status calls in flight at once.
-const STATUS_CONCURRENCY: usize = 16;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "completion", about = "One completion pass: poll the ESP, write logs, close requests.")]
@@ -93,8 +102,7 @@ pub struct Job {
     events: Topic,
     deliveries: Topic,
     completed: Topic,
-    queued_timeout: Duration,
-    uploaded_timeout: Duration,
+    timeouts: Timeouts,
 }
 
 impl Job {
@@ -115,138 +123,30 @@ impl Job {
             events: Topic::connect(&config.gcp, &config.events_topic).await?,
             deliveries: Topic::connect(&config.gcp, &config.deliveries_topic).await?,
             completed: Topic::connect(&config.gcp, &config.completed_topic).await?,
-            queued_timeout: Duration::from_secs(config.queued_timeout_secs),
-            uploaded_timeout: Duration::from_secs(config.uploaded_timeout_secs),
+            timeouts: Timeouts {
+                queued: Duration::from_secs(config.queued_timeout_secs),
+                uploaded: Duration::from_secs(config.uploaded_timeout_secs),
+            },
         })
     }
 
     /// One pass over everything; see the crate doc for the steps.
     pub async fn run_once(&self) -> anyhow::Result<PassReport> {
         let mut report = PassReport {
-            expired_requests: self.store.expire_unprepared().await?,
-            expired_chunks: self.store.expire_pending_chunks().await?,
+            expired_requests: close::expire_unprepared(&self.store).await?,
+            expired_chunks: expire_overdue_chunks(self.store.pool()).await?,
             ..PassReport::default()
         };
-        self.poll_sent(&mut report).await?;
-        self.reconcile(&mut report).await?;
-        report.closed_requests = self.store.close_finished_requests().await?.len() as u64;
-        self.write_logs(&mut report).await?;
-        let tick = PipelineEvent { kind: EventKind::Tick, request_id: None, chunk_id: None };
-        if let Err(err) = self.events.publish(&tick, &[]).await {
+        poll::poll_sent(&self.store, self.esp.as_ref(), &mut report).await?;
+        reconcile::reconcile(&self.store, &self.deliveries, self.timeouts, &mut report).await?;
+        report.closed_requests = close::close_finished_requests(&self.store).await?;
+        logs::write::write_logs(&self.store, self.sink.as_ref(), &self.completed, &mut report).await?;
+        if let Err(err) = self.events.publish(&PipelineEvent::tick(), &[]).await {
             tracing::warn!(error = %err, "Tick not published.");
         }
         for topic in [&self.events, &self.deliveries, &self.completed] {
             topic.flush().await;
         }
         Ok(report)
-    }
-
-    async fn poll_sent(&self, report: &mut PassReport) -> anyhow::Result<()> {
-        let sent = self.store.chunks_in(ChunkState::Sent, BATCH).await?;
-        let statuses: Vec<_> = futures::stream::iter(sent)
-            .map(|chunk| async move {
-                let id = DeliveryId(chunk.delivery_id.clone().unwrap_or_default());
-                (chunk, self.esp.delivery_status(&id).await)
-            })
-            .buffer_unordered(STATUS_CONCURRENCY)
-            .collect()
-            .await;
-        for (chunk, status) in statuses {
-            match status {
-                Ok(DeliveryStatus::Done { delivered, bounced, failed }) => {
-                    let counts = DeliveryCounts {
-                        delivered: delivered as i64,
-                        bounced: bounced as i64,
-                        failed: failed as i64,
-                    };
-                    if self.store.complete_chunk(&chunk.id, counts).await? {
-                        report.completed_chunks += 1;
-                    }
-                }
-                Ok(DeliveryStatus::Processing) => report.still_processing += 1,
-                Err(err) => {
-                    tracing::warn!(chunk = %chunk.id, error = %err, "Delivery status unavailable; next pass.")
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn reconcile(&self, report: &mut PassReport) -> anyhow::Result<()> {
-        for chunk in self.store.stale_chunks(ChunkState::Uploading, BATCH).await? {
-            if self.store.transition(&chunk.id, ChunkState::Uploading, ChunkState::Queued).await? {
-                tracing::info!(request_id = %chunk.request_id, chunk = %chunk.id, "Upload lease ran out; chunk back to queued.");
-                report.requeued_uploads += 1;
-            }
-        }
-        for chunk in self.store.lingering_chunks(ChunkState::Queued, self.queued_timeout, BATCH).await? {
-            if self.store.transition(&chunk.id, ChunkState::Queued, ChunkState::Pending).await? {
-                tracing::info!(request_id = %chunk.request_id, chunk = %chunk.id, "Chunk sat in the queue too long; dispatching again.");
-                report.redispatched += 1;
-            }
-        }
-        let mut stuck =
-            self.store.lingering_chunks(ChunkState::Uploaded, self.uploaded_timeout, BATCH).await?;
-        stuck.extend(self.store.stale_chunks(ChunkState::Sending, BATCH).await?);
-        for chunk in stuck {
-            let message = DeliveryMessage {
-                chunk_id: chunk.id.clone(),
-                request_id: chunk.request_id.clone(),
-                class: chunk.class(),
-            };
-            let attributes = [("class", chunk.class.as_str()), ("request_id", chunk.request_id.as_str())];
-            match self.deliveries.publish(&message, &attributes).await {
-                Ok(_) => report.republished += 1,
-                Err(err) => {
-                    tracing::warn!(chunk = %chunk.id, error = %err, "Chunk not re-published; next pass.")
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn write_logs(&self, report: &mut PassReport) -> anyhow::Result<()> {
-        let chunks = self.store.unlogged_chunks(BATCH).await?;
-        if !chunks.is_empty() {
-            let mut rows = Vec::with_capacity(chunks.len());
-            let mut labels = std::collections::HashMap::new();
-            for chunk in &chunks {
-                if !labels.contains_key(&chunk.request_id) {
-                    let request_labels =
-                        self.store.request(&chunk.request_id).await?.map(|r| r.labels).unwrap_or_default();
-                    labels.insert(chunk.request_id.clone(), request_labels);
-                }
-                rows.push(DeliveryLog::from_chunk(chunk, &labels[&chunk.request_id]));
-            }
-            self.sink.write_deliveries(&rows).await?;
-            let ids: Vec<String> = chunks.into_iter().map(|c| c.id).collect();
-            self.store.mark_chunks_logged(&ids).await?;
-            report.delivery_rows = ids.len() as u64;
-        }
-        // Requests are summarised once all their chunks are logged, so that both tables agree.
-        let requests = self.store.unlogged_requests(BATCH).await?;
-        let mut rows = Vec::new();
-        for request in &requests {
-            let totals = self.store.chunk_totals(&request.id).await?;
-            rows.push(RequestLog::new(request, &totals));
-        }
-        if !rows.is_empty() {
-            self.sink.write_requests(&rows).await?;
-            for row in &rows {
-                let message = RequestCompleted {
-                    request_id: row.request_id.clone(),
-                    state: row.state.clone(),
-                    summary: row.clone(),
-                };
-                if let Err(err) = self.completed.publish(&message, &[("state", row.state.as_str())]).await {
-                    tracing::warn!(request_id = %row.request_id, error = %err, "Completion not announced.");
-                }
-                tracing::info!(request_id = %row.request_id, state = %row.state, sent = row.sent, skipped = row.skipped.values().sum::<i64>(), "Request finished.");
-            }
-            let ids: Vec<String> = rows.iter().map(|r| r.request_id.clone()).collect();
-            self.store.mark_requests_logged(&ids).await?;
-            report.request_rows = ids.len() as u64;
-        }
-        Ok(())
     }
 }

@@ -14,17 +14,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::extract::State;
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
-use haishin_shared::config::{CommonArgs, EspArgs};
-use haishin_shared::domain::ChunkState;
-use haishin_shared::esp::{EspError, EspProvider, ListUpload};
+use haishin_shared::config::CommonArgs;
+use haishin_shared::domain::{ChunkId, ChunkState};
+use haishin_shared::esp::{EspArgs, EspError, EspProvider, ListUpload};
 use haishin_shared::gcp::{Blobs, Topic};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, UploadTask};
 use haishin_shared::push::{Outcome, RetryReason};
-use haishin_shared::store::{ChunkRow, Claim, Store};
+use haishin_shared::server::PushService;
+use haishin_shared::store::{ChunkRow, Claim, Step, Store};
 use serde_json::value::RawValue;
-use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "list-uploader", about = "Uploads chunks to the ESP, one per task.")]
@@ -59,16 +59,13 @@ pub struct AppState {
 }
 
 pub struct Application {
-    listener: TcpListener,
+    service: PushService,
     state: AppState,
-    verifier: Arc<haishin_shared::auth::OidcVerifier>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let listener = haishin_shared::server::bind(&config.common.host, config.common.port)
-            .await
-            .with_context(|| format!("binding port {}", config.common.port))?;
+        let service = PushService::bind("list-uploader", &config.common).await?;
         let gcp = &config.common.gcp;
         let state = AppState {
             store: config.common.store().await?,
@@ -81,44 +78,35 @@ impl Application {
             bucket: config.bucket,
             lease: Duration::from_secs(config.upload_lease_secs),
         };
-        Ok(Self { listener, state, verifier: config.common.verifier() })
+        Ok(Self { service, state })
     }
 
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or_default()
+        self.service.port()
     }
 
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tracing::info!(port = self.port(), "List-uploader listening.");
-        let events = self.state.events.clone();
-        let deliveries = self.state.deliveries.clone();
-        haishin_shared::server::serve(self.listener, router(self.state, self.verifier), shutdown).await?;
-        deliveries.flush().await;
-        events.flush().await;
-        Ok(())
+        let (deliveries, events) = (self.state.deliveries.clone(), self.state.events.clone());
+        let router = self.service.router(
+            self.state,
+            Router::new().route("/tasks/upload", post(upload)),
+            Router::new(),
+        );
+        self.service.run(router, shutdown, &[&deliveries, &events]).await
     }
 }
 
-pub fn router(state: AppState, verifier: Arc<haishin_shared::auth::OidcVerifier>) -> Router {
-    let router = Router::new()
-        .route("/tasks/upload", post(upload))
-        .layer(axum::middleware::from_fn_with_state(verifier, haishin_shared::auth::require_token))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(state);
-    haishin_shared::server::with_tracing(router)
-}
-
 /// The ESP's idempotency key for a chunk's list.
-pub fn list_key(chunk_id: &str) -> String {
+pub fn list_key(chunk_id: &ChunkId) -> String {
     format!("list:{chunk_id}")
 }
 
 #[tracing::instrument(skip_all, fields(request_id = %task.request_id, chunk = %task.chunk_id))]
 async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> Outcome {
-    let claimed = match state.store.claim_upload(&task.chunk_id, state.lease).await {
+    let claimed = match state.store.claim(&task.chunk_id, Step::Upload, state.lease).await {
         Ok(Claim::Claimed(claimed)) => claimed,
         Ok(Claim::Busy) => {
             return Outcome::Retry(RetryReason::Busy(format!("chunk {} is being uploaded", task.chunk_id)));
@@ -127,7 +115,7 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
             return Outcome::done(format!(
                 "chunk {} is {}",
                 task.chunk_id,
-                current.as_deref().unwrap_or("gone")
+                current.map_or("gone", |s| s.as_str())
             ));
         }
         Err(err) => return err.into(),
@@ -144,20 +132,16 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
     let upload_start = Instant::now();
     match state.esp.upload_list(&list).await {
         Ok(list_id) => {
-            match state.store.mark_uploaded(&chunk.id, &list_id.to_string()).await {
+            match mark_uploaded(&state.store, &chunk.id, &list_id.to_string()).await {
                 Ok(true) => {}
                 Ok(false) => return Outcome::done("chunk was taken over while uploading"),
                 Err(err) => return err.into(),
             }
             let upload_ms = upload_start.elapsed().as_millis() as u64;
             tracing::info!(recipients = list.recipients.len(), read_ms, upload_ms, "Chunk uploaded.");
-            let message = DeliveryMessage {
-                chunk_id: chunk.id.clone(),
-                request_id: chunk.request_id.clone(),
-                class: chunk.class(),
-            };
-            let attributes = [("class", chunk.class.as_str()), ("request_id", chunk.request_id.as_str())];
-            let event = PipelineEvent::chunk(EventKind::ChunkUploaded, &chunk.request_id, &chunk.id);
+            let message = DeliveryMessage::for_chunk(&chunk);
+            let attributes = message.attributes();
+            let event = PipelineEvent::chunk(EventKind::ChunkUploaded, &chunk);
             let (sent, evented) = tokio::join!(
                 state.deliveries.publish(&message, &attributes),
                 state.events.publish(&event, &attributes)
@@ -190,7 +174,7 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
                 .await
             {
                 Ok(_) => {
-                    let event = PipelineEvent::chunk(EventKind::ChunkFinished, &chunk.request_id, &chunk.id);
+                    let event = PipelineEvent::chunk(EventKind::ChunkFinished, &chunk);
                     let _ = state.events.publish(&event, &[]).await;
                     Outcome::done(reason)
                 }
@@ -201,7 +185,7 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
 }
 
 /// Puts the chunk back to `queued` for the task's next attempt, keeping its slot.
-async fn release(state: &AppState, chunk_id: &str, outcome: Outcome) -> Outcome {
+async fn release(state: &AppState, chunk_id: &ChunkId, outcome: Outcome) -> Outcome {
     if let Err(err) = state.store.transition(chunk_id, ChunkState::Uploading, ChunkState::Queued).await {
         tracing::warn!(error = %err, "Chunk not released; its lease will run out.");
     }
@@ -229,4 +213,21 @@ async fn read_chunk(state: &AppState, chunk: &ChunkRow) -> Result<Vec<Box<RawVal
         )));
     }
     Ok(recipients)
+}
+
+/// Records the ESP's list for an uploaded chunk, if this attempt still holds it.
+pub async fn mark_uploaded(
+    store: &Store,
+    id: &ChunkId,
+    list_id: &str,
+) -> haishin_shared::store::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE chunks SET state = 'uploaded', list_id = $2, uploaded_at = now(), lease_until = NULL
+         WHERE id = $1 AND state = 'uploading'",
+    )
+    .bind(id)
+    .bind(list_id)
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected() == 1)
 }

@@ -13,16 +13,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::State;
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
-use haishin_shared::config::{CommonArgs, EspArgs};
-use haishin_shared::domain::ChunkState;
-use haishin_shared::esp::{DeliveryId, EspError, EspProvider, ListId, SendRequest};
+use haishin_shared::config::CommonArgs;
+use haishin_shared::domain::{ChunkId, ChunkState};
+use haishin_shared::esp::{DeliveryId, EspArgs, EspError, EspProvider, ListId, SendRequest};
 use haishin_shared::gcp::Topic;
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent};
 use haishin_shared::push::{Outcome, PushEnvelope, RetryReason};
-use haishin_shared::store::{ChunkRow, Claim, Store};
-use tokio::net::TcpListener;
+use haishin_shared::server::PushService;
+use haishin_shared::store::{ChunkRow, Claim, Step, Store};
 use tokio::sync::Semaphore;
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -53,16 +53,13 @@ pub struct AppState {
 }
 
 pub struct Application {
-    listener: TcpListener,
+    service: PushService,
     state: AppState,
-    verifier: Arc<haishin_shared::auth::OidcVerifier>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let listener = haishin_shared::server::bind(&config.common.host, config.common.port)
-            .await
-            .with_context(|| format!("binding port {}", config.common.port))?;
+        let service = PushService::bind("sender", &config.common).await?;
         let state = AppState {
             store: config.common.store().await?,
             esp: config.esp.provider()?,
@@ -72,36 +69,26 @@ impl Application {
             slots: Arc::new(Semaphore::new(config.esp_send_concurrency.max(1))),
             lease: Duration::from_secs(config.send_lease_secs),
         };
-        Ok(Self { listener, state, verifier: config.common.verifier() })
+        Ok(Self { service, state })
     }
 
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or_default()
+        self.service.port()
     }
 
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tracing::info!(port = self.port(), "Sender listening.");
         let events = self.state.events.clone();
-        haishin_shared::server::serve(self.listener, router(self.state, self.verifier), shutdown).await?;
-        events.flush().await;
-        Ok(())
+        let routes = Router::new().route("/push/deliveries", post(deliver));
+        let router = self.service.router(self.state, routes, Router::new());
+        self.service.run(router, shutdown, &[&events]).await
     }
 }
 
-pub fn router(state: AppState, verifier: Arc<haishin_shared::auth::OidcVerifier>) -> Router {
-    let router = Router::new()
-        .route("/push/deliveries", post(deliver))
-        .layer(axum::middleware::from_fn_with_state(verifier, haishin_shared::auth::require_token))
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(state);
-    haishin_shared::server::with_tracing(router)
-}
-
 /// The ESP's idempotency key for a chunk's send: the same for every attempt.
-pub fn send_key(chunk_id: &str) -> String {
+pub fn send_key(chunk_id: &ChunkId) -> String {
     format!("send:{chunk_id}")
 }
 
@@ -118,7 +105,7 @@ async fn deliver(State(state): State<AppState>, Json(envelope): Json<PushEnvelop
 
 #[tracing::instrument(skip_all, fields(request_id = %message.request_id, chunk = %message.chunk_id))]
 async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
-    let claimed = match state.store.claim_send(&message.chunk_id, state.lease).await {
+    let claimed = match state.store.claim(&message.chunk_id, Step::Send, state.lease).await {
         Ok(Claim::Claimed(claimed)) => claimed,
         Ok(Claim::Busy) => {
             return Outcome::Retry(RetryReason::Busy(format!("chunk {} is being sent", message.chunk_id)));
@@ -127,7 +114,7 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
             return Outcome::done(format!(
                 "chunk {} is {}",
                 message.chunk_id,
-                current.as_deref().unwrap_or("gone")
+                current.map_or("gone", |s| s.as_str())
             ));
         }
         Err(err) => return err.into(),
@@ -167,7 +154,7 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
         request_id: chunk.request_id.clone(),
         list_id: ListId(list_id),
         template: request.template,
-        class: chunk.class(),
+        class: chunk.class,
     };
     let result = {
         let _slot = state.slots.acquire().await.expect("the semaphore is never closed");
@@ -194,7 +181,7 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
 }
 
 async fn record_sent(state: &AppState, chunk: &ChunkRow, delivery: &DeliveryId, how: &str) -> Outcome {
-    match state.store.mark_sent(&chunk.id, &delivery.to_string()).await {
+    match mark_sent(&state.store, &chunk.id, &delivery.to_string()).await {
         Ok(true) => {
             tracing::info!(recipients = chunk.recipients, delivery = %delivery, how, "Chunk sent.");
             publish_event(state, chunk, EventKind::ChunkSent).await;
@@ -209,7 +196,7 @@ async fn record_sent(state: &AppState, chunk: &ChunkRow, delivery: &DeliveryId, 
 /// `sending` with its lease dropped, and whoever takes it next checks the ESP's history first.
 async fn give_back(state: &AppState, chunk: &ChunkRow, outcome: Outcome, unsure: bool) -> Outcome {
     let result = if unsure {
-        state.store.drop_lease(&chunk.id, ChunkState::Sending).await.map(drop)
+        drop_lease(&state.store, &chunk.id).await
     } else {
         state.store.transition(&chunk.id, ChunkState::Sending, ChunkState::Uploaded).await.map(drop)
     };
@@ -240,8 +227,38 @@ async fn finish(state: &AppState, chunk: &ChunkRow, to: ChunkState, reason: &str
 }
 
 async fn publish_event(state: &AppState, chunk: &ChunkRow, kind: EventKind) {
-    let event = PipelineEvent::chunk(kind, &chunk.request_id, &chunk.id);
+    let event = PipelineEvent::chunk(kind, chunk);
     if let Err(err) = state.events.publish(&event, &[("class", chunk.class.as_str())]).await {
         tracing::warn!(error = %err, "Pipeline event not published; the scheduler tick will cover it.");
     }
+}
+
+/// Records the ESP's delivery for a sent chunk, if this attempt still holds it.
+pub async fn mark_sent(
+    store: &Store,
+    id: &ChunkId,
+    delivery_id: &str,
+) -> haishin_shared::store::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE chunks SET state = 'sent', delivery_id = $2, sent_at = now(), lease_until = NULL
+         WHERE id = $1 AND state = 'sending'",
+    )
+    .bind(id)
+    .bind(delivery_id)
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Ends a send early, unsure whether the ESP took it: the chunk stays `sending` with its lease
+/// dropped, so that the next delivery of the message takes over at once and asks the ESP's
+/// history before repeating anything.
+async fn drop_lease(store: &Store, id: &ChunkId) -> haishin_shared::store::Result<()> {
+    sqlx::query(
+        "UPDATE chunks SET lease_until = now() - interval '1 second' WHERE id = $1 AND state = 'sending'",
+    )
+    .bind(id)
+    .execute(store.pool())
+    .await?;
+    Ok(())
 }

@@ -1,4 +1,4 @@
-//! Driving the scheduling rule.
+//! Driving the scheduling rule ([`crate::scheduling`]).
 //!
 //! Each event (a request prepared, a chunk uploaded or sent, a scheduler tick) asks for a dispatch
 //! round. Rounds never overlap within an instance, and requests that arrive while one runs are
@@ -8,10 +8,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::join_all;
+use haishin_shared::domain::ChunkId;
 use haishin_shared::gcp::TaskQueue;
 use haishin_shared::messages::UploadTask;
-use haishin_shared::store::{Dispatched, SlotLimits, Store, StoreError};
+use haishin_shared::store::{Store, StoreError};
 use tokio::sync::Mutex;
+
+use crate::scheduling::{self, Dispatched, SlotLimits};
 
 pub struct Dispatcher {
     store: Store,
@@ -24,7 +27,7 @@ pub struct Dispatcher {
 /// The Cloud Tasks name of a chunk's upload task for one dispatch. Hashed, because Cloud Tasks
 /// slows down on sequential names; deterministic, so that re-dispatch after a crash cannot create a
 /// second task.
-pub fn upload_task_name(chunk_id: &str, generation: i32) -> String {
+pub fn upload_task_name(chunk_id: &ChunkId, generation: i32) -> String {
     haishin_shared::gcp::task_name(&format!("upload:{chunk_id}:{generation}"))
 }
 
@@ -52,7 +55,7 @@ impl Dispatcher {
     }
 
     async fn round(&self) -> Result<Vec<Dispatched>, StoreError> {
-        let round = self.store.dispatch_round(self.limits).await?;
+        let round = scheduling::dispatch_round(&self.store, self.limits).await?;
         if round.expired > 0 {
             tracing::info!(chunks = round.expired, "Chunks expired before dispatch.");
         }
@@ -75,7 +78,7 @@ impl Dispatcher {
                 }
                 Err(err) => {
                     tracing::warn!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, error = %err, "Upload task not created; chunk back in line.");
-                    self.store.undo_dispatch(&chunk.chunk_id, chunk.generation).await?;
+                    scheduling::undo_dispatch(&self.store, &chunk.chunk_id, chunk.generation).await?;
                 }
             }
         }
@@ -85,13 +88,16 @@ impl Dispatcher {
 
 #[cfg(test)]
 mod tests {
+    use haishin_shared::domain::ChunkId;
+
     use super::upload_task_name;
 
     #[test]
     fn task_names_are_stable_and_differ_per_generation() {
-        assert_eq!(upload_task_name("r~000001", 1), upload_task_name("r~000001", 1));
-        assert_ne!(upload_task_name("r~000001", 1), upload_task_name("r~000001", 2));
-        assert_ne!(upload_task_name("r~000001", 1), upload_task_name("r~000002", 1));
-        assert_eq!(upload_task_name("r~000001", 1).len(), 32);
+        let (one, two) = (ChunkId::from("r~000001"), ChunkId::from("r~000002"));
+        assert_eq!(upload_task_name(&one, 1), upload_task_name(&one, 1));
+        assert_ne!(upload_task_name(&one, 1), upload_task_name(&one, 2));
+        assert_ne!(upload_task_name(&one, 1), upload_task_name(&two, 1));
+        assert_eq!(upload_task_name(&one, 1).len(), 32);
     }
 }

@@ -1,26 +1,66 @@
-//! Errors of the trigger's API routes.
+//! The trigger's two kinds of failure: work that cannot be done now ([`Unavailable`], the domain's),
+//! and the API's answers ([`ApiError`], HTTP's). Routes turn the first into the second, or into
+//! the retry that Pub/Sub and Cloud Tasks understand.
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use haishin_shared::domain::RequestId;
+use haishin_shared::gcp::GcpError;
+use haishin_shared::push::{Outcome, RetryReason};
+use haishin_shared::store::StoreError;
 use serde_json::json;
 
+/// A step that cannot be done now; a later attempt can succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// The database or a Google API is down.
+    #[error("{0}")]
+    Dependency(String),
+    /// Another worker holds the work under a lease.
+    #[error("{0}")]
+    Busy(String),
+}
+
+impl From<StoreError> for Unavailable {
+    fn from(err: StoreError) -> Self {
+        Unavailable::Dependency(err.to_string())
+    }
+}
+
+impl From<GcpError> for Unavailable {
+    fn from(err: GcpError) -> Self {
+        Unavailable::Dependency(err.to_string())
+    }
+}
+
+/// Pub/Sub and Cloud Tasks retry: 409 for busy work (after its lease), 503 otherwise.
+impl From<Unavailable> for Outcome {
+    fn from(err: Unavailable) -> Self {
+        match err {
+            Unavailable::Dependency(why) => Outcome::Retry(RetryReason::Unavailable(why)),
+            Unavailable::Busy(why) => Outcome::Retry(RetryReason::Busy(why)),
+        }
+    }
+}
+
+/// An answer of the `/v1` API other than success. The body is JSON: `{"error": "..."}`.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// 400: the request can never be accepted; the text says why.
     #[error("{reason}")]
-    Rejected { id: Option<String>, reason: String },
+    Rejected { id: Option<RequestId>, reason: String },
     /// 404: no request with that id.
     #[error("no request with id `{0}`")]
     NotFound(String),
     /// 503: a dependency is down; try again.
     #[error("service unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[from] Unavailable),
 }
 
-impl From<haishin_shared::store::StoreError> for ApiError {
-    fn from(err: haishin_shared::store::StoreError) -> Self {
-        ApiError::Unavailable(err.to_string())
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        ApiError::Unavailable(err.into())
     }
 }
 

@@ -2,29 +2,37 @@
 //!
 //! It takes delivery requests (Pub/Sub push and a direct API), prepares their audiences into
 //! chunks (directly for small inline audiences, through the `prepare` queue otherwise), and is the
-//! only place that decides which chunk goes to the ESP next (see [`dispatch`]). It never calls the
-//! ESP itself, so its capacity is not tied to the ESP's limits.
+//! only place that decides which chunk goes to the ESP next (see [`scheduling`]). It never calls
+//! the ESP itself, so its capacity is not tied to the ESP's limits.
 //!
 //! # Layout
 //! - [`config`]: environment variables.
-//! - [`dispatch`]: the scheduling rule's driver: one round per event, coalesced.
-//! - [`intake`]: validating and storing requests, and preparing their audiences.
+//! - [`intake`]: validating and storing requests, and starting their preparation.
+//! - [`prepare`]: streaming an audience into validated, de-duplicated chunks.
+//! - [`scheduling`]: the scheduling rule (order, slot limits, the tail cut, the forecast).
+//! - [`dispatch`]: the rule's driver: one round per event, coalesced, and the upload tasks.
+//! - [`status`]: a request's status as the API shows it.
 //! - [`routes`]: HTTP routes (`/push/*` and `/tasks/*` require an OIDC token; `/v1/*` is the API).
+//! - [`error`]: work that cannot be done now, and the API's error answers.
 
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod intake;
+pub mod prepare;
 pub mod routes;
+pub mod scheduling;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use haishin_shared::auth::OidcVerifier;
 use haishin_shared::gcp::{Blobs, QueueTarget, TaskQueue};
-use haishin_shared::store::{SlotLimits, Store};
-use tokio::net::TcpListener;
+use haishin_shared::server::PushService;
+use haishin_shared::store::Store;
+
+use crate::scheduling::SlotLimits;
 
 pub use config::Config;
 
@@ -35,7 +43,6 @@ pub struct AppState {
     pub blobs: Blobs,
     pub prepare_queue: TaskQueue,
     pub dispatcher: Arc<dispatch::Dispatcher>,
-    pub verifier: Arc<OidcVerifier>,
     pub bucket: String,
     pub chunk_size: usize,
     pub inline_prepare_max: usize,
@@ -48,16 +55,14 @@ const TAIL_PIECES_PER_CHUNK: u32 = 4;
 
 /// The trigger, bound to its port and ready to serve.
 pub struct Application {
-    listener: TcpListener,
+    service: PushService,
     state: AppState,
 }
 
 impl Application {
     /// Connects the clients and binds the port (0 picks a free one).
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let listener = haishin_shared::server::bind(&config.common.host, config.common.port)
-            .await
-            .with_context(|| format!("binding port {}", config.common.port))?;
+        let service = PushService::bind("trigger", &config.common).await?;
         let store = config.common.store().await?;
         let gcp = &config.common.gcp;
         let queue_path = |queue: &str| {
@@ -98,17 +103,16 @@ impl Application {
             blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
             store,
             prepare_queue,
-            verifier: config.common.verifier(),
             bucket: config.bucket,
             chunk_size: config.chunk_size.max(1) as usize,
             inline_prepare_max: config.inline_prepare_max,
             prepare_lease: Duration::from_secs(config.prepare_lease_secs),
         };
-        Ok(Self { listener, state })
+        Ok(Self { service, state })
     }
 
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or_default()
+        self.service.port()
     }
 
     /// Serves until `shutdown` completes.
@@ -116,9 +120,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tracing::info!(port = self.port(), "Trigger listening.");
-        let router = routes::router(self.state);
-        haishin_shared::server::serve(self.listener, router, shutdown).await?;
-        Ok(())
+        let router = routes::router(&self.service, self.state);
+        self.service.run(router, shutdown, &[]).await
     }
 }

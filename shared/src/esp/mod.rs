@@ -22,10 +22,12 @@
 //!
 //! # Layout
 //! - this module: the trait, the values it exchanges and the error type;
-//! - [`http`]: [`HttpEsp`], the implementation that speaks the ESP simulator's HTTP API
-//!   (`tools/esp-sim`), the protocol Haishin's local stack, tests and benchmarks use.
+//! - [`config`]: [`EspArgs`], the provider a deployment chooses (`ESP_PROVIDER`) and how to reach it;
+//! - [`list_send`]: [`ListSendEsp`], the provider for list-based ESPs that speak the list-send
+//!   protocol (the ESP simulator in `tools/esp-sim` is its reference server).
 
-pub mod http;
+mod config;
+pub mod list_send;
 
 use std::fmt;
 use std::time::Duration;
@@ -35,9 +37,10 @@ use serde::{Deserialize, Serialize};
 
 use serde_json::value::RawValue;
 
-use crate::domain::{Class, Recipient, Template};
+use crate::domain::{Class, Recipient, RequestId, Template};
 
-pub use http::{HttpEsp, HttpEspConfig};
+pub use config::{EspArgs, ProviderKind};
+pub use list_send::{ListSendConfig, ListSendEsp};
 
 /// An ESP provider: uploads lists, sends templates to them and reports on deliveries.
 #[async_trait]
@@ -58,7 +61,7 @@ pub struct ListUpload {
     /// Repeating an upload with the same key returns the same list where the ESP supports it.
     pub idempotency_key: String,
     /// The delivery request the chunk belongs to.
-    pub request_id: String,
+    pub request_id: RequestId,
     /// Each a [`Recipient`] as JSON, kept as the audience step wrote it: the uploader forwards
     /// chunks of thousands of recipients and has no reason to take them apart.
     pub recipients: Vec<Box<RawValue>>,
@@ -67,7 +70,7 @@ pub struct ListUpload {
 impl ListUpload {
     pub fn new(
         idempotency_key: impl Into<String>,
-        request_id: impl Into<String>,
+        request_id: impl Into<RequestId>,
         recipients: &[Recipient],
     ) -> Result<Self, serde_json::Error> {
         Ok(Self {
@@ -85,7 +88,7 @@ pub struct SendRequest {
     /// The ESP does not de-duplicate by it: sending twice with one key delivers twice.
     pub idempotency_key: String,
     /// The delivery request the chunk belongs to.
-    pub request_id: String,
+    pub request_id: RequestId,
     pub list_id: ListId,
     pub template: Template,
     pub class: Class,
@@ -197,7 +200,7 @@ mod tests {
     }
 
     #[test]
-    fn a_send_request_has_the_wire_shape_of_the_simulator_protocol() {
+    fn a_send_request_has_the_wire_shape_of_the_list_send_protocol() {
         let send = SendRequest {
             idempotency_key: "r-1~000001:send".into(),
             request_id: "r-1".into(),

@@ -1,8 +1,9 @@
 //! The ESP simulator: a real HTTP server that behaves like an email service provider (ESP)
 //! with the constraints Haishin is built around, and keeps a ledger of everything it did.
 //!
-//! It speaks the protocol of [`haishin_shared::esp::HttpEsp`] and is what the local stack,
-//! the tests and the benchmarks deliver to:
+//! It is the reference server of the list-send protocol (the client is `ListSendEsp` in Haishin's
+//! shared crate; the simulator depends on none of Haishin's crates, only on the protocol's
+//! documented shape) and is what the local stack, the tests and the benchmarks deliver to:
 //! - **concurrency limits** per API (list upload, send): a call that arrives while `limit`
 //!   calls of its API are in progress gets 429 with `Retry-After`, does nothing, and is
 //!   counted as an over-limit attempt. Lookups and status reads are not limited;
@@ -68,6 +69,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::task::JoinHandle;
 
 pub use client::SimClient;
@@ -99,7 +101,7 @@ impl EspSim {
         let router = routes::router(Arc::clone(&state));
         let stop = state.shutdown.clone();
         let server = tokio::spawn(async move {
-            axum::serve(haishin_shared::server::no_delay(listener), router)
+            axum::serve(listener.tap_io(set_no_delay), router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         });
@@ -182,5 +184,13 @@ impl EspSimHandle {
 impl Drop for EspSimHandle {
     fn drop(&mut self) {
         self.state.shutdown.cancel();
+    }
+}
+
+/// Answers without Nagle's delay, as the services do: small answers would otherwise wait for the
+/// caller's delayed ACK.
+fn set_no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(err) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %err, "TCP_NODELAY not set.");
     }
 }

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use haishin_shared::esp::SendRequest;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -105,6 +104,18 @@ struct RecipientBody<'a> {
     email: Cow<'a, str>,
 }
 
+/// A send as the simulator reads it: the template and the class must be there, and are not used.
+#[derive(Deserialize)]
+struct SendBody {
+    idempotency_key: String,
+    request_id: String,
+    list_id: String,
+    #[serde(rename = "template")]
+    _template: serde::de::IgnoredAny,
+    #[serde(rename = "class")]
+    _class: serde::de::IgnoredAny,
+}
+
 /// Parses a list upload into its key, request id and compact list.
 fn parse_list(state: &SimState, body: &[u8]) -> Result<(String, String, ListData), String> {
     let list: ListBody<'_> = serde_json::from_slice(body).map_err(|e| format!("invalid list upload: {e}"))?;
@@ -176,7 +187,7 @@ async fn send(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Byte
         state.invalid_call(Api::Send);
         return refused;
     }
-    let send: SendRequest = match serde_json::from_slice(&body) {
+    let send: SendBody = match serde_json::from_slice(&body) {
         Ok(send) => send,
         Err(e) => {
             state.invalid_call(Api::Send);
@@ -191,7 +202,7 @@ async fn send(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Byte
             "idempotency_key and request_id are required",
         );
     }
-    let Some(list) = state.ledger().list(&send.list_id.0) else {
+    let Some(list) = state.ledger().list(&send.list_id) else {
         state.invalid_call(Api::Send);
         return error(StatusCode::NOT_FOUND, "list_not_found", format!("no list `{}`", send.list_id));
     };

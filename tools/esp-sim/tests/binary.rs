@@ -5,8 +5,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use haishin_esp_sim::SimReport;
-use haishin_shared::domain::Recipient;
-use haishin_shared::esp::{EspError, EspProvider, HttpEsp, HttpEspConfig, ListUpload};
+use serde_json::json;
 
 #[tokio::test]
 async fn the_binary_serves_with_its_flags_and_writes_its_report_on_sigterm() {
@@ -26,18 +25,17 @@ async fn the_binary_serves_with_its_flags_and_writes_its_report_on_sigterm() {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut url).unwrap();
     let url = url.trim().to_owned();
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    let upload =
-        ListUpload::new("k", "r", &[Recipient { email: "a@x.com".into(), params: Default::default() }])
-            .unwrap();
+    let upload = json!({"idempotency_key": "k", "request_id": "r", "recipients": [{"email": "a@x.com"}]});
+    let http = reqwest::Client::new();
+    let lists = format!("{url}/v1/lists");
 
-    let keyed = HttpEsp::new(HttpEspConfig::new(&url).with_api_key("k3y")).unwrap();
-    let listed = keyed.upload_list(&upload).await;
-    let anonymous = HttpEsp::new(HttpEspConfig::new(&url)).unwrap().upload_list(&upload).await;
+    let listed = http.post(&lists).bearer_auth("k3y").json(&upload).send().await.unwrap().status();
+    let anonymous = http.post(&lists).json(&upload).send().await.unwrap().status();
     let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
 
-    assert!(listed.is_ok(), "{listed:?}");
-    assert!(matches!(anonymous, Err(EspError::Permanent(_))), "{anonymous:?}");
+    assert_eq!(listed, reqwest::StatusCode::CREATED);
+    assert_eq!(anonymous, reqwest::StatusCode::UNAUTHORIZED);
     assert!(killed.success());
     assert!(exit.success(), "{exit:?}");
     let report: SimReport = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::demo::esp_model;
 use crate::report::Report;
-use crate::scenario::{self, Admission, Campaign, RealtimeEvents, Scenario};
+use crate::run::run_scenario;
+use crate::scenario::{Admission, Campaign, RealtimeEvents, Scenario};
 use crate::stack::ServiceMode;
 
 /// The scenarios `bench` knows, in the order it runs them.
@@ -83,7 +84,7 @@ pub async fn run(args: BenchArgs, mode: ServiceMode) -> anyhow::Result<Vec<Repor
     for name in &names {
         let scenario = scenario(name, &args);
         eprintln!("Running {name}…");
-        let report = scenario::run(&scenario, mode.clone()).await?;
+        let report = run_scenario(&scenario, mode.clone()).await?;
         eprintln!("{}", row(&scenario, &report));
         reports.push(report);
         std::fs::write(&args.json, serde_json::to_vec_pretty(&reports)?)?;

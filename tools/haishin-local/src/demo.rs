@@ -8,7 +8,8 @@ use anyhow::Context;
 use haishin_esp_sim::EspSimConfig;
 
 use crate::report::Report;
-use crate::scenario::{self, Admission, Campaign, RealtimeEvents, Scenario};
+use crate::run::run_scenario;
+use crate::scenario::{Admission, Campaign, RealtimeEvents, Scenario};
 use crate::stack::ServiceMode;
 
 /// `haishin-local demo` options.
@@ -105,7 +106,7 @@ impl DemoArgs {
 
 /// Runs the demo and writes its report.
 pub async fn run(args: DemoArgs, mode: ServiceMode) -> anyhow::Result<Report> {
-    let report = scenario::run(&args.scenario(), mode).await?;
+    let report = run_scenario(&args.scenario(), mode).await?;
     std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", args.report.display()))?;
     Ok(report)

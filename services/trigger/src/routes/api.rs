@@ -6,12 +6,13 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use haishin_shared::push::Outcome;
+use haishin_shared::domain::RequestId;
 use serde_json::json;
 
 use crate::AppState;
 use crate::error::ApiError;
 use crate::intake::{self, Intake};
+use crate::status::request_status;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/v1/requests", post(create)).route("/v1/requests/{id}", get(status))
@@ -19,17 +20,13 @@ pub(super) fn router() -> Router<AppState> {
 
 /// 202 for a new request, 200 for an id already known, 400 with the reason for a bad one.
 async fn create(State(state): State<AppState>, body: Bytes) -> Result<impl IntoResponse, ApiError> {
-    match intake::take(&state, &body, None).await {
-        Ok(Intake::Accepted { id, created }) => {
-            let status = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
-            let current = state.store.request_status(&id).await?.map(|s| s.state);
-            Ok((status, Json(json!({ "id": id, "created": created, "state": current }))))
+    match intake::take(&state, &body, None).await? {
+        Intake::Accepted { id, created } => {
+            let code = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
+            let current = state.store.request(&id).await?.map(|row| row.state);
+            Ok((code, Json(json!({ "id": id, "created": created, "state": current }))))
         }
-        Ok(Intake::Rejected(rejection)) => {
-            Err(ApiError::Rejected { id: rejection.id, reason: rejection.reason })
-        }
-        Err(Outcome::Retry(reason)) => Err(ApiError::Unavailable(format!("{reason:?}"))),
-        Err(Outcome::Done(what)) => Err(ApiError::Unavailable(what)),
+        Intake::Rejected(rejection) => Err(ApiError::Rejected { id: rejection.id, reason: rejection.reason }),
     }
 }
 
@@ -37,7 +34,7 @@ async fn status(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    match state.store.request_status(&id).await? {
+    match request_status(&state.store, &RequestId::from(id.as_str())).await? {
         Some(status) => Ok(Json(status)),
         None => Err(ApiError::NotFound(id)),
     }

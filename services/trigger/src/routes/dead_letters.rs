@@ -12,7 +12,7 @@ use haishin_shared::push::{Outcome, PushEnvelope};
 use serde_json::Value;
 
 use crate::AppState;
-use crate::intake;
+use crate::intake::{self, records};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/push/dead-letters", post(dead_letter))
@@ -28,20 +28,22 @@ async fn dead_letter(State(state): State<AppState>, Json(envelope): Json<PushEnv
         .unwrap_or_else(|| envelope.subscription.clone());
     let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let text = |key: &str| value.get(key).and_then(Value::as_str).map(str::to_owned);
-    let request_id = text("request_id").or_else(|| text("id"));
-    let chunk_id = text("chunk_id");
-    tracing::warn!(%source, request_id = request_id.as_deref().unwrap_or("-"), "Message dead-lettered.");
-    if let Err(err) = state
-        .store
-        .insert_dead_letter(&message.message_id, &source, request_id.as_deref(), chunk_id.as_deref(), &body)
-        .await
-    {
+    let letter = records::DeadLettered {
+        message_id: &message.message_id,
+        source: &source,
+        request_id: text("request_id").or_else(|| text("id")).map(Into::into),
+        chunk_id: text("chunk_id").map(Into::into),
+        body: &body,
+    };
+    let request_id = letter.request_id.as_ref().map_or("-", |id| id.as_str());
+    tracing::warn!(%source, request_id, "Message dead-lettered.");
+    if let Err(err) = records::insert_dead_letter(&state.store, &letter).await {
         return err.into();
     }
     if DeliveryRequest::parse(&body).is_ok()
         && let Err(retry) = intake::take(&state, &body, Some(&message.message_id)).await
     {
-        return retry;
+        return retry.into();
     }
     Outcome::done("dead letter recorded")
 }

@@ -3,10 +3,11 @@
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use haishin_shared::messages::PipelineEvent;
+use haishin_shared::messages::{EventKind, PipelineEvent};
 use haishin_shared::push::{Outcome, PushEnvelope};
 
-use crate::AppState;
+use crate::intake::records;
+use crate::{AppState, intake};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/push/events", post(event))
@@ -15,7 +16,7 @@ pub(super) fn router() -> Router<AppState> {
 async fn event(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>) -> Outcome {
     // Every event means the same thing to the scheduler, so an unreadable one still triggers a round.
     let event = envelope.message.json::<PipelineEvent>().ok();
-    if event.as_ref().is_some_and(|e| e.kind == haishin_shared::messages::EventKind::Tick) {
+    if event.as_ref().is_some_and(|e| e.kind == EventKind::Tick) {
         restart_lingering(&state).await;
     }
     match state.dispatcher.run().await {
@@ -27,7 +28,7 @@ async fn event(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>
 /// On a scheduler tick, restarts requests whose start was lost (their prepare task was never
 /// created). Prepare tasks are named per request, so one that exists is not created twice.
 async fn restart_lingering(state: &AppState) {
-    let ids = match state.store.lingering_received(std::time::Duration::from_secs(30), 100).await {
+    let ids = match records::lingering_received(&state.store, std::time::Duration::from_secs(30), 100).await {
         Ok(ids) => ids,
         Err(err) => return tracing::warn!(error = %err, "Could not look for lingering requests."),
     };
@@ -37,9 +38,9 @@ async fn restart_lingering(state: &AppState) {
             _ => continue,
         };
         if let Ok(request) = request
-            && let Err(outcome) = crate::intake::start(state, &request).await
+            && let Err(err) = intake::start(state, &request).await
         {
-            tracing::warn!(request_id = %id, ?outcome, "Lingering request not restarted.");
+            tracing::warn!(request_id = %id, error = %err, "Lingering request not restarted.");
         }
     }
 }

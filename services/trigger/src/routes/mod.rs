@@ -8,24 +8,16 @@ mod push;
 mod tasks;
 
 use axum::Router;
-use axum::routing::get;
+use haishin_shared::server::PushService;
 
 use crate::AppState;
 
-pub fn router(state: AppState) -> Router {
+/// Every route of the trigger on the push services' scaffold.
+pub fn router(service: &PushService, state: AppState) -> Router {
     let authenticated = Router::new()
         .merge(push::router())
         .merge(tasks::router())
         .merge(events::router())
-        .merge(dead_letters::router())
-        .layer(axum::middleware::from_fn_with_state(
-            state.verifier.clone(),
-            haishin_shared::auth::require_token,
-        ));
-    let router = Router::new()
-        .merge(api::router())
-        .merge(authenticated)
-        .route("/healthz", get(|| async { "ok" }))
-        .with_state(state);
-    haishin_shared::server::with_tracing(router)
+        .merge(dead_letters::router());
+    service.router(state, authenticated, api::router())
 }

@@ -6,7 +6,7 @@ use axum::{Json, Router};
 use haishin_shared::push::{Outcome, PushEnvelope};
 
 use crate::AppState;
-use crate::intake::{self, Intake};
+use crate::intake::{self, Intake, records};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/push/requests", post(push_request))
@@ -18,10 +18,8 @@ async fn push_request(State(state): State<AppState>, Json(envelope): Json<PushEn
     let body = match envelope.message.data() {
         Ok(body) => body,
         Err(reason) => {
-            return match state
-                .store
-                .insert_rejected_message(Some(message_id), &reason, envelope.message.data.as_bytes())
-                .await
+            let data = envelope.message.data.as_bytes();
+            return match records::insert_rejected_message(&state.store, Some(message_id), &reason, data).await
             {
                 Ok(()) => Outcome::done(reason),
                 Err(err) => err.into(),
@@ -31,6 +29,6 @@ async fn push_request(State(state): State<AppState>, Json(envelope): Json<PushEn
     match intake::take(&state, &body, Some(message_id)).await {
         Ok(Intake::Accepted { id, .. }) => Outcome::done(format!("request {id} accepted")),
         Ok(Intake::Rejected(rejection)) => Outcome::done(format!("rejected: {}", rejection.reason)),
-        Err(retry) => retry,
+        Err(retry) => retry.into(),
     }
 }

@@ -6,12 +6,22 @@ use axum::{Json, Router};
 use haishin_shared::messages::PrepareTask;
 use haishin_shared::push::Outcome;
 
-use crate::{AppState, intake};
+use crate::AppState;
+use crate::prepare::{self, Prepared};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/tasks/prepare", post(prepare))
 }
 
+/// Done once the audience is prepared, the request is past this step, or it failed for good.
 async fn prepare(State(state): State<AppState>, Json(task): Json<PrepareTask>) -> Outcome {
-    intake::prepare(&state, &task.request_id).await
+    let id = &task.request_id;
+    match prepare::run(&state, id).await {
+        Ok(Prepared::Chunks(chunks)) => Outcome::done(format!("request {id} prepared: {chunks} chunks")),
+        Ok(Prepared::Past(past)) => {
+            Outcome::done(format!("request {id} is {}", past.map_or("unknown", |s| s.as_str())))
+        }
+        Ok(Prepared::Failed(reason)) => Outcome::done(format!("request {id} failed: {reason}")),
+        Err(retry) => retry.into(),
+    }
 }

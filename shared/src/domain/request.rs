@@ -1,12 +1,13 @@
-//! The units of work: delivery requests, their audiences and templates, and chunks.
+//! A delivery request as the marketing platform sends it: template, audience, class and timing.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use super::{Class, RequestId};
 
 /// Inline audiences are meant for realtime events; larger audiences belong in Cloud Storage.
 pub const MAX_INLINE_RECIPIENTS: usize = 10_000;
@@ -36,40 +37,6 @@ pub enum Template {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         html: Option<String>,
     },
-}
-
-/// The class of a delivery request: realtime events overtake batch campaigns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Class {
-    Realtime,
-    Batch,
-}
-
-impl Class {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Realtime => "realtime",
-            Class::Batch => "batch",
-        }
-    }
-}
-
-impl fmt::Display for Class {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Class {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "realtime" => Ok(Class::Realtime),
-            "batch" => Ok(Class::Batch),
-            other => Err(format!("unknown class `{other}`")),
-        }
-    }
 }
 
 /// Who receives a delivery.
@@ -123,7 +90,7 @@ pub struct BigqueryAudience {
 #[serde(deny_unknown_fields)]
 pub struct DeliveryRequest {
     /// The caller's idempotency key: the same id twice makes one request.
-    pub id: String,
+    pub id: RequestId,
     pub class: Class,
     /// Higher first.
     #[serde(default)]
@@ -143,7 +110,7 @@ pub struct DeliveryRequest {
 #[error("{reason}")]
 pub struct Rejection {
     /// The request's id, when the message carried a usable one.
-    pub id: Option<String>,
+    pub id: Option<RequestId>,
     pub reason: String,
 }
 
@@ -152,7 +119,8 @@ impl DeliveryRequest {
     pub fn parse(body: &[u8]) -> Result<Self, Rejection> {
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| Rejection { id: None, reason: format!("request is not valid JSON: {e}") })?;
-        let id = value.get("id").and_then(Value::as_str).filter(|id| valid_id(id).is_ok()).map(str::to_owned);
+        let id =
+            value.get("id").and_then(Value::as_str).filter(|id| valid_id(id).is_ok()).map(RequestId::from);
         let request: DeliveryRequest = serde_json::from_value(value)
             .map_err(|e| Rejection { id: id.clone(), reason: format!("invalid request: {e}") })?;
         request.validate().map_err(|reason| Rejection { id, reason })?;
@@ -161,7 +129,7 @@ impl DeliveryRequest {
 
     /// Checks what serde cannot: sizes, ranges and consistency.
     pub fn validate(&self) -> Result<(), String> {
-        valid_id(&self.id)?;
+        valid_id(self.id.as_str())?;
         if let (Some(nb), Some(dl)) = (self.not_before, self.deadline)
             && dl <= nb
         {
@@ -235,88 +203,6 @@ impl fmt::Display for GcsUri {
     }
 }
 
-macro_rules! states {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-        #[serde(rename_all = "lowercase")]
-        pub enum $name { $($variant),+ }
-
-        impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-            pub fn as_str(self) -> &'static str {
-                match self { $($name::$variant => $text),+ }
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                match s { $($text => Ok($name::$variant),)+ other => Err(format!("unknown state `{other}`")) }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.as_str()) }
-        }
-    };
-}
-
-states! {
-    /// Where a request stands: `received → preparing → dispatching → completed | failed | expired | cancelled`,
-    /// or `rejected` when it never entered the pipeline.
-    RequestState {
-        Received => "received",
-        Preparing => "preparing",
-        Dispatching => "dispatching",
-        Completed => "completed",
-        Failed => "failed",
-        Expired => "expired",
-        Cancelled => "cancelled",
-        Rejected => "rejected",
-    }
-}
-
-impl RequestState {
-    pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Expired | Self::Cancelled | Self::Rejected)
-    }
-}
-
-states! {
-    /// Where a chunk stands: `pending → queued → uploading → uploaded → sending → sent → completed`,
-    /// or `failed`, `expired`, `cancelled`, and `unknown` where a send's outcome could not be established.
-    ChunkState {
-        Pending => "pending",
-        Queued => "queued",
-        Uploading => "uploading",
-        Uploaded => "uploaded",
-        Sending => "sending",
-        Sent => "sent",
-        Completed => "completed",
-        Failed => "failed",
-        Expired => "expired",
-        Cancelled => "cancelled",
-        Unknown => "unknown",
-    }
-}
-
-impl ChunkState {
-    pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Expired | Self::Cancelled | Self::Unknown)
-    }
-}
-
-/// The deterministic id of a request's `seq`-th chunk.
-pub fn chunk_id(request_id: &str, seq: u32) -> String {
-    format!("{request_id}~{seq:06}")
-}
-
-/// The Cloud Storage object that holds a chunk's recipients (NDJSON).
-pub fn chunk_object(request_id: &str, seq: u32) -> String {
-    format!("requests/{request_id}/chunks/{seq:06}.ndjson")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,14 +239,14 @@ mod tests {
             r#"{{"id":"r-2","class":"urgent",{TEMPLATE},"audience":{{"inline":[{{"email":"a@example.com"}}]}}}}"#
         ))
         .unwrap_err();
-        assert_eq!(err.id.as_deref(), Some("r-2"));
+        assert_eq!(err.id.as_ref().map(RequestId::as_str), Some("r-2"));
         assert!(err.reason.contains("urgent"), "{}", err.reason);
     }
 
     #[test]
     fn a_request_without_audience_names_the_missing_field() {
         let err = parse(&format!(r#"{{"id":"r-3","class":"batch",{TEMPLATE}}}"#)).unwrap_err();
-        assert_eq!(err.id.as_deref(), Some("r-3"));
+        assert_eq!(err.id.as_ref().map(RequestId::as_str), Some("r-3"));
         assert!(err.reason.contains("audience"), "{}", err.reason);
     }
 
@@ -387,15 +273,5 @@ mod tests {
     fn an_unusable_id_is_not_kept() {
         let err = parse(r#"{"id":"has space","class":"batch"}"#).unwrap_err();
         assert_eq!(err.id, None);
-    }
-
-    #[test]
-    fn states_round_trip_through_text() {
-        for s in ChunkState::ALL {
-            assert_eq!(s.as_str().parse::<ChunkState>().unwrap(), *s);
-        }
-        for s in RequestState::ALL {
-            assert_eq!(s.as_str().parse::<RequestState>().unwrap(), *s);
-        }
     }
 }

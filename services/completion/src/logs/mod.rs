@@ -14,19 +14,21 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use crate::store::{ChunkRow, RequestRow};
+use haishin_shared::domain::{ChunkId, ChunkState, Class, RequestId, RequestState};
+use haishin_shared::store::{ChunkRow, ChunkTotals, RequestRow};
 
 mod bigquery;
+pub mod write;
 pub use bigquery::{BigQuerySink, Column, DELIVERIES_SCHEMA, REQUESTS_SCHEMA, columns};
 
 /// One row per finished chunk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeliveryLog {
-    pub request_id: String,
-    pub chunk_id: String,
-    pub class: String,
+    pub request_id: RequestId,
+    pub chunk_id: ChunkId,
+    pub class: Class,
     pub labels: Value,
-    pub state: String,
+    pub state: ChunkState,
     pub recipients: i64,
     pub delivered: i64,
     pub bounced: i64,
@@ -41,13 +43,13 @@ pub struct DeliveryLog {
 
 impl DeliveryLog {
     pub fn from_chunk(chunk: &ChunkRow, labels: &Value) -> Self {
-        let unknown = if chunk.state == "unknown" { chunk.recipients as i64 } else { 0 };
+        let unknown = if chunk.state == ChunkState::Unknown { chunk.recipients as i64 } else { 0 };
         Self {
             request_id: chunk.request_id.clone(),
             chunk_id: chunk.id.clone(),
-            class: chunk.class.clone(),
+            class: chunk.class,
             labels: labels.clone(),
-            state: chunk.state.clone(),
+            state: chunk.state,
             recipients: chunk.recipients as i64,
             delivered: chunk.delivered.unwrap_or(0),
             bounced: chunk.bounced.unwrap_or(0),
@@ -64,11 +66,11 @@ impl DeliveryLog {
 /// One summary row per finished request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RequestLog {
-    pub request_id: String,
-    pub class: String,
+    pub request_id: RequestId,
+    pub class: Class,
     pub priority: i32,
     pub labels: Value,
-    pub state: String,
+    pub state: RequestState,
     pub reason: Option<String>,
     /// Rows read from the audience, valid or not.
     pub audience_rows: i64,
@@ -90,34 +92,41 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    /// Builds the summary from the request and its chunk totals per state
-    /// (chunks, recipients, delivered, bounced, failed).
-    pub fn new(request: &RequestRow, totals: &BTreeMap<String, (i64, i64, i64, i64, i64)>) -> Self {
-        let recipients_in = |state: &str| totals.get(state).map_or(0, |t| t.1);
-        let sum = |pick: fn(&(i64, i64, i64, i64, i64)) -> i64| totals.values().map(pick).sum::<i64>();
+    /// Builds the summary from the request and its chunk totals per state.
+    pub fn new(request: &RequestRow, totals: &BTreeMap<ChunkState, ChunkTotals>) -> Self {
+        let recipients_in = |state: ChunkState| totals.get(&state).map_or(0, |t| t.recipients);
+        let sum = |pick: fn(&ChunkTotals) -> i64| totals.values().map(pick).sum::<i64>();
         let skipped: BTreeMap<String, i64> =
             serde_json::from_value(request.skipped.clone()).unwrap_or_default();
         Self {
             request_id: request.id.clone(),
-            class: request.class.clone(),
+            class: request.class,
             priority: request.priority,
             labels: request.labels.clone(),
-            state: request.state.clone(),
+            state: request.state,
             reason: request.reason.clone(),
             audience_rows: request.audience_rows.unwrap_or(0),
             recipients: request.recipients.unwrap_or(0),
             skipped,
-            sent: recipients_in("completed") + recipients_in("sent"),
-            delivered: sum(|t| t.2),
-            bounced: sum(|t| t.3),
-            failed: recipients_in("failed"),
-            expired: recipients_in("expired"),
-            cancelled: recipients_in("cancelled"),
-            unknown: recipients_in("unknown"),
+            sent: recipients_in(ChunkState::Completed) + recipients_in(ChunkState::Sent),
+            delivered: sum(|t| t.delivered),
+            bounced: sum(|t| t.bounced),
+            failed: recipients_in(ChunkState::Failed),
+            expired: recipients_in(ChunkState::Expired),
+            cancelled: recipients_in(ChunkState::Cancelled),
+            unknown: recipients_in(ChunkState::Unknown),
             received_at: request.received_at,
             finished_at: request.finished_at,
         }
     }
+}
+
+/// Pub/Sub message on `request-completed`, for the marketing platform: a request finished.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RequestCompleted {
+    pub request_id: RequestId,
+    pub state: RequestState,
+    pub summary: RequestLog,
 }
 
 #[derive(Debug, PartialEq, thiserror::Error)]

@@ -1,180 +1,21 @@
-//! Turning an audience into chunks: rows are streamed, validated, de-duplicated within the
-//! request, and written to Cloud Storage `chunk_size` recipients at a time.
+//! Reading an audience: inline lists, and CSV or NDJSON files in Cloud Storage, streamed row by
+//! row into the [`Chunker`].
 //!
 //! Memory holds one chunk being filled plus eight bytes per kept recipient (the de-duplication
 //! set), never the audience itself. A bad row is skipped and counted by reason; it never fails the
 //! request. A source that cannot be read at all (missing object, no `email` column) does.
 
-use std::collections::HashSet;
-use std::hash::{BuildHasher, Hasher};
-
 use futures::{Stream, StreamExt, TryStreamExt};
+use haishin_shared::domain::{Audience, DeliveryRequest, FileFormat, GcsUri, Recipient};
+use haishin_shared::gcp::{Blobs, GcpError};
+use haishin_shared::store::Store;
 use serde_json::{Map, Value};
 use tokio::io::AsyncBufReadExt;
 
-use crate::domain::{Audience, DeliveryRequest, FileFormat, GcsUri, Recipient, chunk_id, chunk_object};
-use crate::gcp::{Blobs, GcpError};
-use crate::store::{AudienceSummary, NewChunk, Store, StoreError};
-
-/// Longest accepted address (RFC 5321 path limit).
-pub const MAX_EMAIL_LEN: usize = 254;
-/// Largest accepted parameter set per recipient, in bytes of JSON.
-pub const MAX_PARAMS_BYTES: usize = 8 * 1024;
-
-/// Why a row was skipped; the names are the keys of the request's `skipped` counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skip {
-    InvalidEmail,
-    MissingColumn,
-    Malformed,
-    Oversize,
-    Duplicate,
-}
-
-impl Skip {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Skip::InvalidEmail => "invalid_email",
-            Skip::MissingColumn => "missing_column",
-            Skip::Malformed => "malformed",
-            Skip::Oversize => "oversize",
-            Skip::Duplicate => "duplicate",
-        }
-    }
-}
-
-/// Why an audience could not be prepared.
-#[derive(Debug, thiserror::Error)]
-pub enum PrepareError {
-    /// The audience can never be read as given; the request fails with this reason.
-    #[error("{0}")]
-    Unusable(String),
-    #[error(transparent)]
-    Storage(#[from] GcpError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl PrepareError {
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, PrepareError::Unusable(_) | PrepareError::Storage(GcpError::Permanent { .. }))
-    }
-}
-
-/// Checks an address: one `@`, a non-empty local part, a dotted domain, no spaces, sane length.
-pub fn valid_email(email: &str) -> bool {
-    if email.len() > MAX_EMAIL_LEN || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return false;
-    }
-    let Some((local, domain)) = email.rsplit_once('@') else { return false };
-    !local.is_empty()
-        && local.len() <= 64
-        && !local.contains('@')
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !domain.contains("..")
-        && domain.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-')
-}
-
-/// Validates one recipient; the address is trimmed.
-pub fn check(mut recipient: Recipient) -> Result<Recipient, Skip> {
-    recipient.email = recipient.email.trim().to_owned();
-    if !valid_email(&recipient.email) {
-        return Err(Skip::InvalidEmail);
-    }
-    let params_len = serde_json::to_vec(&recipient.params).map_or(usize::MAX, |v| v.len());
-    if params_len > MAX_PARAMS_BYTES {
-        return Err(Skip::Oversize);
-    }
-    Ok(recipient)
-}
-
-/// Fills chunks and writes them.
-struct Chunker<'a> {
-    blobs: &'a Blobs,
-    store: &'a Store,
-    bucket: &'a str,
-    request: &'a DeliveryRequest,
-    chunk_size: usize,
-    on_chunk: &'a (dyn Fn() + Sync),
-    seen: HashSet<u64, std::hash::RandomState>,
-    hasher: std::hash::RandomState,
-    buffer: Vec<u8>,
-    in_buffer: u32,
-    summary: AudienceSummary,
-}
-
-impl<'a> Chunker<'a> {
-    fn new(
-        blobs: &'a Blobs,
-        store: &'a Store,
-        bucket: &'a str,
-        request: &'a DeliveryRequest,
-        chunk_size: usize,
-        on_chunk: &'a (dyn Fn() + Sync),
-    ) -> Self {
-        Self {
-            blobs,
-            store,
-            bucket,
-            request,
-            chunk_size: chunk_size.max(1),
-            on_chunk,
-            seen: HashSet::default(),
-            hasher: std::hash::RandomState::new(),
-            buffer: Vec::new(),
-            in_buffer: 0,
-            summary: AudienceSummary::default(),
-        }
-    }
-
-    fn skip(&mut self, reason: Skip) {
-        *self.summary.skipped.entry(reason.as_str().to_owned()).or_default() += 1;
-    }
-
-    async fn push(&mut self, row: Result<Recipient, Skip>) -> Result<(), PrepareError> {
-        self.summary.rows += 1;
-        let recipient = match row.and_then(check) {
-            Ok(r) => r,
-            Err(reason) => {
-                self.skip(reason);
-                return Ok(());
-            }
-        };
-        let mut hasher = self.hasher.build_hasher();
-        hasher.write(recipient.email.to_ascii_lowercase().as_bytes());
-        if !self.seen.insert(hasher.finish()) {
-            self.skip(Skip::Duplicate);
-            return Ok(());
-        }
-        serde_json::to_writer(&mut self.buffer, &recipient)
-            .map_err(|e| PrepareError::Unusable(e.to_string()))?;
-        self.buffer.push(b'\n');
-        self.in_buffer += 1;
-        self.summary.recipients += 1;
-        if self.in_buffer as usize >= self.chunk_size {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<(), PrepareError> {
-        if self.in_buffer == 0 {
-            return Ok(());
-        }
-        let seq = self.summary.chunks;
-        let object = chunk_object(&self.request.id, seq);
-        let data = bytes::Bytes::from(std::mem::take(&mut self.buffer));
-        self.blobs.write(self.bucket, &object, data).await?;
-        let chunk = NewChunk { id: chunk_id(&self.request.id, seq), seq, object, recipients: self.in_buffer };
-        self.store.insert_chunks(self.request, &[chunk]).await?;
-        self.summary.chunks += 1;
-        self.in_buffer = 0;
-        (self.on_chunk)();
-        Ok(())
-    }
-}
+use super::PrepareError;
+use super::chunker::{AudienceSummary, Chunker};
+use super::recipient::Skip;
+use super::records;
 
 /// Streams the request's audience into chunk objects under `gs://bucket/requests/<id>/chunks/`
 /// and chunk rows, and returns what was found. `on_chunk` runs after each chunk is stored: a
@@ -184,7 +25,7 @@ impl<'a> Chunker<'a> {
 /// derived from the audience), so a prepare step interrupted after some chunks were dispatched
 /// can be repeated safely.
 #[tracing::instrument(skip_all, fields(request_id = %request.id))]
-pub async fn prepare(
+pub(super) async fn read_audience(
     blobs: &Blobs,
     store: &Store,
     bucket: &str,
@@ -192,7 +33,7 @@ pub async fn prepare(
     chunk_size: usize,
     on_chunk: &(dyn Fn() + Sync),
 ) -> Result<AudienceSummary, PrepareError> {
-    store.clear_chunks(&request.id).await?;
+    records::clear_chunks(store, &request.id).await?;
     let mut chunker = Chunker::new(blobs, store, bucket, request, chunk_size, on_chunk);
     match &request.audience {
         Audience::Inline(list) => {
@@ -349,41 +190,4 @@ where
         chunker.push(row).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses_are_checked_for_shape() {
-        for ok in ["a@example.com", "first.last+tag@sub.example.co.jp", "x@a-b.io"] {
-            assert!(valid_email(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "no-at.example.com",
-            "@example.com",
-            "a@nodot",
-            "a b@example.com",
-            "a@.example.com",
-            "a@example..com",
-            "a@b@example.com",
-        ] {
-            assert!(!valid_email(bad), "{bad}");
-        }
-    }
-
-    #[test]
-    fn oversize_parameters_are_skipped() {
-        let mut params = Map::new();
-        params.insert("blob".into(), Value::String("x".repeat(MAX_PARAMS_BYTES + 1)));
-        assert_eq!(check(Recipient { email: "a@example.com".into(), params }), Err(Skip::Oversize));
-    }
-
-    #[test]
-    fn addresses_are_trimmed() {
-        let r = check(Recipient { email: "  a@example.com ".into(), params: Map::new() }).unwrap();
-        assert_eq!(r.email, "a@example.com");
-    }
 }

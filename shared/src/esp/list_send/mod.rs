@@ -1,4 +1,9 @@
-//! [`HttpEsp`]: an [`EspProvider`] speaking the ESP simulator's HTTP API.
+//! [`ListSendEsp`]: an [`EspProvider`] for list-based ESPs that speak the list-send protocol.
+//!
+//! A list-based ESP takes a campaign in two calls: upload the recipients as a list, then send a
+//! template to that list. The list-send protocol is the reference form of that shape: the ESP
+//! simulator (`tools/esp-sim`) serves it, and a real list-based ESP is reached through it or
+//! through a provider of its own beside this one.
 //!
 //! The protocol (JSON over HTTP, `Authorization: Bearer <api key>`):
 //! - `POST /v1/lists` `{idempotency_key, request_id, recipients}` → 201 `{list_id}`;
@@ -13,18 +18,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
+use chrono::Utc;
+use reqwest::header::{AUTHORIZATION, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
+
+mod outcome;
+
+use outcome::{Op, classify_status, decode, encode, snippet, transport_error, unread_answer};
 
 use super::{DeliveryId, DeliveryStatus, EspError, EspProvider, ListId, ListUpload, SendRequest};
 
-/// How to reach an ESP that speaks the simulator's protocol.
+/// How to reach an ESP that speaks the list-send protocol.
 #[derive(Clone, Debug)]
-pub struct HttpEspConfig {
+pub struct ListSendConfig {
     /// Where the API lives, e.g. `http://127.0.0.1:8089`; the `/v1/...` paths are appended.
     pub base_url: String,
     /// Sent as `Authorization: Bearer <key>` when set.
@@ -36,7 +44,7 @@ pub struct HttpEspConfig {
     pub connect_timeout: Duration,
 }
 
-impl HttpEspConfig {
+impl ListSendConfig {
     /// A configuration with the default timeouts and no API key.
     pub fn new(base_url: impl Into<String>) -> Self {
         Self {
@@ -60,18 +68,18 @@ impl HttpEspConfig {
     }
 }
 
-/// An [`EspProvider`] over HTTP. Build it once and share it: the client pools connections.
+/// An [`EspProvider`] speaking the list-send protocol. Build it once and share it: the client pools connections.
 #[derive(Clone, Debug)]
-pub struct HttpEsp {
+pub struct ListSendEsp {
     client: reqwest::Client,
     base: Url,
     auth: Option<HeaderValue>,
     timeout: Duration,
 }
 
-impl HttpEsp {
+impl ListSendEsp {
     /// Builds the provider with its own HTTP client.
-    pub fn new(config: HttpEspConfig) -> Result<Self, EspError> {
+    pub fn new(config: ListSendConfig) -> Result<Self, EspError> {
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -82,8 +90,8 @@ impl HttpEsp {
 
     /// Builds the provider over an existing client. Its per-call timeout still applies;
     /// the client should not follow redirects.
-    pub fn with_client(client: reqwest::Client, config: HttpEspConfig) -> Result<Self, EspError> {
-        let HttpEspConfig { base_url, api_key, timeout, .. } = config;
+    pub fn with_client(client: reqwest::Client, config: ListSendConfig) -> Result<Self, EspError> {
+        let ListSendConfig { base_url, api_key, timeout, .. } = config;
         let base = Url::parse(&base_url)
             .map_err(|e| EspError::Permanent(format!("invalid esp url `{base_url}`: {e}")))?;
         if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
@@ -101,11 +109,6 @@ impl HttpEsp {
             None => None,
         };
         Ok(Self { client, base, auth, timeout })
-    }
-
-    /// The API's base URL.
-    pub fn base_url(&self) -> &Url {
-        &self.base
     }
 
     fn url(&self, segments: &[&str]) -> Url {
@@ -147,7 +150,7 @@ impl HttpEsp {
 }
 
 #[async_trait]
-impl EspProvider for HttpEsp {
+impl EspProvider for ListSendEsp {
     #[tracing::instrument(skip_all, fields(request_id = %list.request_id, key = %list.idempotency_key, recipients = list.recipients.len()))]
     async fn upload_list(&self, list: &ListUpload) -> Result<ListId, EspError> {
         let body = encode(Op::Upload, list)?;
@@ -207,31 +210,6 @@ impl EspProvider for HttpEsp {
     }
 }
 
-/// Which call failed: it decides whether a lost answer leaves the outcome unknown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    Upload,
-    Send,
-    Lookup,
-    Status,
-}
-
-impl Op {
-    fn describe(self) -> &'static str {
-        match self {
-            Op::Upload => "list upload",
-            Op::Send => "send",
-            Op::Lookup => "delivery lookup",
-            Op::Status => "delivery status",
-        }
-    }
-
-    /// Calls that change something at the ESP: losing their answer leaves the outcome unknown.
-    fn changes_state(self) -> bool {
-        matches!(self, Op::Upload | Op::Send)
-    }
-}
-
 #[derive(Debug, Deserialize)]
 struct ListCreated {
     list_id: ListId,
@@ -263,168 +241,21 @@ struct ErrorBody {
     error: String,
 }
 
-fn encode<T: serde::Serialize>(op: Op, value: &T) -> Result<Vec<u8>, EspError> {
-    serde_json::to_vec(value)
-        .map_err(|e| EspError::Permanent(format!("{}: cannot encode the request: {e}", op.describe())))
-}
-
-/// Decodes a success's body. A 2xx to an upload or a send whose body makes no sense
-/// still means the ESP accepted the call, so the outcome is unknown, not failed.
-fn decode<T: DeserializeOwned>(op: Op, status: StatusCode, body: &[u8]) -> Result<T, EspError> {
-    serde_json::from_slice(body).map_err(|e| {
-        let message = format!("{}: unreadable {status} answer ({e}): {}", op.describe(), snippet(body));
-        if op.changes_state() { EspError::Indeterminate(message) } else { EspError::Transient(message) }
-    })
-}
-
-/// A call that produced no HTTP answer.
-fn transport_error(op: Op, error: &reqwest::Error) -> EspError {
-    let cause = error_chain(error);
-    if error.is_builder() {
-        EspError::Permanent(format!("{}: cannot build the request: {cause}", op.describe()))
-    } else if error.is_connect() {
-        EspError::Transient(format!("{}: cannot connect to the esp: {cause}", op.describe()))
-    } else if op.changes_state() {
-        let what = if error.is_timeout() { "timed out" } else { "lost its connection" };
-        EspError::Indeterminate(format!(
-            "{} {what} after it was sent, the esp may have accepted it: {cause}",
-            op.describe()
-        ))
-    } else {
-        EspError::Transient(format!("{}: {cause}", op.describe()))
-    }
-}
-
-/// A success whose body could not be read: accepted, but with no id to show for it.
-fn unread_answer(op: Op, status: StatusCode, error: &reqwest::Error) -> EspError {
-    let message = format!(
-        "{}: answered {status} but the answer could not be read: {}",
-        op.describe(),
-        error_chain(error)
-    );
-    if op.changes_state() { EspError::Indeterminate(message) } else { EspError::Transient(message) }
-}
-
-/// Classifies an HTTP answer that is not a success.
-fn classify_status(
-    op: Op,
-    status: StatusCode,
-    headers: &HeaderMap,
-    body: &[u8],
-    now: DateTime<Utc>,
-) -> EspError {
-    let message = format!("{} answered {status}: {}", op.describe(), snippet(body));
-    match status {
-        StatusCode::TOO_MANY_REQUESTS => EspError::RateLimited {
-            retry_after: headers.get(RETRY_AFTER).and_then(|v| parse_retry_after(v, now)),
-        },
-        // The gateway gave up waiting for the ESP, which may have gone on to accept the call.
-        StatusCode::GATEWAY_TIMEOUT if op.changes_state() => EspError::Indeterminate(message),
-        StatusCode::REQUEST_TIMEOUT => EspError::Transient(message),
-        s if s.is_server_error() => EspError::Transient(message),
-        _ => EspError::Permanent(message),
-    }
-}
-
-/// `Retry-After` as delay-seconds or an HTTP date.
-fn parse_retry_after(value: &HeaderValue, now: DateTime<Utc>) -> Option<Duration> {
-    let text = value.to_str().ok()?.trim();
-    if let Ok(seconds) = text.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    if let Ok(seconds) = text.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
-    }
-    let at = DateTime::parse_from_rfc2822(text).ok()?.with_timezone(&Utc);
-    Some((at - now).to_std().unwrap_or(Duration::ZERO))
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// The start of an answer's body, for error messages.
-fn snippet(body: &[u8]) -> String {
-    const MAX: usize = 300;
-    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
-    if body.len() > MAX { format!("{text}…") } else { text.into_owned() }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn classify(op: Op, status: u16, headers: &[(&'static str, &str)]) -> EspError {
-        let mut map = HeaderMap::new();
-        for (name, value) in headers {
-            map.insert(*name, HeaderValue::from_str(value).unwrap());
-        }
-        let now = DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z").unwrap().with_timezone(&Utc);
-        classify_status(op, StatusCode::from_u16(status).unwrap(), &map, br#"{"error":"x"}"#, now)
-    }
-
-    #[test]
-    fn a_429_is_rate_limited_with_the_delay_the_esp_asked_for() {
-        assert_eq!(
-            classify(Op::Send, 429, &[("retry-after", "3")]),
-            EspError::RateLimited { retry_after: Some(Duration::from_secs(3)) }
-        );
-        assert_eq!(
-            classify(Op::Upload, 429, &[("retry-after", "Sun, 01 Mar 2026 12:00:05 GMT")]),
-            EspError::RateLimited { retry_after: Some(Duration::from_secs(5)) }
-        );
-        assert_eq!(classify(Op::Upload, 429, &[]), EspError::RateLimited { retry_after: None });
-        assert_eq!(
-            classify(Op::Upload, 429, &[("retry-after", "soon")]),
-            EspError::RateLimited { retry_after: None }
-        );
-    }
-
-    #[test]
-    fn server_errors_are_transient_and_client_errors_permanent() {
-        for op in [Op::Upload, Op::Send, Op::Lookup, Op::Status] {
-            assert!(matches!(classify(op, 500, &[]), EspError::Transient(_)));
-            assert!(matches!(classify(op, 503, &[]), EspError::Transient(_)));
-            assert!(matches!(classify(op, 408, &[]), EspError::Transient(_)));
-            for status in [400, 401, 403, 404, 409, 422] {
-                assert!(matches!(classify(op, status, &[]), EspError::Permanent(_)), "{status}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_gateway_timeout_leaves_a_send_indeterminate_but_a_read_transient() {
-        assert!(classify(Op::Send, 504, &[]).maybe_accepted());
-        assert!(classify(Op::Upload, 504, &[]).maybe_accepted());
-        assert!(matches!(classify(Op::Lookup, 504, &[]), EspError::Transient(_)));
-    }
-
-    #[test]
-    fn an_unreadable_success_leaves_a_send_indeterminate() {
-        let err = decode::<SendAccepted>(Op::Send, StatusCode::ACCEPTED, b"<html>").unwrap_err();
-        assert!(err.maybe_accepted(), "{err}");
-        let err = decode::<StatusBody>(Op::Status, StatusCode::OK, b"<html>").unwrap_err();
-        assert!(matches!(err, EspError::Transient(_)), "{err}");
-    }
-
     #[test]
     fn paths_are_appended_to_the_base_url() {
-        let esp = HttpEsp::new(HttpEspConfig::new("http://127.0.0.1:9/esp/")).unwrap();
+        let esp = ListSendEsp::new(ListSendConfig::new("http://127.0.0.1:9/esp/")).unwrap();
         assert_eq!(esp.url(&["v1", "sends", "d/1"]).as_str(), "http://127.0.0.1:9/esp/v1/sends/d%2F1");
-        let esp = HttpEsp::new(HttpEspConfig::new("http://127.0.0.1:9")).unwrap();
+        let esp = ListSendEsp::new(ListSendConfig::new("http://127.0.0.1:9")).unwrap();
         assert_eq!(esp.url(&["v1", "lists"]).as_str(), "http://127.0.0.1:9/v1/lists");
     }
 
     #[test]
     fn a_bad_base_url_is_refused() {
-        assert!(matches!(HttpEsp::new(HttpEspConfig::new("not a url")), Err(EspError::Permanent(_))));
-        assert!(matches!(HttpEsp::new(HttpEspConfig::new("mailto:x@y")), Err(EspError::Permanent(_))));
+        assert!(matches!(ListSendEsp::new(ListSendConfig::new("not a url")), Err(EspError::Permanent(_))));
+        assert!(matches!(ListSendEsp::new(ListSendConfig::new("mailto:x@y")), Err(EspError::Permanent(_))));
     }
 }

@@ -1,17 +1,32 @@
-//! The store's scheduling rule and guarded state machine, against a real PostgreSQL.
+//! The trigger's scheduling rule and the chunks' guarded state machine, against a real PostgreSQL.
 
 use std::time::Duration;
 
 use chrono::Utc;
-use haishin_shared::domain::{Audience, ChunkState, Class, DeliveryRequest, Recipient, Template, chunk_id};
-use haishin_shared::store::{Claim, NewChunk, SlotLimits, Store};
+use haishin_shared::domain::{
+    Audience, ChunkId, ChunkState, Class, DeliveryRequest, Recipient, RequestId, Template,
+};
+use haishin_shared::store::{Claim, Step, Store};
 use haishin_tests::fresh_database;
+use haishin_trigger::intake::records::insert_request;
+use haishin_trigger::prepare::AudienceSummary;
+use haishin_trigger::prepare::records::{NewChunk, claim_prepare, finish_prepare, insert_chunks};
+use haishin_trigger::scheduling::{SlotLimits, dispatch_round, undo_dispatch};
+use haishin_trigger::status::request_status;
+
+fn rid(id: &str) -> RequestId {
+    RequestId::from(id)
+}
+
+fn chunk_id(request: &str, seq: u32) -> ChunkId {
+    ChunkId::new(&rid(request), seq)
+}
 
 const LIMITS: SlotLimits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
 
 fn request(id: &str, class: Class, priority: i32) -> DeliveryRequest {
     DeliveryRequest {
-        id: id.into(),
+        id: rid(id),
         class,
         priority,
         template: Template::Stored { id: "t".into() },
@@ -27,37 +42,39 @@ fn request(id: &str, class: Class, priority: i32) -> DeliveryRequest {
 
 /// Stores a request with `chunks` pending chunks, ready for dispatch.
 async fn ready(store: &Store, request: &DeliveryRequest, chunks: u32) {
-    assert!(store.insert_request(request).await.unwrap());
-    let Claim::Claimed(_) = store.claim_prepare(&request.id, Duration::from_secs(60)).await.unwrap() else {
+    assert!(insert_request(store, request).await.unwrap());
+    let Claim::Claimed(_) = claim_prepare(store, &request.id, Duration::from_secs(60)).await.unwrap() else {
         panic!("prepare not claimed")
     };
     let rows: Vec<NewChunk> = (0..chunks)
         .map(|seq| NewChunk {
-            id: chunk_id(&request.id, seq),
+            id: ChunkId::new(&request.id, seq),
             seq,
             object: format!("o/{seq}"),
             recipients: 10,
         })
         .collect();
-    store.insert_chunks(request, &rows).await.unwrap();
-    let summary = haishin_shared::store::AudienceSummary {
-        chunks,
-        recipients: 10 * chunks as u64,
-        ..Default::default()
-    };
-    assert!(store.finish_prepare(&request.id, &summary).await.unwrap());
+    insert_chunks(store, request, &rows).await.unwrap();
+    let summary = AudienceSummary { chunks, recipients: 10 * chunks as u64, ..Default::default() };
+    assert!(finish_prepare(store, &request.id, &summary).await.unwrap());
 }
 
 async fn dispatched_requests(store: &Store, limits: SlotLimits) -> Vec<String> {
-    store.dispatch_round(limits).await.unwrap().dispatched.into_iter().map(|d| d.request_id).collect()
+    dispatch_round(store, limits)
+        .await
+        .unwrap()
+        .dispatched
+        .into_iter()
+        .map(|d| d.request_id.to_string())
+        .collect()
 }
 
 /// Moves a dispatched chunk through upload so that its slot frees.
-async fn finish_upload(store: &Store, chunk: &str) {
-    let Claim::Claimed(_) = store.claim_upload(chunk, Duration::from_secs(60)).await.unwrap() else {
+async fn finish_upload(store: &Store, chunk: &ChunkId) {
+    let Claim::Claimed(_) = store.claim(chunk, Step::Upload, Duration::from_secs(60)).await.unwrap() else {
         panic!("upload not claimed")
     };
-    assert!(store.mark_uploaded(chunk, "list").await.unwrap());
+    assert!(haishin_list_uploader::mark_uploaded(store, chunk, "list").await.unwrap());
 }
 
 #[tokio::test]
@@ -66,9 +83,9 @@ async fn the_same_request_id_twice_makes_one_request() {
     let first = request("dup", Class::Batch, 1);
     let mut second = request("dup", Class::Realtime, 9);
     second.labels.insert("other".into(), "body".into());
-    assert!(store.insert_request(&first).await.unwrap());
-    assert!(!store.insert_request(&second).await.unwrap());
-    let row = store.request("dup").await.unwrap().unwrap();
+    assert!(insert_request(&store, &first).await.unwrap());
+    assert!(!insert_request(&store, &second).await.unwrap());
+    let row = store.request(&rid("dup")).await.unwrap().unwrap();
     assert_eq!((row.class.as_str(), row.priority), ("batch", 1));
 }
 
@@ -93,7 +110,7 @@ async fn chunks_in_flight_never_exceed_the_limit() {
     assert_eq!(dispatched_requests(&store, LIMITS).await.len(), 0, "all slots are taken");
 
     finish_upload(&store, &chunk_id("big", 0)).await;
-    let round = store.dispatch_round(LIMITS).await.unwrap();
+    let round = dispatch_round(&store, LIMITS).await.unwrap();
     assert_eq!(round.dispatched.len(), 1, "one slot freed, one chunk dispatched");
     assert_eq!(round.in_flight, 3);
 }
@@ -129,11 +146,11 @@ async fn overdue_chunks_expire_instead_of_being_dispatched() {
     ready(&store, &late, 2).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
 
-    let round = store.dispatch_round(LIMITS).await.unwrap();
+    let round = dispatch_round(&store, LIMITS).await.unwrap();
 
     assert!(round.dispatched.is_empty());
     assert_eq!(round.expired, 2);
-    assert_eq!(store.chunk(&chunk_id("late", 0)).await.unwrap().unwrap().state(), ChunkState::Expired);
+    assert_eq!(store.chunk(&chunk_id("late", 0)).await.unwrap().unwrap().state, ChunkState::Expired);
 }
 
 #[tokio::test]
@@ -145,7 +162,7 @@ async fn concurrent_rounds_from_two_pools_never_over_commit() {
 
     let rounds = (0..20).map(|i| {
         let store = if i % 2 == 0 { store.clone() } else { other.clone() };
-        async move { store.dispatch_round(limits).await.unwrap().dispatched }
+        async move { dispatch_round(&store, limits).await.unwrap().dispatched }
     });
     let dispatched: Vec<_> = futures::future::join_all(rounds).await.into_iter().flatten().collect();
 
@@ -160,26 +177,29 @@ async fn concurrent_rounds_from_two_pools_never_over_commit() {
 async fn a_claimed_chunk_is_busy_until_its_lease_runs_out_then_taken_over() {
     let (store, _) = fresh_database().await;
     ready(&store, &request("r", Class::Batch, 0), 1).await;
-    store.dispatch_round(LIMITS).await.unwrap();
+    dispatch_round(&store, LIMITS).await.unwrap();
     let chunk = chunk_id("r", 0);
     finish_upload(&store, &chunk).await;
 
-    let Claim::Claimed(first) = store.claim_send(&chunk, Duration::from_millis(200)).await.unwrap() else {
+    let Claim::Claimed(first) = store.claim(&chunk, Step::Send, Duration::from_millis(200)).await.unwrap()
+    else {
         panic!()
     };
     assert!(!first.takeover);
-    assert!(matches!(store.claim_send(&chunk, Duration::from_secs(60)).await.unwrap(), Claim::Busy));
+    assert!(matches!(store.claim(&chunk, Step::Send, Duration::from_secs(60)).await.unwrap(), Claim::Busy));
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let Claim::Claimed(second) = store.claim_send(&chunk, Duration::from_secs(60)).await.unwrap() else {
+    let Claim::Claimed(second) = store.claim(&chunk, Step::Send, Duration::from_secs(60)).await.unwrap()
+    else {
         panic!()
     };
     assert!(second.takeover, "the earlier attempt's outcome is unknown");
 
-    assert!(store.mark_sent(&chunk, "d-1").await.unwrap());
-    assert!(
-        matches!(store.claim_send(&chunk, Duration::from_secs(60)).await.unwrap(), Claim::Done(Some(s)) if s == "sent")
-    );
+    assert!(haishin_sender::mark_sent(&store, &chunk, "d-1").await.unwrap());
+    assert!(matches!(
+        store.claim(&chunk, Step::Send, Duration::from_secs(60)).await.unwrap(),
+        Claim::Done(Some(ChunkState::Sent))
+    ));
 }
 
 #[tokio::test]
@@ -205,12 +225,13 @@ async fn a_later_campaign_takes_turns_with_a_running_one_instead_of_waiting_or_c
 async fn chunks_of_a_request_still_being_prepared_are_dispatched() {
     let (store, _) = fresh_database().await;
     let campaign = request("streaming", Class::Batch, 0);
-    store.insert_request(&campaign).await.unwrap();
-    let Claim::Claimed(_) = store.claim_prepare("streaming", Duration::from_secs(60)).await.unwrap() else {
+    insert_request(&store, &campaign).await.unwrap();
+    let Claim::Claimed(_) = claim_prepare(&store, &rid("streaming"), Duration::from_secs(60)).await.unwrap()
+    else {
         panic!()
     };
     let first = NewChunk { id: chunk_id("streaming", 0), seq: 0, object: "o/0".into(), recipients: 10 };
-    store.insert_chunks(&campaign, &[first]).await.unwrap();
+    insert_chunks(&store, &campaign, &[first]).await.unwrap();
 
     assert_eq!(dispatched_requests(&store, LIMITS).await, ["streaming"]);
 }
@@ -220,7 +241,7 @@ async fn a_request_that_cannot_meet_its_deadline_at_the_current_pace_is_flagged(
     let (store, _) = fresh_database().await;
     // Pace: one chunk uploaded in the last minute.
     ready(&store, &request("earlier", Class::Batch, 5), 1).await;
-    store.dispatch_round(LIMITS).await.unwrap();
+    dispatch_round(&store, LIMITS).await.unwrap();
     finish_upload(&store, &chunk_id("earlier", 0)).await;
     let mut tight = request("tight", Class::Batch, 0);
     tight.deadline = Some(Utc::now() + chrono::Duration::minutes(5));
@@ -229,8 +250,8 @@ async fn a_request_that_cannot_meet_its_deadline_at_the_current_pace_is_flagged(
     roomy.deadline = Some(Utc::now() + chrono::Duration::days(1));
     ready(&store, &roomy, 2).await;
 
-    let tight = store.request_status("tight").await.unwrap().unwrap().forecast.unwrap();
-    let roomy = store.request_status("roomy").await.unwrap().unwrap().forecast.unwrap();
+    let tight = request_status(&store, &rid("tight")).await.unwrap().unwrap().forecast.unwrap();
+    let roomy = request_status(&store, &rid("roomy")).await.unwrap().unwrap().forecast.unwrap();
 
     assert_eq!((tight.chunks_left, tight.uploads_last_minute), (10, 1));
     assert!(tight.deadline_at_risk, "10 chunks at one a minute take longer than 5 minutes");
@@ -241,7 +262,7 @@ async fn a_request_that_cannot_meet_its_deadline_at_the_current_pace_is_flagged(
 /// The chunks of `request` as (object, first line, recipients), by object and line.
 async fn line_ranges(store: &Store, request: &str) -> Vec<(String, i32, i32)> {
     let mut ranges: Vec<_> = store
-        .chunks_of(request)
+        .chunks_of(&rid(request))
         .await
         .unwrap()
         .into_iter()
@@ -271,11 +292,12 @@ async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
     // 3 chunks of 10 for 7 batch slots: whole, they would leave 4 slots idle.
     ready(&store, &request("tail", Class::Batch, 0), 3).await;
 
-    let round = store.dispatch_round(limits).await.unwrap();
+    let round = dispatch_round(&store, limits).await.unwrap();
 
     assert_eq!(round.dispatched.len(), 7, "every batch slot gets a piece");
-    let chunks = store.chunks_of("tail").await.unwrap();
-    let queued: Vec<i32> = chunks.iter().filter(|c| c.state == "queued").map(|c| c.recipients).collect();
+    let chunks = store.chunks_of(&rid("tail")).await.unwrap();
+    let queued: Vec<i32> =
+        chunks.iter().filter(|c| c.state == ChunkState::Queued).map(|c| c.recipients).collect();
     // Each piece is the pending recipients over the slots (30 / 7 → 5 first), never under the minimum.
     assert_eq!(queued[0], 5);
     assert!(queued.iter().all(|&n| (2..=5).contains(&n)), "{queued:?}");
@@ -285,9 +307,9 @@ async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
     ids.dedup();
     assert_eq!(ids.len(), chunks.len(), "each piece has an id of its own");
     assert_covered_once(&line_ranges(&store, "tail").await, 3);
-    let request = store.request("tail").await.unwrap().unwrap();
+    let request = store.request(&rid("tail")).await.unwrap().unwrap();
     assert_eq!(request.chunk_count, Some(chunks.len() as i32));
-    let status = store.request_status("tail").await.unwrap().unwrap();
+    let status = request_status(&store, &rid("tail")).await.unwrap().unwrap();
     assert_eq!(status.recipients.values().sum::<i64>(), 30, "no recipient gained or lost");
 }
 
@@ -297,9 +319,9 @@ async fn the_tail_is_not_cut_while_more_batch_work_may_come() {
     let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 2 };
     ready(&store, &request("prepared", Class::Batch, 0), 2).await;
     let preparing = request("preparing", Class::Batch, 0);
-    assert!(store.insert_request(&preparing).await.unwrap());
+    assert!(insert_request(&store, &preparing).await.unwrap());
 
-    let round = store.dispatch_round(limits).await.unwrap();
+    let round = dispatch_round(&store, limits).await.unwrap();
 
     assert_eq!(round.dispatched.len(), 2);
     let ranges: Vec<_> = line_ranges(&store, "prepared").await.into_iter().map(|r| (r.1, r.2)).collect();
@@ -313,13 +335,13 @@ async fn a_chunk_dispatched_before_is_never_cut_and_pieces_stay_above_the_minimu
     // Chunk 0 goes out and comes back to pending, as after a lost task: the ESP may hold a list
     // under its key, so its range must stay whole.
     let one = SlotLimits { limit: 1, realtime_reserved: 0, prefetch: 0, min_part: 0 };
-    let first = store.dispatch_round(one).await.unwrap().dispatched.remove(0);
-    assert!(store.undo_dispatch(&first.chunk_id, first.generation).await.unwrap());
+    let first = dispatch_round(&store, one).await.unwrap().dispatched.remove(0);
+    assert!(undo_dispatch(&store, &first.chunk_id, first.generation).await.unwrap());
 
     // 20 pending over 8 slots would make pieces of 3; the minimum is 4, and a rest of 6 is not
     // cut again (it would leave a piece under 4).
     let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 4 };
-    store.dispatch_round(limits).await.unwrap();
+    dispatch_round(&store, limits).await.unwrap();
 
     let ranges = line_ranges(&store, "r").await;
     let ranges: Vec<_> = ranges.iter().map(|(o, f, n)| (o.as_str(), *f, *n)).collect();
@@ -332,7 +354,7 @@ async fn realtime_chunks_are_never_cut() {
     let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 1 };
     ready(&store, &request("event", Class::Realtime, 0), 1).await;
 
-    store.dispatch_round(limits).await.unwrap();
+    dispatch_round(&store, limits).await.unwrap();
 
     assert_eq!(line_ranges(&store, "event").await, [("o/0".to_owned(), 0, 10)]);
 }

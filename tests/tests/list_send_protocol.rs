@@ -1,4 +1,5 @@
-//! The simulator's behaviour as a caller sees it, through `HttpEsp` and raw HTTP.
+//! The list-send protocol end to end: the `ListSendEsp` client against its reference server, the
+//! ESP simulator, as a caller sees it (through the client and through raw HTTP).
 
 use std::time::Duration;
 
@@ -6,7 +7,7 @@ use futures::future::join_all;
 use haishin_esp_sim::{Api, EspSim, EspSimConfig, EspSimHandle, FaultRates, Faults, SimClient};
 use haishin_shared::domain::{Class, Recipient, Template};
 use haishin_shared::esp::{
-    DeliveryId, DeliveryStatus, EspError, EspProvider, HttpEsp, HttpEspConfig, ListId, ListUpload,
+    DeliveryId, DeliveryStatus, EspError, EspProvider, ListId, ListSendConfig, ListSendEsp, ListUpload,
     SendRequest,
 };
 use serde_json::json;
@@ -28,15 +29,15 @@ fn list(key: &str, request_id: &str, emails: &[&str]) -> ListUpload {
 fn send_of(key: &str, request_id: &str, list_id: &ListId) -> SendRequest {
     SendRequest {
         idempotency_key: key.to_owned(),
-        request_id: request_id.to_owned(),
+        request_id: request_id.into(),
         list_id: list_id.clone(),
         template: Template::Inline { subject: "Hello {{name}}".into(), text: Some("Hi".into()), html: None },
         class: Class::Batch,
     }
 }
 
-fn esp(sim: &EspSimHandle) -> HttpEsp {
-    HttpEsp::new(HttpEspConfig::new(sim.url()).with_timeout(Duration::from_secs(10))).unwrap()
+fn esp(sim: &EspSimHandle) -> ListSendEsp {
+    ListSendEsp::new(ListSendConfig::new(sim.url()).with_timeout(Duration::from_secs(10))).unwrap()
 }
 
 async fn start(config: EspSimConfig) -> EspSimHandle {
@@ -190,9 +191,9 @@ async fn a_missing_or_wrong_api_key_is_refused_as_permanent() {
     let upload = list("k", "r", &["a@x.com"]);
 
     let anonymous = esp(&sim).upload_list(&upload).await.unwrap_err();
-    let wrong = HttpEsp::new(HttpEspConfig::new(sim.url()).with_api_key("nope")).unwrap();
+    let wrong = ListSendEsp::new(ListSendConfig::new(sim.url()).with_api_key("nope")).unwrap();
     let wrong = wrong.find_delivery("k").await.unwrap_err();
-    let right = HttpEsp::new(HttpEspConfig::new(sim.url()).with_api_key("s3cret")).unwrap();
+    let right = ListSendEsp::new(ListSendConfig::new(sim.url()).with_api_key("s3cret")).unwrap();
 
     assert!(matches!(anonymous, EspError::Permanent(ref m) if m.contains("401")), "{anonymous}");
     assert!(matches!(wrong, EspError::Permanent(ref m) if m.contains("401")), "{wrong}");
@@ -304,7 +305,8 @@ fn timeout_faults(hold: Duration) -> Faults {
 #[tokio::test]
 async fn a_timeout_after_accept_is_indeterminate_yet_delivered_and_findable() {
     let sim = start(EspSimConfig::fast(4, Duration::from_millis(10))).await;
-    let esp = HttpEsp::new(HttpEspConfig::new(sim.url()).with_timeout(Duration::from_millis(300))).unwrap();
+    let esp =
+        ListSendEsp::new(ListSendConfig::new(sim.url()).with_timeout(Duration::from_millis(300))).unwrap();
     let l = esp.upload_list(&list("k", "req-9", &["a@x.com", "b@x.com"])).await.unwrap();
     sim.set_faults(timeout_faults(Duration::from_secs(30))).unwrap();
 
@@ -341,7 +343,7 @@ async fn a_dropped_connection_after_accept_is_indeterminate_too() {
 async fn work_goes_on_and_holds_its_slot_after_the_caller_hangs_up() {
     let sim = start(EspSimConfig::fast(1, Duration::from_millis(300))).await;
     let impatient =
-        HttpEsp::new(HttpEspConfig::new(sim.url()).with_timeout(Duration::from_millis(50))).unwrap();
+        ListSendEsp::new(ListSendConfig::new(sim.url()).with_timeout(Duration::from_millis(50))).unwrap();
 
     let gave_up = impatient.upload_list(&list("k", "r", &["a@x.com"])).await.unwrap_err();
     let retried = esp(&sim).upload_list(&list("k", "r", &["a@x.com"])).await.unwrap_err();
@@ -433,7 +435,7 @@ async fn an_esp_that_cannot_be_reached_is_transient_and_never_maybe_accepted() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
-    let esp = HttpEsp::new(HttpEspConfig::new(url)).unwrap();
+    let esp = ListSendEsp::new(ListSendConfig::new(url)).unwrap();
 
     let err = esp.upload_list(&list("k", "r", &["a@x.com"])).await.unwrap_err();
 
@@ -445,7 +447,7 @@ async fn an_esp_that_cannot_be_reached_is_transient_and_never_maybe_accepted() {
 async fn a_bare_404_is_not_taken_for_an_unknown_send() {
     // A base url that misses the API: the 404s are the router's, not the protocol's.
     let sim = start(EspSimConfig::fast(4, Duration::ZERO)).await;
-    let esp = HttpEsp::new(HttpEspConfig::new(format!("{}/wrong/", sim.url()))).unwrap();
+    let esp = ListSendEsp::new(ListSendConfig::new(format!("{}/wrong/", sim.url()))).unwrap();
 
     let err = esp.find_delivery("k").await.unwrap_err();
 

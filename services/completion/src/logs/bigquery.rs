@@ -12,12 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{DeliveryLog, LogError, LogSink, RequestLog};
-use crate::gcp::{GcpArgs, rest_credentials, rest_headers};
+use haishin_shared::gcp::{GcpArgs, rest_credentials, rest_headers};
 
 /// The schema of the `deliveries` table, as Terraform creates it.
-pub const DELIVERIES_SCHEMA: &str = include_str!("../../../terraform/schemas/deliveries.json");
+pub const DELIVERIES_SCHEMA: &str = include_str!("../../../../terraform/schemas/deliveries.json");
 /// The schema of the `requests` table, as Terraform creates it.
-pub const REQUESTS_SCHEMA: &str = include_str!("../../../terraform/schemas/requests.json");
+pub const REQUESTS_SCHEMA: &str = include_str!("../../../../terraform/schemas/requests.json");
 
 /// How long one query may run on BigQuery's side before its job is polled.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);

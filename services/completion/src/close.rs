@@ -1,0 +1,46 @@
+//! Ending requests: those whose deadline passed before they were prepared, and those all of whose
+//! chunks are final.
+
+use haishin_shared::domain::ChunkState;
+use haishin_shared::store::{Result, Store};
+
+/// Expires requests whose deadline passed before they were prepared. Returns how many.
+pub(crate) async fn expire_unprepared(store: &Store) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE requests SET state = 'expired', reason = 'deadline passed before the audience was prepared',
+             finished_at = now(), lease_until = NULL
+         WHERE state IN ('received', 'preparing') AND deadline < now()",
+    )
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Closes dispatching requests all of whose chunks are final. Returns how many.
+///
+/// A request is `completed` when at least one chunk was sent (or it had nothing to send),
+/// `expired` when its chunks expired and none was sent, and `failed` otherwise.
+pub(crate) async fn close_finished_requests(store: &Store) -> Result<u64> {
+    let done = sqlx::query(
+        "WITH done AS (
+             SELECT r.id,
+                    count(c.id) FILTER (WHERE c.state = 'completed') AS completed,
+                    count(c.id) FILTER (WHERE c.state = 'expired') AS expired,
+                    count(c.id) AS total
+             FROM requests r LEFT JOIN chunks c ON c.request_id = r.id
+             WHERE r.state = 'dispatching'
+             GROUP BY r.id
+             HAVING count(c.id) FILTER (WHERE c.state <> ALL($1)) = 0
+         )
+         UPDATE requests r SET
+             state = CASE WHEN done.total = 0 OR done.completed > 0 THEN 'completed'
+                          WHEN done.expired > 0 THEN 'expired'
+                          ELSE 'failed' END,
+             finished_at = now()
+         FROM done WHERE r.id = done.id AND r.state = 'dispatching'",
+    )
+    .bind(ChunkState::FINAL)
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,81 @@
+//! Taking in delivery requests: validate, store, start their preparation.
+//!
+//! - this module: [`take`] and [`start`], which return domain outcomes; the routes decide the
+//!   HTTP answer;
+//! - [`records`]: what intake writes to the database.
+
+pub mod records;
+
+use haishin_shared::domain::{Audience, DeliveryRequest, RequestId, RequestState};
+use haishin_shared::messages::PrepareTask;
+
+use crate::AppState;
+use crate::error::Unavailable;
+use crate::prepare;
+
+pub use haishin_shared::domain::Rejection;
+
+/// What became of a request body.
+#[derive(Debug)]
+pub enum Intake {
+    /// Stored (or already known under its id) and on its way.
+    Accepted { id: RequestId, created: bool },
+    /// Refused for good; recorded with the reason (against its id where it had one).
+    Rejected(Rejection),
+}
+
+/// Validates and stores a request body, then starts its preparation. The same id twice makes one
+/// request, whatever the second body says.
+#[tracing::instrument(skip_all, fields(request_id))]
+pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Result<Intake, Unavailable> {
+    let request = match DeliveryRequest::parse(body) {
+        Ok(request) => request,
+        Err(rejection) => {
+            match &rejection.id {
+                Some(id) => {
+                    tracing::Span::current().record("request_id", id.as_str());
+                    records::insert_rejected(&state.store, id, &rejection.reason).await?;
+                }
+                None => {
+                    records::insert_rejected_message(&state.store, message_id, &rejection.reason, body)
+                        .await?
+                }
+            }
+            tracing::warn!(reason = %rejection.reason, "Request rejected.");
+            return Ok(Intake::Rejected(rejection));
+        }
+    };
+    tracing::Span::current().record("request_id", request.id.as_str());
+    let created = records::insert_request(&state.store, &request).await?;
+    if created {
+        tracing::info!(class = %request.class, priority = request.priority, audience = request.audience.kind(), "Request received.");
+    }
+    // A request left in `received` (its earlier start failed) is started again; the prepare step
+    // itself is guarded, so doing this twice is harmless.
+    if let Some(row) = state.store.request(&request.id).await?
+        && row.state == RequestState::Received
+    {
+        // The body stored first is the request, whatever later copies say.
+        start(state, &row.request()?).await?;
+    }
+    Ok(Intake::Accepted { id: request.id, created })
+}
+
+/// Starts preparing a request: small inline audiences at once, others through the prepare queue.
+pub async fn start(state: &AppState, request: &DeliveryRequest) -> Result<(), Unavailable> {
+    match &request.audience {
+        Audience::Inline(list) if list.len() <= state.inline_prepare_max => {
+            Box::pin(prepare::run(state, &request.id)).await.map(drop)
+        }
+        _ => {
+            let name = prepare_task_name(&request.id);
+            state.prepare_queue.enqueue(Some(&name), &PrepareTask { request_id: request.id.clone() }).await?;
+            Ok(())
+        }
+    }
+}
+
+/// Name of a request's prepare task: one per request, ever.
+pub fn prepare_task_name(request_id: &RequestId) -> String {
+    haishin_shared::gcp::task_name(&format!("prepare:{request_id}"))
+}

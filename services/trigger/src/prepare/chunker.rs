@@ -1,0 +1,114 @@
+//! Filling chunks: recipients are de-duplicated within the request, written to Cloud Storage
+//! `chunk_size` at a time, and each chunk is recorded as it is written, so that it can be
+//! dispatched while the rest of the audience is still being read.
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
+
+use haishin_shared::domain::{ChunkId, DeliveryRequest, Recipient, chunk_object};
+use haishin_shared::gcp::Blobs;
+use haishin_shared::store::Store;
+use serde::Serialize;
+
+use super::PrepareError;
+use super::recipient::{Skip, check};
+use super::records::{self, NewChunk};
+
+/// What the prepare step found in an audience.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AudienceSummary {
+    /// Rows read, valid or not.
+    pub rows: u64,
+    /// Recipients kept (valid and not repeated).
+    pub recipients: u64,
+    /// Rows skipped, by reason.
+    pub skipped: BTreeMap<String, u64>,
+    pub chunks: u32,
+}
+
+/// Fills chunks and writes them.
+pub(super) struct Chunker<'a> {
+    blobs: &'a Blobs,
+    store: &'a Store,
+    bucket: &'a str,
+    request: &'a DeliveryRequest,
+    chunk_size: usize,
+    on_chunk: &'a (dyn Fn() + Sync),
+    seen: HashSet<u64, std::hash::RandomState>,
+    hasher: std::hash::RandomState,
+    buffer: Vec<u8>,
+    in_buffer: u32,
+    pub(super) summary: AudienceSummary,
+}
+
+impl<'a> Chunker<'a> {
+    pub(super) fn new(
+        blobs: &'a Blobs,
+        store: &'a Store,
+        bucket: &'a str,
+        request: &'a DeliveryRequest,
+        chunk_size: usize,
+        on_chunk: &'a (dyn Fn() + Sync),
+    ) -> Self {
+        Self {
+            blobs,
+            store,
+            bucket,
+            request,
+            chunk_size: chunk_size.max(1),
+            on_chunk,
+            seen: HashSet::default(),
+            hasher: std::hash::RandomState::new(),
+            buffer: Vec::new(),
+            in_buffer: 0,
+            summary: AudienceSummary::default(),
+        }
+    }
+
+    fn skip(&mut self, reason: Skip) {
+        *self.summary.skipped.entry(reason.as_str().to_owned()).or_default() += 1;
+    }
+
+    pub(super) async fn push(&mut self, row: Result<Recipient, Skip>) -> Result<(), PrepareError> {
+        self.summary.rows += 1;
+        let recipient = match row.and_then(check) {
+            Ok(r) => r,
+            Err(reason) => {
+                self.skip(reason);
+                return Ok(());
+            }
+        };
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write(recipient.email.to_ascii_lowercase().as_bytes());
+        if !self.seen.insert(hasher.finish()) {
+            self.skip(Skip::Duplicate);
+            return Ok(());
+        }
+        serde_json::to_writer(&mut self.buffer, &recipient)
+            .map_err(|e| PrepareError::Unusable(e.to_string()))?;
+        self.buffer.push(b'\n');
+        self.in_buffer += 1;
+        self.summary.recipients += 1;
+        if self.in_buffer as usize >= self.chunk_size {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn flush(&mut self) -> Result<(), PrepareError> {
+        if self.in_buffer == 0 {
+            return Ok(());
+        }
+        let seq = self.summary.chunks;
+        let object = chunk_object(&self.request.id, seq);
+        let data = bytes::Bytes::from(std::mem::take(&mut self.buffer));
+        self.blobs.write(self.bucket, &object, data).await?;
+        let chunk =
+            NewChunk { id: ChunkId::new(&self.request.id, seq), seq, object, recipients: self.in_buffer };
+        records::insert_chunks(self.store, self.request, &[chunk]).await?;
+        self.summary.chunks += 1;
+        self.in_buffer = 0;
+        (self.on_chunk)();
+        Ok(())
+    }
+}

@@ -1,0 +1,101 @@
+//! The prepare step: a request's audience becomes chunk objects in Cloud Storage and chunk rows,
+//! and the scheduler runs as each chunk is stored.
+//!
+//! - this module: [`run`], the step under its lease, returning a domain outcome;
+//! - `audience`: streaming inline lists and CSV/NDJSON files row by row;
+//! - `recipient`: checking one row (address, parameter size) and the reasons rows are skipped;
+//! - `chunker`: de-duplicating within the request and writing chunks as they fill;
+//! - [`records`]: what the step writes to the database.
+
+mod audience;
+mod chunker;
+mod recipient;
+pub mod records;
+
+use haishin_shared::domain::{RequestId, RequestState};
+use haishin_shared::gcp::GcpError;
+use haishin_shared::store::{Claim, StoreError};
+
+use crate::AppState;
+use crate::error::Unavailable;
+
+pub use chunker::AudienceSummary;
+
+/// Why an audience could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The audience can never be read as given; the request fails with this reason.
+    #[error("{0}")]
+    Unusable(String),
+    #[error(transparent)]
+    Storage(#[from] GcpError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl PrepareError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, PrepareError::Unusable(_) | PrepareError::Storage(GcpError::Permanent { .. }))
+    }
+}
+
+/// What the prepare step came to.
+#[derive(Debug)]
+pub enum Prepared {
+    /// The audience is in chunks, all of them eligible for dispatch.
+    Chunks(u32),
+    /// Nothing to do: the request is past this step (in the state given), or unknown.
+    Past(Option<RequestState>),
+    /// The request can never be delivered; it failed with this reason.
+    Failed(String),
+}
+
+/// Prepares a request's audience, if no other worker is, and dispatches as chunks are stored.
+#[tracing::instrument(skip_all, fields(request_id = %id))]
+pub async fn run(state: &AppState, id: &RequestId) -> Result<Prepared, Unavailable> {
+    let row = match records::claim_prepare(&state.store, id, state.prepare_lease).await? {
+        Claim::Claimed(row) => row,
+        Claim::Busy => return Err(Unavailable::Busy(format!("request {id} is being prepared"))),
+        Claim::Done(past) => return Ok(Prepared::Past(past)),
+    };
+    let request = match row.request() {
+        Ok(request) => request,
+        Err(err) => return fail(state, id, &err.to_string()).await,
+    };
+    let dispatcher = state.dispatcher.clone();
+    let dispatch_now = move || {
+        let dispatcher = dispatcher.clone();
+        tokio::spawn(async move { dispatcher.run().await });
+    };
+    let prepared = audience::read_audience(
+        &state.blobs,
+        &state.store,
+        &state.bucket,
+        &request,
+        state.chunk_size,
+        &dispatch_now,
+    )
+    .await;
+    match prepared {
+        Ok(summary) => {
+            records::finish_prepare(&state.store, id, &summary).await?;
+            if let Err(err) = state.dispatcher.run().await {
+                tracing::warn!(error = %err, "Dispatch after prepare failed; the next event will retry it.");
+            }
+            Ok(Prepared::Chunks(summary.chunks))
+        }
+        Err(err) if err.is_permanent() => fail(state, id, &err.to_string()).await,
+        Err(err) => {
+            if let PrepareError::Store(_) | PrepareError::Storage(_) = err {
+                let _ = records::drop_request_lease(&state.store, id).await;
+            }
+            Err(Unavailable::Dependency(err.to_string()))
+        }
+    }
+}
+
+async fn fail(state: &AppState, id: &RequestId, reason: &str) -> Result<Prepared, Unavailable> {
+    tracing::warn!(%reason, "Request failed.");
+    records::fail_request(&state.store, id, RequestState::Preparing, reason).await?;
+    Ok(Prepared::Failed(reason.to_owned()))
+}

@@ -1,0 +1,136 @@
+//! What the prepare step writes: its claim on the request, the chunk rows, and its end.
+
+use std::time::Duration;
+
+use haishin_shared::domain::{ChunkId, DeliveryRequest, RequestId, RequestState};
+use haishin_shared::store::{Claim, RequestRow, Result, Store, request_columns};
+use sqlx::{Postgres, QueryBuilder};
+
+use super::chunker::AudienceSummary;
+
+/// A chunk written by the prepare step.
+#[derive(Debug, Clone)]
+pub struct NewChunk {
+    pub id: ChunkId,
+    pub seq: u32,
+    pub object: String,
+    pub recipients: u32,
+}
+
+/// Takes a request for the prepare step: from `received`, or from `preparing` whose lease ran out.
+pub async fn claim_prepare(
+    store: &Store,
+    id: &RequestId,
+    lease: Duration,
+) -> Result<Claim<RequestRow, RequestState>> {
+    let claimed = sqlx::query_as::<_, RequestRow>(&format!(
+        "UPDATE requests SET state = 'preparing', lease_until = now() + $2
+         WHERE id = $1 AND (state = 'received' OR (state = 'preparing' AND lease_until < now()))
+         RETURNING {}",
+        request_columns(None)
+    ))
+    .bind(id)
+    .bind(lease)
+    .fetch_optional(store.pool())
+    .await?;
+    if let Some(row) = claimed {
+        return Ok(Claim::Claimed(row));
+    }
+    let state: Option<RequestState> = sqlx::query_scalar("SELECT state FROM requests WHERE id = $1")
+        .bind(id)
+        .fetch_optional(store.pool())
+        .await?;
+    Ok(match state {
+        Some(RequestState::Preparing) => Claim::Busy,
+        other => Claim::Done(other),
+    })
+}
+
+/// Drops whatever an earlier, interrupted prepare of this request wrote.
+pub async fn clear_chunks(store: &Store, request: &RequestId) -> Result<()> {
+    sqlx::query("DELETE FROM chunks WHERE request_id = $1 AND state = 'pending'")
+        .bind(request)
+        .execute(store.pool())
+        .await?;
+    Ok(())
+}
+
+/// Adds chunk rows for a request being prepared.
+pub async fn insert_chunks(store: &Store, request: &DeliveryRequest, chunks: &[NewChunk]) -> Result<()> {
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
+        "INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, recipients) ",
+    );
+    query.push_values(chunks, |mut row, chunk| {
+        row.push_bind(&chunk.id)
+            .push_bind(&request.id)
+            .push_bind(chunk.seq as i32)
+            .push_bind(request.class)
+            .push_bind(request.priority)
+            .push_bind(request.deadline)
+            .push_bind("pending")
+            .push_bind(&chunk.object)
+            .push_bind(chunk.recipients as i32);
+    });
+    query.push(" ON CONFLICT (id) DO NOTHING");
+    query.build().execute(store.pool()).await?;
+    Ok(())
+}
+
+/// Ends the prepare step: the request's chunks become eligible for dispatch.
+pub async fn finish_prepare(store: &Store, id: &RequestId, summary: &AudienceSummary) -> Result<bool> {
+    let skipped = serde_json::to_value(&summary.skipped).unwrap_or_default();
+    let done = sqlx::query(
+        "UPDATE requests SET state = 'dispatching', lease_until = NULL, prepared_at = now(),
+             audience_rows = $2, recipients = $3, skipped = $4, chunk_count = $5
+         WHERE id = $1 AND state = 'preparing'",
+    )
+    .bind(id)
+    .bind(summary.rows as i64)
+    .bind(summary.recipients as i64)
+    .bind(skipped)
+    .bind(summary.chunks as i32)
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Ends a request that can never be delivered (its audience cannot be read, say); its pending
+/// chunks are cancelled with the same reason.
+pub async fn fail_request(store: &Store, id: &RequestId, from: RequestState, reason: &str) -> Result<bool> {
+    let mut tx = store.pool().begin().await?;
+    let done = sqlx::query(
+        "UPDATE requests SET state = 'failed', reason = $3, lease_until = NULL, finished_at = now()
+         WHERE id = $1 AND state = $2",
+    )
+    .bind(id)
+    .bind(from)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() == 1 {
+        sqlx::query(
+            "UPDATE chunks SET state = 'cancelled', reason = $2, finished_at = now()
+             WHERE request_id = $1 AND state = 'pending'",
+        )
+        .bind(id)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Lets the next attempt at preparing a request start at once.
+pub async fn drop_request_lease(store: &Store, id: &RequestId) -> Result<()> {
+    sqlx::query(
+        "UPDATE requests SET lease_until = now() - interval '1 second' WHERE id = $1 AND state = 'preparing'",
+    )
+    .bind(id)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! When a request's uploads should end, from the pipeline's pace over the last minute and the
+//! chunks that go before or alongside this request's: higher rank first (the scheduling rule's
+//! own [`rank`](super::rank)), equals taking turns.
+
+use chrono::{DateTime, Utc};
+use haishin_shared::store::{RequestRow, Result, Store};
+use serde::Serialize;
+
+use super::rank;
+
+/// A request's expected end of uploads.
+#[derive(Debug, Clone, Serialize)]
+pub struct Forecast {
+    /// This request's chunks not yet uploaded.
+    pub chunks_left: i64,
+    /// Other requests' chunks that will be uploaded before this request's last one.
+    pub chunks_ahead: i64,
+    /// Chunks uploaded in the last minute, all requests together.
+    pub uploads_last_minute: i64,
+    /// `None` while the pace is unknown (nothing uploaded in the last minute).
+    pub uploads_done_by: Option<DateTime<Utc>>,
+    /// True when `uploads_done_by` is later than the deadline: the request will partly expire
+    /// unless throughput rises.
+    pub deadline_at_risk: bool,
+}
+
+/// The forecast of a request still being uploaded; `None` once nothing of it is left to upload.
+pub async fn forecast(store: &Store, request: &RequestRow) -> Result<Option<Forecast>> {
+    let sql = format!(
+        "WITH me AS (
+             SELECT {me} AS rank FROM requests r WHERE r.id = $1
+         ), own AS (
+             SELECT count(*) AS n FROM chunks
+             WHERE request_id = $1 AND state IN ('pending', 'queued', 'uploading')
+         ), others AS (
+             SELECT c.request_id, count(*) AS n,
+                    bool_or({chunk} < me.rank) AS higher, bool_or({chunk} = me.rank) AS equal
+             FROM chunks c, me WHERE c.state = 'pending' AND c.request_id <> $1 GROUP BY c.request_id
+         )
+         SELECT own.n,
+                coalesce(sum(CASE WHEN others.higher THEN others.n
+                                  WHEN others.equal THEN least(others.n, own.n) ELSE 0 END), 0)::bigint,
+                (SELECT count(*) FROM chunks WHERE uploaded_at > now() - interval '60 seconds')
+         FROM own LEFT JOIN others ON true GROUP BY own.n",
+        me = rank("r"),
+        chunk = rank("c"),
+    );
+    let (left, ahead, pace): (i64, i64, i64) =
+        sqlx::query_as(&sql).bind(&request.id).fetch_one(store.pool()).await?;
+    if left == 0 {
+        return Ok(None);
+    }
+    let done_by = (pace > 0).then(|| {
+        let seconds = (left + ahead) as f64 * 60.0 / pace as f64;
+        Utc::now() + chrono::Duration::milliseconds((seconds * 1000.0) as i64)
+    });
+    let at_risk = matches!((done_by, request.deadline), (Some(done), Some(deadline)) if done > deadline);
+    Ok(Some(Forecast {
+        chunks_left: left,
+        chunks_ahead: ahead,
+        uploads_last_minute: pace,
+        uploads_done_by: done_by,
+        deadline_at_risk: at_risk,
+    }))
+}

@@ -1,0 +1,167 @@
+//! The scheduling rule: which pending chunk goes to the ESP's upload API next, and how many may
+//! be in flight.
+//!
+//! The order is written once, in [`rank`] and [`NEXT_PENDING`]: realtime before batch, then higher
+//! priority, then earliest deadline (none last), then the request whose last chunk was dispatched
+//! longest ago (round-robin among equals, so two equal campaigns progress at the same rate
+//! whenever each started). The forecast ([`forecast`]) counts the work ahead of a request by the
+//! same rank.
+//!
+//! - this module: one dispatch round, in one transaction;
+//! - [`tail`]: cutting the last batch chunks smaller so that the slots finish together;
+//! - [`forecast`]: when a request's uploads should end at the current pace.
+
+pub mod forecast;
+mod tail;
+
+use haishin_shared::domain::{ChunkId, ChunkState, Class, RequestId};
+use haishin_shared::store::{Result, Store, expire_overdue_chunks};
+use sqlx::{Postgres, Transaction};
+
+pub use forecast::Forecast;
+
+/// A chunk's (or a request's) rank as a row that sorts most urgent first: realtime before batch,
+/// higher priority first, earliest deadline first, no deadline last. `t` is the alias of a
+/// `chunks` or `requests` row (both carry `class`, `priority` and `deadline`).
+pub(crate) fn rank(t: &str) -> String {
+    format!("ROW({t}.class <> 'realtime', -{t}.priority, coalesce({t}.deadline, 'infinity'::timestamptz))")
+}
+
+/// Chunks of class `$1` that may be dispatched now: pending, of a request being prepared or
+/// dispatched, whose start time has come. `c` is the chunk, `r` its request.
+const ELIGIBLE: &str = "c.state = 'pending' AND c.class = $1 AND r.state IN ('preparing', 'dispatching')
+       AND (r.not_before IS NULL OR r.not_before <= now())";
+
+/// The next eligible chunk of class `$1` by the scheduling rule, locked: rank, then round-robin
+/// among requests of equal rank, then audience order.
+static NEXT_PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT c.id, c.request_id, c.first_line, c.recipients, c.generation
+         FROM chunks c JOIN requests r ON r.id = c.request_id
+         WHERE {ELIGIBLE}
+         ORDER BY {}, r.last_dispatched_at ASC NULLS FIRST, r.received_at ASC, c.seq ASC
+         LIMIT 1 FOR UPDATE OF c SKIP LOCKED",
+        rank("c")
+    )
+});
+
+/// The slot limits of one dispatch round.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotLimits {
+    /// Chunks that may be in flight toward the ESP's upload API (`queued` + `uploading`).
+    pub limit: u32,
+    /// Of those, slots that only realtime chunks may take.
+    pub realtime_reserved: u32,
+    /// Chunks that may wait in the upload queue beyond the limit.
+    pub prefetch: u32,
+    /// Smallest piece, in recipients, that the tail of the batch work is cut into (0: never cut).
+    /// Once every batch request is prepared, each batch chunk dispatched is cut to the pending
+    /// batch recipients divided by the batch slots, so that the last pieces are small and the slots
+    /// finish together.
+    pub min_part: u32,
+}
+
+/// A chunk handed to the upload queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatched {
+    pub chunk_id: ChunkId,
+    pub request_id: RequestId,
+    pub generation: i32,
+    pub class: Class,
+}
+
+/// The outcome of one dispatch round.
+#[derive(Debug, Clone, Default)]
+pub struct DispatchRound {
+    pub dispatched: Vec<Dispatched>,
+    pub expired: u64,
+    pub in_flight: u32,
+}
+
+/// One round of the scheduling rule: expire what is overdue, count chunks in flight toward the
+/// upload API, and move the best pending chunks to `queued` to fill the free slots.
+///
+/// Batch chunks never take the slots reserved for realtime. The slot row is locked for the round,
+/// so concurrent rounds (several trigger instances) see each other's work and never over-commit.
+/// At the tail of the batch work, chunks are cut smaller as they are dispatched (see [`tail`]).
+pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<DispatchRound> {
+    let mut tx = store.pool().begin().await?;
+    sqlx::query("SELECT api FROM dispatch_slots WHERE api = 'upload' FOR UPDATE").execute(&mut *tx).await?;
+    let expired = expire_overdue_chunks(&mut *tx).await?;
+    let (realtime, batch): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE class = 'realtime'), count(*) FILTER (WHERE class = 'batch')
+         FROM chunks WHERE state = ANY($1)",
+    )
+    .bind(ChunkState::HOLDING_UPLOAD_SLOT)
+    .fetch_one(&mut *tx)
+    .await?;
+    let in_flight = (realtime + batch) as u32;
+    let capacity = limits.limit + limits.prefetch;
+    let free = capacity.saturating_sub(in_flight);
+    let batch_capacity = capacity.saturating_sub(limits.realtime_reserved);
+    let free_batch = batch_capacity.saturating_sub(batch as u32).min(free);
+
+    let mut dispatched = Vec::new();
+    if free > 0 {
+        dispatched.extend(take_pending(&mut tx, Class::Realtime, free, None).await?);
+    }
+    let free_batch = free_batch.min(free - dispatched.len() as u32);
+    if free_batch > 0 {
+        let split = tail::TailSplit {
+            slots: limits.limit.saturating_sub(limits.realtime_reserved),
+            min_part: limits.min_part,
+        };
+        dispatched.extend(take_pending(&mut tx, Class::Batch, free_batch, Some(split)).await?);
+    }
+    tx.commit().await?;
+    Ok(DispatchRound { in_flight: in_flight + dispatched.len() as u32, dispatched, expired })
+}
+
+/// Takes up to `count` chunks of `class` in order, one at a time, so that round-robin sees the
+/// counts the previous pick changed.
+async fn take_pending(
+    tx: &mut Transaction<'_, Postgres>,
+    class: Class,
+    count: u32,
+    split: Option<tail::TailSplit>,
+) -> Result<Vec<Dispatched>> {
+    let sql = format!(
+        "WITH next AS ({}), moved AS (
+             UPDATE chunks SET state = 'queued', queued_at = now(), generation = chunks.generation + 1
+             FROM next WHERE chunks.id = next.id
+             RETURNING chunks.id, chunks.request_id, chunks.generation
+         ), counted AS (
+             UPDATE requests SET dispatched_chunks = dispatched_chunks + 1, last_dispatched_at = clock_timestamp()
+             FROM moved WHERE requests.id = moved.request_id
+         )
+         SELECT id, request_id, generation FROM moved",
+        *NEXT_PENDING
+    );
+    let mut taken = Vec::new();
+    for _ in 0..count {
+        if let Some(split) = split {
+            tail::cut_next(tx, class, split).await?;
+        }
+        let row: Option<(ChunkId, RequestId, i32)> =
+            sqlx::query_as(&sql).bind(class).fetch_optional(&mut **tx).await?;
+        match row {
+            Some((chunk_id, request_id, generation)) => {
+                taken.push(Dispatched { chunk_id, request_id, generation, class })
+            }
+            None => break,
+        }
+    }
+    Ok(taken)
+}
+
+/// Puts a chunk back in line when its upload task could not be created.
+pub async fn undo_dispatch(store: &Store, chunk: &ChunkId, generation: i32) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE chunks SET state = 'pending', queued_at = NULL WHERE id = $1 AND state = 'queued' AND generation = $2",
+    )
+    .bind(chunk)
+    .bind(generation)
+    .execute(store.pool())
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -1,0 +1,103 @@
+//! A request's status as `GET /v1/requests/{id}` shows it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use haishin_shared::domain::{ChunkId, ChunkState, Class, RequestId, RequestState};
+use haishin_shared::store::{Result, Store};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::scheduling::forecast::{Forecast, forecast};
+
+/// Status of a request as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestStatus {
+    pub id: RequestId,
+    pub class: Class,
+    pub priority: i32,
+    pub state: RequestState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub labels: Value,
+    pub deadline: Option<DateTime<Utc>>,
+    pub received_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub audience: Option<AudienceStatus>,
+    /// Number of chunks in each state.
+    pub chunks: BTreeMap<ChunkState, i64>,
+    /// Number of recipients in chunks of each state.
+    pub recipients: BTreeMap<ChunkState, i64>,
+    pub delivered: i64,
+    pub bounced: i64,
+    pub failed: i64,
+    /// Messages of this request that Pub/Sub gave up delivering (newest first, at most 20).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dead_letters: Vec<DeadLetter>,
+    /// For a request still being uploaded: when its last chunk should be, at the current pace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<Forecast>,
+}
+
+/// What the prepare step found in the audience.
+#[derive(Debug, Clone, Serialize)]
+pub struct AudienceStatus {
+    pub rows: i64,
+    pub recipients: i64,
+    pub skipped: Value,
+    pub chunks: i32,
+}
+
+/// A message Pub/Sub dead-lettered.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeadLetter {
+    /// The subscription that gave up on it.
+    pub source: String,
+    pub chunk_id: Option<ChunkId>,
+    pub received_at: DateTime<Utc>,
+}
+
+/// The request and its chunks, summed per state; `None` for an id never seen.
+pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<RequestStatus>> {
+    let Some(row) = store.request(id).await? else { return Ok(None) };
+    let dead_letters = sqlx::query_as(
+        "SELECT source, chunk_id, received_at FROM dead_letters WHERE request_id = $1
+         ORDER BY received_at DESC LIMIT 20",
+    )
+    .bind(id)
+    .fetch_all(store.pool())
+    .await?;
+    let forecast = if row.state.is_final() { None } else { forecast(store, &row).await? };
+    let mut status = RequestStatus {
+        id: row.id.clone(),
+        class: row.class,
+        priority: row.priority,
+        state: row.state,
+        reason: row.reason.clone(),
+        labels: row.labels.clone(),
+        deadline: row.deadline,
+        received_at: row.received_at,
+        finished_at: row.finished_at,
+        audience: row.chunk_count.map(|chunks| AudienceStatus {
+            rows: row.audience_rows.unwrap_or(0),
+            recipients: row.recipients.unwrap_or(0),
+            skipped: row.skipped.clone(),
+            chunks,
+        }),
+        chunks: BTreeMap::new(),
+        recipients: BTreeMap::new(),
+        delivered: 0,
+        bounced: 0,
+        failed: 0,
+        dead_letters,
+        forecast,
+    };
+    for (state, totals) in store.chunk_totals(id).await? {
+        status.chunks.insert(state, totals.chunks);
+        status.recipients.insert(state, totals.recipients);
+        status.delivered += totals.delivered;
+        status.bounced += totals.bounced;
+        status.failed += totals.failed;
+    }
+    Ok(Some(status))
+}

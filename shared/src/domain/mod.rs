@@ -1,0 +1,16 @@
+//! The units of work: delivery requests, their audiences and templates, and chunks.
+//!
+//! - [`request`]: [`DeliveryRequest`] as the marketing platform sends it, and its validation.
+//! - [`state`]: the class of a request and the states of requests and chunks, stored as text.
+//! - [`ids`]: [`RequestId`] and [`ChunkId`], and where a chunk's recipients are kept.
+
+mod ids;
+mod request;
+mod state;
+
+pub use ids::{ChunkId, RequestId, chunk_object};
+pub use request::{
+    Audience, BigqueryAudience, DeliveryRequest, FileFormat, GcsAudience, GcsUri, MAX_ID_LEN,
+    MAX_INLINE_RECIPIENTS, Recipient, Rejection, Template,
+};
+pub use state::{ChunkState, Class, RequestState, UnknownValue};

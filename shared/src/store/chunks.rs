@@ -1,0 +1,150 @@
+//! The chunk transitions that more than one service makes: taking a chunk for the upload or the
+//! send step under a lease, moving it back or on, ending it, and expiring what is overdue.
+
+use std::time::Duration;
+
+use sqlx::{FromRow, PgExecutor, Row};
+
+use super::{ChunkRow, Result, Store, chunk_columns};
+use crate::domain::{ChunkId, ChunkState};
+
+/// The outcome of trying to take a piece of work that moves through states `S`.
+#[derive(Debug)]
+pub enum Claim<T, S> {
+    /// The caller holds the work until its lease runs out.
+    Claimed(T),
+    /// Another worker holds a live lease on it.
+    Busy,
+    /// Nothing to do: the work is past this step (in the state given), or was never there.
+    Done(Option<S>),
+}
+
+/// A chunk taken by the upload or send step.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub chunk: ChunkRow,
+    /// The step was already tried and its outcome is not recorded: check the ESP before repeating it.
+    pub takeover: bool,
+}
+
+/// A step that works on a chunk under a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// `queued → uploading`, by the list-uploader.
+    Upload,
+    /// `uploaded → sending`, by the sender.
+    Send,
+}
+
+impl Step {
+    /// The state a chunk waits in for this step.
+    pub fn ready(self) -> ChunkState {
+        match self {
+            Step::Upload => ChunkState::Queued,
+            Step::Send => ChunkState::Uploaded,
+        }
+    }
+
+    /// The state a chunk is in while the step works on it.
+    pub fn working(self) -> ChunkState {
+        match self {
+            Step::Upload => ChunkState::Uploading,
+            Step::Send => ChunkState::Sending,
+        }
+    }
+
+    fn attempts_column(self) -> &'static str {
+        match self {
+            Step::Upload => "upload_attempts",
+            Step::Send => "send_attempts",
+        }
+    }
+}
+
+/// Expires the pending chunks whose deadline passed, on `conn` (the pool, or the scheduler's
+/// transaction). Returns how many.
+pub async fn expire_overdue_chunks(conn: impl PgExecutor<'_>) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE chunks SET state = 'expired', reason = 'deadline passed before dispatch', finished_at = now()
+         WHERE state = 'pending' AND deadline < now()",
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+impl Store {
+    /// Takes a chunk for `step`: from the state it waits in, or from the working state when the
+    /// lease there ran out (a takeover, which must check the ESP before repeating anything).
+    pub async fn claim(
+        &self,
+        id: &ChunkId,
+        step: Step,
+        lease: Duration,
+    ) -> Result<Claim<Claimed, ChunkState>> {
+        let attempts = step.attempts_column();
+        let sql = format!(
+            "WITH before AS (SELECT id, state FROM chunks WHERE id = $1 FOR UPDATE)
+             UPDATE chunks SET state = $3, lease_until = now() + $4, {attempts} = {attempts} + 1
+             FROM before
+             WHERE chunks.id = before.id
+               AND (before.state = $2 OR (before.state = $3 AND chunks.lease_until < now()))
+             RETURNING before.state AS before_state, {}",
+            chunk_columns(Some("chunks"))
+        );
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .bind(step.ready())
+            .bind(step.working())
+            .bind(lease)
+            .fetch_optional(self.pool())
+            .await?;
+        if let Some(row) = row {
+            let before: ChunkState = row.try_get("before_state")?;
+            let chunk = ChunkRow::from_row(&row)?;
+            return Ok(Claim::Claimed(Claimed { chunk, takeover: before == step.working() }));
+        }
+        let state: Option<ChunkState> = sqlx::query_scalar("SELECT state FROM chunks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(match state {
+            Some(s) if s == step.working() => Claim::Busy,
+            other => Claim::Done(other),
+        })
+    }
+
+    /// Moves a chunk from one state to another, if it is still where the caller left it.
+    pub async fn transition(&self, id: &ChunkId, from: ChunkState, to: ChunkState) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE chunks SET state = $3, lease_until = NULL WHERE id = $1 AND state = $2")
+                .bind(id)
+                .bind(from)
+                .bind(to)
+                .execute(self.pool())
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ends a chunk in a final state with a reason (`failed`, `unknown`, `expired`, `cancelled`).
+    pub async fn finish_chunk(
+        &self,
+        id: &ChunkId,
+        from: ChunkState,
+        to: ChunkState,
+        reason: &str,
+    ) -> Result<bool> {
+        debug_assert!(to.is_final());
+        let done = sqlx::query(
+            "UPDATE chunks SET state = $3, reason = $4, lease_until = NULL, finished_at = now()
+             WHERE id = $1 AND state = $2",
+        )
+        .bind(id)
+        .bind(from)
+        .bind(to)
+        .bind(reason)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,72 @@
+//! The PostgreSQL store: the connection, the schema (`migrations/`), the rows every service reads,
+//! and the chunk transitions that more than one service makes.
+//!
+//! Every state change is one guarded `UPDATE ... WHERE state = <expected>`, so a redelivered
+//! message or a second worker finds the row already moved on and does nothing. Work in progress
+//! holds a lease; a lease that ran out lets another worker take the work over.
+//!
+//! What only one service does to the database lives in that service, beside the code that needs
+//! it (the trigger's intake, prepare step and scheduling rule; the completion job's passes), and
+//! reaches the pool through [`Store::pool`].
+//!
+//! - [`rows`]: [`RequestRow`], [`ChunkRow`] and the reads of them.
+//! - [`chunks`]: taking a chunk for a step under a lease, and moving it between states.
+
+mod chunks;
+mod rows;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+pub use chunks::{Claim, Claimed, Step, expire_overdue_chunks};
+pub use rows::{ChunkRow, ChunkTotals, RequestRow, chunk_columns, request_columns};
+
+/// Errors from the store. All of them are worth a retry: the database may come back.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects to PostgreSQL; the pool reconnects on its own after an outage.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let pool = pool_options(max_connections).connect_with(url.parse::<PgConnectOptions>()?).await?;
+        Ok(Self { pool })
+    }
+
+    /// Connects without touching the database until first use.
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self> {
+        let pool = pool_options(max_connections).connect_lazy_with(url.parse::<PgConnectOptions>()?);
+        Ok(Self { pool })
+    }
+
+    /// Brings the schema up to date. Safe to run from several processes at once.
+    pub async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The connection pool, for the queries a single service owns.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10))
+}

@@ -1,0 +1,194 @@
+//! The request and chunk rows, and the reads of them that several services make.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::FromRow;
+
+use super::{Result, Store, StoreError};
+use crate::domain::{ChunkId, ChunkState, Class, DeliveryRequest, RequestId, RequestState};
+
+/// A request row as the pipeline needs it.
+#[derive(Debug, Clone, FromRow)]
+pub struct RequestRow {
+    pub id: RequestId,
+    pub class: Class,
+    pub priority: i32,
+    pub state: RequestState,
+    pub body: Option<Value>,
+    pub labels: Value,
+    pub deadline: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+    pub recipients: Option<i64>,
+    pub audience_rows: Option<i64>,
+    pub skipped: Value,
+    pub chunk_count: Option<i32>,
+    pub received_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl RequestRow {
+    /// The request as received.
+    pub fn request(&self) -> Result<DeliveryRequest> {
+        let body = self
+            .body
+            .clone()
+            .ok_or_else(|| StoreError::Corrupt(format!("request {} has no body", self.id)))?;
+        serde_json::from_value(body).map_err(|e| StoreError::Corrupt(format!("request {}: {e}", self.id)))
+    }
+}
+
+/// A chunk row.
+#[derive(Debug, Clone, FromRow, Serialize)]
+pub struct ChunkRow {
+    pub id: ChunkId,
+    pub request_id: RequestId,
+    pub seq: i32,
+    pub class: Class,
+    pub priority: i32,
+    pub state: ChunkState,
+    pub object: String,
+    /// The chunk's recipients are lines `[first_line, first_line + recipients)` of its object.
+    pub first_line: i32,
+    pub recipients: i32,
+    pub generation: i32,
+    pub upload_attempts: i32,
+    pub send_attempts: i32,
+    pub list_id: Option<String>,
+    pub delivery_id: Option<String>,
+    pub delivered: Option<i64>,
+    pub bounced: Option<i64>,
+    pub failed: Option<i64>,
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub uploaded_at: Option<DateTime<Utc>>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const CHUNK_COLUMNS: &[&str] = &[
+    "id",
+    "request_id",
+    "seq",
+    "class",
+    "priority",
+    "state",
+    "object",
+    "first_line",
+    "recipients",
+    "generation",
+    "upload_attempts",
+    "send_attempts",
+    "list_id",
+    "delivery_id",
+    "delivered",
+    "bounced",
+    "failed",
+    "reason",
+    "created_at",
+    "queued_at",
+    "uploaded_at",
+    "sent_at",
+    "finished_at",
+];
+
+const REQUEST_COLUMNS: &[&str] = &[
+    "id",
+    "class",
+    "priority",
+    "state",
+    "body",
+    "labels",
+    "deadline",
+    "reason",
+    "recipients",
+    "audience_rows",
+    "skipped",
+    "chunk_count",
+    "received_at",
+    "finished_at",
+];
+
+/// The select list of a [`ChunkRow`], each column prefixed with `table.` when one is given.
+pub fn chunk_columns(table: Option<&str>) -> String {
+    select_list(CHUNK_COLUMNS, table)
+}
+
+/// The select list of a [`RequestRow`], each column prefixed with `table.` when one is given.
+pub fn request_columns(table: Option<&str>) -> String {
+    select_list(REQUEST_COLUMNS, table)
+}
+
+fn select_list(columns: &[&str], table: Option<&str>) -> String {
+    match table {
+        Some(table) => columns.iter().map(|c| format!("{table}.{c}")).collect::<Vec<_>>().join(", "),
+        None => columns.join(", "),
+    }
+}
+
+/// One chunk state's totals within a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ChunkTotals {
+    pub chunks: i64,
+    pub recipients: i64,
+    pub delivered: i64,
+    pub bounced: i64,
+    pub failed: i64,
+}
+
+#[derive(FromRow)]
+struct TotalsRow {
+    state: ChunkState,
+    chunks: i64,
+    recipients: i64,
+    delivered: i64,
+    bounced: i64,
+    failed: i64,
+}
+
+impl Store {
+    pub async fn request(&self, id: &RequestId) -> Result<Option<RequestRow>> {
+        let sql = format!("SELECT {} FROM requests WHERE id = $1", request_columns(None));
+        Ok(sqlx::query_as::<_, RequestRow>(&sql).bind(id).fetch_optional(self.pool()).await?)
+    }
+
+    pub async fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRow>> {
+        let sql = format!("SELECT {} FROM chunks WHERE id = $1", chunk_columns(None));
+        Ok(sqlx::query_as::<_, ChunkRow>(&sql).bind(id).fetch_optional(self.pool()).await?)
+    }
+
+    /// A request's chunks, in audience order.
+    pub async fn chunks_of(&self, request: &RequestId) -> Result<Vec<ChunkRow>> {
+        let sql = format!("SELECT {} FROM chunks WHERE request_id = $1 ORDER BY seq", chunk_columns(None));
+        Ok(sqlx::query_as::<_, ChunkRow>(&sql).bind(request).fetch_all(self.pool()).await?)
+    }
+
+    /// A request's chunks summed per state.
+    pub async fn chunk_totals(&self, request: &RequestId) -> Result<BTreeMap<ChunkState, ChunkTotals>> {
+        let rows: Vec<TotalsRow> = sqlx::query_as(
+            "SELECT state, count(*) AS chunks, coalesce(sum(recipients), 0)::bigint AS recipients,
+                    coalesce(sum(delivered), 0)::bigint AS delivered,
+                    coalesce(sum(bounced), 0)::bigint AS bounced, coalesce(sum(failed), 0)::bigint AS failed
+             FROM chunks WHERE request_id = $1 GROUP BY state",
+        )
+        .bind(request)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let totals = ChunkTotals {
+                    chunks: r.chunks,
+                    recipients: r.recipients,
+                    delivered: r.delivered,
+                    bounced: r.bounced,
+                    failed: r.failed,
+                };
+                (r.state, totals)
+            })
+            .collect())
+    }
+}

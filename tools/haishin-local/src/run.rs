@@ -1,0 +1,236 @@
+//! Running a scenario: start a stack, publish the scenario's requests into it, watch until every
+//! request is finished, stop the stack, and report.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use haishin_shared::domain::RequestId;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use crate::report::{self, Report, Submitted};
+use crate::scenario::{Admission, RealtimeEvents, Scenario, generate_audience, template};
+use crate::stack::{BUCKET, LocalStack, ServiceMode, StackConfig};
+
+/// Starts a stack, runs the scenario, stops the stack, and reports.
+pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let cpu_before = children_cpu_seconds();
+    let run_dir = scenario.run_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("haishin-{}-{}", scenario.name, Utc::now().format("%Y%m%d-%H%M%S")))
+    });
+    let progress = MultiProgress::new();
+    if !scenario.progress {
+        progress.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    progress.println(format!("Starting the local stack (logs in {})", run_dir.display()))?;
+    let mut stack = LocalStack::start(StackConfig {
+        esp: scenario.esp.clone(),
+        chunk_size: scenario.chunk_size,
+        realtime_reserved_slots: scenario.realtime_reserved_slots,
+        triggers: scenario.triggers,
+        prefetch: scenario.prefetch,
+        mode,
+        completion_every: Duration::from_secs(1),
+        run_dir,
+        service_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        database_url: None,
+    })
+    .await?;
+    let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);
+    let driving = async {
+        let result = drive(&stack, scenario, &progress).await;
+        let _ = stop_chaos.send(true);
+        result
+    };
+    let chaos = async {
+        match &scenario.chaos {
+            Some(spec) => Some(crate::chaos::run(&stack, spec, scenario.seed, chaos_stopped).await),
+            None => None,
+        }
+    };
+    let (result, chaos) = tokio::join!(driving, chaos);
+    let report = match result {
+        Ok(submitted) => report::build(&stack, scenario, &submitted, started.elapsed()).await,
+        Err(err) => Err(err),
+    };
+    // Once the services are stopped and waited for, their CPU time is this process's children's.
+    stack.stop_services().await;
+    let cpu = children_cpu_seconds() - cpu_before;
+    stack.stop().await;
+    let mut report = report?;
+    report.set_service_cpu(cpu);
+    report.chaos = chaos;
+    Ok(report)
+}
+
+/// CPU seconds of this process's waited-for children (the services, once stopped, and every
+/// completion pass), from `/proc/self/stat`.
+pub fn children_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // cutime and cstime are fields 16 and 17 of the whole line, 14 and 15 after the name.
+    let ticks: f64 = [13, 14].iter().filter_map(|&i| fields.get(i)?.parse::<f64>().ok()).sum();
+    ticks / 100.0
+}
+
+struct Pending {
+    id: String,
+    body: Value,
+    rows: u64,
+    arrived: DateTime<Utc>,
+}
+
+async fn drive(
+    stack: &LocalStack,
+    scenario: &Scenario,
+    progress: &MultiProgress,
+) -> anyhow::Result<Submitted> {
+    let mut rng = StdRng::seed_from_u64(scenario.seed);
+    let mut submitted = Submitted::default();
+
+    // Audiences are written first, so that writing them does not count toward the run.
+    let mut campaigns = Vec::new();
+    for (n, campaign) in scenario.campaigns.iter().enumerate() {
+        let audience = generate_audience(n, campaign.recipients, &mut rng);
+        let object = format!("audiences/campaign-{n}.csv");
+        stack.blobs.write(BUCKET, &object, audience.csv.into()).await?;
+        let id = format!("campaign-{n}-{}", scenario.seed);
+        let body = json!({
+            "id": id, "class": "batch", "priority": 1, "template": template(),
+            "audience": { "gcs": { "uris": [format!("gs://{BUCKET}/{object}")] } },
+            "labels": { "campaign": format!("campaign-{n}") },
+        });
+        campaigns
+            .push((campaign.start_after, Pending { id, body, rows: audience.rows, arrived: Utc::now() }));
+    }
+    let start = tokio::time::Instant::now();
+    let campaigns: Vec<_> = campaigns
+        .into_iter()
+        .zip(&scenario.campaigns)
+        .map(|((_, p), c)| (start + c.start_after, p))
+        .collect();
+
+    let (event_count, gap) = match scenario.realtime {
+        RealtimeEvents::None => (Some(0), Duration::MAX),
+        RealtimeEvents::Spread(n) => (Some(n), scenario.expected_makespan() / (n + 1)),
+        RealtimeEvents::Every(every) => (None, every),
+    };
+
+    let style =
+        ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} {msg}")?.progress_chars("=> ");
+    let batch_total: u64 = scenario.campaigns.iter().map(|c| c.recipients).sum();
+    let batch_bar =
+        progress.add(ProgressBar::new(batch_total).with_style(style.clone()).with_prefix("batch"));
+    let realtime_bar = progress
+        .add(ProgressBar::new(u64::from(event_count.unwrap_or(0))).with_style(style).with_prefix("realtime"));
+
+    let mut next_event = start + gap.min(Duration::from_secs(3600));
+    let mut events = 0u32;
+    let mut waiting: Vec<Pending> = Vec::new();
+    let mut pending_campaigns = campaigns.into_iter().peekable();
+    let deadline = start + scenario.timeout;
+    loop {
+        let now = tokio::time::Instant::now();
+        while let Some((at, _)) = pending_campaigns.peek()
+            && *at <= now
+        {
+            let (_, mut campaign) = pending_campaigns.next().expect("peeked");
+            campaign.arrived = Utc::now();
+            publish(stack, &campaign.body).await?;
+            submitted.batch.push((campaign.id, campaign.rows, campaign.arrived));
+        }
+        let batches_running =
+            !all_final(stack, &submitted.batch).await.unwrap_or(false) || pending_campaigns.peek().is_some();
+        let more_events = match event_count {
+            Some(n) => events < n,
+            None => batches_running,
+        };
+        if more_events && now >= next_event {
+            let id = format!("event-{events}-{}", scenario.seed);
+            let recipients: Vec<Value> = (0..rng.random_range(1..=3))
+                .map(|k| json!({ "email": format!("rt{events}-{k}@example.com"), "params": { "name": format!("Fan {k}"), "coupon": "NOW" } }))
+                .collect();
+            let rows = recipients.len() as u64;
+            let body = json!({
+                "id": id, "class": "realtime", "priority": rng.random_range(1..=9), "template": template(),
+                "audience": { "inline": recipients }, "labels": { "event": "back-in-stock" },
+            });
+            waiting.push(Pending { id, body, rows, arrived: Utc::now() });
+            events += 1;
+            next_event += gap;
+            if event_count.is_none() {
+                realtime_bar.set_length(u64::from(events));
+            }
+        }
+        // A workflow engine admits realtime work only between waves.
+        if scenario.admission == Admission::Immediate || !batches_running {
+            for event in waiting.drain(..) {
+                publish(stack, &event.body).await?;
+                submitted.realtime.push((event.id, event.rows, event.arrived));
+            }
+        }
+
+        let sim = stack.esp.report();
+        let delivered = |ids: &[(String, u64, DateTime<Utc>)]| -> u64 {
+            ids.iter().filter_map(|(id, _, _)| sim.requests.get(id)).map(|r| r.counts.unique).sum()
+        };
+        let per_campaign: Vec<u64> = submitted
+            .batch
+            .iter()
+            .map(|(id, _, _)| sim.requests.get(id).map_or(0, |r| r.counts.unique))
+            .collect();
+        submitted.samples.push((Utc::now(), per_campaign));
+        batch_bar.set_position(delivered(&submitted.batch).min(batch_total));
+        realtime_bar.set_position(
+            submitted
+                .realtime
+                .iter()
+                .filter(|(id, _, _)| sim.requests.get(id).is_some_and(|r| r.counts.unique > 0))
+                .count() as u64,
+        );
+        batch_bar.set_message(format!("upload slots busy {}/{}", sim.upload.in_progress, sim.upload.limit));
+
+        let done_publishing = pending_campaigns.peek().is_none() && waiting.is_empty() && !more_events;
+        if done_publishing
+            && all_final(stack, &submitted.batch).await.unwrap_or(false)
+            && all_final(stack, &submitted.realtime).await.unwrap_or(false)
+            && haishin_completion::logs::write::unlogged_requests(&stack.store, 1)
+                .await
+                .is_ok_and(|rows| rows.is_empty())
+        {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "scenario {} did not finish within {} s",
+                scenario.name,
+                scenario.timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    batch_bar.finish();
+    realtime_bar.finish();
+    Ok(submitted)
+}
+
+async fn publish(stack: &LocalStack, request: &Value) -> anyhow::Result<()> {
+    stack.requests_topic.publish(request, &[]).await.context("publishing a request")?;
+    Ok(())
+}
+
+async fn all_final(stack: &LocalStack, requests: &[(String, u64, DateTime<Utc>)]) -> anyhow::Result<bool> {
+    for (id, _, _) in requests {
+        let state = stack.store.request(&RequestId::from(id.as_str())).await?.map(|r| r.state);
+        if !state.is_some_and(|s| s.is_final()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
