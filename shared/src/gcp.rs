@@ -78,10 +78,6 @@ impl GcpError {
         ) || matches!(err.http_status_code(), Some(400 | 403 | 404));
         if permanent { GcpError::Permanent { what, detail } } else { GcpError::Transient { what, detail } }
     }
-
-    pub fn is_transient(&self) -> bool {
-        matches!(self, GcpError::Transient { .. })
-    }
 }
 
 /// A Pub/Sub topic to publish JSON messages to.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use haishin_esp_sim::EspSimConfig;
 use haishin_local::stack::{LocalStack, ServiceMode, StackConfig};
+use haishin_shared::domain::RequestState;
 use haishin_shared::store::Store;
 use haishin_stand_ins::postgres::PgCluster;
 use tokio::sync::OnceCell;
@@ -109,8 +110,8 @@ pub async fn request_status(stack: &LocalStack, id: &str) -> Option<serde_json::
 pub async fn finished(stack: &LocalStack, id: &str) -> serde_json::Value {
     eventually(&format!("request {id} to finish"), Duration::from_secs(60), || async {
         let status = request_status(stack, id).await?;
-        let state = status["state"].as_str()?;
-        ["completed", "failed", "expired", "cancelled", "rejected"].contains(&state).then_some(status)
+        let state: RequestState = status["state"].as_str()?.parse().ok()?;
+        state.is_final().then_some(status)
     })
     .await
 }

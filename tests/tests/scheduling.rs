@@ -74,7 +74,7 @@ async fn finish_upload(store: &Store, chunk: &ChunkId) {
     let Claim::Claimed(_) = store.claim(chunk, Step::Upload, Duration::from_secs(60)).await.unwrap() else {
         panic!("upload not claimed")
     };
-    assert!(haishin_list_uploader::mark_uploaded(store, chunk, "list").await.unwrap());
+    assert!(store.finish_step(chunk, Step::Upload, "list").await.unwrap());
 }
 
 #[tokio::test]
@@ -195,7 +195,7 @@ async fn a_claimed_chunk_is_busy_until_its_lease_runs_out_then_taken_over() {
     };
     assert!(second.takeover, "the earlier attempt's outcome is unknown");
 
-    assert!(haishin_sender::mark_sent(&store, &chunk, "d-1").await.unwrap());
+    assert!(store.finish_step(&chunk, Step::Send, "d-1").await.unwrap());
     assert!(matches!(
         store.claim(&chunk, Step::Send, Duration::from_secs(60)).await.unwrap(),
         Claim::Done(Some(ChunkState::Sent))

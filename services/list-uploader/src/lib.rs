@@ -132,7 +132,7 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
     let upload_start = Instant::now();
     match state.esp.upload_list(&list).await {
         Ok(list_id) => {
-            match mark_uploaded(&state.store, &chunk.id, &list_id.to_string()).await {
+            match state.store.finish_step(&chunk.id, Step::Upload, &list_id.to_string()).await {
                 Ok(true) => {}
                 Ok(false) => return Outcome::done("chunk was taken over while uploading"),
                 Err(err) => return err.into(),
@@ -213,21 +213,4 @@ async fn read_chunk(state: &AppState, chunk: &ChunkRow) -> Result<Vec<Box<RawVal
         )));
     }
     Ok(recipients)
-}
-
-/// Records the ESP's list for an uploaded chunk, if this attempt still holds it.
-pub async fn mark_uploaded(
-    store: &Store,
-    id: &ChunkId,
-    list_id: &str,
-) -> haishin_shared::store::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE chunks SET state = 'uploaded', list_id = $2, uploaded_at = now(), lease_until = NULL
-         WHERE id = $1 AND state = 'uploading'",
-    )
-    .bind(id)
-    .bind(list_id)
-    .execute(store.pool())
-    .await?;
-    Ok(done.rows_affected() == 1)
 }

@@ -181,7 +181,7 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
 }
 
 async fn record_sent(state: &AppState, chunk: &ChunkRow, delivery: &DeliveryId, how: &str) -> Outcome {
-    match mark_sent(&state.store, &chunk.id, &delivery.to_string()).await {
+    match state.store.finish_step(&chunk.id, Step::Send, &delivery.to_string()).await {
         Ok(true) => {
             tracing::info!(recipients = chunk.recipients, delivery = %delivery, how, "Chunk sent.");
             publish_event(state, chunk, EventKind::ChunkSent).await;
@@ -231,23 +231,6 @@ async fn publish_event(state: &AppState, chunk: &ChunkRow, kind: EventKind) {
     if let Err(err) = state.events.publish(&event, &[("class", chunk.class.as_str())]).await {
         tracing::warn!(error = %err, "Pipeline event not published; the scheduler tick will cover it.");
     }
-}
-
-/// Records the ESP's delivery for a sent chunk, if this attempt still holds it.
-pub async fn mark_sent(
-    store: &Store,
-    id: &ChunkId,
-    delivery_id: &str,
-) -> haishin_shared::store::Result<bool> {
-    let done = sqlx::query(
-        "UPDATE chunks SET state = 'sent', delivery_id = $2, sent_at = now(), lease_until = NULL
-         WHERE id = $1 AND state = 'sending'",
-    )
-    .bind(id)
-    .bind(delivery_id)
-    .execute(store.pool())
-    .await?;
-    Ok(done.rows_affected() == 1)
 }
 
 /// Ends a send early, unsure whether the ESP took it: the chunk stays `sending` with its lease

@@ -53,10 +53,26 @@ impl Step {
         }
     }
 
+    /// The state a chunk reaches when the step succeeds.
+    pub fn done(self) -> ChunkState {
+        match self {
+            Step::Upload => ChunkState::Uploaded,
+            Step::Send => ChunkState::Sent,
+        }
+    }
+
     fn attempts_column(self) -> &'static str {
         match self {
             Step::Upload => "upload_attempts",
             Step::Send => "send_attempts",
+        }
+    }
+
+    /// The column that keeps the ESP's id for the step's result, and the one that keeps its time.
+    fn result_columns(self) -> (&'static str, &'static str) {
+        match self {
+            Step::Upload => ("list_id", "uploaded_at"),
+            Step::Send => ("delivery_id", "sent_at"),
         }
     }
 }
@@ -112,6 +128,24 @@ impl Store {
             Some(s) if s == step.working() => Claim::Busy,
             other => Claim::Done(other),
         })
+    }
+
+    /// Records a step's success with the ESP's id for its result (the list, or the delivery), if
+    /// this attempt still holds the chunk. False when another attempt took it over meanwhile.
+    pub async fn finish_step(&self, id: &ChunkId, step: Step, esp_id: &str) -> Result<bool> {
+        let (result, at) = step.result_columns();
+        let sql = format!(
+            "UPDATE chunks SET state = $3, {result} = $2, {at} = now(), lease_until = NULL
+             WHERE id = $1 AND state = $4"
+        );
+        let done = sqlx::query(&sql)
+            .bind(id)
+            .bind(esp_id)
+            .bind(step.done())
+            .bind(step.working())
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Moves a chunk from one state to another, if it is still where the caller left it.
