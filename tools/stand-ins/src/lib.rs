@@ -4,9 +4,10 @@
 //! credentials changed, so each stand-in speaks the real wire protocol to the official Google
 //! Rust client crates (built with `.with_endpoint("http://127.0.0.1:PORT")` and anonymous
 //! credentials) and keeps the behaviour Haishin relies on: push with back-off and
-//! dead-lettering, queue rate and concurrency limits, retries, named-task de-duplication and
-//! OIDC tokens signed by a key that a verifier can fetch. Every server listens on 127.0.0.1,
-//! on a given port or on any free one.
+//! dead-lettering, queue rate and concurrency limits, retries, named-task de-duplication,
+//! at-least-once redelivery and OIDC tokens signed by a key that a verifier can fetch; and a
+//! front door does in front of each service what Cloud Run's front end does. Every server
+//! listens on 127.0.0.1, on a given port or on any free one.
 //!
 //! # Layout
 //!
@@ -15,12 +16,19 @@
 //! - [`pubsub`]: [`PubSubServer`], gRPC `Publish` for the official `Publisher`, topics and push
 //!   subscriptions (filters, OIDC, back-off, dead-lettering, push window), with counters.
 //! - [`tasks`]: [`TasksServer`], the Cloud Tasks REST v2 subset of the official `CloudTasks`
-//!   client, and HTTP dispatch within each queue's rate, concurrency and retry settings.
+//!   client, and HTTP dispatch within each queue's rate, concurrency and retry settings (slower
+//!   on 429 and 503, honouring `Retry-After`), with task names that stay taken for `name_ttl`.
+//! - [`redelivery`]: [`Redelivery`], the at-least-once redelivery of acknowledged pushes and
+//!   completed tasks that both of the above can do (off by default), with seedable decisions.
+//! - [`front_door`]: [`FrontDoor`], Cloud Run's front end for one local service: it checks the
+//!   caller's ID token and invoker binding (401, 403) and forwards the rest with the token's
+//!   signature removed.
 //! - [`gcs`]: [`GcsServer`], the Cloud Storage JSON API subset of the official `Storage`
 //!   client (multipart and resumable uploads, ranged reads) plus metadata, listing and delete,
 //!   with objects in files under a temporary directory.
 //! - [`postgres`]: a throwaway PostgreSQL cluster.
-//! - [`StandIns`]: all of the above but PostgreSQL, started together with one signer.
+//! - [`StandIns`]: the key-set server, Pub/Sub, Cloud Tasks and Cloud Storage, started together
+//!   with one signer (front doors are started per service, with [`FrontDoor::start`]).
 //! - `server` (private): the HTTP server under each stand-in and Google's JSON error body.
 //!
 //! # Example
@@ -43,10 +51,12 @@
 //! # }
 //! ```
 
+pub mod front_door;
 pub mod gcs;
 pub mod oidc;
 pub mod postgres;
 pub mod pubsub;
+pub mod redelivery;
 pub mod tasks;
 
 mod server;
@@ -54,9 +64,11 @@ mod server;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use front_door::{FrontDoor, FrontDoorConfig};
 pub use gcs::GcsServer;
 pub use oidc::{KeySetServer, TokenSigner};
 pub use pubsub::PubSubServer;
+pub use redelivery::Redelivery;
 pub use tasks::TasksServer;
 
 /// Why a stand-in refused an operation or could not start.
@@ -87,6 +99,11 @@ pub struct StandInsConfig {
     /// Where the Cloud Storage stand-in makes the directory holding its objects (removed when
     /// it stops); the system's temporary directory when `None`.
     pub storage_dir: Option<PathBuf>,
+    /// At-least-once redelivery of acknowledged pushes and completed tasks, server-wide for
+    /// Pub/Sub and Cloud Tasks (default off).
+    pub redelivery: Redelivery,
+    /// Seed of the redelivery decisions, for a repeatable run (default: random).
+    pub redelivery_seed: Option<u64>,
 }
 
 /// The key-set server, Pub/Sub, Cloud Tasks and Cloud Storage, sharing one [`TokenSigner`].
@@ -106,13 +123,26 @@ impl StandIns {
     /// Starts every stand-in on the configured ports.
     pub async fn start(config: StandInsConfig) -> Result<Self, Error> {
         let signer = TokenSigner::new();
-        Ok(Self {
+        let stand_ins = Self {
             key_set: KeySetServer::start(&signer, config.jwks_port).await?,
             pubsub: PubSubServer::start(signer.clone(), config.pubsub_port).await?,
             tasks: TasksServer::start(signer.clone(), config.tasks_port).await?,
             storage: GcsServer::start(config.storage_port, config.storage_dir).await?,
             signer,
-        })
+        };
+        if let Some(seed) = config.redelivery_seed {
+            stand_ins.pubsub.seed_redelivery(seed);
+            stand_ins.tasks.seed_redelivery(seed);
+        }
+        stand_ins.set_redelivery(config.redelivery)?;
+        Ok(stand_ins)
+    }
+
+    /// Sets the server-wide redelivery policy of both Pub/Sub and Cloud Tasks (a chaos run
+    /// turns it on and off while the stack runs).
+    pub fn set_redelivery(&self, policy: Redelivery) -> Result<(), Error> {
+        self.pubsub.set_redelivery(policy)?;
+        self.tasks.set_redelivery(policy)
     }
 
     /// Endpoint for the official Pub/Sub `Publisher`.

@@ -26,7 +26,20 @@ pub(crate) struct Served {
 impl Served {
     /// Binds 127.0.0.1 on `port` (0: any free port) and serves `router` (HTTP/1.1 and h2c).
     pub(crate) async fn start(port: u16, router: Router, cancel: CancellationToken) -> std::io::Result<Self> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
+        Self::serve(Self::bind(port).await?, router, cancel)
+    }
+
+    /// Binds 127.0.0.1 on `port` (0: any free port), for a server whose router needs its address.
+    pub(crate) async fn bind(port: u16) -> std::io::Result<TcpListener> {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await
+    }
+
+    /// Serves `router` (HTTP/1.1 and h2c) on a listener from [`Self::bind`].
+    pub(crate) fn serve(
+        listener: TcpListener,
+        router: Router,
+        cancel: CancellationToken,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         // Without Nagle's delay, as Google's front ends answer: a response written in pieces would
         // otherwise wait some 40 ms for the client's delayed ACK.
@@ -41,6 +54,11 @@ impl Served {
             }
         });
         Ok(Self { addr, cancel, task: Some(task) })
+    }
+
+    /// The port listened on.
+    pub(crate) fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// `http://127.0.0.1:PORT`, without a trailing slash.

@@ -12,6 +12,9 @@
 //! - pushes in flight are bounded by a window that starts small, grows by one on every ack
 //!   (up to `max_outstanding`) and halves on every nack, so a failing endpoint slows the
 //!   whole subscription;
+//! - with a [`Redelivery`] policy (off by default), a share of the acknowledged messages is
+//!   pushed once more, a random moment later, with the same message id (and the next
+//!   `deliveryAttempt`), as Pub/Sub's at-least-once delivery may do;
 //! - a message is delivered to the subscriptions that exist when it is published, and only if
 //!   it passes their filter. Where Pub/Sub drops the messages of a topic without
 //!   subscriptions, the stand-in keeps them, to be inspected with
@@ -22,8 +25,9 @@
 mod filter;
 mod grpc;
 mod push;
+mod subscription;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,80 +36,16 @@ use axum::Router;
 use axum::routing::{any, post};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, watch};
-use tokio::time::Instant;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::oidc::TokenSigner;
+use crate::redelivery::{Redeliverer, Redelivery, RedeliveryDefaults};
 use crate::server::Served;
 use filter::Filter;
-
-/// Pushes in flight when a subscription starts (Pub/Sub starts with "a small single-digit window").
-const INITIAL_PUSH_WINDOW: usize = 3;
-/// Pub/Sub's `max_delivery_attempts` when a dead-letter policy gives 0.
-const DEFAULT_MAX_DELIVERY_ATTEMPTS: u32 = 5;
-
-/// A push subscription, with Pub/Sub's defaults from [`PushSubscription::new`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PushSubscription {
-    /// `projects/P/subscriptions/S`.
-    pub name: String,
-    /// `projects/P/topics/T`; it must exist.
-    pub topic: String,
-    /// The URL messages are POSTed to.
-    pub push_endpoint: String,
-    /// A filter on attributes; messages that do not pass are acknowledged without a push.
-    pub filter: Option<String>,
-    /// Sign every push with an ID token for this service account.
-    pub oidc: Option<PushAuth>,
-    /// How long a push may take before it counts as a nack (Pub/Sub: 10 s to 600 s, default 10 s).
-    pub ack_deadline: Duration,
-    /// Retry policy: the first redelivery delay (Pub/Sub: 0 to 600 s, default 10 s).
-    pub min_backoff: Duration,
-    /// Retry policy: the longest redelivery delay (Pub/Sub: up to 600 s, default 600 s).
-    pub max_backoff: Duration,
-    /// Forward messages that keep failing to another topic.
-    pub dead_letter: Option<DeadLetterPolicy>,
-    /// The most pushes in flight at once (the top of the push window).
-    pub max_outstanding: usize,
-}
-
-impl PushSubscription {
-    /// A subscription with Pub/Sub's defaults: no filter, no token, ack deadline 10 s,
-    /// back-off 10 s to 600 s, no dead-lettering, up to 1,000 pushes in flight.
-    pub fn new(name: impl Into<String>, topic: impl Into<String>, push_endpoint: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            topic: topic.into(),
-            push_endpoint: push_endpoint.into(),
-            filter: None,
-            oidc: None,
-            ack_deadline: Duration::from_secs(10),
-            min_backoff: Duration::from_secs(10),
-            max_backoff: Duration::from_secs(600),
-            dead_letter: None,
-            max_outstanding: 1000,
-        }
-    }
-}
-
-/// The service account a push subscription signs its pushes as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PushAuth {
-    pub service_account_email: String,
-    /// The token's audience; the push endpoint URL when `None`, as in Pub/Sub.
-    pub audience: Option<String>,
-}
-
-/// Where messages go after too many failed pushes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetterPolicy {
-    /// `projects/P/topics/T`; it must exist.
-    pub topic: String,
-    /// Pushes before a message is forwarded (Pub/Sub: 5 to 100; 0 means 5).
-    pub max_delivery_attempts: u32,
-}
+pub use subscription::{DeadLetterPolicy, PushAuth, PushSubscription, SubscriptionStats};
+use subscription::{Delivery, Subscription};
 
 /// A published message, as a topic keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,27 +55,6 @@ pub struct Message {
     pub attributes: HashMap<String, String>,
     pub publish_time: DateTime<Utc>,
     pub ordering_key: String,
-}
-
-/// What a subscription has done so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SubscriptionStats {
-    /// Push attempts started.
-    pub pushed: u64,
-    /// Pushes answered with an acknowledging status.
-    pub acked: u64,
-    /// Pushes that failed (status, timeout or connection error).
-    pub nacked: u64,
-    /// Messages forwarded to the dead-letter topic.
-    pub dead_lettered: u64,
-    /// Messages acknowledged without a push because they did not pass the filter.
-    pub filtered: u64,
-    /// Pushes in flight now.
-    pub outstanding: usize,
-    /// Messages waiting for a push (including those waiting out a back-off).
-    pub backlog: usize,
-    /// Pushes allowed in flight now.
-    pub push_window: usize,
 }
 
 /// The Pub/Sub stand-in: a gRPC `Publish` endpoint and the push delivery loops.
@@ -158,6 +77,7 @@ impl PubSubServer {
             paused: watch::Sender::new(false),
             cancel: cancel.clone(),
             next_message_id: AtomicU64::new(1),
+            redelivery: RedeliveryDefaults::default(),
         });
         let router = Router::new()
             .route(grpc::PUBLISH_PATH, post(grpc::publish))
@@ -207,7 +127,8 @@ impl PubSubServer {
                 return Err(Error::NotFound(topic.clone()));
             }
         }
-        let subscription = Arc::new(Subscription::new(config, url, filter));
+        let redeliverer = Redeliverer::new(&config.name, None, self.broker.redelivery.seed());
+        let subscription = Arc::new(Subscription::new(config, url, filter, redeliverer));
         state.subscriptions.insert(subscription.config.name.clone(), subscription.clone());
         state
             .topics
@@ -232,6 +153,36 @@ impl PubSubServer {
         Some(state.topics.get(topic)?.retained.clone())
     }
 
+    /// Sets the redelivery policy of every subscription that has none of its own (at start:
+    /// off); it applies to acknowledgements from now on.
+    pub fn set_redelivery(&self, policy: Redelivery) -> Result<(), Error> {
+        policy.check()?;
+        self.broker.redelivery.set_policy(policy);
+        Ok(())
+    }
+
+    /// Gives one subscription its own redelivery policy, or with `None` makes it follow the
+    /// server-wide one again.
+    pub fn set_subscription_redelivery(&self, name: &str, policy: Option<Redelivery>) -> Result<(), Error> {
+        if let Some(policy) = &policy {
+            policy.check()?;
+        }
+        let state = self.broker.state.lock().expect("pubsub state lock");
+        let subscription = state.subscriptions.get(name).ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        subscription.redeliverer.set_policy(policy);
+        Ok(())
+    }
+
+    /// Makes redelivery decisions repeatable: every subscription's generator restarts from
+    /// `seed` (mixed with its name), and so do those of subscriptions created later.
+    pub fn seed_redelivery(&self, seed: u64) {
+        self.broker.redelivery.set_seed(seed);
+        let state = self.broker.state.lock().expect("pubsub state lock");
+        for subscription in state.subscriptions.values() {
+            subscription.redeliverer.reseed(seed);
+        }
+    }
+
     /// Stops starting pushes (pushes in flight finish); messages wait until [`Self::resume`].
     pub fn pause(&self) {
         self.broker.paused.send_replace(true);
@@ -242,7 +193,8 @@ impl PubSubServer {
         self.broker.paused.send_replace(false);
     }
 
-    /// Waits until no subscription has a message waiting or in flight; `false` on timeout.
+    /// Waits until no subscription has a message waiting or in flight (redeliveries to come
+    /// included); `false` on timeout.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         let idle = || {
             let state = self.broker.state.lock().expect("pubsub state lock");
@@ -268,6 +220,7 @@ pub(crate) struct Broker {
     paused: watch::Sender<bool>,
     cancel: CancellationToken,
     next_message_id: AtomicU64,
+    redelivery: RedeliveryDefaults,
 }
 
 impl std::fmt::Debug for Broker {
@@ -324,89 +277,6 @@ impl Broker {
             }
         }
         Ok(ids)
-    }
-}
-
-/// One push subscription: its configuration and its queue of deliveries.
-struct Subscription {
-    config: PushSubscription,
-    /// The parsed push endpoint.
-    endpoint: reqwest::Url,
-    filter: Option<Filter>,
-    queue: Mutex<Queue>,
-    /// Wakes the delivery loop: a message arrived or a push finished.
-    wake: Notify,
-}
-
-/// A message waiting to be pushed, and how often it has been pushed.
-struct Delivery {
-    message: Arc<Message>,
-    attempts: u32,
-}
-
-struct Queue {
-    /// Deliveries by (due time, arrival order).
-    pending: BTreeMap<(Instant, u64), Delivery>,
-    arrivals: u64,
-    outstanding: usize,
-    window: usize,
-    stats: SubscriptionStats,
-}
-
-impl Subscription {
-    fn new(mut config: PushSubscription, endpoint: reqwest::Url, filter: Option<Filter>) -> Self {
-        if let Some(policy) = config.dead_letter.as_mut().filter(|p| p.max_delivery_attempts == 0) {
-            policy.max_delivery_attempts = DEFAULT_MAX_DELIVERY_ATTEMPTS;
-        }
-        let window = INITIAL_PUSH_WINDOW.min(config.max_outstanding);
-        Self {
-            config,
-            endpoint,
-            filter,
-            queue: Mutex::new(Queue {
-                pending: BTreeMap::new(),
-                arrivals: 0,
-                outstanding: 0,
-                window,
-                stats: SubscriptionStats::default(),
-            }),
-            wake: Notify::new(),
-        }
-    }
-
-    /// Queues a newly published message for immediate delivery, if it passes the filter.
-    fn offer(&self, message: &Arc<Message>) {
-        let mut queue = self.queue.lock().expect("subscription queue lock");
-        if self.filter.as_ref().is_some_and(|f| !f.matches(&message.attributes)) {
-            queue.stats.filtered += 1;
-            return;
-        }
-        queue.schedule(Instant::now(), Delivery { message: message.clone(), attempts: 0 });
-        drop(queue);
-        self.wake.notify_one();
-    }
-
-    fn stats(&self) -> SubscriptionStats {
-        let queue = self.queue.lock().expect("subscription queue lock");
-        SubscriptionStats {
-            outstanding: queue.outstanding,
-            backlog: queue.pending.len(),
-            push_window: queue.window,
-            ..queue.stats
-        }
-    }
-
-    /// The delay before pushing again a message that failed `attempts` times.
-    fn backoff(&self, attempts: u32) -> Duration {
-        let doublings = attempts.saturating_sub(1).min(30);
-        self.config.min_backoff.saturating_mul(1 << doublings).min(self.config.max_backoff)
-    }
-}
-
-impl Queue {
-    fn schedule(&mut self, due: Instant, delivery: Delivery) {
-        self.arrivals += 1;
-        self.pending.insert((due, self.arrivals), delivery);
     }
 }
 

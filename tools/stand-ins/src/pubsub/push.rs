@@ -9,6 +9,7 @@ use chrono::SecondsFormat;
 use tokio::time::{Instant, sleep_until};
 
 use super::{Broker, Delivery, Message, Subscription};
+use crate::redelivery::Redelivery;
 
 /// The user agent of Pub/Sub's pushes.
 const PUSH_USER_AGENT: &str = "APIs-Google; (+https://developers.google.com/webmasters/APIs-Google.html)";
@@ -54,7 +55,7 @@ async fn push(broker: Arc<Broker>, subscription: Arc<Subscription>, delivery: De
         () = broker.cancel.cancelled() => return,
         acked = send(&broker, &subscription, &delivery) => acked,
     };
-    let dead = subscription.settle(delivery, acked);
+    let dead = subscription.settle(delivery, acked, broker.redelivery.policy());
     subscription.wake.notify_one();
     if let Some(delivery) = dead {
         forward_to_dead_letter(&broker, &subscription, &delivery);
@@ -157,12 +158,28 @@ impl Subscription {
 
     /// Records a push's outcome and adjusts the window; returns the delivery if it is to be
     /// dead-lettered.
-    fn settle(&self, delivery: Delivery, acked: bool) -> Option<Delivery> {
+    ///
+    /// An acked message may be scheduled once more, per this subscription's redelivery policy
+    /// or else `redelivery`.
+    fn settle(&self, mut delivery: Delivery, acked: bool, redelivery: Redelivery) -> Option<Delivery> {
         let mut queue = self.queue.lock().expect("subscription queue lock");
         queue.outstanding -= 1;
         if acked {
             queue.stats.acked += 1;
             queue.window = (queue.window + 1).min(self.config.max_outstanding);
+            if !delivery.redelivered
+                && let Some(delay) = self.redeliverer.roll(redelivery)
+            {
+                tracing::debug!(
+                    subscription = self.config.name,
+                    message_id = delivery.message.message_id,
+                    ?delay,
+                    "Acked message to be redelivered."
+                );
+                delivery.redelivered = true;
+                queue.stats.redelivered += 1;
+                queue.schedule(Instant::now() + delay, delivery);
+            }
             return None;
         }
         queue.stats.nacked += 1;

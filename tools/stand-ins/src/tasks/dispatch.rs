@@ -3,14 +3,34 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::header::USER_AGENT;
+use axum::http::header::{RETRY_AFTER, USER_AGENT};
 use chrono::Utc;
 use tokio::time::{Instant, sleep_until};
 
-use super::{MIN_RATE_FACTOR, QueueHandle, Service, Task};
+use super::{MIN_RATE_FACTOR, QueueHandle, Service, Task, retry_after};
+use crate::redelivery::Redelivery;
 
 /// The user agent of Cloud Tasks' dispatches.
 const DISPATCH_USER_AGENT: &str = "Google-Cloud-Tasks";
+
+/// What a dispatch got back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Answer {
+    status: u16,
+    /// The wait a 429 or 503 asked for with `Retry-After` (read on those answers only).
+    retry_after: Option<Duration>,
+}
+
+impl Answer {
+    fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// 429 and 503: the target asks the whole queue to slow down.
+    fn is_throttling(&self) -> bool {
+        matches!(self.status, 429 | 503)
+    }
+}
 
 /// What the dispatch loop does next.
 enum Next {
@@ -48,16 +68,16 @@ pub(super) async fn run(service: Arc<Service>, queue: Arc<QueueHandle>) {
 
 /// Sends one dispatch and settles the task with its outcome.
 async fn dispatch(service: Arc<Service>, queue: Arc<QueueHandle>, task: Box<Task>) {
-    let status = tokio::select! {
+    let answer = tokio::select! {
         () = service.cancel.cancelled() => return,
-        status = send(&service, &queue, &task) => status,
+        answer = send(&service, &queue, &task) => answer,
     };
-    queue.settle(&task.id, status);
+    queue.settle(&task.id, answer, service.redelivery.policy());
     queue.wake.notify_one();
 }
 
-/// Sends the task's request; the response status, or `None` when there was no answer.
-async fn send(service: &Service, queue: &QueueHandle, task: &Task) -> Option<u16> {
+/// Sends the task's request; what came back, or `None` when there was no answer.
+async fn send(service: &Service, queue: &QueueHandle, task: &Task) -> Option<Answer> {
     let queue_id = queue.config.name.rsplit('/').next().unwrap_or_default();
     let eta = task.schedule_time.timestamp_micros() as f64 / 1e6;
     let mut request =
@@ -86,10 +106,18 @@ async fn send(service: &Service, queue: &QueueHandle, task: &Task) -> Option<u16
     match request.send().await {
         Ok(response) => {
             let status = response.status().as_u16();
-            if !response.status().is_success() {
-                tracing::debug!(queue, task, status, "Dispatch failed.");
+            let mut answer = Answer { status, retry_after: None };
+            if answer.is_throttling() {
+                answer.retry_after = response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry_after::parse(v, Utc::now()));
             }
-            Some(status)
+            if !answer.is_success() {
+                tracing::debug!(queue, task, status, retry_after = ?answer.retry_after, "Dispatch failed.");
+            }
+            Some(answer)
         }
         Err(err) => {
             tracing::debug!(queue, task, error = %err, "Dispatch got no answer.");
@@ -138,33 +166,49 @@ impl QueueHandle {
         Next::Dispatch(Box::new(task.clone()))
     }
 
-    /// Records a dispatch's outcome: done, retried later, or dropped.
-    fn settle(&self, id: &str, status: Option<u16>) {
+    /// Records a dispatch's outcome: done (or put back once, per the redelivery policy, this
+    /// queue's own or else `redelivery`), retried later, or dropped.
+    fn settle(&self, id: &str, answer: Option<Answer>, redelivery: Redelivery) {
         let mut state = self.state.lock().expect("queue lock");
         let state = &mut *state;
         state.stats.in_flight -= 1;
         let Some(task) = state.tasks.get_mut(id) else {
             return; // Deleted while in flight.
         };
-        if let Some(status) = status {
+        if let Some(answer) = answer {
             task.response_count += 1;
-            task.last_status = Some(status);
+            task.last_status = Some(answer.status);
         }
         let attempts = task.dispatch_count;
-        if status.is_some_and(|s| (200..300).contains(&s)) {
-            state.tasks.remove(id);
+        let now = Instant::now();
+        if answer.is_some_and(|a| a.is_success()) {
             state.stats.succeeded += 1;
+            if !task.redelivered
+                && let Some(delay) = self.redeliverer.roll(redelivery)
+            {
+                tracing::debug!(queue = self.config.name, task = id, ?delay, "Done task to be redelivered.");
+                task.redelivered = true;
+                task.schedule_time = Utc::now() + delay;
+                state.stats.redelivered += 1;
+                state.schedule_task(now + delay, id.to_owned());
+            } else {
+                state.finish(id, self.config.name_ttl);
+            }
             return;
         }
-        let now = Instant::now();
-        if matches!(status, Some(429 | 503)) {
+        let mut delay = self.config.backoff(attempts);
+        if let Some(answer) = answer.filter(Answer::is_throttling) {
             state.stats.throttled += 1;
             let factor = state.rate(&self.config, now) / self.config.max_dispatches_per_second;
             state.slow_factor = (factor / 2.0).max(MIN_RATE_FACTOR);
             state.slowed_at = now;
+            // The slower rate applies from the next dispatch, not after a burst.
+            state.tokens = 0.0;
+            state.refilled = now;
+            delay = delay.max(answer.retry_after.unwrap_or_default());
         }
         if self.config.max_attempts != -1 && i64::from(attempts) >= i64::from(self.config.max_attempts) {
-            state.tasks.remove(id);
+            state.finish(id, self.config.name_ttl);
             state.stats.dropped += 1;
             tracing::info!(
                 queue = self.config.name,
@@ -174,7 +218,6 @@ impl QueueHandle {
             );
             return;
         }
-        let delay = self.config.backoff(attempts);
         if let Some(task) = state.tasks.get_mut(id) {
             task.schedule_time = Utc::now() + delay;
         }

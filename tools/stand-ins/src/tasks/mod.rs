@@ -12,18 +12,28 @@
 //! - 2xx is success; anything else (or no answer within the dispatch deadline) is retried
 //!   after the queue's back-off (doubling `max_doublings` times from `min_backoff`, then growing
 //!   linearly, up to `max_backoff`), until `max_attempts` dispatches have failed;
-//! - 429 and 503 also halve the queue's dispatch rate, which then recovers, doubling every
-//!   second;
-//! - a task's name stays taken after it is done or deleted (for the run; Cloud Tasks keeps it
-//!   about an hour), so creating it again fails with `ALREADY_EXISTS`.
+//! - 429 and 503 also slow the whole queue: they halve its dispatch rate, which then recovers,
+//!   doubling every second, and empty its token bucket. A `Retry-After` header on such an answer
+//!   (delay-seconds or an HTTP date, honoured up to an hour) sets the task's next attempt, never
+//!   earlier than its back-off;
+//! - a task's name stays taken for `name_ttl` (Cloud Tasks: about an hour) after it is done or
+//!   deleted, so creating it again meanwhile fails with `ALREADY_EXISTS`; afterwards it creates
+//!   a new task;
+//! - with a [`Redelivery`] policy (off by default), a share of the tasks that succeeded is
+//!   dispatched once more, a random moment later, with the same name, as Cloud Tasks'
+//!   at-least-once delivery may do. Until then the task is back in the queue, as if its success
+//!   had been lost: it is listed and can be deleted.
 //!
 //! Not modelled: App Engine targets, OAuth tokens, `max_retry_duration`, queue states other
 //! than running, and the REST queue administration methods.
 
 mod dispatch;
+mod names;
+mod queue;
 mod rest;
+mod retry_after;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,7 +45,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::oidc::TokenSigner;
+use crate::redelivery::{Redeliverer, Redelivery, RedeliveryDefaults};
 use crate::server::Served;
+use names::Reservations;
+pub use queue::{Queue, QueueStats};
 
 /// The largest task Cloud Tasks accepts, in bytes.
 const MAX_TASK_BYTES: usize = 100 * 1024;
@@ -43,79 +56,6 @@ const MAX_TASK_BYTES: usize = 100 * 1024;
 const RATE_RECOVERY_INTERVAL: Duration = Duration::from_secs(1);
 /// The slowest a queue gets after repeated 429s and 503s, as a fraction of its rate.
 const MIN_RATE_FACTOR: f64 = 1.0 / 64.0;
-
-/// A queue's limits and retry settings, with Cloud Tasks' defaults from [`Queue::new`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct Queue {
-    /// `projects/P/locations/L/queues/Q`.
-    pub name: String,
-    /// Dispatches started per second, at most (Cloud Tasks: up to 500, default 500).
-    pub max_dispatches_per_second: f64,
-    /// Dispatches in flight, at most (Cloud Tasks: up to 5,000, default 1,000).
-    pub max_concurrent_dispatches: u32,
-    /// Dispatches of one task, at most; -1 for unlimited (default 100).
-    pub max_attempts: i32,
-    /// The first retry delay (default 0.1 s).
-    pub min_backoff: Duration,
-    /// The longest retry delay (default 3,600 s).
-    pub max_backoff: Duration,
-    /// How many times the retry delay doubles before it grows linearly (default 16).
-    pub max_doublings: u32,
-}
-
-impl Queue {
-    /// A queue with Cloud Tasks' defaults.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            max_dispatches_per_second: 500.0,
-            max_concurrent_dispatches: 1000,
-            max_attempts: 100,
-            min_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(3600),
-            max_doublings: 16,
-        }
-    }
-
-    /// The delay before the next dispatch of a task whose dispatch failed `failures` times.
-    fn backoff(&self, failures: u32) -> Duration {
-        let failures = failures.max(1);
-        let doublings = (failures - 1).min(self.max_doublings).min(30);
-        let doubled = self.min_backoff.saturating_mul(1 << doublings);
-        let linear_steps = failures - 1 - doublings;
-        doubled.saturating_add(doubled.saturating_mul(linear_steps)).min(self.max_backoff)
-    }
-
-    /// The token bucket's size: a tenth of a second's worth of dispatches, at least one.
-    fn burst(&self) -> f64 {
-        (self.max_dispatches_per_second / 10.0).ceil().max(1.0)
-    }
-}
-
-/// What a queue has done so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct QueueStats {
-    /// Tasks created.
-    pub created: u64,
-    /// Dispatches started.
-    pub dispatched: u64,
-    /// Dispatches answered with 2xx.
-    pub succeeded: u64,
-    /// Failed dispatches that will be retried.
-    pub retried: u64,
-    /// Tasks dropped after `max_attempts` failed dispatches.
-    pub dropped: u64,
-    /// Dispatches answered 429 or 503, each of which slowed the queue down.
-    pub throttled: u64,
-    /// Dispatches in flight now.
-    pub in_flight: u32,
-    /// The most dispatches ever in flight at once.
-    pub peak_in_flight: u32,
-    /// Tasks in the queue (waiting, in back-off or in flight).
-    pub tasks: usize,
-    /// Dispatches per second allowed now: the queue's rate, less while a 429 or 503 slows it.
-    pub dispatch_rate: f64,
-}
 
 /// The Cloud Tasks stand-in.
 ///
@@ -136,6 +76,7 @@ impl TasksServer {
             http: crate::server::http_client(),
             paused: watch::Sender::new(false),
             cancel: cancel.clone(),
+            redelivery: RedeliveryDefaults::default(),
         });
         let served = Served::start(port, rest::router(service.clone()), cancel).await?;
         Ok(Self { service, served })
@@ -160,7 +101,8 @@ impl TasksServer {
         if queues.contains_key(&config.name) {
             return Err(Error::AlreadyExists(config.name));
         }
-        let queue = Arc::new(QueueHandle::new(config));
+        let redeliverer = Redeliverer::new(&config.name, None, self.service.redelivery.seed());
+        let queue = Arc::new(QueueHandle::new(config, redeliverer));
         queues.insert(queue.config.name.clone(), queue.clone());
         tokio::spawn(dispatch::run(self.service.clone(), queue));
         Ok(())
@@ -169,6 +111,35 @@ impl TasksServer {
     /// What a queue has done so far, or `None` if there is no such queue.
     pub fn queue_stats(&self, name: &str) -> Option<QueueStats> {
         Some(self.service.queue(name)?.stats())
+    }
+
+    /// Sets the redelivery policy of every queue that has none of its own (at start: off); it
+    /// applies to tasks that succeed from now on.
+    pub fn set_redelivery(&self, policy: Redelivery) -> Result<(), Error> {
+        policy.check()?;
+        self.service.redelivery.set_policy(policy);
+        Ok(())
+    }
+
+    /// Gives one queue its own redelivery policy, or with `None` makes it follow the
+    /// server-wide one again.
+    pub fn set_queue_redelivery(&self, name: &str, policy: Option<Redelivery>) -> Result<(), Error> {
+        if let Some(policy) = &policy {
+            policy.check()?;
+        }
+        let queue = self.service.queue(name).ok_or_else(|| Error::NotFound(name.to_owned()))?;
+        queue.redeliverer.set_policy(policy);
+        Ok(())
+    }
+
+    /// Makes redelivery decisions repeatable: every queue's generator restarts from `seed`
+    /// (mixed with its name), and so do those of queues created later.
+    pub fn seed_redelivery(&self, seed: u64) {
+        self.service.redelivery.set_seed(seed);
+        let queues = self.service.queues.lock().expect("queues lock");
+        for queue in queues.values() {
+            queue.redeliverer.reseed(seed);
+        }
     }
 
     /// Stops starting dispatches in every queue (dispatches in flight finish).
@@ -181,7 +152,7 @@ impl TasksServer {
         self.service.paused.send_replace(false);
     }
 
-    /// Waits until every queue is empty; `false` on timeout.
+    /// Waits until every queue is empty (redeliveries to come included); `false` on timeout.
     pub async fn wait_idle(&self, timeout: Duration) -> bool {
         crate::poll_until(timeout, || {
             let queues = self.service.queues.lock().expect("queues lock");
@@ -203,6 +174,7 @@ pub(crate) struct Service {
     http: reqwest::Client,
     paused: watch::Sender<bool>,
     cancel: CancellationToken,
+    redelivery: RedeliveryDefaults,
 }
 
 impl std::fmt::Debug for Service {
@@ -239,6 +211,8 @@ struct Task {
     last_status: Option<u16>,
     first_attempt: Option<DateTime<Utc>>,
     last_attempt: Option<DateTime<Utc>>,
+    /// Already put back once after it succeeded (it is not put back again).
+    redelivered: bool,
 }
 
 /// One queue: configuration, tasks, and dispatch bookkeeping.
@@ -247,6 +221,7 @@ struct QueueHandle {
     state: Mutex<QueueState>,
     /// Wakes the dispatch loop: a task arrived or a dispatch finished.
     wake: Notify,
+    redeliverer: Redeliverer,
 }
 
 struct QueueState {
@@ -255,8 +230,8 @@ struct QueueState {
     /// Tasks waiting for dispatch, by (due time, arrival order).
     schedule: BTreeMap<(Instant, u64), String>,
     arrivals: u64,
-    /// Every short name ever used in this queue.
-    taken: HashSet<String>,
+    /// Short names of tasks done or deleted recently, which stay taken for `name_ttl`.
+    released: Reservations,
     /// Dispatch tokens available now, and when they were last topped up.
     tokens: f64,
     refilled: Instant,
@@ -267,7 +242,7 @@ struct QueueState {
 }
 
 impl QueueHandle {
-    fn new(config: Queue) -> Self {
+    fn new(config: Queue, redeliverer: Redeliverer) -> Self {
         let now = Instant::now();
         let tokens = config.burst();
         Self {
@@ -276,7 +251,7 @@ impl QueueHandle {
                 tasks: HashMap::new(),
                 schedule: BTreeMap::new(),
                 arrivals: 0,
-                taken: HashSet::new(),
+                released: Reservations::default(),
                 tokens,
                 refilled: now,
                 slow_factor: 1.0,
@@ -284,6 +259,7 @@ impl QueueHandle {
                 stats: QueueStats::default(),
             }),
             wake: Notify::new(),
+            redeliverer,
         }
     }
 
@@ -293,12 +269,15 @@ impl QueueHandle {
         QueueStats { tasks: state.tasks.len(), dispatch_rate, ..state.stats }
     }
 
-    /// Adds a task, unless its name was ever taken.
+    /// Adds a task, unless a task of that name is in the queue or finished within `name_ttl`.
     fn add(&self, task: Task) -> Result<Task, Error> {
         let mut state = self.state.lock().expect("queue lock");
-        if !state.taken.insert(task.id.clone()) {
+        let now = Instant::now();
+        state.released.prune(now);
+        if state.tasks.contains_key(&task.id) || state.released.is_taken(&task.id, now) {
             return Err(Error::AlreadyExists(task.id));
         }
+        state.released.take_over(&task.id);
         let due = instant_of(task.schedule_time);
         state.schedule_task(due, task.id.clone());
         state.tasks.insert(task.id.clone(), task.clone());
@@ -313,6 +292,18 @@ impl QueueState {
     fn schedule_task(&mut self, due: Instant, id: String) {
         self.arrivals += 1;
         self.schedule.insert((due, self.arrivals), id);
+    }
+
+    /// Removes a task that is done, dropped or deleted; its name stays taken for `ttl`.
+    fn finish(&mut self, id: &str, ttl: Duration) -> Option<Task> {
+        let task = self.tasks.remove(id)?;
+        self.released.release(id, Instant::now(), ttl);
+        Some(task)
+    }
+
+    /// Whether a task of this name finished recently (its name is still taken).
+    fn finished_recently(&self, id: &str) -> bool {
+        self.released.is_taken(id, Instant::now())
     }
 
     /// The dispatch rate now, after slow-downs and their recovery.
@@ -348,18 +339,6 @@ fn valid_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_then_grows_linearly_then_caps() {
-        let queue = Queue {
-            min_backoff: Duration::from_secs(10),
-            max_backoff: Duration::from_secs(300),
-            max_doublings: 3,
-            ..Queue::new("projects/p/locations/l/queues/q")
-        };
-        let delays: Vec<u64> = (1..=8).map(|n| queue.backoff(n).as_secs()).collect();
-        assert_eq!(delays, [10, 20, 40, 80, 160, 240, 300, 300]);
-    }
 
     #[test]
     fn queue_names_are_checked() {

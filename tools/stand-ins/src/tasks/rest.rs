@@ -118,7 +118,7 @@ async fn get_task(
     let state = queue.state.lock().expect("queue lock");
     match state.tasks.get(&t) {
         Some(task) => Ok(Json(task_json(task, &queue.config.name, view))),
-        None => Err(task_not_found(state.taken.contains(&t))),
+        None => Err(task_not_found(state.finished_recently(&t))),
     }
 }
 
@@ -142,9 +142,9 @@ async fn delete_task(
 ) -> Result<Json<Value>, ApiError> {
     let queue = find_queue(&service, &p, &l, &q)?;
     let mut state = queue.state.lock().expect("queue lock");
-    match state.tasks.remove(&t) {
+    match state.finish(&t, queue.config.name_ttl) {
         Some(_) => Ok(Json(json!({}))),
-        None => Err(task_not_found(state.taken.contains(&t))),
+        None => Err(task_not_found(state.finished_recently(&t))),
     }
 }
 
@@ -287,6 +287,7 @@ fn parse_task(json: TaskJson, queue_name: &str) -> Result<Task, ApiError> {
         last_status: None,
         first_attempt: None,
         last_attempt: None,
+        redelivered: false,
     })
 }
 

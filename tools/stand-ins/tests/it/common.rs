@@ -7,7 +7,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -23,6 +24,7 @@ pub(crate) struct Received {
     pub(crate) at: Instant,
     pub(crate) method: Method,
     pub(crate) path: String,
+    pub(crate) query: Option<String>,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
 }
@@ -43,15 +45,22 @@ impl Received {
 }
 
 /// How a [`Receiver`] answers a request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Reply {
     pub(crate) status: StatusCode,
     pub(crate) delay: Duration,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Bytes,
 }
 
 impl Reply {
     pub(crate) fn status(status: u16) -> Self {
-        Self { status: StatusCode::from_u16(status).expect("a valid status"), delay: Duration::ZERO }
+        Self {
+            status: StatusCode::from_u16(status).expect("a valid status"),
+            delay: Duration::ZERO,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
     }
 
     pub(crate) fn ok() -> Self {
@@ -60,6 +69,15 @@ impl Reply {
 
     pub(crate) fn after(self, delay: Duration) -> Self {
         Self { delay, ..self }
+    }
+
+    pub(crate) fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub(crate) fn body(self, body: impl Into<Bytes>) -> Self {
+        Self { body: body.into(), ..self }
     }
 }
 
@@ -136,15 +154,27 @@ async fn record(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
-    let received = Received { at: Instant::now(), method, path: uri.path().to_owned(), headers, body };
+) -> Response {
+    let received = Received {
+        at: Instant::now(),
+        method,
+        path: uri.path().to_owned(),
+        query: uri.query().map(str::to_owned),
+        headers,
+        body,
+    };
     let reply = (inner.responder)(&received);
     inner.requests.lock().unwrap().push(received);
     let now = inner.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     inner.peak.fetch_max(now, Ordering::SeqCst);
     tokio::time::sleep(reply.delay).await;
     inner.in_flight.fetch_sub(1, Ordering::SeqCst);
-    reply.status
+    let mut response = (reply.status, reply.body).into_response();
+    for (name, value) in reply.headers {
+        let name = HeaderName::from_bytes(name.as_bytes()).expect("a valid header name");
+        response.headers_mut().append(name, HeaderValue::from_str(&value).expect("a valid header value"));
+    }
+    response
 }
 
 /// Verifies a token as a Google OIDC verifier would, with the key set at `jwks_url`; returns

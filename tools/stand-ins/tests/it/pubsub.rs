@@ -13,11 +13,11 @@ use haishin_stand_ins::pubsub::{DeadLetterPolicy, PubSubServer, PushAuth, PushSu
 
 use crate::common::{Receiver, Reply, anonymous, eventually, verify};
 
-const TOPIC: &str = "projects/haishin/topics/deliveries";
-const SUBSCRIPTION: &str = "projects/haishin/subscriptions/sender";
+pub(crate) const TOPIC: &str = "projects/haishin/topics/deliveries";
+pub(crate) const SUBSCRIPTION: &str = "projects/haishin/subscriptions/sender";
 const PUSHER: &str = "pubsub-push@haishin.iam.gserviceaccount.com";
 
-async fn publisher(server: &PubSubServer, topic: &str) -> Publisher {
+pub(crate) async fn publisher(server: &PubSubServer, topic: &str) -> Publisher {
     Publisher::builder(topic)
         .with_endpoint(server.endpoint())
         .with_credentials(anonymous())
@@ -28,7 +28,7 @@ async fn publisher(server: &PubSubServer, topic: &str) -> Publisher {
 }
 
 /// A subscription on [`TOPIC`] pushing to `receiver` with back-offs of tens of milliseconds.
-fn subscription(name: &str, receiver: &Receiver) -> PushSubscription {
+pub(crate) fn subscription(name: &str, receiver: &Receiver) -> PushSubscription {
     PushSubscription {
         min_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_secs(1),
@@ -36,7 +36,7 @@ fn subscription(name: &str, receiver: &Receiver) -> PushSubscription {
     }
 }
 
-fn message(data: &str, attributes: &[(&str, &str)]) -> Message {
+pub(crate) fn message(data: &str, attributes: &[(&str, &str)]) -> Message {
     Message::new().set_data(data.to_owned()).set_attributes(attributes.iter().map(|(k, v)| (*k, *v)))
 }
 

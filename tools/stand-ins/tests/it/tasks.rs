@@ -10,10 +10,10 @@ use haishin_stand_ins::tasks::{Queue, TasksServer};
 
 use crate::common::{Receiver, Reply, anonymous, eventually, verify};
 
-const QUEUE: &str = "projects/haishin/locations/asia-northeast1/queues/upload";
+pub(crate) const QUEUE: &str = "projects/haishin/locations/asia-northeast1/queues/upload";
 const INVOKER: &str = "tasks-invoker@haishin.iam.gserviceaccount.com";
 
-async fn client(server: &TasksServer) -> CloudTasks {
+pub(crate) async fn client(server: &TasksServer) -> CloudTasks {
     CloudTasks::builder()
         .with_endpoint(server.endpoint())
         .with_credentials(anonymous())
@@ -23,12 +23,12 @@ async fn client(server: &TasksServer) -> CloudTasks {
 }
 
 /// A queue with retries tens of milliseconds apart.
-fn queue() -> Queue {
+pub(crate) fn queue() -> Queue {
     Queue { min_backoff: Duration::from_millis(20), max_backoff: Duration::from_secs(1), ..Queue::new(QUEUE) }
 }
 
 /// A POST task to `url` with a JSON body.
-fn http_task(url: &str, body: &str) -> Task {
+pub(crate) fn http_task(url: &str, body: &str) -> Task {
     Task::new().set_http_request(
         HttpRequest::new()
             .set_url(url)
@@ -38,7 +38,7 @@ fn http_task(url: &str, body: &str) -> Task {
     )
 }
 
-async fn create(client: &CloudTasks, task: Task) -> google_cloud_tasks_v2::Result<Task> {
+pub(crate) async fn create(client: &CloudTasks, task: Task) -> google_cloud_tasks_v2::Result<Task> {
     client.create_task().set_parent(QUEUE).set_task(task).send().await
 }
 
