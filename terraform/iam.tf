@@ -1,6 +1,7 @@
 # Identities and every role they hold. Each service runs as its own service account, and every
 # grant is on the one resource it concerns (a topic, a queue, a secret, the bucket) except the
-# two roles that exist only per project (BigQuery jobs, build logs).
+# two roles that exist only per project (the completion job's BigQuery jobs, build logs).
+# tests/tests/iam_parity.rs checks that the runtime grants are exactly what the code calls.
 
 # ---------------------------------------------------------------------------------------------
 # Service accounts
@@ -105,14 +106,6 @@ resource "google_storage_bucket_iam_member" "trigger_objects" {
   member = google_service_account.runtime["trigger"].member
 }
 
-# Runs the audience queries (EXPORT DATA). Reading the queried tables is granted by their
-# owners: roles/bigquery.dataViewer on the marketing datasets (docs/deploy.md).
-resource "google_project_iam_member" "trigger_bigquery_jobs" {
-  project = var.project_id
-  role    = "roles/bigquery.jobUser"
-  member  = google_service_account.runtime["trigger"].member
-}
-
 # ---------------------------------------------------------------------------------------------
 # list-uploader
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +126,7 @@ locals {
     "list_uploader/pipeline_events" = { service = "list_uploader", topic = "pipeline_events" }
     "sender/pipeline_events"        = { service = "sender", topic = "pipeline_events" }
     "completion/pipeline_events"    = { service = "completion", topic = "pipeline_events" }
+    "completion/deliveries"         = { service = "completion", topic = "deliveries" }
     "completion/request_completed"  = { service = "completion", topic = "request_completed" }
   }
 }

@@ -24,7 +24,7 @@ output "deployer_service_account" {
 }
 
 output "service_accounts" {
-  description = "Runtime service account of each service and the job. Grant the trigger's roles/bigquery.dataViewer on audience datasets and roles/storage.objectViewer on audience buckets outside this project."
+  description = "Runtime service account of each service and the job. Grant the trigger roles/storage.objectViewer on audience buckets outside this project."
   value       = { for key, account in google_service_account.runtime : key => account.email }
 }
 

@@ -43,8 +43,11 @@ locals {
     RUST_LOG             = var.rust_log
   }
 
+  # Cloud Run's IAM invoker check (iam.tf) verifies each push's and task's token and forwards it
+  # with the signature removed; the services check the forwarded claims (docs/deploy.md).
   push_env = {
     for key, url in local.service_urls : key => {
+      PUSH_AUTH     = "cloud-run-iam"
       OIDC_JWKS_URL = local.google_jwks_url
       PUSH_AUDIENCE = url
       PUSH_INVOKERS = join(",", local.push_invokers[key])
@@ -68,8 +71,10 @@ locals {
       REALTIME_RESERVED_SLOTS = module.capacity.realtime_reserved_slots
       DISPATCH_PREFETCH       = var.dispatch_prefetch
       INLINE_PREPARE_MAX      = var.inline_prepare_max
-      # A prepare step may run as long as the request that runs it.
-      PREPARE_LEASE_SECS = trimsuffix(var.trigger.timeout, "s")
+      # A prepare step may run as long as the request that runs it; each task's dispatch deadline
+      # is the timeout of the service it targets.
+      PREPARE_LEASE_SECS  = trimsuffix(var.trigger.timeout, "s")
+      UPLOAD_TIMEOUT_SECS = trimsuffix(var.list_uploader.timeout, "s")
     })
 
     list_uploader = merge(local.common_env, local.push_env.list_uploader, {
@@ -141,8 +146,12 @@ locals {
       cpu           = var.trigger.cpu
       memory        = var.trigger.memory
       timeout       = var.trigger.timeout
-      cpu_idle      = true
-      ingress       = var.trigger.ingress
+      # CPU stays allocated between requests: the trigger dispatches the chunks a prepare step
+      # stores while it goes on reading the audience, and those dispatch rounds may end after the
+      # request that started them has answered. With CPU allocated only during requests they
+      # would stall until the next request arrived.
+      cpu_idle = false
+      ingress  = var.trigger.ingress
     }
     list_uploader = {
       description   = "Uploads one chunk's recipients to the ESP per request."

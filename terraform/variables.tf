@@ -356,3 +356,23 @@ variable "completion_subscribers" {
     error_message = "completion_subscribers holds IAM members such as \"serviceAccount:NAME@PROJECT.iam.gserviceaccount.com\"."
   }
 }
+
+variable "alert_notification_channels" {
+  description = "Cloud Monitoring notification channels (ids such as projects/PROJECT/notificationChannels/123, made in the console or with gcloud) that every Haishin alert notifies. Empty: the alerts still open incidents, visible in the console, but notify nobody."
+  type        = list(string)
+  default     = []
+}
+
+variable "alert_thresholds" {
+  description = "When the alerts fire. oldest_unacked_secs: a push subscription's oldest unacknowledged message is older than this. esp_rate_limited_share: more than this share of ESP calls answered 429 over 10 minutes (Haishin fills the ESP by scheduling, so any sustained share means the ESP's real limit is below the configured one)."
+  type = object({
+    oldest_unacked_secs    = optional(number, 900)
+    esp_rate_limited_share = optional(number, 0.05)
+  })
+  default = {}
+
+  validation {
+    condition     = var.alert_thresholds.oldest_unacked_secs > 0 && var.alert_thresholds.esp_rate_limited_share > 0 && var.alert_thresholds.esp_rate_limited_share < 1
+    error_message = "alert_thresholds: oldest_unacked_secs must be positive and esp_rate_limited_share between 0 and 1."
+  }
+}

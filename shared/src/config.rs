@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::auth::{GOOGLE_JWKS_URL, OidcVerifier};
+pub use crate::auth::PushAuthMode;
+use crate::auth::{GOOGLE_JWKS_URL, PushAuth};
 use crate::gcp::GcpArgs;
 use crate::store::Store;
 
@@ -41,8 +42,9 @@ impl CommonArgs {
         Ok(store)
     }
 
-    pub(crate) fn verifier(&self) -> Arc<OidcVerifier> {
-        Arc::new(OidcVerifier::new(
+    pub(crate) fn push_auth(&self) -> Arc<PushAuth> {
+        Arc::new(PushAuth::new(
+            self.auth.mode,
             self.auth.jwks_url.clone(),
             self.auth.audience.clone(),
             self.auth.invokers.clone(),
@@ -50,9 +52,13 @@ impl CommonArgs {
     }
 }
 
-/// Who may push work to this service.
+/// Who may push work to this service, and how that is checked (see the `auth` module).
 #[derive(Debug, Clone, clap::Args)]
 pub struct PushAuthArgs {
+    /// `cloud-run-iam`: Cloud Run's invoker check verified the token, the service checks the
+    /// claims it forwards; `verify`: the service verifies the token's signature too.
+    #[arg(long = "push-auth", env = "PUSH_AUTH", value_enum, default_value = "verify")]
+    pub mode: PushAuthMode,
     /// Key set of the OIDC tokens that Pub/Sub and Cloud Tasks attach.
     #[arg(long, env = "OIDC_JWKS_URL", default_value = GOOGLE_JWKS_URL)]
     pub jwks_url: String,

@@ -15,7 +15,7 @@
 //! - [`server`]: the push services' scaffold: token check, `/healthz`, tracing, graceful shutdown.
 //! - [`config`]: configuration every push service reads.
 //! - [`telemetry`]: logging setup (Cloud Logging JSON on Cloud Run, text locally).
-//! - `auth` (private): verification of the OIDC tokens on push and task routes, used by [`server`].
+//! - `auth` (private): how push and task routes are authenticated (`PUSH_AUTH`), used by [`server`].
 
 mod auth;
 pub mod config;

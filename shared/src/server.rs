@@ -15,15 +15,16 @@ use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::{OidcVerifier, require_token};
+use crate::auth::{PushAuth, require_token};
 use crate::config::CommonArgs;
 use crate::gcp::Topic;
+use crate::telemetry::trace_context;
 
 /// A push service bound to its port, not yet serving.
 pub struct PushService {
     name: &'static str,
     listener: TcpListener,
-    verifier: Arc<OidcVerifier>,
+    auth: Arc<PushAuth>,
 }
 
 impl PushService {
@@ -32,7 +33,7 @@ impl PushService {
         let listener = TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("binding port {}", args.port))?;
-        Ok(Self { name, listener, verifier: args.verifier() })
+        Ok(Self { name, listener, auth: args.push_auth() })
     }
 
     /// The port the service listens on.
@@ -47,7 +48,7 @@ impl PushService {
         S: Clone + Send + Sync + 'static,
     {
         let authenticated =
-            authenticated.layer(axum::middleware::from_fn_with_state(self.verifier.clone(), require_token));
+            authenticated.layer(axum::middleware::from_fn_with_state(self.auth.clone(), require_token));
         let router = Router::new()
             .merge(public)
             .merge(authenticated)
@@ -56,7 +57,13 @@ impl PushService {
         router.layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let path =
                 request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
-            tracing::info_span!("http", method = %request.method(), path)
+            let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+            let (trace_id, span_id) =
+                match trace_context(header("traceparent"), header("x-cloud-trace-context")) {
+                    Some((trace, span)) => (Some(trace), span),
+                    None => (None, None),
+                };
+            tracing::info_span!("http", method = %request.method(), path, trace_id, span_id)
         }))
     }
 

@@ -69,6 +69,7 @@ impl TestStack {
             run_dir,
             service_log: "warn".into(),
             database_url: Some(url),
+            task_name_ttl: haishin_local::stack::TASK_NAME_TTL,
         })
         .await
         .expect("local stack starts")

@@ -160,7 +160,10 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
         }
         Err(err) if err.is_retryable() => {
             let outcome = match &err {
-                EspError::RateLimited { .. } => Outcome::Retry(RetryReason::Throttled(err.to_string())),
+                EspError::RateLimited { .. } => {
+                    tracing::warn!(api = "upload", "ESP rate limited the call.");
+                    Outcome::Retry(RetryReason::Throttled(err.to_string()))
+                }
                 _ => Outcome::unavailable(&err),
             };
             release(&state, &chunk.id, outcome).await

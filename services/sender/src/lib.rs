@@ -173,6 +173,7 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
             }
         }
         Err(err @ EspError::RateLimited { .. }) => {
+            tracing::warn!(api = "send", "ESP rate limited the call.");
             give_back(state, &chunk, Outcome::Retry(RetryReason::Throttled(err.to_string())), false).await
         }
         Err(err) if err.is_retryable() => give_back(state, &chunk, Outcome::unavailable(&err), false).await,

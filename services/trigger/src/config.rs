@@ -46,7 +46,11 @@ pub struct Config {
     /// Inline audiences up to this size are prepared as soon as they arrive, without a prepare task.
     #[arg(long, env = "INLINE_PREPARE_MAX", default_value_t = 1_000)]
     pub inline_prepare_max: usize,
-    /// How long a prepare step may run before another may take it over, in seconds.
+    /// How long a prepare step may run before another may take it over, in seconds: the
+    /// trigger's request timeout, and so the prepare tasks' dispatch deadline.
     #[arg(long, env = "PREPARE_LEASE_SECS", default_value_t = 900)]
     pub prepare_lease_secs: u64,
+    /// The list-uploader's request timeout, in seconds: the upload tasks' dispatch deadline.
+    #[arg(long, env = "UPLOAD_TIMEOUT_SECS", default_value_t = 300)]
+    pub upload_timeout_secs: u64,
 }

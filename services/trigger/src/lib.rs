@@ -76,6 +76,7 @@ impl Application {
                 url: format!("{}/tasks/prepare", own_url.trim_end_matches('/')),
                 service_account: config.tasks_invoker.clone(),
                 audience: config.common.auth.audience.clone(),
+                dispatch_deadline: Duration::from_secs(config.prepare_lease_secs),
             },
         )
         .await
@@ -87,6 +88,7 @@ impl Application {
                 url: format!("{}/tasks/upload", config.list_uploader_url.trim_end_matches('/')),
                 service_account: config.tasks_invoker.clone(),
                 audience: config.list_uploader_url.clone(),
+                dispatch_deadline: Duration::from_secs(config.upload_timeout_secs),
             },
         )
         .await

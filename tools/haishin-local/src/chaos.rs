@@ -8,7 +8,11 @@
 //!   Tasks dispatch) for a second, picked at random;
 //! - `pg-restart-every=DUR`: every DUR, restart PostgreSQL with an immediate shutdown;
 //! - `esp-500=P`, `esp-429=P`, `esp-timeout-after-accept=P`, `esp-spike=P`: the share of ESP calls
-//!   answered 500, answered 429, accepted but never answered, or ten times slower.
+//!   answered 500, answered 429, accepted but never answered, or ten times slower;
+//! - `redeliver=P`: the share of acknowledged Pub/Sub pushes and completed Cloud Tasks tasks
+//!   delivered once more, at a random later time (both services are at-least-once);
+//! - `tasks-name-ttl=DUR`: how long a done task's name stays taken (Cloud Tasks: about an hour),
+//!   so that a re-dispatch under a reused name is created again once it has expired.
 //!
 //! Durations are written `500ms`, `5s`, `2m`.
 
@@ -17,6 +21,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use haishin_esp_sim::{FaultRates, Faults};
+use haishin_stand_ins::Redelivery;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -30,6 +35,8 @@ pub struct ChaosSpec {
     pub kill_every: Option<Duration>,
     pub pg_restart_every: Option<Duration>,
     pub esp: FaultRates,
+    pub redeliver: Option<f64>,
+    pub tasks_name_ttl: Option<Duration>,
     pub text: String,
 }
 
@@ -55,6 +62,8 @@ impl FromStr for ChaosSpec {
                 "esp-429" => spec.esp.rate_limit = share()?,
                 "esp-timeout-after-accept" => spec.esp.timeout_after_accept = share()?,
                 "esp-spike" => spec.esp.latency_spike = share()?,
+                "redeliver" => spec.redeliver = Some(share()?),
+                "tasks-name-ttl" => spec.tasks_name_ttl = Some(duration(value)?),
                 other => return Err(format!("unknown chaos setting `{other}`")),
             }
         }
@@ -85,6 +94,8 @@ pub struct ChaosLog {
     /// SIGKILLs (and restarts) per service, and stalls per delivery loop.
     pub kills: BTreeMap<String, u32>,
     pub pg_restarts: u32,
+    /// Acknowledged work delivered again: Pub/Sub pushes and Cloud Tasks tasks.
+    pub redelivered: BTreeMap<String, u64>,
     /// Faults the ESP injected, by kind, over both APIs.
     pub esp_injected: BTreeMap<String, u64>,
     /// Chaos actions that failed (a restart that did not come back, say).
@@ -102,6 +113,13 @@ pub async fn run(
     let faults = Faults { upload: spec.esp, send: spec.esp, ..stack.esp.faults() };
     if let Err(err) = stack.esp.set_faults(faults) {
         log.errors.push(format!("setting ESP faults: {err}"));
+    }
+    if let Some(share) = spec.redeliver {
+        stack.stand_ins.pubsub.seed_redelivery(seed);
+        stack.stand_ins.tasks.seed_redelivery(seed);
+        if let Err(err) = stack.stand_ins.set_redelivery(Redelivery::with_probability(share)) {
+            log.errors.push(format!("setting redelivery: {err}"));
+        }
     }
     let mut rng = StdRng::seed_from_u64(seed ^ 0xC4A05);
     let far = Duration::from_secs(24 * 3600);
@@ -135,6 +153,8 @@ pub async fn run(
             }
         }
     }
+    let (pushes, tasks) = stack.redelivered();
+    log.redelivered = BTreeMap::from([("pubsub".to_owned(), pushes), ("tasks".to_owned(), tasks)]);
     let report = stack.esp.report();
     for api in [&report.upload, &report.send] {
         for (kind, n) in [
@@ -197,6 +217,14 @@ mod tests {
         assert_eq!(spec.kill_every, Some(Duration::from_secs(5)));
         assert_eq!(spec.pg_restart_every, Some(Duration::from_secs(30)));
         assert_eq!((spec.esp.error, spec.esp.rate_limit, spec.esp.timeout_after_accept), (0.05, 0.05, 0.02));
+    }
+
+    #[test]
+    fn redelivery_and_task_name_expiry_are_chaos_settings() {
+        let spec: ChaosSpec = "redeliver=0.1,kill-every=5s,tasks-name-ttl=30s".parse().unwrap();
+        assert_eq!(spec.redeliver, Some(0.1));
+        assert_eq!(spec.tasks_name_ttl, Some(Duration::from_secs(30)));
+        assert!("redeliver=1.5".parse::<ChaosSpec>().is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::report::{self, Report, Submitted};
 use crate::scenario::{Admission, RealtimeEvents, Scenario, generate_audience, template};
-use crate::stack::{BUCKET, LocalStack, ServiceMode, StackConfig};
+use crate::stack::{BUCKET, LocalStack, ServiceMode, StackConfig, TASK_NAME_TTL};
 
 /// Starts a stack, runs the scenario, stops the stack, and reports.
 pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Result<Report> {
@@ -38,6 +38,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
         run_dir,
         service_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         database_url: None,
+        task_name_ttl: scenario.chaos.as_ref().and_then(|c| c.tasks_name_ttl).unwrap_or(TASK_NAME_TTL),
     })
     .await?;
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);

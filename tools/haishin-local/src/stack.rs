@@ -2,6 +2,12 @@
 //! four services, wired as Terraform wires them in production (same topics, queues, push
 //! subscriptions with OIDC tokens and dead-letter topics, same environment variables).
 //!
+//! Each service sits behind a front door that does what Cloud Run's front end does with IAM
+//! invoker checks on: it answers 401 or 403 itself, and forwards accepted requests with the
+//! token's signature removed. The services run with `PUSH_AUTH=cloud-run-iam`, as deployed, so
+//! the tests and the demo exercise the production path. One difference is on purpose: the
+//! trigger's `/v1` API needs no token locally (in production its callers hold `roles/run.invoker`).
+//!
 //! Services run either as separate processes of this binary (`haishin-local service NAME`: the
 //! demo, so that one can be killed) or inside this process (the tests). Both read the same
 //! environment-variable configuration.
@@ -18,6 +24,7 @@ use clap::{CommandFactory, FromArgMatches};
 use haishin_esp_sim::{EspSim, EspSimConfig, EspSimHandle};
 use haishin_shared::gcp::{Blobs, GcpArgs, Topic};
 use haishin_shared::store::Store;
+use haishin_stand_ins::front_door::{FrontDoor, FrontDoorConfig};
 use haishin_stand_ins::postgres::PgCluster;
 use haishin_stand_ins::pubsub::{DeadLetterPolicy, PushAuth, PushSubscription};
 use haishin_stand_ins::tasks::Queue;
@@ -35,6 +42,8 @@ pub const PUSH_ACCOUNT: &str = "pubsub-push@haishin-local.iam.gserviceaccount.co
 /// The account Cloud Tasks signs task tokens as.
 pub const TASKS_ACCOUNT: &str = "tasks-invoker@haishin-local.iam.gserviceaccount.com";
 pub const ESP_API_KEY: &str = "local-esp-key";
+/// How long a done task's name stays taken, as in Cloud Tasks.
+pub const TASK_NAME_TTL: Duration = Duration::from_secs(3600);
 
 /// Topic names, as in Terraform.
 pub mod topics {
@@ -72,9 +81,12 @@ pub struct StackConfig {
     pub service_log: String,
     /// A database to use instead of starting a throwaway cluster.
     pub database_url: Option<String>,
+    /// How long a done task's name stays taken (Cloud Tasks: about an hour).
+    pub task_name_ttl: Duration,
 }
 
-/// URLs of everything running, as `haishin-local up` writes them.
+/// URLs of everything running, as `haishin-local up` writes them. A service's URL is its front
+/// door's, as a Cloud Run service's URL is its front end's.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Endpoints {
     pub trigger: String,
@@ -82,6 +94,8 @@ pub struct Endpoints {
     pub more_triggers: Vec<String>,
     pub list_uploader: String,
     pub sender: String,
+    /// Where each service instance listens behind its front door (`trigger-0`, `sender-0`, …).
+    pub backends: BTreeMap<String, String>,
     pub esp: String,
     pub pubsub: String,
     pub tasks: String,
@@ -117,6 +131,9 @@ pub struct LocalStack {
     pub stand_ins: StandIns,
     pub blobs: Blobs,
     pub requests_topic: Topic,
+    front_doors: Vec<FrontDoor>,
+    /// The push subscriptions, for their counters.
+    subscriptions: Vec<String>,
     pg: Option<PgCluster>,
     services: tokio::sync::Mutex<Vec<(Instance, Running)>>,
     env: BTreeMap<Instance, Vec<(String, String)>>,
@@ -151,14 +168,31 @@ impl LocalStack {
         esp_config.api_key = Some(ESP_API_KEY.to_owned());
         let esp = EspSim::start(esp_config).await.context("starting the ESP simulator")?;
 
-        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let mut backends = BTreeMap::new();
+        let mut front_doors = Vec::new();
+        let mut instances = vec![Instance::first(Service::ListUploader), Instance::first(Service::Sender)];
+        instances
+            .extend((0..config.triggers.max(1)).map(|index| Instance { service: Service::Trigger, index }));
+        for instance in instances {
+            let backend = format!("http://127.0.0.1:{}", free_port()?);
+            let door = FrontDoor::start(front_door(instance.service, &backend), &stand_ins.signer)
+                .await
+                .context("starting a front door")?;
+            backends.insert(instance, (door.url(), backend));
+            front_doors.push(door);
+        }
+        let door_of = |instance: Instance| backends[&instance].0.clone();
         let endpoints = Endpoints {
-            trigger: url(free_port()?),
+            trigger: door_of(Instance::first(Service::Trigger)),
             more_triggers: (1..config.triggers.max(1))
-                .map(|_| free_port().map(url))
-                .collect::<Result<_, _>>()?,
-            list_uploader: url(free_port()?),
-            sender: url(free_port()?),
+                .map(|index| door_of(Instance { service: Service::Trigger, index }))
+                .collect(),
+            list_uploader: door_of(Instance::first(Service::ListUploader)),
+            sender: door_of(Instance::first(Service::Sender)),
+            backends: backends
+                .iter()
+                .map(|(i, (_, backend))| (format!("{}-{}", i.service.name(), i.index), backend.clone()))
+                .collect(),
             esp: esp.url(),
             pubsub: stand_ins.pubsub_endpoint(),
             tasks: stand_ins.tasks_endpoint(),
@@ -186,6 +220,8 @@ impl LocalStack {
             stand_ins,
             blobs,
             requests_topic,
+            front_doors,
+            subscriptions: Vec::new(),
             pg,
             services: tokio::sync::Mutex::new(Vec::new()),
             env,
@@ -203,7 +239,7 @@ impl LocalStack {
                 wait_healthy(base).await?;
             }
         }
-        subscribe(&stack.stand_ins, &stack.endpoints)?;
+        stack.subscriptions = subscribe(&stack.stand_ins, &stack.endpoints)?;
         stack.start_scheduler();
         Ok(stack)
     }
@@ -310,6 +346,22 @@ impl LocalStack {
         }
     }
 
+    /// Acknowledged work the stand-ins delivered again: (Pub/Sub pushes, Cloud Tasks tasks).
+    pub fn redelivered(&self) -> (u64, u64) {
+        let pushes = self
+            .subscriptions
+            .iter()
+            .filter_map(|name| self.stand_ins.pubsub.subscription_stats(name))
+            .map(|stats| stats.redelivered)
+            .sum();
+        let tasks = ["prepare", "upload"]
+            .iter()
+            .filter_map(|name| self.stand_ins.tasks.queue_stats(&queue(name)))
+            .map(|stats| stats.redelivered)
+            .sum();
+        (pushes, tasks)
+    }
+
     /// The instances running.
     pub async fn instances(&self) -> Vec<Instance> {
         self.services.lock().await.iter().map(|(i, _)| *i).collect()
@@ -339,9 +391,13 @@ impl LocalStack {
         }
     }
 
-    /// Stops everything: the services, the stand-ins, the ESP simulator and PostgreSQL.
+    /// Stops everything: the services, their front doors, the stand-ins, the ESP simulator and
+    /// PostgreSQL.
     pub async fn stop(mut self) {
         self.stop_services().await;
+        for door in self.front_doors.drain(..) {
+            door.shutdown().await;
+        }
         self.stand_ins.shutdown().await;
         let _ = self.esp.shutdown().await;
         if let Some(pg) = self.pg.take() {
@@ -434,6 +490,9 @@ fn service_env(
     let pairs =
         |list: &[(&str, String)]| list.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<Vec<_>>();
     let port = |url: &str| url.rsplit(':').next().unwrap_or_default().to_owned();
+    let backend_of = |instance: Instance| {
+        endpoints.backends[&format!("{}-{}", instance.service.name(), instance.index)].clone()
+    };
     let gcp = [
         ("GOOGLE_CLOUD_PROJECT", PROJECT.to_owned()),
         ("PUBSUB_ENDPOINT", endpoints.pubsub.clone()),
@@ -442,14 +501,16 @@ fn service_env(
         ("DATABASE_URL", endpoints.database_url.clone()),
         ("RUST_LOG", config.service_log.clone()),
     ];
-    let serving = |url: &String| {
+    // A service listens behind its front door; its URL (the tokens' audience) is the door's.
+    let serving = |instance: Instance, url: &String| {
         let mut list = gcp.to_vec();
         list.extend([
-            ("PORT", port(url)),
+            ("PORT", port(&backend_of(instance))),
             ("LISTEN_HOST", "127.0.0.1".to_owned()),
             ("OIDC_JWKS_URL", endpoints.jwks.clone()),
+            ("PUSH_AUTH", "cloud-run-iam".to_owned()),
             ("PUSH_AUDIENCE", url.clone()),
-            ("PUSH_INVOKERS", format!("{PUSH_ACCOUNT},{TASKS_ACCOUNT}")),
+            ("PUSH_INVOKERS", invokers(instance.service).join(",")),
             ("DATABASE_MAX_CONNECTIONS", "20".to_owned()),
         ]);
         list
@@ -460,8 +521,8 @@ fn service_env(
         // Leases outlast the ESP timeout, so that work is only taken over once its ESP call has ended.
         ("ESP_TIMEOUT_SECS", "20".to_owned()),
     ];
-    let trigger_env = |url: &String| {
-        let mut trigger = serving(url);
+    let trigger_env = |index: u32, url: &String| {
+        let mut trigger = serving(Instance { service: Service::Trigger, index }, url);
         trigger.extend([
             ("TASKS_LOCATION", LOCATION.to_owned()),
             ("TASKS_INVOKER_SA", TASKS_ACCOUNT.to_owned()),
@@ -473,13 +534,14 @@ fn service_env(
             ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
             ("DISPATCH_PREFETCH", config.prefetch.to_string()),
             ("PREPARE_LEASE_SECS", "30".to_owned()),
+            ("UPLOAD_TIMEOUT_SECS", "25".to_owned()),
         ]);
         pairs(&trigger)
     };
-    let mut uploader = serving(&endpoints.list_uploader);
+    let mut uploader = serving(Instance::first(Service::ListUploader), &endpoints.list_uploader);
     uploader.extend(esp.clone());
     uploader.extend([("BUCKET", BUCKET.to_owned()), ("UPLOAD_LEASE_SECS", "25".to_owned())]);
-    let mut sender = serving(&endpoints.sender);
+    let mut sender = serving(Instance::first(Service::Sender), &endpoints.sender);
     sender.extend(esp.clone());
     sender.extend([("ESP_SEND_CONCURRENCY", send_limit.to_string()), ("SEND_LEASE_SECS", "25".to_owned())]);
     let mut completion = gcp.to_vec();
@@ -490,15 +552,38 @@ fn service_env(
         ("UPLOADED_TIMEOUT_SECS", "15".to_owned()),
     ]);
     let mut env = BTreeMap::from([
-        (Instance::first(Service::Trigger), trigger_env(&endpoints.trigger)),
+        (Instance::first(Service::Trigger), trigger_env(0, &endpoints.trigger)),
         (Instance::first(Service::ListUploader), pairs(&uploader)),
         (Instance::first(Service::Sender), pairs(&sender)),
         (Instance::first(Service::Completion), pairs(&completion)),
     ]);
     for (i, url) in endpoints.more_triggers.iter().enumerate() {
-        env.insert(Instance { service: Service::Trigger, index: i as u32 + 1 }, trigger_env(url));
+        let index = i as u32 + 1;
+        env.insert(Instance { service: Service::Trigger, index }, trigger_env(index, url));
     }
     env
+}
+
+/// The accounts with the invoker binding on a service, as in Terraform (`local.push_invokers`).
+fn invokers(service: Service) -> Vec<&'static str> {
+    match service {
+        Service::Trigger => vec![PUSH_ACCOUNT, TASKS_ACCOUNT],
+        Service::ListUploader => vec![TASKS_ACCOUNT],
+        Service::Sender => vec![PUSH_ACCOUNT],
+        Service::Completion => vec![],
+    }
+}
+
+/// The front door of a service listening at `backend`: its invokers, and the paths that need no
+/// token (`/healthz`, which Cloud Run's own probes reach from inside, and locally the API).
+fn front_door(service: Service, backend: &str) -> FrontDoorConfig {
+    let mut config = FrontDoorConfig::new(backend);
+    config.invokers = invokers(service).into_iter().map(str::to_owned).collect();
+    config.public_paths = vec!["/healthz".to_owned()];
+    if service == Service::Trigger {
+        config.public_paths.push("/v1/".to_owned());
+    }
+    config
 }
 
 fn topic(name: &str) -> String {
@@ -516,11 +601,13 @@ fn provision(stand_ins: &StandIns, config: &StackConfig) -> anyhow::Result<()> {
         stand_ins.pubsub.create_topic(&topic(&format!("{name}-dead-letter")))?;
     }
     let mut prepare = Queue::new(queue("prepare"));
+    prepare.name_ttl = config.task_name_ttl;
     prepare.max_concurrent_dispatches = 10;
     prepare.min_backoff = Duration::from_millis(200);
     prepare.max_backoff = Duration::from_secs(5);
     stand_ins.tasks.create_queue(prepare)?;
     let mut upload = Queue::new(queue("upload"));
+    upload.name_ttl = config.task_name_ttl;
     // As in Terraform: the queue never dispatches more at once than the ESP's upload limit.
     upload.max_concurrent_dispatches = config.esp.upload_limit;
     upload.max_dispatches_per_second = 500.0;
@@ -531,7 +618,8 @@ fn provision(stand_ins: &StandIns, config: &StackConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<()> {
+/// Creates the push subscriptions, and returns their names.
+fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<Vec<String>> {
     let push = |name: &str, topic_name: &str, endpoint: String, filter: Option<&str>| {
         let mut sub = PushSubscription::new(
             format!("projects/{PROJECT}/subscriptions/{name}"),
@@ -600,10 +688,12 @@ fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<()> 
             sub
         })
         .collect();
+    let mut names = Vec::new();
     for sub in subs.into_iter().chain(dead_letters) {
+        names.push(sub.name.clone());
         stand_ins.pubsub.create_push_subscription(sub)?;
     }
-    Ok(())
+    Ok(names)
 }
 
 impl Endpoints {

@@ -18,6 +18,7 @@ async fn event(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>
     let event = envelope.message.json::<PipelineEvent>().ok();
     if event.as_ref().is_some_and(|e| e.kind == EventKind::Tick) {
         restart_lingering(&state).await;
+        report_deadlines_at_risk(&state).await;
     }
     match state.dispatcher.run().await {
         Ok(dispatched) => Outcome::done(format!("{} chunks dispatched", dispatched.len())),
@@ -42,5 +43,25 @@ async fn restart_lingering(state: &AppState) {
         {
             tracing::warn!(request_id = %id, error = %err, "Lingering request not restarted.");
         }
+    }
+}
+
+/// On a scheduler tick, logs each request that will miss its deadline at the current pace: the
+/// line an alert counts (terraform/monitoring.tf), so that an operator hears of it before the
+/// chunks expire.
+async fn report_deadlines_at_risk(state: &AppState) {
+    match crate::scheduling::forecast::at_risk(&state.store, 100).await {
+        Ok(risky) => {
+            for (request, forecast) in risky {
+                tracing::warn!(
+                    request_id = %request.id,
+                    deadline = ?request.deadline,
+                    uploads_done_by = ?forecast.uploads_done_by,
+                    chunks_left = forecast.chunks_left,
+                    "Request at risk of missing its deadline."
+                );
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "Could not forecast open requests."),
     }
 }

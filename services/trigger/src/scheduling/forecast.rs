@@ -3,7 +3,7 @@
 //! own [`rank`](super::rank)), equals taking turns.
 
 use chrono::{DateTime, Utc};
-use haishin_shared::store::{RequestRow, Result, Store};
+use haishin_shared::store::{RequestRow, Result, Store, request_columns};
 use serde::Serialize;
 
 use super::rank;
@@ -62,4 +62,24 @@ pub async fn forecast(store: &Store, request: &RequestRow) -> Result<Option<Fore
         uploads_done_by: done_by,
         deadline_at_risk: at_risk,
     }))
+}
+
+/// Requests still being dispatched that will miss their deadline at the current pace (at most
+/// `limit`, earliest deadline first), with their forecasts.
+pub async fn at_risk(store: &Store, limit: i64) -> Result<Vec<(RequestRow, Forecast)>> {
+    let sql = format!(
+        "SELECT {} FROM requests WHERE state IN ('preparing', 'dispatching') AND deadline IS NOT NULL
+         ORDER BY deadline LIMIT $1",
+        request_columns(None)
+    );
+    let open: Vec<RequestRow> = sqlx::query_as(&sql).bind(limit).fetch_all(store.pool()).await?;
+    let mut risky = Vec::new();
+    for request in open {
+        if let Some(forecast) = forecast(store, &request).await?
+            && forecast.deadline_at_risk
+        {
+            risky.push((request, forecast));
+        }
+    }
+    Ok(risky)
 }

@@ -1,0 +1,117 @@
+//! Cloud Storage objects: writing and reading them whole or streamed, and listing them.
+
+use google_cloud_auth::credentials::Credentials;
+use google_cloud_storage::client::Storage;
+
+use super::{GcpArgs, GcpError, anonymous, rest_credentials, rest_headers};
+
+/// Cloud Storage: chunk objects and audience files.
+#[derive(Clone, Debug)]
+pub struct Blobs {
+    storage: Storage,
+    http: reqwest::Client,
+    json_api: String,
+    credentials: Credentials,
+}
+
+impl Blobs {
+    pub async fn connect(args: &GcpArgs) -> anyhow::Result<Self> {
+        let mut builder = Storage::builder();
+        if let Some(endpoint) = &args.storage_endpoint {
+            builder = builder.with_endpoint(endpoint.clone()).with_credentials(anonymous());
+        }
+        let storage = builder.build().await?;
+        let json_api =
+            args.storage_endpoint.clone().unwrap_or_else(|| "https://storage.googleapis.com".to_owned());
+        let credentials = rest_credentials(args.storage_endpoint.as_ref())?;
+        Ok(Self { storage, http: reqwest::Client::new(), json_api, credentials })
+    }
+
+    fn bucket_path(bucket: &str) -> String {
+        format!("projects/_/buckets/{bucket}")
+    }
+
+    /// Writes a whole object.
+    pub async fn write(&self, bucket: &str, object: &str, data: bytes::Bytes) -> Result<(), GcpError> {
+        self.storage
+            .write_object(Self::bucket_path(bucket), object, data)
+            .send_buffered()
+            .await
+            .map(drop)
+            .map_err(|e| GcpError::from_gax("writing an object", &e))
+    }
+
+    /// Streams an object's bytes.
+    pub async fn read(
+        &self,
+        bucket: &str,
+        object: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Result<bytes::Bytes, GcpError>>, GcpError> {
+        use futures::StreamExt;
+        let response = self
+            .storage
+            .read_object(Self::bucket_path(bucket), object)
+            .send()
+            .await
+            .map_err(|e| GcpError::from_gax("reading an object", &e))?;
+        Ok(futures::stream::unfold(response, |mut response| async move {
+            let item = response.next().await?;
+            Some((item.map_err(|e| GcpError::from_gax("reading an object", &e)), response))
+        })
+        .boxed())
+    }
+
+    /// Reads a whole (small) object.
+    pub async fn read_all(&self, bucket: &str, object: &str) -> Result<Vec<u8>, GcpError> {
+        use futures::TryStreamExt;
+        let stream = self.read(bucket, object).await?;
+        stream
+            .try_fold(Vec::new(), |mut acc, chunk| async move {
+                acc.extend_from_slice(&chunk);
+                Ok(acc)
+            })
+            .await
+    }
+
+    /// Names of the objects under `prefix`, in name order.
+    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, GcpError> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[serde(default)]
+            items: Vec<Item>,
+            #[serde(rename = "nextPageToken")]
+            next_page_token: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Item {
+            name: String,
+        }
+        let mut names = Vec::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut request = self
+                .http
+                .get(format!("{}/storage/v1/b/{bucket}/o", self.json_api))
+                .headers(rest_headers(&self.credentials).await?)
+                .query(&[("prefix", prefix)]);
+            if let Some(token) = &page_token {
+                request = request.query(&[("pageToken", token)]);
+            }
+            let page: Page = request
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .map_err(|e| GcpError::from_reqwest("listing objects", &e))?
+                .json()
+                .await
+                .map_err(|e| GcpError::from_reqwest("listing objects", &e))?;
+            names.extend(page.items.into_iter().map(|i| i.name));
+            match page.next_page_token {
+                Some(token) if !token.is_empty() => page_token = Some(token),
+                _ => break,
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
