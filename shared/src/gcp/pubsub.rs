@@ -37,10 +37,11 @@ impl Topic {
         let attributes: HashMap<String, String> =
             attributes.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         let message = google_cloud_pubsub::model::Message::new().set_data(data).set_attributes(attributes);
-        self.publisher
-            .publish(message)
-            .await
-            .map_err(|e| GcpError::Transient { what: "publishing", detail: e.to_string() })
+        self.publisher.publish(message).await.map_err(|e| match &e {
+            // A topic that does not exist, or may not be published to, stays so.
+            google_cloud_pubsub::error::PublishError::Rpc(rpc) => GcpError::from_gax("publishing", rpc),
+            _ => GcpError::Transient { what: "publishing", detail: e.to_string() },
+        })
     }
 
     /// Sends whatever is batched.
