@@ -4,14 +4,61 @@
 //! Both services treat any 2xx as done and anything else as "try again later". So a handler says
 //! either [`Outcome::Done`] (the work is done, or can never succeed and was recorded as such) or
 //! [`Outcome::Retry`] (a later attempt can succeed).
+//!
+//! A body that cannot be read can never succeed either: [`Delivered`] hands it to the handler
+//! as [`Unreadable`] instead of refusing it, so that the handler acknowledges it and records why,
+//! rather than Pub/Sub or Cloud Tasks retrying it until they give up.
 
 use std::collections::HashMap;
 
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+
+use crate::domain::MAX_REQUEST_BYTES;
+
+/// Largest push or task body accepted, in bytes: a Pub/Sub message of the largest request
+/// ([`MAX_REQUEST_BYTES`]) is base64 in its envelope, a third larger, plus the envelope itself.
+pub const MAX_PUSH_BYTES: usize = MAX_REQUEST_BYTES / 3 * 4 + 64 * 1024;
+
+/// A push or task body: the payload, or why it could not be read.
+#[derive(Debug)]
+pub struct Delivered<T>(pub Result<T, Unreadable>);
+
+/// A body that could not be read: too large, not JSON, or not the expected JSON.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub reason: String,
+    /// The start of the body (at most 512 bytes), to keep beside the reason.
+    pub excerpt: Vec<u8>,
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Delivered<T> {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = match Bytes::from_request(request, state).await {
+            Ok(body) => body,
+            Err(rejection) => {
+                let reason = match rejection.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => {
+                        format!("body is larger than the limit of {MAX_PUSH_BYTES} bytes")
+                    }
+                    _ => format!("body could not be read: {}", rejection.body_text()),
+                };
+                return Ok(Self(Err(Unreadable { reason, excerpt: Vec::new() })));
+            }
+        };
+        Ok(Self(serde_json::from_slice(&body).map_err(|e| Unreadable {
+            reason: format!("body is not the expected JSON: {e}"),
+            excerpt: body[..body.len().min(512)].to_vec(),
+        })))
+    }
+}
 
 /// A Pub/Sub push request body.
 #[derive(Debug, Clone, Deserialize)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
-use axum::extract::MatchedPath;
+use axum::extract::{DefaultBodyLimit, MatchedPath};
 use axum::http::Request;
 use axum::routing::get;
 use axum::serve::ListenerExt;
@@ -18,6 +18,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{PushAuth, require_token};
 use crate::config::CommonArgs;
 use crate::gcp::Topic;
+use crate::push::MAX_PUSH_BYTES;
 use crate::telemetry::trace_context;
 
 /// A push service bound to its port, not yet serving.
@@ -47,8 +48,9 @@ impl PushService {
     where
         S: Clone + Send + Sync + 'static,
     {
-        let authenticated =
-            authenticated.layer(axum::middleware::from_fn_with_state(self.auth.clone(), require_token));
+        let authenticated = authenticated
+            .layer(DefaultBodyLimit::max(MAX_PUSH_BYTES))
+            .layer(axum::middleware::from_fn_with_state(self.auth.clone(), require_token));
         let router = Router::new()
             .merge(public)
             .merge(authenticated)

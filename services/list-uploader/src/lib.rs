@@ -13,15 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
-use axum::{Json, Router};
 use haishin_shared::config::CommonArgs;
 use haishin_shared::domain::{ChunkId, ChunkState};
 use haishin_shared::esp::{EspArgs, EspError, EspProvider, ListUpload};
 use haishin_shared::gcp::{Blobs, Topic};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, UploadTask};
-use haishin_shared::push::{Outcome, RetryReason};
+use haishin_shared::push::{Delivered, Outcome, RetryReason};
 use haishin_shared::server::PushService;
 use haishin_shared::store::{ChunkRow, Claim, Step, Store};
 use serde_json::value::RawValue;
@@ -104,8 +104,19 @@ pub fn list_key(chunk_id: &ChunkId) -> String {
     format!("list:{chunk_id}")
 }
 
+async fn upload(State(state): State<AppState>, Delivered(task): Delivered<UploadTask>) -> Outcome {
+    let task = match task {
+        Ok(task) => task,
+        Err(unreadable) => {
+            tracing::warn!(reason = %unreadable.reason, "Unreadable upload task dropped.");
+            return Outcome::done(unreadable.reason);
+        }
+    };
+    upload_chunk(&state, &task).await
+}
+
 #[tracing::instrument(skip_all, fields(request_id = %task.request_id, chunk = %task.chunk_id))]
-async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> Outcome {
+async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
     let claimed = match state.store.claim(&task.chunk_id, Step::Upload, state.lease).await {
         Ok(Claim::Claimed(claimed)) => claimed,
         Ok(Claim::Busy) => {
@@ -122,9 +133,9 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
     };
     let chunk = claimed.chunk;
     let read_start = Instant::now();
-    let recipients = match read_chunk(&state, &chunk).await {
+    let recipients = match read_chunk(state, &chunk).await {
         Ok(recipients) => recipients,
-        Err(outcome) => return release(&state, &chunk.id, outcome).await,
+        Err(outcome) => return release(state, &chunk.id, outcome).await,
     };
     let read_ms = read_start.elapsed().as_millis() as u64;
     let list =
@@ -166,7 +177,7 @@ async fn upload(State(state): State<AppState>, Json(task): Json<UploadTask>) -> 
                 }
                 _ => Outcome::unavailable(&err),
             };
-            release(&state, &chunk.id, outcome).await
+            release(state, &chunk.id, outcome).await
         }
         Err(err) => {
             tracing::warn!(error = %err, "Chunk cannot be uploaded.");

@@ -12,15 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
-use axum::{Json, Router};
 use haishin_shared::config::CommonArgs;
 use haishin_shared::domain::{ChunkId, ChunkState};
 use haishin_shared::esp::{DeliveryId, EspArgs, EspError, EspProvider, ListId, SendRequest};
 use haishin_shared::gcp::Topic;
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent};
-use haishin_shared::push::{Outcome, PushEnvelope, RetryReason};
+use haishin_shared::push::{Delivered, Outcome, PushEnvelope, RetryReason};
 use haishin_shared::server::PushService;
 use haishin_shared::store::{ChunkRow, Claim, Step, Store};
 use tokio::sync::Semaphore;
@@ -92,7 +92,14 @@ pub fn send_key(chunk_id: &ChunkId) -> String {
     format!("send:{chunk_id}")
 }
 
-async fn deliver(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>) -> Outcome {
+async fn deliver(State(state): State<AppState>, Delivered(envelope): Delivered<PushEnvelope>) -> Outcome {
+    let envelope = match envelope {
+        Ok(envelope) => envelope,
+        Err(unreadable) => {
+            tracing::warn!(reason = %unreadable.reason, "Unreadable push dropped.");
+            return Outcome::done(unreadable.reason);
+        }
+    };
     let message: DeliveryMessage = match envelope.message.json() {
         Ok(message) => message,
         Err(reason) => {

@@ -50,6 +50,9 @@ pub enum ApiError {
     /// 400: the request can never be accepted; the text says why.
     #[error("{reason}")]
     Rejected { id: Option<RequestId>, reason: String },
+    /// 413: the body is larger than the limit, which the answer names.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
     /// 404: no request with that id.
     #[error("no request with id `{0}`")]
     NotFound(String),
@@ -68,6 +71,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             ApiError::Rejected { .. } => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => {
                 tracing::error!(error = %self, "Request failed.");
@@ -76,6 +80,7 @@ impl IntoResponse for ApiError {
         };
         let body = match &self {
             ApiError::Rejected { id, reason } => json!({ "error": reason, "id": id }),
+            ApiError::TooLarge { limit } => json!({ "error": self.to_string(), "limit_bytes": limit }),
             other => json!({ "error": other.to_string() }),
         };
         (status, Json(body)).into_response()

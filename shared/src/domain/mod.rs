@@ -11,6 +11,6 @@ mod state;
 pub use ids::{ChunkId, RequestId, chunk_object};
 pub use request::{
     Audience, BigqueryAudience, DeliveryRequest, FileFormat, GcsAudience, GcsUri, MAX_ID_LEN,
-    MAX_INLINE_RECIPIENTS, Recipient, Rejection, Template,
+    MAX_INLINE_RECIPIENTS, MAX_REQUEST_BYTES, Recipient, Rejection, Template,
 };
 pub use state::{ChunkState, Class, RequestState, UnknownValue};

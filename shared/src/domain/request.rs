@@ -11,6 +11,10 @@ use super::{Class, RequestId};
 
 /// Inline audiences are meant for realtime events; larger audiences belong in Cloud Storage.
 pub const MAX_INLINE_RECIPIENTS: usize = 10_000;
+/// Largest request body accepted, in bytes: Pub/Sub's limit on a message's data, so that whatever
+/// can be published can also be posted to the API. 10,000 inline recipients with a few hundred
+/// bytes of parameters each fit.
+pub const MAX_REQUEST_BYTES: usize = 10_000_000;
 /// Longest accepted request id (the caller's idempotency key).
 pub const MAX_ID_LEN: usize = 200;
 
@@ -117,10 +121,33 @@ pub struct Rejection {
 impl DeliveryRequest {
     /// Parses and validates a request body. A rejection keeps the id when one could be read.
     pub fn parse(body: &[u8]) -> Result<Self, Rejection> {
+        if body.len() > MAX_REQUEST_BYTES {
+            #[derive(Deserialize)]
+            struct IdOnly {
+                id: Option<String>,
+            }
+            let id = serde_json::from_slice::<IdOnly>(body)
+                .ok()
+                .and_then(|r| r.id)
+                .filter(|id| valid_id(id).is_ok());
+            return Err(Rejection {
+                id: id.map(RequestId::from),
+                reason: format!(
+                    "request is {} bytes, more than the limit of {MAX_REQUEST_BYTES}",
+                    body.len()
+                ),
+            });
+        }
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| Rejection { id: None, reason: format!("request is not valid JSON: {e}") })?;
         let id =
             value.get("id").and_then(Value::as_str).filter(|id| valid_id(id).is_ok()).map(RequestId::from);
+        if let Some(path) = nul_at(&value, &mut String::new()) {
+            return Err(Rejection {
+                id,
+                reason: format!("{path} holds a NUL character (\\u0000), which no text field may hold"),
+            });
+        }
         let request: DeliveryRequest = serde_json::from_value(value)
             .map_err(|e| Rejection { id: id.clone(), reason: format!("invalid request: {e}") })?;
         request.validate().map_err(|reason| Rejection { id, reason })?;
@@ -162,6 +189,30 @@ impl DeliveryRequest {
             }
             Audience::Inline(_) => Ok(()),
         }
+    }
+}
+
+/// The JSON pointer of the first string (or key) holding a NUL character, which PostgreSQL
+/// cannot store in text.
+fn nul_at(value: &Value, path: &mut String) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(if path.is_empty() { "/".into() } else { path.clone() }),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let len = path.len();
+            path.push_str(&format!("/{i}"));
+            let found = nul_at(item, path);
+            path.truncate(len);
+            found
+        }),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            let len = path.len();
+            path.push('/');
+            path.push_str(&key.replace('~', "~0").replace('/', "~1"));
+            let found = if key.contains('\0') { Some(path.clone()) } else { nul_at(item, path) };
+            path.truncate(len);
+            found
+        }),
+        _ => None,
     }
 }
 
@@ -267,6 +318,25 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.reason.contains("names no object"), "{}", err.reason);
+    }
+
+    #[test]
+    fn text_that_postgresql_cannot_store_is_rejected_with_its_place() {
+        let err = parse(&format!(
+            r#"{{"id":"r-6","class":"batch",{TEMPLATE},"audience":{{"inline":[{{"email":"a@example.com","params":{{"name":"A\u0000B"}}}}]}}}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(err.id.as_ref().map(RequestId::as_str), Some("r-6"));
+        assert!(err.reason.contains("/audience/inline/0/params/name"), "{}", err.reason);
+        let lone_surrogate =
+            parse(r#"{"id":"r-7","class":"batch","template":{"subject":"\ud800"}}"#).unwrap_err();
+        assert!(lone_surrogate.reason.contains("not valid JSON"), "{}", lone_surrogate.reason);
+    }
+
+    #[test]
+    fn a_body_over_the_limit_is_rejected_naming_the_limit() {
+        let err = parse(&" ".repeat(MAX_REQUEST_BYTES + 1)).unwrap_err();
+        assert!(err.reason.contains("10000000"), "{}", err.reason);
     }
 
     #[test]

@@ -46,7 +46,20 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
         }
     };
     tracing::Span::current().record("request_id", request.id.as_str());
-    let created = records::insert_request(&state.store, &request).await?;
+    let created = match records::insert_request(&state.store, &request).await {
+        Ok(created) => created,
+        // The database refused the request's data: no retry can store it.
+        Err(err) if err.is_refused_data() => {
+            let rejection = Rejection {
+                id: Some(request.id.clone()),
+                reason: format!("request cannot be stored: {err}"),
+            };
+            records::insert_rejected(&state.store, &request.id, &rejection.reason).await?;
+            tracing::warn!(reason = %rejection.reason, "Request rejected.");
+            return Ok(Intake::Rejected(rejection));
+        }
+        Err(err) => return Err(err.into()),
+    };
     if created {
         tracing::info!(class = %request.class, priority = request.priority, audience = request.audience.kind(), "Request received.");
     }
@@ -56,7 +69,11 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
         && row.state == RequestState::Received
     {
         // The body stored first is the request, whatever later copies say.
-        start(state, &row.request()?).await?;
+        match start(state, &row.request()?).await {
+            // Another copy of the same request, arrived at the same moment, is preparing it.
+            Ok(()) | Err(Unavailable::Busy(_)) => {}
+            Err(err) => return Err(err),
+        }
     }
     Ok(Intake::Accepted { id: request.id, created })
 }

@@ -5,9 +5,15 @@ use std::time::Duration;
 use haishin_shared::domain::{ChunkId, DeliveryRequest, RequestId};
 use haishin_shared::store::{Result, Store, StoreError};
 
-/// The start of a message, as kept beside a rejection or a dead letter.
+/// The start of a message, as kept beside a rejection or a dead letter: valid UTF-8 with no NUL,
+/// which PostgreSQL's text cannot hold.
 fn excerpt(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()
+    storable(&String::from_utf8_lossy(&body[..body.len().min(512)]))
+}
+
+/// Text as PostgreSQL can store it: a NUL becomes U+FFFD.
+pub fn storable(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
 }
 
 /// Stores a new request in `received`. Returns false when the id was already taken:
@@ -41,7 +47,7 @@ pub async fn insert_rejected(store: &Store, id: &RequestId, reason: &str) -> Res
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(id)
-    .bind(reason)
+    .bind(storable(reason))
     .execute(store.pool())
     .await?;
     Ok(done.rows_affected() == 1)
@@ -55,8 +61,8 @@ pub async fn insert_rejected_message(
     body: &[u8],
 ) -> Result<()> {
     sqlx::query("INSERT INTO rejected_messages (message_id, reason, excerpt) VALUES ($1, $2, $3)")
-        .bind(message_id)
-        .bind(reason)
+        .bind(message_id.map(storable))
+        .bind(storable(reason))
         .bind(excerpt(body))
         .execute(store.pool())
         .await?;
@@ -80,8 +86,8 @@ pub async fn insert_dead_letter(store: &Store, letter: &DeadLettered<'_>) -> Res
         "INSERT INTO dead_letters (message_id, source, request_id, chunk_id, excerpt) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (message_id) DO NOTHING",
     )
-    .bind(letter.message_id)
-    .bind(letter.source)
+    .bind(storable(letter.message_id))
+    .bind(storable(letter.source))
     .bind(&letter.request_id)
     .bind(&letter.chunk_id)
     .bind(excerpt(letter.body))

@@ -4,11 +4,11 @@
 //! delivery request is also taken in again (intake is idempotent), and a dead-lettered chunk
 //! message needs nothing more: the completion job re-publishes chunks that linger unsent.
 
+use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
-use axum::{Json, Router};
 use haishin_shared::domain::DeliveryRequest;
-use haishin_shared::push::{Outcome, PushEnvelope};
+use haishin_shared::push::{Delivered, Outcome, PushEnvelope};
 use serde_json::Value;
 
 use crate::AppState;
@@ -18,7 +18,21 @@ pub(super) fn router() -> Router<AppState> {
     Router::new().route("/push/dead-letters", post(dead_letter))
 }
 
-async fn dead_letter(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>) -> Outcome {
+/// Every dead letter is acknowledged once recorded, an unreadable one too (in the rejections):
+/// only a database that is down makes Pub/Sub retry, so the route never loops.
+async fn dead_letter(State(state): State<AppState>, Delivered(envelope): Delivered<PushEnvelope>) -> Outcome {
+    let envelope = match envelope {
+        Ok(envelope) => envelope,
+        Err(unreadable) => {
+            let reason = format!("unreadable dead letter: {}", unreadable.reason);
+            return match records::insert_rejected_message(&state.store, None, &reason, &unreadable.excerpt)
+                .await
+            {
+                Ok(()) => Outcome::done(reason),
+                Err(err) => err.into(),
+            };
+        }
+    };
     let message = &envelope.message;
     let body = message.data().unwrap_or_else(|_| message.data.clone().into_bytes());
     let source = message
@@ -31,8 +45,8 @@ async fn dead_letter(State(state): State<AppState>, Json(envelope): Json<PushEnv
     let letter = records::DeadLettered {
         message_id: &message.message_id,
         source: &source,
-        request_id: text("request_id").or_else(|| text("id")).map(Into::into),
-        chunk_id: text("chunk_id").map(Into::into),
+        request_id: text("request_id").or_else(|| text("id")).map(|id| records::storable(&id).into()),
+        chunk_id: text("chunk_id").map(|id| records::storable(&id).into()),
         body: &body,
     };
     let request_id = letter.request_id.as_ref().map_or("-", |id| id.as_str());

@@ -1,10 +1,10 @@
 //! `POST /push/events`: something freed a slot or made work available; dispatch now.
 
+use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
-use axum::{Json, Router};
 use haishin_shared::messages::{EventKind, PipelineEvent};
-use haishin_shared::push::{Outcome, PushEnvelope};
+use haishin_shared::push::{Delivered, Outcome, PushEnvelope};
 
 use crate::intake::records;
 use crate::{AppState, intake};
@@ -13,9 +13,9 @@ pub(super) fn router() -> Router<AppState> {
     Router::new().route("/push/events", post(event))
 }
 
-async fn event(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>) -> Outcome {
+async fn event(State(state): State<AppState>, Delivered(envelope): Delivered<PushEnvelope>) -> Outcome {
     // Every event means the same thing to the scheduler, so an unreadable one still triggers a round.
-    let event = envelope.message.json::<PipelineEvent>().ok();
+    let event = envelope.ok().and_then(|e| e.message.json::<PipelineEvent>().ok());
     if event.as_ref().is_some_and(|e| e.kind == EventKind::Tick) {
         restart_lingering(&state).await;
         report_deadlines_at_risk(&state).await;

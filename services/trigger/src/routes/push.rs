@@ -1,9 +1,9 @@
 //! `POST /push/requests`: delivery requests pushed by Pub/Sub.
 
+use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
-use axum::{Json, Router};
-use haishin_shared::push::{Outcome, PushEnvelope};
+use haishin_shared::push::{Delivered, Outcome, PushEnvelope};
 
 use crate::AppState;
 use crate::intake::{self, Intake, records};
@@ -13,7 +13,22 @@ pub(super) fn router() -> Router<AppState> {
 }
 
 /// A malformed request is acknowledged (and recorded with its reason): a retry cannot fix it.
-async fn push_request(State(state): State<AppState>, Json(envelope): Json<PushEnvelope>) -> Outcome {
+async fn push_request(
+    State(state): State<AppState>,
+    Delivered(envelope): Delivered<PushEnvelope>,
+) -> Outcome {
+    let envelope = match envelope {
+        Ok(envelope) => envelope,
+        Err(unreadable) => {
+            let reason = format!("unreadable push: {}", unreadable.reason);
+            return match records::insert_rejected_message(&state.store, None, &reason, &unreadable.excerpt)
+                .await
+            {
+                Ok(()) => Outcome::done(reason),
+                Err(err) => err.into(),
+            };
+        }
+    };
     let message_id = envelope.message.message_id.as_str();
     let body = match envelope.message.data() {
         Ok(body) => body,

@@ -1,0 +1,158 @@
+//! Every bad input gets a clear answer, through the API and through the requests topic: limits
+//! that are stated and enforced, text PostgreSQL cannot store refused with a reason, and nothing
+//! retried for ever (the stand-in's delivery counts show no redelivery storm).
+
+use std::time::Duration;
+
+use haishin_local::stack::{LocalStack, PROJECT, PUSH_ACCOUNT};
+use haishin_shared::domain::{MAX_INLINE_RECIPIENTS, MAX_REQUEST_BYTES};
+use haishin_shared::push::MAX_PUSH_BYTES;
+use haishin_tests::{TestStack, finished, request_status};
+use serde_json::{Value, json};
+
+fn template() -> Value {
+    json!({"subject": "{{name}}, it's back", "text": "Hello {{name}}, {{product}} is in stock: {{url}}"})
+}
+
+/// A realtime request with `n` inline recipients, each with realistic parameters (some 250 bytes).
+fn inline_request(id: &str, n: usize) -> Value {
+    let recipients: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"email": format!("customer.number-{i:06}@mail.example.co.jp"), "params": {
+                "name": format!("Customer {i:06}"),
+                "product": "Insulated stainless steel bottle, 500 ml, matte black",
+                "url": format!("https://shop.example.co.jp/products/4901234567890?utm_source=restock&r={i}"),
+                "coupon": format!("RESTOCK-{i:08X}"),
+            }})
+        })
+        .collect();
+    json!({"id": id, "class": "realtime", "template": template(), "audience": {"inline": recipients}})
+}
+
+fn subscription_stats(stack: &LocalStack, name: &str) -> haishin_stand_ins::pubsub::SubscriptionStats {
+    stack.stand_ins.pubsub.subscription_stats(&format!("projects/{PROJECT}/subscriptions/{name}")).unwrap()
+}
+
+#[tokio::test]
+async fn the_documented_inline_limit_is_accepted_through_the_api_and_the_topic() {
+    let stack = TestStack { chunk_size: 2_500, esp_limit: 4, ..TestStack::default() }.start().await;
+    let api = inline_request("restock-api", MAX_INLINE_RECIPIENTS);
+    let topic = inline_request("restock-topic", MAX_INLINE_RECIPIENTS);
+    let size = serde_json::to_vec(&api).unwrap().len();
+    assert!(size > 2_000_000 && size < MAX_REQUEST_BYTES, "a realistic request of {size} bytes");
+
+    let posted = reqwest::Client::new()
+        .post(format!("{}/v1/requests", stack.endpoints.trigger))
+        .json(&api)
+        .send()
+        .await
+        .unwrap();
+    stack.requests_topic.publish(&topic, &[]).await.unwrap();
+
+    assert_eq!(posted.status(), 202);
+    for id in ["restock-api", "restock-topic"] {
+        let status = finished(&stack, id).await;
+        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(stack.esp.report().requests[id].counts.unique, MAX_INLINE_RECIPIENTS as u64);
+    }
+    let pushes = subscription_stats(&stack, "trigger-requests");
+    assert_eq!((pushes.acked, pushes.nacked, pushes.dead_lettered), (1, 0, 0), "{pushes:?}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_over_the_limits_is_refused_naming_the_limit_and_its_id_kept() {
+    let stack = TestStack::default().start().await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/requests", stack.endpoints.trigger);
+    // Over the byte limit: 413 with a JSON answer that names it.
+    let huge = json!({"id": "huge", "class": "batch", "template": template(),
+        "audience": {"inline": [{"email": "a@example.com", "params": {"blob": "x".repeat(MAX_REQUEST_BYTES)}}]}});
+    let too_large = client.post(&url).json(&huge).send().await.unwrap();
+    // Over the recipient limit, through the topic: acknowledged once and recorded as rejected.
+    let crowd = inline_request("crowd", MAX_INLINE_RECIPIENTS + 1);
+    stack.requests_topic.publish(&crowd, &[]).await.unwrap();
+
+    assert_eq!(too_large.status(), 413);
+    let answer: Value = too_large.json().await.unwrap();
+    assert!(answer["error"].as_str().unwrap().contains(&MAX_REQUEST_BYTES.to_string()), "{answer}");
+    let status = finished(&stack, "crowd").await;
+    assert_eq!(status["state"], "rejected");
+    assert!(status["reason"].as_str().unwrap().contains("more than 10000"), "{status}");
+    let pushes = subscription_stats(&stack, "trigger-requests");
+    assert_eq!((pushes.acked, pushes.nacked), (1, 0), "{pushes:?}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_push_too_large_or_unreadable_is_acknowledged_and_recorded_not_retried() {
+    let stack = TestStack::default().start().await;
+    let token = stack.stand_ins.signer.sign(&stack.endpoints.trigger, PUSH_ACCOUNT);
+    let client = reqwest::Client::new();
+    let push = |body: Vec<u8>| {
+        client
+            .post(format!("{}/push/requests", stack.endpoints.trigger))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+
+    let oversize = push(vec![b' '; MAX_PUSH_BYTES + 1]).await.unwrap().status().as_u16();
+    let not_json = push(b"{\"message\": ".to_vec()).await.unwrap().status().as_u16();
+
+    assert_eq!((oversize, not_json), (200, 200), "acknowledged: no retry can read them");
+    let reasons: Vec<String> = sqlx::query_scalar("SELECT reason FROM rejected_messages ORDER BY id")
+        .fetch_all(stack.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains(&MAX_PUSH_BYTES.to_string()), "{reasons:?}");
+    assert!(reasons[1].contains("not the expected JSON"), "{reasons:?}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn text_postgresql_cannot_store_is_rejected_with_a_reason_never_retried() {
+    let stack = TestStack::default().start().await;
+    let nul = json!({"id": "nul-api", "class": "realtime", "template": template(),
+        "audience": {"inline": [{"email": "a@example.com", "params": {"name": "A\u{0}B"}}]}});
+    let mut by_topic = nul.clone();
+    by_topic["id"] = "nul-topic".into();
+
+    let posted = reqwest::Client::new()
+        .post(format!("{}/v1/requests", stack.endpoints.trigger))
+        .json(&nul)
+        .send()
+        .await
+        .unwrap();
+    stack.requests_topic.publish(&by_topic, &[]).await.unwrap();
+
+    assert_eq!(posted.status(), 400);
+    let answer: Value = posted.json().await.unwrap();
+    assert!(answer["error"].as_str().unwrap().contains("/audience/inline/0/params/name"), "{answer}");
+    assert_eq!(answer["id"], "nul-api");
+    let status = finished(&stack, "nul-topic").await;
+    assert_eq!(status["state"], "rejected");
+    assert!(request_status(&stack, "nul-api").await.is_some(), "the rejection is readable under its id");
+    let pushes = subscription_stats(&stack, "trigger-requests");
+    assert_eq!((pushes.acked, pushes.nacked), (1, 0), "{pushes:?}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_id_posted_five_times_at_once_gets_one_202_and_four_200() {
+    let stack = TestStack { call_latency: Duration::from_millis(50), ..TestStack::default() }.start().await;
+    let request = inline_request("five-at-once", 50);
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/requests", stack.endpoints.trigger);
+
+    let answers = futures::future::join_all((0..5).map(|_| client.post(&url).json(&request).send())).await;
+
+    let mut statuses: Vec<u16> = answers.into_iter().map(|a| a.unwrap().status().as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 200, 202]);
+    assert_eq!(finished(&stack, "five-at-once").await["state"], "completed");
+    assert_eq!(stack.esp.report().requests["five-at-once"].counts.total, 50, "each recipient once");
+    stack.stop().await;
+}
