@@ -107,12 +107,17 @@ pub async fn request_status(stack: &LocalStack, id: &str) -> Option<serde_json::
     response.json().await.ok()
 }
 
-/// Waits until a request reaches a final state and returns its status.
+/// Waits until a request reaches a final state and returns its status, once its counts are
+/// checked to add up (`rows = recipients + Σ skipped`, `recipients` = those of its final chunks).
 pub async fn finished(stack: &LocalStack, id: &str) -> serde_json::Value {
-    eventually(&format!("request {id} to finish"), Duration::from_secs(60), || async {
+    let status = eventually(&format!("request {id} to finish"), Duration::from_secs(60), || async {
         let status = request_status(stack, id).await?;
         let state: RequestState = status["state"].as_str()?.parse().ok()?;
         state.is_final().then_some(status)
     })
-    .await
+    .await;
+    let mut invariants = haishin_local::report::Invariants::default();
+    invariants.check(id, &status);
+    assert!(invariants.violations.is_empty(), "{}", invariants.summary());
+    status
 }

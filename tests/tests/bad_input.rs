@@ -156,3 +156,111 @@ async fn the_same_id_posted_five_times_at_once_gets_one_202_and_four_200() {
     assert_eq!(stack.esp.report().requests["five-at-once"].counts.total, 50, "each recipient once");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn rejections_are_listed_newest_first_with_the_id_each_could_be_read_under() {
+    let stack = TestStack::default().start().await;
+    let client = reqwest::Client::new();
+    let post = |body: &'static str| {
+        client
+            .post(format!("{}/v1/requests", stack.endpoints.trigger))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    post(r#"{"not": "json"#).await.unwrap();
+    post(r#"{"id": "has space", "class": "batch"}"#).await.unwrap();
+    post(r#"{"id": "fine-id", "class": "urgent"}"#).await.unwrap();
+
+    let list = |query: String| {
+        let url = format!("{}/v1/rejections{query}", stack.endpoints.trigger);
+        async move { reqwest::get(url).await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let first = list("?limit=2".into()).await;
+    let token = first["next_page_token"].as_str().expect("a second page").to_owned();
+    let second = list(format!("?limit=2&page_token={token}")).await;
+    let bad_token =
+        reqwest::get(format!("{}/v1/rejections?page_token=forged", stack.endpoints.trigger)).await.unwrap();
+
+    let rejections = first["rejections"].as_array().unwrap();
+    assert_eq!(rejections.len(), 2);
+    assert_eq!(
+        (rejections[0]["id"].as_str(), rejections[0]["request"].as_bool()),
+        (Some("fine-id"), Some(true))
+    );
+    assert!(rejections[0]["reason"].as_str().unwrap().contains("urgent"), "{first}");
+    assert_eq!(
+        (rejections[1]["id"].as_str(), rejections[1]["request"].as_bool()),
+        (Some("has space"), Some(false))
+    );
+    let last = second["rejections"].as_array().unwrap();
+    assert_eq!(last.len(), 1);
+    assert!(
+        last[0]["id"].is_null() && last[0]["reason"].as_str().unwrap().contains("not valid JSON"),
+        "{second}"
+    );
+    assert!(second["next_page_token"].is_null());
+    assert_eq!(bad_token.status(), 400);
+    stack.stop().await;
+}
+
+/// Writes `text` as an audience file to the local Cloud Storage and returns its URI.
+async fn audience_file(stack: &LocalStack, name: &str, text: String) -> String {
+    let object = format!("audiences/{name}");
+    stack.blobs.write(haishin_local::stack::BUCKET, &object, text.into_bytes().into()).await.unwrap();
+    format!("gs://{}/{object}", haishin_local::stack::BUCKET)
+}
+
+fn file_request(id: &str, uri: &str) -> Value {
+    json!({"id": id, "class": "batch", "template": template(), "audience": {"gcs": {"uris": [uri]}}})
+}
+
+#[tokio::test]
+async fn bad_rows_are_skipped_counted_and_located_and_every_row_is_accounted_for() {
+    let stack = TestStack::default().start().await;
+    let mut csv = String::from("email,name,product,url\n");
+    for i in 0..20 {
+        csv.push_str(&format!("user{i}@example.com,User {i},Bottle,https://s.example/{i}\n"));
+    }
+    csv.push_str("not-an-address,Nobody,Bottle,https://s.example/x\n");
+    csv.push_str("user3@example.com,Again,Bottle,https://s.example/3\n");
+    csv.push_str("short@example.com,Short\n");
+    csv.push_str("\"multi@example.com\",\"Line one\nline two\",Bottle,https://s.example/m\n");
+    let uri = audience_file(&stack, "rows.csv", csv).await;
+
+    stack.requests_topic.publish(&file_request("rows", &uri), &[]).await.unwrap();
+
+    let status = finished(&stack, "rows").await;
+    assert_eq!(status["state"], "completed", "{status}");
+    let audience = &status["audience"];
+    let skipped: u64 = audience["skipped"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+    assert_eq!(audience["rows"].as_u64().unwrap(), audience["recipients"].as_u64().unwrap() + skipped);
+    assert_eq!(audience["recipients"], 21, "a quoted line break is one field, not two rows");
+    assert_eq!(audience["skipped_at"]["invalid_email"], json!([format!("{uri}:22")]));
+    assert_eq!(audience["skipped_at"]["duplicate"], json!([format!("{uri}:23")]));
+    assert_eq!(audience["skipped_at"]["missing_column"], json!([format!("{uri}:24")]));
+    assert_eq!(stack.esp.report().requests["rows"].counts.unique, 21);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_file_an_unbalanced_quote_would_swallow_fails_naming_the_file_and_line() {
+    let stack = TestStack::default().start().await;
+    let mut csv = String::from("email,name\nfirst@example.com,\"First\n");
+    for i in 0..500 {
+        csv.push_str(&format!("user{i}@example.com,User {i}\n"));
+    }
+    let uri = audience_file(&stack, "swallowed.csv", csv).await;
+
+    stack.requests_topic.publish(&file_request("swallowed", &uri), &[]).await.unwrap();
+
+    let status = finished(&stack, "swallowed").await;
+    assert_eq!(status["state"], "failed", "{status}");
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&uri) && reason.contains("line 2") && reason.contains("unbalanced quote"),
+        "{reason}"
+    );
+    assert!(stack.esp.report().requests.get("swallowed").is_none_or(|r| r.counts.total == 0));
+    stack.stop().await;
+}

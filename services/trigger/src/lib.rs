@@ -12,6 +12,7 @@
 //! - [`scheduling`]: the scheduling rule (order, slot limits, the tail cut, the forecast).
 //! - [`dispatch`]: the rule's driver: one round per event, coalesced, and the upload tasks.
 //! - [`status`]: a request's status as the API shows it.
+//! - [`rejections`]: what was refused, newest first.
 //! - [`routes`]: HTTP routes (`/push/*` and `/tasks/*` require an OIDC token; `/v1/*` is the API).
 //! - [`error`]: work that cannot be done now, and the API's error answers.
 
@@ -20,6 +21,7 @@ pub mod dispatch;
 pub mod error;
 pub mod intake;
 pub mod prepare;
+pub mod rejections;
 pub mod routes;
 pub mod scheduling;
 pub mod status;

@@ -42,9 +42,13 @@ pub struct RequestStatus {
 /// What the prepare step found in the audience.
 #[derive(Debug, Clone, Serialize)]
 pub struct AudienceStatus {
+    /// Rows read, valid or not: `rows = recipients + Σ skipped`.
     pub rows: i64,
     pub recipients: i64,
+    /// Rows skipped, by reason.
     pub skipped: Value,
+    /// Where the first few skipped rows of each reason are (`SOURCE:LINE`).
+    pub skipped_at: Value,
     pub chunks: i32,
 }
 
@@ -82,6 +86,7 @@ pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<Requ
             rows: row.audience_rows.unwrap_or(0),
             recipients: row.recipients.unwrap_or(0),
             skipped: row.skipped.clone(),
+            skipped_at: row.skipped_at.clone(),
             chunks,
         }),
         chunks: BTreeMap::new(),

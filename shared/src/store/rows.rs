@@ -24,6 +24,8 @@ pub struct RequestRow {
     pub recipients: Option<i64>,
     pub audience_rows: Option<i64>,
     pub skipped: Value,
+    /// Where the first few skipped rows of each reason are (`SOURCE:LINE`).
+    pub skipped_at: Value,
     pub chunk_count: Option<i32>,
     pub received_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -107,6 +109,7 @@ const REQUEST_COLUMNS: &[&str] = &[
     "recipients",
     "audience_rows",
     "skipped",
+    "skipped_at",
     "chunk_count",
     "received_at",
     "finished_at",

@@ -86,6 +86,7 @@ pub async fn run(args: BenchArgs, mode: ServiceMode) -> anyhow::Result<Vec<Repor
         eprintln!("Running {name}…");
         let report = run_scenario(&scenario, mode.clone()).await?;
         eprintln!("{}", row(&scenario, &report));
+        eprintln!("  {}", report.invariants.summary());
         reports.push(report);
         std::fs::write(&args.json, serde_json::to_vec_pretty(&reports)?)?;
     }

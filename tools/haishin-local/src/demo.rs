@@ -107,6 +107,7 @@ impl DemoArgs {
 /// Runs the demo and writes its report.
 pub async fn run(args: DemoArgs, mode: ServiceMode) -> anyhow::Result<Report> {
     let report = run_scenario(&args.scenario(), mode).await?;
+    eprintln!("{}", report.invariants.summary());
     std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", args.report.display()))?;
     Ok(report)

@@ -45,6 +45,62 @@ pub struct Report {
     pub chaos: Option<crate::chaos::ChaosLog>,
     /// Requests by final state, as `GET /v1/requests/{id}` shows them.
     pub states: BTreeMap<String, String>,
+    /// Whether every finished request's counts add up.
+    pub invariants: Invariants,
+}
+
+/// The counts every finished request's status must add up to:
+/// `rows = recipients + Σ skipped`, and `recipients = sent + failed + expired + cancelled + unknown`
+/// (the recipients of its chunks, all in final states).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Invariants {
+    pub requests_checked: u64,
+    /// One line per request whose counts do not add up.
+    pub violations: Vec<String>,
+    pub hold: bool,
+}
+
+impl Invariants {
+    /// One line for a person: the invariants held, or where they did not.
+    pub fn summary(&self) -> String {
+        if self.violations.is_empty() {
+            format!(
+                "invariants: rows = recipients + skipped, recipients = sent + failed + expired + cancelled + unknown: hold for all {} requests",
+                self.requests_checked
+            )
+        } else {
+            format!(
+                "invariants BROKEN for {} requests: {}",
+                self.violations.len(),
+                self.violations.join("; ")
+            )
+        }
+    }
+
+    /// Checks one request's status as the API shows it.
+    pub fn check(&mut self, id: &str, status: &serde_json::Value) {
+        let audience = &status["audience"];
+        if audience.is_null() {
+            return;
+        }
+        self.requests_checked += 1;
+        let number = |v: &serde_json::Value| v.as_i64().unwrap_or(0);
+        let skipped: i64 = audience["skipped"].as_object().map_or(0, |m| m.values().map(number).sum());
+        let (rows, recipients) = (number(&audience["rows"]), number(&audience["recipients"]));
+        if rows != recipients + skipped {
+            self.violations.push(format!("{id}: rows {rows} != recipients {recipients} + skipped {skipped}"));
+        }
+        let by_state = status["recipients"].as_object().cloned().unwrap_or_default();
+        let ended: i64 = ["completed", "sent", "failed", "expired", "cancelled", "unknown"]
+            .iter()
+            .map(|state| by_state.get(*state).map_or(0, number))
+            .sum();
+        let all: i64 = by_state.values().map(number).sum();
+        if ended != recipients || all != recipients {
+            self.violations
+                .push(format!("{id}: recipients {recipients} != {ended} in final chunks ({all} in all)"));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -161,6 +217,7 @@ pub async fn build(
     let mut requests = Requests::default();
     let mut recipients = Recipients::default();
     let mut states = BTreeMap::new();
+    let mut invariants = Invariants::default();
     let mut upload_service = Duration::ZERO;
     let mut realtime_uploads = Vec::new();
 
@@ -173,6 +230,7 @@ pub async fn build(
             .json()
             .await?;
         let state = status["state"].as_str().unwrap_or("unknown").to_owned();
+        invariants.check(id, &status);
         requests.submitted += 1;
         match state.as_str() {
             "completed" => requests.completed += 1,
@@ -284,6 +342,7 @@ pub async fn build(
         fairness_max_gap: fairness_gap(submitted),
         chaos: None,
         states,
+        invariants: Invariants { hold: invariants.violations.is_empty(), ..invariants },
     })
 }
 

@@ -11,6 +11,20 @@ fn excerpt(body: &[u8]) -> String {
     storable(&String::from_utf8_lossy(&body[..body.len().min(512)]))
 }
 
+/// The `id` a JSON body names, whatever it is, cut to 200 characters.
+fn claimed_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Claimed {
+        id: Option<serde_json::Value>,
+    }
+    let id = serde_json::from_slice::<Claimed>(body).ok()?.id?;
+    let text = match id {
+        serde_json::Value::String(text) => text,
+        other => other.to_string(),
+    };
+    Some(storable(&text.chars().take(200).collect::<String>()))
+}
+
 /// Text as PostgreSQL can store it: a NUL becomes U+FFFD.
 pub fn storable(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
@@ -53,19 +67,23 @@ pub async fn insert_rejected(store: &Store, id: &RequestId, reason: &str) -> Res
     Ok(done.rows_affected() == 1)
 }
 
-/// Keeps a message that could not become a request at all (it had no usable id).
+/// Keeps a message that could not become a request at all (it had no usable id), with the id it
+/// claimed when it named one.
 pub async fn insert_rejected_message(
     store: &Store,
     message_id: Option<&str>,
     reason: &str,
     body: &[u8],
 ) -> Result<()> {
-    sqlx::query("INSERT INTO rejected_messages (message_id, reason, excerpt) VALUES ($1, $2, $3)")
-        .bind(message_id.map(storable))
-        .bind(storable(reason))
-        .bind(excerpt(body))
-        .execute(store.pool())
-        .await?;
+    sqlx::query(
+        "INSERT INTO rejected_messages (message_id, reason, excerpt, claimed_id) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(message_id.map(storable))
+    .bind(storable(reason))
+    .bind(excerpt(body))
+    .bind(claimed_id(body))
+    .execute(store.pool())
+    .await?;
     Ok(())
 }
 

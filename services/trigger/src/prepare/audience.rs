@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use tokio::io::AsyncBufReadExt;
 
 use super::PrepareError;
-use super::chunker::{AudienceSummary, Chunker};
+use super::chunker::{AudienceSummary, Chunker, RowAt};
 use super::recipient::Skip;
 use super::records;
 
@@ -37,8 +37,8 @@ pub(super) async fn read_audience(
     let mut chunker = Chunker::new(blobs, store, bucket, request, chunk_size, on_chunk);
     match &request.audience {
         Audience::Inline(list) => {
-            for recipient in list {
-                chunker.push(Ok(recipient.clone())).await?;
+            for (i, recipient) in list.iter().enumerate() {
+                chunker.push(Ok(recipient.clone()), RowAt { source: "inline", line: i as u64 + 1 }).await?;
             }
         }
         Audience::Gcs(gcs) => {
@@ -116,7 +116,7 @@ where
     }));
     let result = match format {
         FileFormat::Csv => read_csv(chunker, reader, name).await,
-        FileFormat::Ndjson => read_ndjson(chunker, reader).await,
+        FileFormat::Ndjson => read_ndjson(chunker, reader, name).await,
     };
     if let Some(err) = failure.lock().expect("lock").take() {
         return Err(err.into());
@@ -136,9 +136,20 @@ where
     };
     let mut records = csv.records();
     while let Some(record) = records.next().await {
+        let line = match &record {
+            Ok(record) => record.position().map_or(0, csv_async::Position::line),
+            Err(e) => e.position().map_or(0, csv_async::Position::line),
+        };
+        let at = RowAt { source: name, line };
         let row = match record {
             Err(e) if e.is_io_error() => return Err(PrepareError::Unusable(format!("{name}: {e}"))),
             Err(_) => Err(Skip::Malformed),
+            Ok(record) if spans_too_many_lines(&record) => {
+                return Err(PrepareError::Unusable(format!(
+                    "{name}, line {line}: a quoted field runs over more than {MAX_RECORD_LINES} lines \
+                     (an unbalanced quote?); the file cannot be trusted and is not read further"
+                )));
+            }
             Ok(record) if record.len() != headers.len() => Err(Skip::MissingColumn),
             Ok(record) => {
                 let mut params = Map::new();
@@ -150,22 +161,33 @@ where
                 Ok(Recipient { email: record[email_at].to_owned(), params })
             }
         };
-        chunker.push(row).await?;
+        chunker.push(row, at).await?;
     }
     Ok(())
 }
 
-async fn read_ndjson<R>(chunker: &mut Chunker<'_>, reader: R) -> Result<(), PrepareError>
+/// Most lines one CSV record may span: a quoted field may hold a line break or two (an address),
+/// but a record running on for more is a quote left open, swallowing the rows after it.
+const MAX_RECORD_LINES: usize = 10;
+
+fn spans_too_many_lines(record: &csv_async::StringRecord) -> bool {
+    record.iter().map(|field| field.matches('\n').count()).sum::<usize>() >= MAX_RECORD_LINES
+}
+
+async fn read_ndjson<R>(chunker: &mut Chunker<'_>, reader: R, name: &str) -> Result<(), PrepareError>
 where
     R: tokio::io::AsyncRead + Send + Unpin,
 {
     let mut lines = tokio::io::BufReader::new(reader).lines();
+    let mut number = 0;
     loop {
+        number += 1;
+        let at = RowAt { source: name, line: number };
         let line = match lines.next_line().await {
             Ok(Some(line)) => line,
             Ok(None) => break,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                chunker.push(Err(Skip::Malformed)).await?;
+                chunker.push(Err(Skip::Malformed), at).await?;
                 continue;
             }
             Err(e) => return Err(PrepareError::Unusable(e.to_string())),
@@ -187,7 +209,7 @@ where
                 None => Err(Skip::MissingColumn),
             },
         };
-        chunker.push(row).await?;
+        chunker.push(row, at).await?;
     }
     Ok(())
 }

@@ -23,7 +23,20 @@ pub struct AudienceSummary {
     pub recipients: u64,
     /// Rows skipped, by reason.
     pub skipped: BTreeMap<String, u64>,
+    /// Where the first few rows skipped for each reason are (`SOURCE:LINE`, at most
+    /// [`EXAMPLES_PER_REASON`]), so that whoever made the file can find them.
+    pub skipped_at: BTreeMap<String, Vec<String>>,
     pub chunks: u32,
+}
+
+/// How many skipped rows of each reason the summary points at.
+pub(super) const EXAMPLES_PER_REASON: usize = 5;
+
+/// Where a row is: its file (or `inline`) and line (1 first).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RowAt<'a> {
+    pub(super) source: &'a str,
+    pub(super) line: u64,
 }
 
 /// Fills chunks and writes them.
@@ -65,23 +78,31 @@ impl<'a> Chunker<'a> {
         }
     }
 
-    fn skip(&mut self, reason: Skip) {
+    fn skip(&mut self, reason: Skip, at: RowAt<'_>) {
         *self.summary.skipped.entry(reason.as_str().to_owned()).or_default() += 1;
+        let examples = self.summary.skipped_at.entry(reason.as_str().to_owned()).or_default();
+        if examples.len() < EXAMPLES_PER_REASON {
+            examples.push(format!("{}:{}", at.source, at.line));
+        }
     }
 
-    pub(super) async fn push(&mut self, row: Result<Recipient, Skip>) -> Result<(), PrepareError> {
+    pub(super) async fn push(
+        &mut self,
+        row: Result<Recipient, Skip>,
+        at: RowAt<'_>,
+    ) -> Result<(), PrepareError> {
         self.summary.rows += 1;
         let recipient = match row.and_then(check) {
             Ok(r) => r,
             Err(reason) => {
-                self.skip(reason);
+                self.skip(reason, at);
                 return Ok(());
             }
         };
         let mut hasher = self.hasher.build_hasher();
         hasher.write(recipient.email.to_ascii_lowercase().as_bytes());
         if !self.seen.insert(hasher.finish()) {
-            self.skip(Skip::Duplicate);
+            self.skip(Skip::Duplicate, at);
             return Ok(());
         }
         serde_json::to_writer(&mut self.buffer, &recipient)

@@ -82,9 +82,10 @@ pub async fn insert_chunks(store: &Store, request: &DeliveryRequest, chunks: &[N
 /// Ends the prepare step: the request's chunks become eligible for dispatch.
 pub async fn finish_prepare(store: &Store, id: &RequestId, summary: &AudienceSummary) -> Result<bool> {
     let skipped = serde_json::to_value(&summary.skipped).unwrap_or_default();
+    let skipped_at = serde_json::to_value(&summary.skipped_at).unwrap_or_default();
     let done = sqlx::query(
         "UPDATE requests SET state = 'dispatching', lease_until = NULL, prepared_at = now(),
-             audience_rows = $2, recipients = $3, skipped = $4, chunk_count = $5
+             audience_rows = $2, recipients = $3, skipped = $4, chunk_count = $5, skipped_at = $6
          WHERE id = $1 AND state = 'preparing'",
     )
     .bind(id)
@@ -92,6 +93,7 @@ pub async fn finish_prepare(store: &Store, id: &RequestId, summary: &AudienceSum
     .bind(summary.recipients as i64)
     .bind(skipped)
     .bind(summary.chunks as i32)
+    .bind(skipped_at)
     .execute(store.pool())
     .await?;
     Ok(done.rows_affected() == 1)
