@@ -264,3 +264,23 @@ async fn a_file_an_unbalanced_quote_would_swallow_fails_naming_the_file_and_line
     assert!(stack.esp.report().requests.get("swallowed").is_none_or(|r| r.counts.total == 0));
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_routes_the_trigger_serves() {
+    let stack = TestStack::default().start().await;
+    let spec: Value = reqwest::get(format!("{}/openapi.json", stack.endpoints.trigger))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    let paths: Vec<&str> = spec["paths"].as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(spec["openapi"], "3.1.0");
+    assert_eq!(paths, ["/healthz", "/v1/rejections", "/v1/requests", "/v1/requests/{id}"]);
+    for path in ["/healthz", "/v1/rejections", "/v1/requests/some-id"] {
+        let status = reqwest::get(format!("{}{path}", stack.endpoints.trigger)).await.unwrap().status();
+        assert!(status == 200 || status == 404 && path.ends_with("some-id"), "{path}: {status}");
+    }
+    stack.stop().await;
+}

@@ -581,7 +581,7 @@ fn front_door(service: Service, backend: &str) -> FrontDoorConfig {
     config.invokers = invokers(service).into_iter().map(str::to_owned).collect();
     config.public_paths = vec!["/healthz".to_owned()];
     if service == Service::Trigger {
-        config.public_paths.push("/v1/".to_owned());
+        config.public_paths.extend(["/v1/".to_owned(), "/openapi.json".to_owned()]);
     }
     config
 }

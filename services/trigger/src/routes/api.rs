@@ -1,4 +1,5 @@
-//! The direct API: `POST /v1/requests`, `GET /v1/requests/{id}` and `GET /v1/rejections`.
+//! The direct API: `POST /v1/requests`, `GET /v1/requests/{id}` and `GET /v1/rejections`, described
+//! by the OpenAPI document at `GET /openapi.json` (`services/trigger/openapi.json`).
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -21,6 +22,14 @@ pub(super) fn router() -> Router<AppState> {
         .route("/v1/requests", post(create).layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES)))
         .route("/v1/requests/{id}", get(status))
         .route("/v1/rejections", get(rejections))
+        .route("/openapi.json", get(openapi))
+}
+
+/// The API's OpenAPI document: every route above, its parameters, bodies and answers.
+const OPENAPI: &str = include_str!("../../openapi.json");
+
+async fn openapi() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 #[derive(Debug, serde::Deserialize)]
