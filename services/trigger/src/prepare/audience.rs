@@ -5,17 +5,14 @@
 //! set), never the audience itself. A bad row is skipped and counted by reason; it never fails the
 //! request. A source that cannot be read at all (missing object, no `email` column) does.
 
-use futures::{Stream, StreamExt, TryStreamExt};
-use haishin_shared::domain::{Audience, DeliveryRequest, FileFormat, GcsUri, Recipient};
+use futures::{Stream, TryStreamExt};
+use haishin_shared::domain::{Audience, DeliveryRequest, FileFormat, GcsUri};
 use haishin_shared::gcp::{Blobs, GcpError};
 use haishin_shared::store::Store;
-use serde_json::{Map, Value};
-use tokio::io::AsyncBufReadExt;
 
-use super::PrepareError;
-use super::chunker::{AudienceSummary, Chunker, RowAt};
-use super::recipient::Skip;
-use super::records;
+use super::chunker::{AudienceSummary, Chunker};
+use super::rows::{self, RowAt};
+use super::{PrepareError, records};
 
 /// Streams the request's audience into chunk objects under `gs://bucket/requests/<id>/chunks/`
 /// and chunk rows, and returns what was found. `on_chunk` runs after each chunk is stored: a
@@ -114,102 +111,9 @@ where
         *keep.lock().expect("lock") = Some(e);
         std::io::Error::other(text)
     }));
-    let result = match format {
-        FileFormat::Csv => read_csv(chunker, reader, name).await,
-        FileFormat::Ndjson => read_ndjson(chunker, reader, name).await,
-    };
+    let result = rows::read_rows(chunker, reader, format, name).await;
     if let Some(err) = failure.lock().expect("lock").take() {
         return Err(err.into());
     }
     result
-}
-
-async fn read_csv<R>(chunker: &mut Chunker<'_>, reader: R, name: &str) -> Result<(), PrepareError>
-where
-    R: tokio::io::AsyncRead + Send + Unpin,
-{
-    let mut csv =
-        csv_async::AsyncReaderBuilder::new().flexible(true).trim(csv_async::Trim::All).create_reader(reader);
-    let headers = csv.headers().await.map_err(|e| PrepareError::Unusable(format!("{name}: {e}")))?.clone();
-    let Some(email_at) = headers.iter().position(|h| h.eq_ignore_ascii_case("email")) else {
-        return Err(PrepareError::Unusable(format!("{name} has no `email` column")));
-    };
-    let mut records = csv.records();
-    while let Some(record) = records.next().await {
-        let line = match &record {
-            Ok(record) => record.position().map_or(0, csv_async::Position::line),
-            Err(e) => e.position().map_or(0, csv_async::Position::line),
-        };
-        let at = RowAt { source: name, line };
-        let row = match record {
-            Err(e) if e.is_io_error() => return Err(PrepareError::Unusable(format!("{name}: {e}"))),
-            Err(_) => Err(Skip::Malformed),
-            Ok(record) if spans_too_many_lines(&record) => {
-                return Err(PrepareError::Unusable(format!(
-                    "{name}, line {line}: a quoted field runs over more than {MAX_RECORD_LINES} lines \
-                     (an unbalanced quote?); the file cannot be trusted and is not read further"
-                )));
-            }
-            Ok(record) if record.len() != headers.len() => Err(Skip::MissingColumn),
-            Ok(record) => {
-                let mut params = Map::new();
-                for (i, (header, value)) in headers.iter().zip(record.iter()).enumerate() {
-                    if i != email_at {
-                        params.insert(header.to_owned(), Value::String(value.to_owned()));
-                    }
-                }
-                Ok(Recipient { email: record[email_at].to_owned(), params })
-            }
-        };
-        chunker.push(row, at).await?;
-    }
-    Ok(())
-}
-
-/// Most lines one CSV record may span: a quoted field may hold a line break or two (an address),
-/// but a record running on for more is a quote left open, swallowing the rows after it.
-const MAX_RECORD_LINES: usize = 10;
-
-fn spans_too_many_lines(record: &csv_async::StringRecord) -> bool {
-    record.iter().map(|field| field.matches('\n').count()).sum::<usize>() >= MAX_RECORD_LINES
-}
-
-async fn read_ndjson<R>(chunker: &mut Chunker<'_>, reader: R, name: &str) -> Result<(), PrepareError>
-where
-    R: tokio::io::AsyncRead + Send + Unpin,
-{
-    let mut lines = tokio::io::BufReader::new(reader).lines();
-    let mut number = 0;
-    loop {
-        number += 1;
-        let at = RowAt { source: name, line: number };
-        let line = match lines.next_line().await {
-            Ok(Some(line)) => line,
-            Ok(None) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                chunker.push(Err(Skip::Malformed), at).await?;
-                continue;
-            }
-            Err(e) => return Err(PrepareError::Unusable(e.to_string())),
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row = match serde_json::from_str::<Map<String, Value>>(&line) {
-            Err(_) => Err(Skip::Malformed),
-            Ok(mut object) => match object.remove("email") {
-                Some(Value::String(email)) => {
-                    let params = match object.remove("params") {
-                        Some(Value::Object(params)) => params,
-                        _ => object,
-                    };
-                    Ok(Recipient { email, params })
-                }
-                Some(_) => Err(Skip::InvalidEmail),
-                None => Err(Skip::MissingColumn),
-            },
-        };
-        chunker.push(row, at).await?;
-    }
-    Ok(())
 }

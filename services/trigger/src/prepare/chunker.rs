@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::PrepareError;
 use super::recipient::{Skip, check};
 use super::records::{self, NewChunk};
+use super::rows::{RowAt, RowSink};
 
 /// What the prepare step found in an audience.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -32,11 +33,10 @@ pub struct AudienceSummary {
 /// How many skipped rows of each reason the summary points at.
 pub(super) const EXAMPLES_PER_REASON: usize = 5;
 
-/// Where a row is: its file (or `inline`) and line (1 first).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct RowAt<'a> {
-    pub(super) source: &'a str,
-    pub(super) line: u64,
+impl RowSink for Chunker<'_> {
+    async fn row(&mut self, row: Result<Recipient, Skip>, at: RowAt<'_>) -> Result<(), PrepareError> {
+        self.push(row, at).await
+    }
 }
 
 /// Fills chunks and writes them.

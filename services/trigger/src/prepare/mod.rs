@@ -2,7 +2,8 @@
 //! and the scheduler runs as each chunk is stored.
 //!
 //! - this module: [`run`], the step under its lease, returning a domain outcome;
-//! - `audience`: streaming inline lists and CSV/NDJSON files row by row;
+//! - `audience`: streaming inline lists and audience files from Cloud Storage;
+//! - [`rows`]: reading a CSV or NDJSON file's rows;
 //! - `recipient`: checking one row (address, parameter size) and the reasons rows are skipped;
 //! - `chunker`: de-duplicating within the request and writing chunks as they fill;
 //! - [`records`]: what the step writes to the database.
@@ -11,6 +12,7 @@ mod audience;
 mod chunker;
 mod recipient;
 pub mod records;
+pub mod rows;
 
 use haishin_shared::domain::{RequestId, RequestState};
 use haishin_shared::gcp::GcpError;

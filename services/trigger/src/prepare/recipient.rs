@@ -9,7 +9,7 @@ pub(super) const MAX_PARAMS_BYTES: usize = 8 * 1024;
 
 /// Why a row was skipped; the names are the keys of the request's `skipped` counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Skip {
+pub enum Skip {
     InvalidEmail,
     MissingColumn,
     Malformed,
@@ -18,7 +18,7 @@ pub(super) enum Skip {
 }
 
 impl Skip {
-    pub(super) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Skip::InvalidEmail => "invalid_email",
             Skip::MissingColumn => "missing_column",
