@@ -12,6 +12,8 @@ use haishin_shared::store::Store;
 use haishin_stand_ins::postgres::PgCluster;
 use tokio::sync::OnceCell;
 
+pub mod mail_servers;
+
 static CLUSTER: OnceCell<PgCluster> = OnceCell::const_new();
 
 /// The test binary's cluster.

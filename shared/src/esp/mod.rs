@@ -25,9 +25,20 @@
 //! - [`config`]: [`EspArgs`], the provider a deployment chooses (`ESP_PROVIDER`) and how to reach it;
 //! - [`list_send`]: [`ListSendEsp`], the provider for list-based ESPs that speak the list-send
 //!   protocol (the ESP simulator in `tools/esp-sim` is its reference server).
+//! - `message` (re-exported here): [`MessageProvider`], the seam for message-based providers
+//!   (rendered messages in batches, one [`MessageOutcome`] per message), and its limits;
+//! - `render`, `mime` (re-exported here): [`MessageRenderer`], an inline template rendered per
+//!   recipient into a MIME message with the RFC 8058 unsubscribe headers;
+//! - [`smtp`]: [`SmtpProvider`], rendered messages to an SMTP server;
+//! - [`ses`]: [`SesProvider`], rendered messages through Amazon SES v2.
 
 mod config;
 pub mod list_send;
+mod message;
+mod mime;
+mod render;
+pub mod ses;
+pub mod smtp;
 
 use std::fmt;
 use std::time::Duration;
@@ -41,6 +52,14 @@ use crate::domain::{Class, Recipient, RequestId, Template};
 
 pub use config::{EspArgs, ProviderKind};
 pub use list_send::{ListSendConfig, ListSendEsp};
+pub use message::{
+    MessageOutcome, MessageProvider, MessageProviderConfig, OutcomeCounts, OutgoingMessage, ProviderLimits,
+    ProviderSetupError,
+};
+pub use mime::message_id;
+pub use render::{MessageRenderer, RenderError, RenderSettings, RenderedContent};
+pub use ses::{SesConfig, SesCredentials, SesProvider};
+pub use smtp::{SmtpConfig, SmtpProvider};
 
 /// An ESP provider: uploads lists, sends templates to them and reports on deliveries.
 #[async_trait]
