@@ -246,9 +246,9 @@ async fn bad_rows_are_skipped_counted_and_located_and_every_row_is_accounted_for
 #[tokio::test]
 async fn a_file_an_unbalanced_quote_would_swallow_fails_naming_the_file_and_line() {
     let stack = TestStack::default().start().await;
-    let mut csv = String::from("email,name\nfirst@example.com,\"First\n");
+    let mut csv = String::from("email,name,product,url\nfirst@example.com,\"First,Bottle,u\n");
     for i in 0..500 {
-        csv.push_str(&format!("user{i}@example.com,User {i}\n"));
+        csv.push_str(&format!("user{i}@example.com,User {i},Bottle,u\n"));
     }
     let uri = audience_file(&stack, "swallowed.csv", csv).await;
 
@@ -282,5 +282,72 @@ async fn the_openapi_document_describes_the_routes_the_trigger_serves() {
         let status = reqwest::get(format!("{}{path}", stack.endpoints.trigger)).await.unwrap().status();
         assert!(status == 200 || status == 404 && path.ends_with("some-id"), "{path}: {status}");
     }
+    stack.stop().await;
+}
+
+async fn gzip(text: &str) -> Vec<u8> {
+    use tokio::io::AsyncWriteExt;
+    let mut encoder = async_compression::tokio::write::GzipEncoder::new(Vec::new());
+    encoder.write_all(text.as_bytes()).await.unwrap();
+    encoder.shutdown().await.unwrap();
+    encoder.into_inner()
+}
+
+#[tokio::test]
+async fn gzipped_exports_are_read_and_repeated_addresses_found_through_case_and_idna() {
+    let stack = TestStack::default().start().await;
+    let csv = "email,name,product,url\nuser@BÜCHER.example,A,Bottle,u\nuser@bücher.example,B,Bottle,u\n\
+               USER@xn--bcher-kva.example,C,Bottle,u\nStraße@example.com,D,Bottle,u\nSTRASSE@example.com,E,Bottle,u\n";
+    let ndjson =
+        "{\"email\":\"n1@example.com\",\"params\":{\"name\":\"N\",\"product\":\"P\",\"url\":\"u\"}}\n";
+    for (object, text) in [("export-000.csv.gz", csv), ("export-001.ndjson.gz", ndjson)] {
+        let bytes = gzip(text).await;
+        stack
+            .blobs
+            .write(haishin_local::stack::BUCKET, &format!("audiences/{object}"), bytes.into())
+            .await
+            .unwrap();
+    }
+    let uri = format!("gs://{}/audiences/export-*.gz", haishin_local::stack::BUCKET);
+
+    stack.requests_topic.publish(&file_request("gzipped", &uri), &[]).await.unwrap();
+
+    let status = finished(&stack, "gzipped").await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["rows"], 6);
+    assert_eq!(status["audience"]["recipients"], 3, "{status}");
+    assert_eq!(status["audience"]["skipped"]["duplicate"], 3);
+    let delivered = &stack.esp.report().requests["gzipped"];
+    assert_eq!(delivered.counts.unique, 3);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn templates_are_checked_at_intake_and_against_a_file_s_columns() {
+    let stack = TestStack::default().start().await;
+    let client = reqwest::Client::new();
+    let post =
+        |body: Value| client.post(format!("{}/v1/requests", stack.endpoints.trigger)).json(&body).send();
+    let unclosed = json!({"id": "unclosed", "class": "realtime", "template": {"subject": "Hi {{name", "text": "x"},
+        "audience": {"inline": [{"email": "a@example.com", "params": {"name": "A"}}]}});
+    let valueless = json!({"id": "valueless", "class": "realtime", "template": template(),
+        "audience": {"inline": [{"email": "a@example.com", "params": {"name": "A", "product": "P"}}]}});
+    let uri = audience_file(&stack, "no-url.csv", "email,name,product\na@example.com,A,P\n".into()).await;
+
+    let unclosed = post(unclosed).await.unwrap();
+    let valueless = post(valueless).await.unwrap();
+    stack.requests_topic.publish(&file_request("no-url-column", &uri), &[]).await.unwrap();
+
+    assert_eq!(unclosed.status(), 400);
+    let reason = unclosed.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
+    assert!(reason.contains("template subject does not parse"), "{reason}");
+    assert_eq!(valueless.status(), 400);
+    let reason = valueless.json::<Value>().await.unwrap()["error"].as_str().unwrap().to_owned();
+    assert!(reason.contains("`url`") && reason.contains("recipient 0"), "{reason}");
+    let status = finished(&stack, "no-url-column").await;
+    assert_eq!(status["state"], "failed");
+    let reason = status["reason"].as_str().unwrap();
+    assert!(reason.contains(&uri) && reason.contains("`url`"), "{reason}");
+    assert!(stack.esp.report().requests.get("no-url-column").is_none_or(|r| r.counts.total == 0));
     stack.stop().await;
 }

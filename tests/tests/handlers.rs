@@ -177,7 +177,7 @@ async fn a_dead_lettered_message_shows_in_its_request_status_and_a_dead_lettered
     let mut dead_chunk = push_envelope(&json!({"chunk_id": CHUNK, "request_id": "manual", "class": "batch"}));
     dead_chunk["message"]["attributes"] = json!({"CloudPubSubDeadLetterSourceSubscription": "projects/haishin-local/subscriptions/sender-batch"});
     let dead_request = push_envelope(&json!({"id": "late", "class": "realtime", "template": {"id": "t-1"},
-        "audience": {"inline": [{"email": "late@example.com"}]}}));
+        "audience": {"inline": [{"email": "late@example.com", "params": {"name": "N"}}]}}));
     let mut dead_request = dead_request;
     dead_request["message"]["messageId"] = json!("m-2");
 

@@ -101,14 +101,14 @@ async fn malformed_requests_are_acknowledged_recorded_and_never_block_others() {
     publish(
         &stack,
         &json!({"id": "bad-class", "class": "urgent", "template": template(),
-        "audience": {"inline": [{"email": "a@example.com"}]}}),
+        "audience": {"inline": [{"email": "a@example.com", "params": {"name": "N"}}]}}),
     )
     .await;
     publish(&stack, &json!({"id": "no-audience", "class": "batch", "template": template()})).await;
     publish(
         &stack,
         &json!({"id": "fine", "class": "realtime", "template": template(),
-        "audience": {"inline": [{"email": "a@example.com"}]}}),
+        "audience": {"inline": [{"email": "a@example.com", "params": {"name": "N"}}]}}),
     )
     .await;
 
@@ -143,7 +143,7 @@ async fn the_api_accepts_a_request_once_and_explains_a_refusal() {
     let client = reqwest::Client::new();
     let url = format!("{}/v1/requests", stack.endpoints.trigger);
     let body = json!({"id": "direct", "class": "realtime", "template": template(),
-        "audience": {"inline": [{"email": "d@example.com"}]}});
+        "audience": {"inline": [{"email": "d@example.com", "params": {"name": "N"}}]}});
 
     let first = client.post(&url).json(&body).send().await.unwrap();
     let again = client.post(&url).json(&body).send().await.unwrap();
@@ -167,7 +167,7 @@ async fn push_and_task_routes_refuse_missing_or_wrong_tokens_and_change_nothing(
     let signer = &stack.stand_ins.signer;
     let impostor = haishin_stand_ins::TokenSigner::impostor();
     let request = json!({"id": "sneaky", "class": "realtime", "template": template(),
-        "audience": {"inline": [{"email": "s@example.com"}]}});
+        "audience": {"inline": [{"email": "s@example.com", "params": {"name": "N"}}]}});
     let data = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
         serde_json::to_vec(&request).unwrap(),

@@ -3,10 +3,12 @@
 //! - [`request`]: [`DeliveryRequest`] as the marketing platform sends it, and its validation.
 //! - [`state`]: the class of a request and the states of requests and chunks, stored as text.
 //! - [`ids`]: [`RequestId`] and [`ChunkId`], and where a chunk's recipients are kept.
+//! - [`template`]: checking an inline template's syntax and the placeholders it needs.
 
 mod ids;
 mod request;
 mod state;
+pub mod template;
 
 pub use ids::{ChunkId, RequestId, chunk_object};
 pub use request::{

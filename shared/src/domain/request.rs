@@ -176,6 +176,19 @@ impl DeliveryRequest {
             }
             Template::Stored { .. } => {}
         }
+        let placeholders = super::template::placeholders(&self.template)?;
+        if let Audience::Inline(list) = &self.audience {
+            for (i, recipient) in list.iter().enumerate() {
+                if let Some(name) =
+                    super::template::missing_value(&self.template, &placeholders, &recipient.params)
+                {
+                    return Err(format!(
+                        "the template uses `{name}`, which recipient {i} of the inline audience has no value for \
+                         (give it in params, or a default in the template: {{{{ {name} | default('') }}}})"
+                    ));
+                }
+            }
+        }
         match &self.audience {
             Audience::Inline(list) if list.is_empty() => Err("inline audience is empty".into()),
             Audience::Inline(list) if list.len() > MAX_INLINE_RECIPIENTS => Err(format!(

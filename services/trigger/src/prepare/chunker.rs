@@ -5,13 +5,13 @@
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
-use haishin_shared::domain::{ChunkId, DeliveryRequest, Recipient, chunk_object};
+use haishin_shared::domain::{ChunkId, DeliveryRequest, Recipient, chunk_object, template};
 use haishin_shared::gcp::Blobs;
 use haishin_shared::store::Store;
 use serde::Serialize;
 
 use super::PrepareError;
-use super::recipient::{Skip, check};
+use super::recipient::{Skip, check, dedup_key};
 use super::records::{self, NewChunk};
 use super::rows::{RowAt, RowSink};
 
@@ -34,6 +34,21 @@ pub struct AudienceSummary {
 pub(super) const EXAMPLES_PER_REASON: usize = 5;
 
 impl RowSink for Chunker<'_> {
+    /// A file whose columns leave a placeholder of the template without a value fails before
+    /// any of its rows becomes a chunk.
+    fn columns(&mut self, source: &str, columns: &[&str]) -> Result<(), PrepareError> {
+        let needed = template::placeholders(&self.request.template).map_err(PrepareError::Unusable)?;
+        let given: serde_json::Map<String, serde_json::Value> =
+            columns.iter().map(|c| ((*c).to_owned(), serde_json::Value::String(String::new()))).collect();
+        match template::missing_value(&self.request.template, &needed, &given) {
+            Some(name) => Err(PrepareError::Unusable(format!(
+                "{source}: the template uses `{name}`, which the file has no column for (its columns: {})",
+                columns.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+
     async fn row(&mut self, row: Result<Recipient, Skip>, at: RowAt<'_>) -> Result<(), PrepareError> {
         self.push(row, at).await
     }
@@ -100,7 +115,7 @@ impl<'a> Chunker<'a> {
             }
         };
         let mut hasher = self.hasher.build_hasher();
-        hasher.write(recipient.email.to_ascii_lowercase().as_bytes());
+        hasher.write(dedup_key(&recipient.email).as_bytes());
         if !self.seen.insert(hasher.finish()) {
             self.skip(Skip::Duplicate, at);
             return Ok(());

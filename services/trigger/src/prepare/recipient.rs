@@ -45,6 +45,21 @@ pub(super) fn valid_email(email: &str) -> bool {
         && domain.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-')
 }
 
+/// The form two addresses are compared in to find a repeated recipient: full Unicode case
+/// folding (so `Straße` and `STRASSE` are one), and the domain in its IDNA ASCII form (so
+/// `bücher.example` and `xn--bcher-kva.example` are one). The address is sent as written in its
+/// first occurrence; this form is only compared.
+pub(super) fn dedup_key(email: &str) -> String {
+    let folded = caseless::default_case_fold_str(email);
+    match folded.rsplit_once('@') {
+        Some((local, domain)) => {
+            let domain = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_owned());
+            format!("{local}@{domain}")
+        }
+        None => folded,
+    }
+}
+
 /// Validates one recipient; the address is trimmed.
 pub(super) fn check(mut recipient: Recipient) -> Result<Recipient, Skip> {
     recipient.email = recipient.email.trim().to_owned();
@@ -88,6 +103,14 @@ mod tests {
         let mut params = Map::new();
         params.insert("blob".into(), Value::String("x".repeat(MAX_PARAMS_BYTES + 1)));
         assert_eq!(check(Recipient { email: "a@example.com".into(), params }), Err(Skip::Oversize));
+    }
+
+    #[test]
+    fn repeated_addresses_are_found_through_case_and_the_domain_s_encoding() {
+        assert_eq!(dedup_key("user@BÜCHER.example"), dedup_key("user@bücher.example"));
+        assert_eq!(dedup_key("user@bücher.example"), dedup_key("USER@xn--bcher-kva.example"));
+        assert_eq!(dedup_key("Straße@example.com"), dedup_key("STRASSE@EXAMPLE.COM"));
+        assert_ne!(dedup_key("a@example.com"), dedup_key("b@example.com"));
     }
 
     #[test]

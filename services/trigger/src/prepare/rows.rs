@@ -22,6 +22,11 @@ pub struct RowAt<'a> {
 
 /// Where the rows of an audience go: the chunker, or a test's (or a fuzzer's) counter.
 pub trait RowSink: Send {
+    /// Sees a file's columns before its rows (CSV); refusing them fails the file.
+    fn columns(&mut self, _source: &str, _columns: &[&str]) -> Result<(), PrepareError> {
+        Ok(())
+    }
+
     /// Takes one row: a recipient, or why it is skipped.
     fn row(
         &mut self,
@@ -58,6 +63,9 @@ where
     let Some(email_at) = headers.iter().position(|h| h.eq_ignore_ascii_case("email")) else {
         return Err(PrepareError::Unusable(format!("{name} has no `email` column")));
     };
+    let columns: Vec<&str> =
+        headers.iter().enumerate().filter(|(i, _)| *i != email_at).map(|(_, h)| h).collect();
+    chunker.columns(name, &columns)?;
     let mut records = csv.records();
     while let Some(record) = records.next().await {
         let line = match &record {
