@@ -54,6 +54,17 @@ pub struct ProviderLimits {
 }
 
 impl ProviderLimits {
+    /// Refuses a batch larger than the provider takes in one call.
+    pub fn check_batch(&self, provider: &str, messages: usize) -> Result<(), EspError> {
+        if messages > self.max_batch {
+            return Err(EspError::Permanent(format!(
+                "a batch of {messages} messages is more than the {provider} provider's {}",
+                self.max_batch
+            )));
+        }
+        Ok(())
+    }
+
     /// Limits with a concurrency and a batch size, and no rate limit.
     pub fn new(concurrency: u32, max_batch: usize) -> Self {
         Self { concurrency, messages_per_second: None, calls_per_second: None, max_batch }

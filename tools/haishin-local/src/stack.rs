@@ -143,9 +143,24 @@ pub struct LocalStack {
 }
 
 /// A port that was free a moment ago.
+///
+/// A service's port must be known before it starts (its front door and its peers are told it),
+/// so it cannot bind port 0. Ports are handed out from below Linux's ephemeral range
+/// (32768–60999), where the kernel never places a port-0 bind, and each at most once per
+/// process, so that two stacks started at once (parallel tests) never pick the same one.
 fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    const FIRST: u32 = 20_000;
+    const LAST: u32 = 32_000;
+    // Where this process starts, spread by its id, so that two processes rarely share a stretch.
+    static NEXT: std::sync::LazyLock<AtomicU32> =
+        std::sync::LazyLock::new(|| AtomicU32::new(std::process::id().wrapping_mul(7_919) % (LAST - FIRST)));
+    for _ in FIRST..LAST {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % (LAST - FIRST)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between {FIRST} and {LAST}")
 }
 
 impl LocalStack {

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use serde::de::DeserializeOwned;
 
-use crate::esp::EspError;
+use crate::esp::{EspError, error_chain};
 
 /// Which call failed: it decides whether a lost answer leaves the outcome unknown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,17 +108,6 @@ fn parse_retry_after(value: &HeaderValue, now: DateTime<Utc>) -> Option<Duration
     }
     let at = DateTime::parse_from_rfc2822(text).ok()?.with_timezone(&Utc);
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The start of an answer's body, for error messages.

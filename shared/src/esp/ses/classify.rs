@@ -5,7 +5,7 @@ use aws_sdk_sesv2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sesv2::operation::send_email::SendEmailError;
 
 use crate::esp::message::{Attempt, redact_addresses};
-use crate::esp::{EspError, MessageOutcome};
+use crate::esp::{EspError, MessageOutcome, error_chain};
 
 /// A failed `SendEmail`, reduced to what decides its outcome.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,17 +104,6 @@ pub(super) fn classify(failure: Failure) -> Attempt {
             error: EspError::Transient(format!("ses did not answer: {detail}")),
         },
     }
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

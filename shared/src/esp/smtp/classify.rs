@@ -5,7 +5,7 @@ use lettre::transport::smtp::Error as SmtpError;
 use lettre::transport::smtp::response::Response;
 
 use crate::esp::message::{Attempt, redact_addresses};
-use crate::esp::{EspError, MessageOutcome};
+use crate::esp::{EspError, MessageOutcome, error_chain};
 
 /// Reply codes that refuse a login: no message can pass until the settings change.
 const LOGIN_REFUSED: [u16; 4] = [530, 534, 535, 538];
@@ -102,20 +102,6 @@ pub(super) fn queue_id(response: &Response) -> String {
         return id.trim_end_matches(['.', ')', ',']).to_owned();
     }
     format!("{} {text}", response.code()).chars().take(200).collect()
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -140,13 +140,7 @@ impl MessageProvider for SmtpProvider {
 
     #[tracing::instrument(name = "smtp_send_batch", skip_all, fields(messages = messages.len()))]
     async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<Vec<MessageOutcome>, EspError> {
-        if messages.len() > self.limits.max_batch {
-            return Err(EspError::Permanent(format!(
-                "a batch of {} messages is more than the smtp provider's {}",
-                messages.len(),
-                self.limits.max_batch
-            )));
-        }
+        self.limits.check_batch(self.name(), messages.len())?;
         let deadline = Instant::now() + self.call_timeout;
         let mut run = BatchRun::new(messages.len());
         // The call's connection: reused from an earlier call when one is idle.
