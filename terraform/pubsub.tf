@@ -96,6 +96,7 @@ resource "google_pubsub_subscription" "push" {
   ]
 }
 
+# A pull subscription: nothing is pushed, so nothing can be retried in a loop.
 resource "google_pubsub_subscription" "dead_letter" {
   for_each = local.push_subscriptions
 
@@ -112,6 +113,9 @@ resource "google_pubsub_subscription" "dead_letter" {
 
 # Every dead-letter topic also pushes to the trigger, which keeps each message against its
 # request (visible in GET /v1/requests/{id}) and takes a dead-lettered delivery request in again.
+# No dead-letter policy, and it cannot loop: /push/dead-letters acknowledges every message, an
+# unreadable one too (recorded as a rejection); it answers 5xx only while the database is down,
+# when retrying is right. The pull subscription above keeps a copy of each dead letter anyway.
 resource "google_pubsub_subscription" "dead_letter_record" {
   for_each = local.push_subscriptions
 
