@@ -15,6 +15,9 @@ use crate::stack::ServiceMode;
 /// `haishin-local demo` options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
+    /// Print the whole JSON report at the end, not only the summary.
+    #[arg(long)]
+    pub json: bool,
     /// Recipients in each batch campaign's audience (a generated CSV, with a few bad rows).
     #[arg(long, default_value_t = 1_000_000)]
     pub batch_recipients: u64,
@@ -107,7 +110,6 @@ impl DemoArgs {
 /// Runs the demo and writes its report.
 pub async fn run(args: DemoArgs, mode: ServiceMode) -> anyhow::Result<Report> {
     let report = run_scenario(&args.scenario(), mode).await?;
-    eprintln!("{}", report.invariants.summary());
     std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", args.report.display()))?;
     Ok(report)

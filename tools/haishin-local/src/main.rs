@@ -97,10 +97,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => {
             haishin_shared::telemetry::init_with_default("haishin-local", "warn");
             let exe = std::env::current_exe()?;
-            let path = args.report.clone();
+            let (path, json) = (args.report.clone(), args.json);
             let report = demo::run(args, ServiceMode::Processes { exe }).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            eprintln!("Report written to {}", path.display());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            println!("{}\nReport written to {}", report.summary(), path.display());
             Ok(())
         }
     }

@@ -49,6 +49,36 @@ pub struct Report {
     pub invariants: Invariants,
 }
 
+impl Report {
+    /// What a person reads at the end of a run: requests, recipients, the ESP, realtime latency,
+    /// and whether the counts add up.
+    pub fn summary(&self) -> String {
+        let q = &self.requests;
+        let r = &self.recipients;
+        let e = &self.esp;
+        [
+            format!(
+                "Requests:   {}/{} completed ({} failed, {} expired, {} rejected)",
+                q.completed, q.submitted, q.failed, q.expired, q.rejected
+            ),
+            format!(
+                "Recipients: {} delivered, {} skipped, {} duplicates, {} lost, {} unknown",
+                r.delivered, r.skipped, r.duplicates, r.lost, r.unknown
+            ),
+            format!(
+                "ESP:        upload utilisation {:.3} (peak {}/{}), {} calls refused for the limit",
+                e.upload_utilization, e.upload_peak_concurrency, e.upload_limit, e.over_limit_attempts
+            ),
+            format!(
+                "Realtime:   p50 {:.0} ms, p99 {:.0} ms (publish to the ESP accepting the send)",
+                self.realtime_latency_ms.p50, self.realtime_latency_ms.p99
+            ),
+            self.invariants.summary(),
+        ]
+        .join("\n")
+    }
+}
+
 /// The counts every finished request's status must add up to:
 /// `rows = recipients + Σ skipped`, and `recipients = sent + failed + expired + cancelled + unknown`
 /// (the recipients of its chunks, all in final states).
