@@ -113,34 +113,9 @@ where
         *keep.lock().expect("lock") = Some(e);
         std::io::Error::other(text)
     }));
-    let result = read_maybe_gzipped(chunker, reader, format, name).await;
+    let result = rows::read_rows(chunker, reader, format, name).await;
     if let Some(err) = failure.lock().expect("lock").take() {
         return Err(err.into());
     }
     result
-}
-
-/// Reads a file that may be gzip-compressed (as exports often are: a `.gz` object, or one stored
-/// with `Content-Encoding: gzip` and served as stored). Compression is told by the gzip magic
-/// bytes, not the name, so either way the rows are streamed out of it.
-async fn read_maybe_gzipped<R>(
-    chunker: &mut Chunker<'_>,
-    reader: R,
-    format: FileFormat,
-    name: &str,
-) -> Result<(), PrepareError>
-where
-    R: tokio::io::AsyncRead + Send + Unpin,
-{
-    use tokio::io::AsyncBufReadExt;
-    let mut buffered = tokio::io::BufReader::with_capacity(256 * 1024, reader);
-    let head = buffered.fill_buf().await.map_err(|e| PrepareError::Unusable(format!("{name}: {e}")))?;
-    if head.starts_with(&[0x1f, 0x8b]) {
-        let mut gunzip = async_compression::tokio::bufread::GzipDecoder::new(buffered);
-        gunzip.multiple_members(true);
-        // Boxed: the reader's state machine is large, and the prepare step's future holds it.
-        Box::pin(rows::read_rows(chunker, gunzip, format, name)).await
-    } else {
-        Box::pin(rows::read_rows(chunker, buffered, format, name)).await
-    }
 }

@@ -35,8 +35,33 @@ pub trait RowSink: Send {
     ) -> impl Future<Output = Result<(), PrepareError>> + Send;
 }
 
-/// Reads every row of a file named `name` in `format` into `sink`.
+/// Reads every row of a file named `name` in `format` into `sink`. The file may be
+/// gzip-compressed (as exports often are: a `.gz` object, or one stored with
+/// `Content-Encoding: gzip` and served as stored): compression is told by the gzip magic bytes,
+/// not the name, and the rows are streamed out of it either way.
 pub async fn read_rows<R, S>(
+    sink: &mut S,
+    reader: R,
+    format: FileFormat,
+    name: &str,
+) -> Result<(), PrepareError>
+where
+    R: tokio::io::AsyncRead + Send + Unpin,
+    S: RowSink,
+{
+    let mut buffered = tokio::io::BufReader::with_capacity(256 * 1024, reader);
+    let head = buffered.fill_buf().await.map_err(|e| PrepareError::Unusable(format!("{name}: {e}")))?;
+    // Boxed: the reader's state machine is large, and the prepare step's future holds it.
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let mut gunzip = async_compression::tokio::bufread::GzipDecoder::new(buffered);
+        gunzip.multiple_members(true);
+        Box::pin(read_format(sink, gunzip, format, name)).await
+    } else {
+        Box::pin(read_format(sink, buffered, format, name)).await
+    }
+}
+
+async fn read_format<R, S>(
     sink: &mut S,
     reader: R,
     format: FileFormat,
