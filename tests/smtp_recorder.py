@@ -111,6 +111,7 @@ async def main():
     parser.add_argument("--defer", action="append", default=[])
     parser.add_argument("--hang", action="append", default=[])
     parser.add_argument("--auth", help="USER:PASSWORD that AUTH must present")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     args = parser.parse_args()
     options = {"hostname": "recorder.test"}
     if args.auth:
@@ -122,7 +123,7 @@ async def main():
         )
     handler = Recorder(args)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", args.port))
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(handler, **options), sock=sock)
     threading.Thread(target=exit_when_stdin_closes, daemon=True).start()

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use haishin_esp_sim::EspSimConfig;
-use haishin_local::stack::{LocalStack, ServiceMode, StackConfig};
+use haishin_local::stack::{LocalStack, MailProvider, ServiceMode, StackConfig};
 use haishin_shared::domain::RequestState;
 use haishin_shared::store::Store;
 use haishin_stand_ins::postgres::PgCluster;
@@ -39,6 +39,8 @@ pub struct TestStack {
     pub realtime_reserved_slots: u32,
     /// Trigger instances sharing the database.
     pub triggers: u32,
+    /// Who delivers the mail (the ESP simulator by default).
+    pub provider: MailProvider,
 }
 
 impl Default for TestStack {
@@ -49,6 +51,7 @@ impl Default for TestStack {
             chunk_size: 100,
             realtime_reserved_slots: 0,
             triggers: 1,
+            provider: MailProvider::Simulator,
         }
     }
 }
@@ -72,6 +75,7 @@ impl TestStack {
             service_log: "warn".into(),
             database_url: Some(url),
             task_name_ttl: haishin_local::stack::TASK_NAME_TTL,
+            provider: self.provider,
         })
         .await
         .expect("local stack starts")

@@ -8,6 +8,7 @@ use haishin_shared::esp::{
     EspError, MessageOutcome, MessageProvider, MessageRenderer, OutcomeCounts, OutgoingMessage,
     ProviderLimits, RenderSettings, SesConfig, SesCredentials, SesProvider,
 };
+use haishin_shared::store::Reservation;
 use haishin_tests::mail_servers::MotoServer;
 use serde_json::{Value, json};
 
@@ -81,7 +82,7 @@ async fn each_recipient_is_sent_exactly_once_with_the_rendered_content() {
     verify_sender(&ses).await;
     let batch = messages(&addresses(5));
 
-    let outcomes = ses.send_batch(&batch).await.unwrap();
+    let outcomes = ses.send_batch(&batch, &Reservation::now()).await.unwrap();
 
     let sent = moto.sent_raw_messages().await;
     assert_eq!(sent.len(), 5, "{sent:#?}");
@@ -111,7 +112,7 @@ async fn a_sender_ses_does_not_know_is_refused_for_each_message_and_the_batch_go
     let ses = provider(&moto.endpoint, Duration::from_secs(10)).await;
     let batch = messages(&addresses(3));
 
-    let outcomes = ses.send_batch(&batch).await.unwrap();
+    let outcomes = ses.send_batch(&batch, &Reservation::now()).await.unwrap();
 
     assert_eq!(OutcomeCounts::of(&outcomes).refused, 3, "{outcomes:?}");
     let MessageOutcome::Refused { reason } = &outcomes[0] else { unreachable!() };
@@ -125,7 +126,7 @@ async fn an_endpoint_that_refuses_connections_is_a_transient_error_for_the_whole
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let ses = provider(&format!("http://127.0.0.1:{port}"), Duration::from_secs(5)).await;
 
-    let result = ses.send_batch(&messages(&addresses(2))).await;
+    let result = ses.send_batch(&messages(&addresses(2)), &Reservation::now()).await;
 
     assert!(matches!(&result, Err(EspError::Transient(reason)) if reason.contains("not sent")), "{result:?}");
 }
@@ -142,7 +143,7 @@ async fn a_request_that_is_never_answered_leaves_its_message_unknown_and_defers_
     });
     let ses = provider(&endpoint, Duration::from_millis(500)).await;
 
-    let outcomes = ses.send_batch(&messages(&addresses(3))).await.unwrap();
+    let outcomes = ses.send_batch(&messages(&addresses(3)), &Reservation::now()).await.unwrap();
 
     assert!(matches!(&outcomes[0], MessageOutcome::Unknown { .. }), "{outcomes:?}");
     assert_eq!(OutcomeCounts::of(&outcomes).deferred, 2, "{outcomes:?}");
@@ -160,8 +161,10 @@ async fn throughput_against_moto() {
     let batch = messages(&addresses(400));
     for calls in [1usize, 4] {
         let started = Instant::now();
+        let now = Reservation::now();
         let results =
-            futures::future::join_all(batch.chunks(batch.len() / calls).map(|c| ses.send_batch(c))).await;
+            futures::future::join_all(batch.chunks(batch.len() / calls).map(|c| ses.send_batch(c, &now)))
+                .await;
         let accepted: u64 = results.iter().map(|r| OutcomeCounts::of(r.as_ref().unwrap()).accepted).sum();
         let rate = accepted as f64 / started.elapsed().as_secs_f64();
         println!("ses via moto, {calls} call(s) at once: {accepted} messages at {rate:.0} messages/s");

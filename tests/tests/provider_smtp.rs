@@ -8,6 +8,7 @@ use haishin_shared::esp::{
     EspError, MessageOutcome, MessageProvider, MessageRenderer, OutcomeCounts, OutgoingMessage,
     ProviderLimits, RenderSettings, SmtpConfig, SmtpProvider,
 };
+use haishin_shared::store::Reservation;
 use haishin_tests::mail_servers::{SmtpBehaviour, SmtpRecorder};
 use serde_json::{Value, json};
 
@@ -66,7 +67,8 @@ async fn each_recipient_gets_one_personalized_standards_compliant_message() {
     let Some(server) = SmtpRecorder::start(SmtpBehaviour::default()).await else { return };
     let batch = messages(&["ann@example.com", "bo@example.com", "zoe@example.com"]);
 
-    let outcomes = provider(&server.url, Duration::from_secs(10)).send_batch(&batch).await.unwrap();
+    let outcomes =
+        provider(&server.url, Duration::from_secs(10)).send_batch(&batch, &Reservation::now()).await.unwrap();
 
     let received = server.received();
     assert_eq!(received.len(), 3, "one message per recipient: {received:#?}");
@@ -130,7 +132,8 @@ async fn a_refused_recipient_is_counted_refused_and_the_rest_of_the_batch_goes_o
         "zoë@example.com",
     ]);
 
-    let outcomes = provider(&server.url, Duration::from_secs(10)).send_batch(&batch).await.unwrap();
+    let outcomes =
+        provider(&server.url, Duration::from_secs(10)).send_batch(&batch, &Reservation::now()).await.unwrap();
 
     assert!(matches!(&outcomes[0], MessageOutcome::Accepted { .. }), "{outcomes:?}");
     let MessageOutcome::Refused { reason } = &outcomes[1] else { panic!("550 is refused: {outcomes:?}") };
@@ -155,7 +158,8 @@ async fn a_message_whose_answer_never_comes_is_unknown_and_the_untried_rest_is_d
     let Some(server) = SmtpRecorder::start(behaviour).await else { return };
     let batch = messages(&["ann@example.com", "slow@example.com", "bo@example.com"]);
 
-    let outcomes = provider(&server.url, Duration::from_secs(1)).send_batch(&batch).await.unwrap();
+    let outcomes =
+        provider(&server.url, Duration::from_secs(1)).send_batch(&batch, &Reservation::now()).await.unwrap();
 
     assert!(matches!(&outcomes[0], MessageOutcome::Accepted { .. }), "{outcomes:?}");
     assert!(matches!(&outcomes[1], MessageOutcome::Unknown { .. }), "{outcomes:?}");
@@ -176,9 +180,9 @@ async fn auth_from_the_url_logs_in_and_a_wrong_password_fails_the_whole_call_for
     let batch = messages(&["ann@example.com", "bo@example.com"]);
 
     let good = provider(&format!("smtp://haishin:s3cret@127.0.0.1:{}", server.port), Duration::from_secs(10));
-    let outcomes = good.send_batch(&batch).await.unwrap();
+    let outcomes = good.send_batch(&batch, &Reservation::now()).await.unwrap();
     let bad = provider(&format!("smtp://haishin:wrong@127.0.0.1:{}", server.port), Duration::from_secs(10));
-    let refused = bad.send_batch(&batch).await;
+    let refused = bad.send_batch(&batch, &Reservation::now()).await;
 
     assert_eq!(OutcomeCounts::of(&outcomes).accepted, 2);
     assert!(matches!(&refused, Err(EspError::Permanent(reason)) if reason.contains("535")), "{refused:?}");
@@ -190,8 +194,9 @@ async fn a_server_that_refuses_connections_is_a_transient_error_for_the_whole_ca
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let batch = messages(&["ann@example.com", "bo@example.com"]);
 
-    let result =
-        provider(&format!("smtp://127.0.0.1:{port}"), Duration::from_secs(5)).send_batch(&batch).await;
+    let result = provider(&format!("smtp://127.0.0.1:{port}"), Duration::from_secs(5))
+        .send_batch(&batch, &Reservation::now())
+        .await;
 
     assert!(matches!(&result, Err(EspError::Transient(reason)) if reason.contains("connect")), "{result:?}");
 }
@@ -208,7 +213,8 @@ async fn throughput_against_aiosmtpd() {
     let smtp = provider(&server.url, Duration::from_secs(10));
     for connections in [1usize, 4] {
         let started = Instant::now();
-        let calls = batch.chunks(batch.len() / connections).map(|chunk| smtp.send_batch(chunk));
+        let now = Reservation::now();
+        let calls = batch.chunks(batch.len() / connections).map(|chunk| smtp.send_batch(chunk, &now));
         let results = futures::future::join_all(calls).await;
         let accepted: u64 = results.iter().map(|r| OutcomeCounts::of(r.as_ref().unwrap()).accepted).sum();
         let rate = accepted as f64 / started.elapsed().as_secs_f64();

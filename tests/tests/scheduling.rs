@@ -6,6 +6,7 @@ use chrono::Utc;
 use haishin_shared::domain::{
     Audience, ChunkId, ChunkState, Class, DeliveryRequest, Recipient, RequestId, Template,
 };
+use haishin_shared::esp::Shape;
 use haishin_shared::store::{Claim, Step, Store};
 use haishin_tests::fresh_database;
 use haishin_trigger::intake::records::insert_request;
@@ -22,7 +23,8 @@ fn chunk_id(request: &str, seq: u32) -> ChunkId {
     ChunkId::new(&rid(request), seq)
 }
 
-const LIMITS: SlotLimits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+const LIMITS: SlotLimits =
+    SlotLimits { shape: Shape::Lists, limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
 
 fn request(id: &str, class: Class, priority: i32) -> DeliveryRequest {
     DeliveryRequest {
@@ -116,9 +118,27 @@ async fn chunks_in_flight_never_exceed_the_limit() {
 }
 
 #[tokio::test]
+async fn a_message_based_providers_chunks_hold_their_slot_until_sent() {
+    let (store, _) = fresh_database().await;
+    let limits = SlotLimits { shape: Shape::Messages, ..LIMITS };
+    ready(&store, &request("big", Class::Batch, 0), 10).await;
+
+    assert_eq!(dispatched_requests(&store, limits).await.len(), 3);
+    let first = store.chunk(&chunk_id("big", 0)).await.unwrap().unwrap();
+    assert_eq!(first.state, ChunkState::Uploaded, "nothing to upload: the chunk waits for the sender");
+
+    let Claim::Claimed(_) = store.claim(&first.id, Step::Send, Duration::from_secs(60)).await.unwrap() else {
+        panic!("send not claimed")
+    };
+    assert_eq!(dispatched_requests(&store, limits).await.len(), 0, "a chunk being sent keeps its slot");
+    assert!(store.finish_chunk(&first.id, ChunkState::Sending, ChunkState::Completed, "sent").await.unwrap());
+    assert_eq!(dispatched_requests(&store, limits).await.len(), 1, "the chunk sent freed its slot");
+}
+
+#[tokio::test]
 async fn batch_work_never_takes_the_slots_reserved_for_realtime() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 3, realtime_reserved: 1, prefetch: 0, min_part: 0 };
+    let limits = SlotLimits { shape: Shape::Lists, limit: 3, realtime_reserved: 1, prefetch: 0, min_part: 0 };
     ready(&store, &request("campaign", Class::Batch, 9), 10).await;
 
     assert_eq!(dispatched_requests(&store, limits).await.len(), 2);
@@ -129,7 +149,7 @@ async fn batch_work_never_takes_the_slots_reserved_for_realtime() {
 #[tokio::test]
 async fn equal_requests_take_turns() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 4, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let limits = SlotLimits { shape: Shape::Lists, limit: 4, realtime_reserved: 0, prefetch: 0, min_part: 0 };
     ready(&store, &request("a", Class::Batch, 0), 10).await;
     ready(&store, &request("b", Class::Batch, 0), 10).await;
 
@@ -158,7 +178,7 @@ async fn concurrent_rounds_from_two_pools_never_over_commit() {
     let (store, url) = fresh_database().await;
     let other = Store::connect(&url, 10).await.unwrap();
     ready(&store, &request("big", Class::Batch, 0), 50).await;
-    let limits = SlotLimits { limit: 5, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let limits = SlotLimits { shape: Shape::Lists, limit: 5, realtime_reserved: 0, prefetch: 0, min_part: 0 };
 
     let rounds = (0..20).map(|i| {
         let store = if i % 2 == 0 { store.clone() } else { other.clone() };
@@ -205,7 +225,7 @@ async fn a_claimed_chunk_is_busy_until_its_lease_runs_out_then_taken_over() {
 #[tokio::test]
 async fn a_later_campaign_takes_turns_with_a_running_one_instead_of_waiting_or_catching_up() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let limits = SlotLimits { shape: Shape::Lists, limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
     ready(&store, &request("first", Class::Batch, 0), 20).await;
     assert_eq!(dispatched_requests(&store, limits).await, ["first"; 3]);
     ready(&store, &request("second", Class::Batch, 0), 20).await;
@@ -288,7 +308,7 @@ fn assert_covered_once(ranges: &[(String, i32, i32)], objects: u32) {
 #[tokio::test]
 async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 8, realtime_reserved: 1, prefetch: 0, min_part: 2 };
+    let limits = SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 1, prefetch: 0, min_part: 2 };
     // 3 chunks of 10 for 7 batch slots: whole, they would leave 4 slots idle.
     ready(&store, &request("tail", Class::Batch, 0), 3).await;
 
@@ -316,7 +336,7 @@ async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
 #[tokio::test]
 async fn the_tail_is_not_cut_while_more_batch_work_may_come() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 2 };
+    let limits = SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 2 };
     ready(&store, &request("prepared", Class::Batch, 0), 2).await;
     let preparing = request("preparing", Class::Batch, 0);
     assert!(insert_request(&store, &preparing).await.unwrap());
@@ -334,13 +354,13 @@ async fn a_chunk_dispatched_before_is_never_cut_and_pieces_stay_above_the_minimu
     ready(&store, &request("r", Class::Batch, 0), 2).await;
     // Chunk 0 goes out and comes back to pending, as after a lost task: the ESP may hold a list
     // under its key, so its range must stay whole.
-    let one = SlotLimits { limit: 1, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let one = SlotLimits { shape: Shape::Lists, limit: 1, realtime_reserved: 0, prefetch: 0, min_part: 0 };
     let first = dispatch_round(&store, one).await.unwrap().dispatched.remove(0);
-    assert!(undo_dispatch(&store, &first.chunk_id, first.generation).await.unwrap());
+    assert!(undo_dispatch(&store, &first.chunk_id, first.generation, Shape::Lists).await.unwrap());
 
     // 20 pending over 8 slots would make pieces of 3; the minimum is 4, and a rest of 6 is not
     // cut again (it would leave a piece under 4).
-    let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 4 };
+    let limits = SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 4 };
     dispatch_round(&store, limits).await.unwrap();
 
     let ranges = line_ranges(&store, "r").await;
@@ -351,7 +371,7 @@ async fn a_chunk_dispatched_before_is_never_cut_and_pieces_stay_above_the_minimu
 #[tokio::test]
 async fn realtime_chunks_are_never_cut() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 1 };
+    let limits = SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 1 };
     ready(&store, &request("event", Class::Realtime, 0), 1).await;
 
     dispatch_round(&store, limits).await.unwrap();

@@ -130,7 +130,7 @@ fn every_terraform_input_variable_is_used() {
 #[test]
 fn the_parser_sees_what_each_service_is_given() {
     let set = terraform_env();
-    assert!(set["trigger"].contains("ESP_UPLOAD_LIMIT") && set["trigger"].contains("DATABASE_URL"));
+    assert!(set["trigger"].contains("ESP_SLOTS") && set["trigger"].contains("DATABASE_URL"));
     assert!(set["sender"].contains("PUSH_AUDIENCE") && set["sender"].contains("ESP_API_KEY"));
     assert!(!set["completion"].contains("PUSH_AUDIENCE"), "the job receives no pushes");
 }

@@ -2,7 +2,8 @@
 //!
 //! Each pass:
 //! 1. expires what passed its deadline before it could be dispatched;
-//! 2. polls the ESP for sent chunks and completes those whose delivery settled;
+//! 2. polls a list-based ESP for sent chunks and completes those whose delivery settled
+//!    (a message-based provider's chunks are completed by the sender);
 //! 3. reconciles stuck work: uploads whose lease ran out go back to `queued`, chunks that sat in
 //!    `queued` too long go back to `pending` (re-dispatched under a new task name), and chunks
 //!    that sat in `uploaded`, or in `sending` with a dead lease, are published to the sender again
@@ -97,7 +98,9 @@ pub struct PassReport {
 
 pub struct Job {
     store: Store,
-    esp: Arc<dyn EspProvider>,
+    /// The list-based ESP whose sends settle later; `None` for a message-based provider, whose
+    /// chunks the sender completes with each message's outcome.
+    esp: Option<Arc<dyn EspProvider>>,
     sink: Arc<dyn LogSink>,
     events: Topic,
     deliveries: Topic,
@@ -118,7 +121,7 @@ impl Job {
         };
         Ok(Self {
             store,
-            esp: config.esp.provider()?,
+            esp: config.esp.list_provider()?,
             sink,
             events: Topic::connect(&config.gcp, &config.events_topic).await?,
             deliveries: Topic::connect(&config.gcp, &config.deliveries_topic).await?,
@@ -137,7 +140,9 @@ impl Job {
             expired_chunks: expire_overdue_chunks(self.store.pool()).await?,
             ..PassReport::default()
         };
-        poll::poll_sent(&self.store, self.esp.as_ref(), &mut report).await?;
+        if let Some(esp) = &self.esp {
+            poll::poll_sent(&self.store, esp.as_ref(), &mut report).await?;
+        }
         reconcile::reconcile(&self.store, &self.deliveries, self.timeouts, &mut report).await?;
         report.closed_requests = close::close_finished_requests(&self.store).await?;
         logs::write::write_logs(&self.store, self.sink.as_ref(), &self.completed, &mut report).await?;

@@ -18,13 +18,12 @@ use axum::extract::State;
 use axum::routing::post;
 use haishin_shared::config::CommonArgs;
 use haishin_shared::domain::{ChunkId, ChunkState};
-use haishin_shared::esp::{EspArgs, EspError, EspProvider, ListUpload};
-use haishin_shared::gcp::{Blobs, Topic};
+use haishin_shared::esp::{EspArgs, EspError, EspProvider, ListId, ListUpload};
+use haishin_shared::gcp::{Blobs, GcpError, Topic};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, UploadTask};
 use haishin_shared::push::{Delivered, Outcome, RetryReason};
 use haishin_shared::server::PushService;
-use haishin_shared::store::{ChunkRow, Claim, Step, Store};
-use serde_json::value::RawValue;
+use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "list-uploader", about = "Uploads chunks to the ESP, one per task.")]
@@ -51,7 +50,10 @@ pub struct Config {
 pub struct AppState {
     pub store: Store,
     pub blobs: Blobs,
-    pub esp: Arc<dyn EspProvider>,
+    /// The list-based ESP; `None` for a message-based provider, which has no lists.
+    pub esp: Option<Arc<dyn EspProvider>>,
+    /// The provider's calls per second, held across all instances, when it declares one.
+    pub calls: Option<RateSchedule>,
     pub deliveries: Topic,
     pub events: Topic,
     pub bucket: String,
@@ -67,10 +69,12 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let service = PushService::bind("list-uploader", &config.common).await?;
         let gcp = &config.common.gcp;
+        let store = config.common.store().await?;
         let state = AppState {
-            store: config.common.store().await?,
             blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
-            esp: config.esp.provider()?,
+            esp: config.esp.list_provider()?,
+            calls: config.esp.calls_schedule(&store)?,
+            store,
             deliveries: Topic::connect(gcp, &config.deliveries_topic)
                 .await
                 .context("connecting to Pub/Sub")?,
@@ -132,42 +136,33 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         Err(err) => return err.into(),
     };
     let chunk = claimed.chunk;
+    let Some(esp) = &state.esp else {
+        // A message-based provider has no list: the chunk object is the list, and the sender
+        // reads it. (Its chunks normally go straight to the sender; this covers tasks created
+        // before the deployment changed provider.)
+        return uploaded(state, &chunk, ListId(chunk.object.clone()), "no list to upload").await;
+    };
     let read_start = Instant::now();
-    let recipients = match read_chunk(state, &chunk).await {
+    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
+    let recipients = match state.blobs.read_lines(&state.bucket, &chunk.object, first, count).await {
         Ok(recipients) => recipients,
-        Err(outcome) => return release(state, &chunk.id, outcome).await,
+        Err(err @ GcpError::Permanent { .. }) => return fail(state, &chunk, &err.to_string()).await,
+        Err(err) => return release(state, &chunk.id, Outcome::unavailable(err)).await,
     };
     let read_ms = read_start.elapsed().as_millis() as u64;
     let list =
         ListUpload { idempotency_key: list_key(&chunk.id), request_id: chunk.request_id.clone(), recipients };
+    if let Some(calls) = &state.calls
+        && let Err(err) = calls.wait(1).await
+    {
+        return release(state, &chunk.id, err.into()).await;
+    }
     let upload_start = Instant::now();
-    match state.esp.upload_list(&list).await {
+    match esp.upload_list(&list).await {
         Ok(list_id) => {
-            match state.store.finish_step(&chunk.id, Step::Upload, &list_id.to_string()).await {
-                Ok(true) => {}
-                Ok(false) => return Outcome::done("chunk was taken over while uploading"),
-                Err(err) => return err.into(),
-            }
             let upload_ms = upload_start.elapsed().as_millis() as u64;
             tracing::info!(recipients = list.recipients.len(), read_ms, upload_ms, "Chunk uploaded.");
-            let message = DeliveryMessage::for_chunk(&chunk);
-            let attributes = message.attributes();
-            let event = PipelineEvent::chunk(EventKind::ChunkUploaded, &chunk);
-            let (sent, evented) = tokio::join!(
-                state.deliveries.publish(&message, &attributes),
-                state.events.publish(&event, &attributes)
-            );
-            if let Err(err) = evented {
-                tracing::warn!(error = %err, "Pipeline event not published; the scheduler tick will cover it.");
-            }
-            match sent {
-                Ok(_) => Outcome::done("uploaded"),
-                // The chunk is uploaded; the completion job re-publishes chunks that linger there.
-                Err(err) => {
-                    tracing::warn!(error = %err, "Delivery message not published; reconcile will re-publish it.");
-                    Outcome::done("uploaded; delivery message pending")
-                }
-            }
+            uploaded(state, &chunk, list_id, "uploaded").await
         }
         Err(err) if err.is_retryable() => {
             let outcome = match &err {
@@ -181,20 +176,47 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         }
         Err(err) => {
             tracing::warn!(error = %err, "Chunk cannot be uploaded.");
-            let reason = format!("upload refused by the ESP: {err}");
-            match state
-                .store
-                .finish_chunk(&chunk.id, ChunkState::Uploading, ChunkState::Failed, &reason)
-                .await
-            {
-                Ok(_) => {
-                    let event = PipelineEvent::chunk(EventKind::ChunkFinished, &chunk);
-                    let _ = state.events.publish(&event, &[]).await;
-                    Outcome::done(reason)
-                }
-                Err(err) => err.into(),
-            }
+            fail(state, &chunk, &format!("upload refused by the ESP: {err}")).await
         }
+    }
+}
+
+/// Records the chunk's list and hands the chunk to the sender.
+async fn uploaded(state: &AppState, chunk: &ChunkRow, list_id: ListId, how: &'static str) -> Outcome {
+    match state.store.finish_step(&chunk.id, Step::Upload, &list_id.to_string()).await {
+        Ok(true) => {}
+        Ok(false) => return Outcome::done("chunk was taken over while uploading"),
+        Err(err) => return err.into(),
+    }
+    let message = DeliveryMessage::for_chunk(chunk);
+    let attributes = message.attributes();
+    let event = PipelineEvent::chunk(EventKind::ChunkUploaded, chunk);
+    let (sent, evented) = tokio::join!(
+        state.deliveries.publish(&message, &attributes),
+        state.events.publish(&event, &attributes)
+    );
+    if let Err(err) = evented {
+        tracing::warn!(error = %err, "Pipeline event not published; the scheduler tick will cover it.");
+    }
+    match sent {
+        Ok(_) => Outcome::done(how),
+        // The chunk is uploaded; the completion job re-publishes chunks that linger there.
+        Err(err) => {
+            tracing::warn!(error = %err, "Delivery message not published; reconcile will re-publish it.");
+            Outcome::done("uploaded; delivery message pending")
+        }
+    }
+}
+
+/// Ends the chunk `failed`: no attempt can upload it.
+async fn fail(state: &AppState, chunk: &ChunkRow, reason: &str) -> Outcome {
+    match state.store.finish_chunk(&chunk.id, ChunkState::Uploading, ChunkState::Failed, reason).await {
+        Ok(_) => {
+            let event = PipelineEvent::chunk(EventKind::ChunkFinished, chunk);
+            let _ = state.events.publish(&event, &[]).await;
+            Outcome::done(reason.to_owned())
+        }
+        Err(err) => err.into(),
     }
 }
 
@@ -204,27 +226,4 @@ async fn release(state: &AppState, chunk_id: &ChunkId, outcome: Outcome) -> Outc
         tracing::warn!(error = %err, "Chunk not released; its lease will run out.");
     }
     outcome
-}
-
-/// Reads a chunk's recipients: its range of lines of its object, each line checked to be one JSON
-/// value and passed on as written.
-async fn read_chunk(state: &AppState, chunk: &ChunkRow) -> Result<Vec<Box<RawValue>>, Outcome> {
-    let object = &chunk.object;
-    let data = state.blobs.read_all(&state.bucket, object).await.map_err(Outcome::unavailable)?;
-    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
-    let recipients = data
-        .split(|b| *b == b'\n')
-        .filter(|line| !line.is_empty())
-        .skip(first)
-        .take(count)
-        .map(serde_json::from_slice::<Box<RawValue>>)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Outcome::unavailable(format!("chunk object {object} is unreadable: {e}")))?;
-    if recipients.len() != count {
-        return Err(Outcome::unavailable(format!(
-            "chunk object {object} holds {} recipients from line {first}, the chunk expects {count}",
-            recipients.len()
-        )));
-    }
-    Ok(recipients)
 }

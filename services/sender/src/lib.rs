@@ -1,12 +1,19 @@
-//! The sender: one Pub/Sub push, one uploaded chunk sent through the ESP, exactly once.
+//! The sender: one Pub/Sub push, one chunk handed to the provider, exactly once.
 //!
-//! It calls the ESP's send API and does nothing else. A chunk is claimed with a lease before it is
-//! sent; the send carries an idempotency key derived from the chunk, and the ESP's delivery history
-//! is checked under that key before any chunk whose earlier attempt has no recorded outcome is sent
-//! again. When the history cannot tell, the chunk ends `unknown`: never re-sent blindly.
+//! A chunk is claimed with a lease before anything is sent. What happens next depends on the
+//! provider's shape:
+//! - a list-based ESP ([`list`]): one send call for the chunk's uploaded list, keyed so that the
+//!   ESP's history can tell whether an earlier attempt got through;
+//! - a message-based provider, SMTP or SES ([`messages`]): each recipient's message rendered
+//!   and handed over in batches, each batch's outcomes kept before the next, so that no message
+//!   is ever handed over twice.
 //!
-//! Sends hold an ESP slot (a permit of `ESP_SEND_CONCURRENCY`) only for the ESP call itself,
-//! never while reading the database or publishing.
+//! Calls hold a slot (a permit of `ESP_SEND_CONCURRENCY`) only while they run, never while
+//! reading the database or publishing; a declared rate (`ESP_CALLS_PER_SECOND`,
+//! `ESP_MESSAGES_PER_SECOND`) is held across all instances by a schedule in the database.
+
+pub mod list;
+pub mod messages;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,25 +24,33 @@ use axum::extract::State;
 use axum::routing::post;
 use haishin_shared::config::CommonArgs;
 use haishin_shared::domain::{ChunkId, ChunkState};
-use haishin_shared::esp::{DeliveryId, EspArgs, EspError, EspProvider, ListId, SendRequest};
-use haishin_shared::gcp::Topic;
+use haishin_shared::esp::{EspArgs, EspProvider, MessageArgs};
+use haishin_shared::gcp::{Blobs, Topic};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent};
 use haishin_shared::push::{Delivered, Outcome, PushEnvelope, RetryReason};
 use haishin_shared::server::PushService;
-use haishin_shared::store::{ChunkRow, Claim, Step, Store};
+use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
 use tokio::sync::Semaphore;
 
+pub use list::send_key;
+use messages::MessagePath;
+
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "sender", about = "Sends uploaded chunks through the ESP, exactly once.")]
+#[command(name = "sender", about = "Sends chunks through the provider, exactly once.")]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub esp: EspArgs,
+    #[command(flatten)]
+    pub messages: MessageArgs,
+    /// Bucket holding the chunk objects (read for message-based providers).
+    #[arg(long, env = "BUCKET")]
+    pub bucket: Option<String>,
     /// Topic of pipeline events (slots freed).
     #[arg(long, env = "EVENTS_TOPIC", default_value = "pipeline-events")]
     pub events_topic: String,
-    /// ESP send calls this instance may have in progress at once.
+    /// Provider calls this instance may have in progress at once (for SMTP, its connections).
     #[arg(long, env = "ESP_SEND_CONCURRENCY", default_value_t = 8)]
     pub esp_send_concurrency: usize,
     /// How long a send may run before another attempt may take the chunk over, in seconds.
@@ -43,10 +58,19 @@ pub struct Config {
     pub send_lease_secs: u64,
 }
 
+/// The provider, in its shape.
+#[derive(Clone)]
+pub enum Provider {
+    /// A list-based ESP, and its calls per second when it declares a limit.
+    Lists { esp: Arc<dyn EspProvider>, calls: Option<RateSchedule> },
+    /// A message-based provider.
+    Messages(Arc<MessagePath>),
+}
+
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub esp: Arc<dyn EspProvider>,
+    pub provider: Provider,
     pub events: Topic,
     pub slots: Arc<Semaphore>,
     pub lease: Duration,
@@ -60,14 +84,33 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let service = PushService::bind("sender", &config.common).await?;
+        let store = config.common.store().await?;
+        let gcp = &config.common.gcp;
+        let concurrency = config.esp_send_concurrency.max(1);
+        let lease = Duration::from_secs(config.send_lease_secs.max(1));
+        let provider = match config.esp.list_provider()? {
+            Some(esp) => Provider::Lists { esp, calls: config.esp.calls_schedule(&store)? },
+            None => {
+                // A call must end well inside the lease, or another attempt would take the
+                // chunk over while it runs (and count its messages unknown).
+                let call_budget = lease / 2;
+                let setup = config
+                    .messages
+                    .setup(&config.esp, concurrency as u32, call_budget, &store)
+                    .await?
+                    .context("a message-based provider")?;
+                let bucket =
+                    config.bucket.clone().context("BUCKET: required when the provider is message-based")?;
+                let blobs = Blobs::connect(gcp).await.context("connecting to Cloud Storage")?;
+                Provider::Messages(Arc::new(MessagePath::new(setup, blobs, bucket)?))
+            }
+        };
         let state = AppState {
-            store: config.common.store().await?,
-            esp: config.esp.provider()?,
-            events: Topic::connect(&config.common.gcp, &config.events_topic)
-                .await
-                .context("connecting to Pub/Sub")?,
-            slots: Arc::new(Semaphore::new(config.esp_send_concurrency.max(1))),
-            lease: Duration::from_secs(config.send_lease_secs),
+            events: Topic::connect(gcp, &config.events_topic).await.context("connecting to Pub/Sub")?,
+            store,
+            provider,
+            slots: Arc::new(Semaphore::new(concurrency)),
+            lease,
         };
         Ok(Self { service, state })
     }
@@ -85,11 +128,6 @@ impl Application {
         let router = self.service.router(self.state, routes, Router::new());
         self.service.run(router, shutdown, &[&events]).await
     }
-}
-
-/// The ESP's idempotency key for a chunk's send: the same for every attempt.
-pub fn send_key(chunk_id: &ChunkId) -> String {
-    format!("send:{chunk_id}")
 }
 
 async fn deliver(State(state): State<AppState>, Delivered(envelope): Delivered<PushEnvelope>) -> Outcome {
@@ -126,83 +164,15 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
         }
         Err(err) => return err.into(),
     };
-    let chunk = claimed.chunk;
-    let key = send_key(&chunk.id);
-    // An earlier attempt may have reached the ESP: its history decides.
-    if claimed.takeover || chunk.send_attempts > 1 {
-        match state.esp.find_delivery(&key).await {
-            Ok(Some(delivery)) => {
-                return record_sent(state, &chunk, &delivery, "found in the ESP's history").await;
-            }
-            Ok(None) => {}
-            Err(err) if err.is_retryable() => {
-                return give_back(state, &chunk, Outcome::unavailable(&err), true).await;
-            }
-            Err(err) => {
-                return unknown(
-                    state,
-                    &chunk,
-                    &format!("the ESP's history cannot tell whether it was sent: {err}"),
-                )
-                .await;
-            }
-        }
-    }
-    let request = match state.store.request(&chunk.request_id).await.map(|r| r.map(|r| r.request())) {
-        Ok(Some(Ok(request))) => request,
-        Ok(_) => return unknown(state, &chunk, "the chunk's request is missing").await,
-        Err(err) => return give_back(state, &chunk, err.into(), false).await,
-    };
-    let Some(list_id) = chunk.list_id.clone() else {
-        return fail(state, &chunk, "chunk has no uploaded list").await;
-    };
-    let send = SendRequest {
-        idempotency_key: key.clone(),
-        request_id: chunk.request_id.clone(),
-        list_id: ListId(list_id),
-        template: request.template,
-        class: chunk.class,
-    };
-    let result = {
-        let _slot = state.slots.acquire().await.expect("the semaphore is never closed");
-        state.esp.send(&send).await
-    };
-    match result {
-        Ok(delivery) => record_sent(state, &chunk, &delivery, "sent").await,
-        Err(err) if err.maybe_accepted() => {
-            // The ESP may have taken it: only its history can say.
-            match state.esp.find_delivery(&key).await {
-                Ok(Some(delivery)) => {
-                    record_sent(state, &chunk, &delivery, "accepted despite the error").await
-                }
-                Ok(None) => give_back(state, &chunk, Outcome::unavailable(&err), false).await,
-                Err(_) => give_back(state, &chunk, Outcome::unavailable(&err), true).await,
-            }
-        }
-        Err(err @ EspError::RateLimited { .. }) => {
-            tracing::warn!(api = "send", "ESP rate limited the call.");
-            give_back(state, &chunk, Outcome::Retry(RetryReason::Throttled(err.to_string())), false).await
-        }
-        Err(err) if err.is_retryable() => give_back(state, &chunk, Outcome::unavailable(&err), false).await,
-        Err(err) => fail(state, &chunk, &format!("send refused by the ESP: {err}")).await,
-    }
-}
-
-async fn record_sent(state: &AppState, chunk: &ChunkRow, delivery: &DeliveryId, how: &str) -> Outcome {
-    match state.store.finish_step(&chunk.id, Step::Send, &delivery.to_string()).await {
-        Ok(true) => {
-            tracing::info!(recipients = chunk.recipients, delivery = %delivery, how, "Chunk sent.");
-            publish_event(state, chunk, EventKind::ChunkSent).await;
-            Outcome::done(how.to_owned())
-        }
-        Ok(false) => Outcome::done("chunk was taken over while sending"),
-        Err(err) => err.into(),
+    match &state.provider {
+        Provider::Lists { esp, calls } => list::send(state, esp.as_ref(), calls.as_ref(), claimed).await,
+        Provider::Messages(path) => messages::send(state, path, claimed).await,
     }
 }
 
 /// Hands the chunk back for a later attempt. `unsure`: the ESP may hold it, so the chunk stays
 /// `sending` with its lease dropped, and whoever takes it next checks the ESP's history first.
-async fn give_back(state: &AppState, chunk: &ChunkRow, outcome: Outcome, unsure: bool) -> Outcome {
+pub(crate) async fn give_back(state: &AppState, chunk: &ChunkRow, outcome: Outcome, unsure: bool) -> Outcome {
     let result = if unsure {
         drop_lease(&state.store, &chunk.id).await
     } else {
@@ -214,12 +184,12 @@ async fn give_back(state: &AppState, chunk: &ChunkRow, outcome: Outcome, unsure:
     outcome
 }
 
-async fn unknown(state: &AppState, chunk: &ChunkRow, reason: &str) -> Outcome {
+pub(crate) async fn unknown(state: &AppState, chunk: &ChunkRow, reason: &str) -> Outcome {
     tracing::error!(%reason, recipients = chunk.recipients, "Chunk outcome unknown.");
     finish(state, chunk, ChunkState::Unknown, reason).await
 }
 
-async fn fail(state: &AppState, chunk: &ChunkRow, reason: &str) -> Outcome {
+pub(crate) async fn fail(state: &AppState, chunk: &ChunkRow, reason: &str) -> Outcome {
     tracing::warn!(%reason, "Chunk failed.");
     finish(state, chunk, ChunkState::Failed, reason).await
 }
@@ -234,7 +204,7 @@ async fn finish(state: &AppState, chunk: &ChunkRow, to: ChunkState, reason: &str
     }
 }
 
-async fn publish_event(state: &AppState, chunk: &ChunkRow, kind: EventKind) {
+pub(crate) async fn publish_event(state: &AppState, chunk: &ChunkRow, kind: EventKind) {
     let event = PipelineEvent::chunk(kind, chunk);
     if let Err(err) = state.events.publish(&event, &[("class", chunk.class.as_str())]).await {
         tracing::warn!(error = %err, "Pipeline event not published; the scheduler tick will cover it.");

@@ -1,6 +1,7 @@
 //! The trigger's configuration, from its environment.
 
 use haishin_shared::config::CommonArgs;
+use haishin_shared::esp::ProviderKind;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -34,9 +35,18 @@ pub struct Config {
     /// Most recipients per chunk.
     #[arg(long, env = "CHUNK_SIZE", default_value_t = 10_000)]
     pub chunk_size: u32,
-    /// Concurrency limit of the ESP's upload API: chunks in flight toward it never exceed this.
-    #[arg(long, env = "ESP_UPLOAD_LIMIT", default_value_t = 8)]
-    pub esp_upload_limit: u32,
+    /// Which provider delivers the mail: it decides which API is the bottleneck (uploads for a
+    /// list-based ESP, sends for SMTP and SES) and where chunks go once dispatched.
+    #[arg(long, env = "ESP_PROVIDER", value_enum, default_value = "list-send")]
+    pub esp_provider: ProviderKind,
+    /// Concurrency limit of the provider's bottleneck API: chunks in flight toward it (being
+    /// uploaded for a list-based ESP, being sent for a message-based one) never exceed this.
+    #[arg(long, env = "ESP_SLOTS", default_value_t = 8)]
+    pub esp_slots: u32,
+    /// Topic of chunks ready to send: for message-based providers, dispatched chunks go
+    /// straight to the sender (there is no list to upload).
+    #[arg(long, env = "DELIVERIES_TOPIC", default_value = "deliveries")]
+    pub deliveries_topic: String,
     /// Upload slots that batch chunks never take, kept free for realtime events.
     #[arg(long, env = "REALTIME_RESERVED_SLOTS", default_value_t = 0)]
     pub realtime_reserved_slots: u32,

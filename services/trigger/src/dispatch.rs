@@ -4,13 +4,17 @@
 //! round. Rounds never overlap within an instance, and requests that arrive while one runs are
 //! folded into one more round after it, so a burst of events costs one or two rounds, not one
 //! each. Across instances, the store's slot lock keeps rounds consistent.
+//!
+//! A chunk dispatched is handed on ([`Handoff`]): as an upload task to the list-uploader for a
+//! list-based ESP, or published to the sender for a message-based provider. One that cannot be
+//! handed on goes back in line.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::join_all;
 use haishin_shared::domain::ChunkId;
-use haishin_shared::gcp::TaskQueue;
-use haishin_shared::messages::UploadTask;
+use haishin_shared::gcp::{GcpError, TaskQueue, Topic};
+use haishin_shared::messages::{DeliveryMessage, UploadTask};
 use haishin_shared::store::{Store, StoreError};
 use tokio::sync::Mutex;
 
@@ -18,10 +22,43 @@ use crate::scheduling::{self, Dispatched, SlotLimits};
 
 pub struct Dispatcher {
     store: Store,
-    upload_queue: TaskQueue,
+    handoff: Handoff,
     limits: SlotLimits,
     running: Mutex<()>,
     wanted: AtomicBool,
+}
+
+/// Where a dispatched chunk goes next.
+pub enum Handoff {
+    /// A list-based ESP: an upload task for the list-uploader, which holds the upload slot.
+    Upload(TaskQueue),
+    /// A message-based provider: a delivery message for the sender, which holds the send slot
+    /// (the chunk object in Cloud Storage is the list).
+    Deliveries(Topic),
+}
+
+impl Handoff {
+    async fn hand_off(&self, chunk: &Dispatched) -> Result<(), GcpError> {
+        match self {
+            Handoff::Upload(queue) => {
+                let task = UploadTask {
+                    chunk_id: chunk.chunk_id.clone(),
+                    request_id: chunk.request_id.clone(),
+                    generation: chunk.generation,
+                };
+                let name = upload_task_name(&chunk.chunk_id, chunk.generation);
+                queue.enqueue(Some(&name), &task).await.map(drop)
+            }
+            Handoff::Deliveries(topic) => {
+                let message = DeliveryMessage {
+                    chunk_id: chunk.chunk_id.clone(),
+                    request_id: chunk.request_id.clone(),
+                    class: chunk.class,
+                };
+                topic.publish(&message, &message.attributes()).await.map(drop)
+            }
+        }
+    }
 }
 
 /// The Cloud Tasks name of a chunk's upload task for one dispatch. Hashed, because Cloud Tasks
@@ -32,8 +69,16 @@ pub fn upload_task_name(chunk_id: &ChunkId, generation: i32) -> String {
 }
 
 impl Dispatcher {
-    pub fn new(store: Store, upload_queue: TaskQueue, limits: SlotLimits) -> Self {
-        Self { store, upload_queue, limits, running: Mutex::new(()), wanted: AtomicBool::new(false) }
+    pub fn new(store: Store, handoff: Handoff, limits: SlotLimits) -> Self {
+        Self { store, handoff, limits, running: Mutex::new(()), wanted: AtomicBool::new(false) }
+    }
+
+    /// The topic chunks are published to, when they go straight to the sender.
+    pub fn deliveries(&self) -> Option<&Topic> {
+        match &self.handoff {
+            Handoff::Deliveries(topic) => Some(topic),
+            Handoff::Upload(_) => None,
+        }
     }
 
     /// Runs dispatch rounds until no more were asked for. Returns the chunks this call dispatched;
@@ -59,15 +104,9 @@ impl Dispatcher {
         if round.expired > 0 {
             tracing::info!(chunks = round.expired, "Chunks expired before dispatch.");
         }
-        let results = join_all(round.dispatched.iter().map(|chunk| async move {
-            let task = UploadTask {
-                chunk_id: chunk.chunk_id.clone(),
-                request_id: chunk.request_id.clone(),
-                generation: chunk.generation,
-            };
-            let name = upload_task_name(&chunk.chunk_id, chunk.generation);
-            (chunk, self.upload_queue.enqueue(Some(&name), &task).await)
-        }))
+        let results = join_all(
+            round.dispatched.iter().map(|chunk| async move { (chunk, self.handoff.hand_off(chunk).await) }),
+        )
         .await;
         let mut dispatched = Vec::new();
         for (chunk, result) in results {
@@ -77,8 +116,14 @@ impl Dispatcher {
                     dispatched.push(chunk.clone());
                 }
                 Err(err) => {
-                    tracing::warn!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, error = %err, "Upload task not created; chunk back in line.");
-                    scheduling::undo_dispatch(&self.store, &chunk.chunk_id, chunk.generation).await?;
+                    tracing::warn!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, error = %err, "Chunk not handed on; back in line.");
+                    scheduling::undo_dispatch(
+                        &self.store,
+                        &chunk.chunk_id,
+                        chunk.generation,
+                        self.limits.shape,
+                    )
+                    .await?;
                 }
             }
         }

@@ -2,15 +2,16 @@
 //!
 //! It takes delivery requests (Pub/Sub push and a direct API), prepares their audiences into
 //! chunks (directly for small inline audiences, through the `prepare` queue otherwise), and is the
-//! only place that decides which chunk goes to the ESP next (see [`scheduling`]). It never calls
-//! the ESP itself, so its capacity is not tied to the ESP's limits.
+//! only place that decides which chunk goes to the provider next (see [`scheduling`]). It never
+//! calls the provider itself, so its capacity is not tied to the provider's limits.
 //!
 //! # Layout
 //! - [`config`]: environment variables.
 //! - [`intake`]: validating and storing requests, and starting their preparation.
 //! - [`prepare`]: streaming an audience into validated, de-duplicated chunks.
 //! - [`scheduling`]: the scheduling rule (order, slot limits, the tail cut, the forecast).
-//! - [`dispatch`]: the rule's driver: one round per event, coalesced, and the upload tasks.
+//! - [`dispatch`]: the rule's driver: one round per event, coalesced, and the hand-off of each
+//!   chunk dispatched (an upload task, or a delivery message for a message-based provider).
 //! - [`status`]: a request's status as the API shows it.
 //! - [`rejections`]: what was refused, newest first.
 //! - [`routes`]: HTTP routes (`/push/*` and `/tasks/*` require an OIDC token; `/v1/*` is the API).
@@ -30,10 +31,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use haishin_shared::gcp::{Blobs, QueueTarget, TaskQueue};
+use haishin_shared::esp::Shape;
+use haishin_shared::gcp::{Blobs, QueueTarget, TaskQueue, Topic};
 use haishin_shared::server::PushService;
 use haishin_shared::store::Store;
 
+use crate::dispatch::Handoff;
 use crate::scheduling::SlotLimits;
 
 pub use config::Config;
@@ -96,14 +99,23 @@ impl Application {
         .await
         .context("connecting to Cloud Tasks")?;
         let limits = SlotLimits {
-            limit: config.esp_upload_limit,
-            realtime_reserved: config.realtime_reserved_slots.min(config.esp_upload_limit.saturating_sub(1)),
+            shape: config.esp_provider.shape(),
+            limit: config.esp_slots,
+            realtime_reserved: config.realtime_reserved_slots.min(config.esp_slots.saturating_sub(1)),
             prefetch: config.dispatch_prefetch,
             // Tail pieces stay large enough that the ESP's per-call cost remains a small share.
             min_part: (config.chunk_size / TAIL_PIECES_PER_CHUNK).max(1),
         };
+        // A list-based ESP's chunks are uploaded first; a message-based provider's go straight
+        // to the sender, whose sends are then the bottleneck the slots count.
+        let handoff = match limits.shape {
+            Shape::Lists => Handoff::Upload(upload_queue),
+            Shape::Messages => Handoff::Deliveries(
+                Topic::connect(gcp, &config.deliveries_topic).await.context("connecting to Pub/Sub")?,
+            ),
+        };
         let state = AppState {
-            dispatcher: Arc::new(dispatch::Dispatcher::new(store.clone(), upload_queue, limits)),
+            dispatcher: Arc::new(dispatch::Dispatcher::new(store.clone(), handoff, limits)),
             blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
             store,
             prepare_queue,
@@ -124,7 +136,9 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let deliveries = self.state.dispatcher.deliveries().cloned();
         let router = routes::router(&self.service, self.state);
-        self.service.run(router, shutdown, &[]).await
+        let publishers: Vec<&Topic> = deliveries.iter().collect();
+        self.service.run(router, shutdown, &publishers).await
     }
 }

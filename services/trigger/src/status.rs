@@ -31,6 +31,9 @@ pub struct RequestStatus {
     pub delivered: i64,
     pub bounced: i64,
     pub failed: i64,
+    /// Recipients whose single message was handed over without an answer (message-based
+    /// providers); a chunk that ended `unknown` as a whole is counted in `recipients` instead.
+    pub unknown: i64,
     /// Messages of this request that Pub/Sub gave up delivering (newest first, at most 20).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dead_letters: Vec<DeadLetter>,
@@ -94,6 +97,7 @@ pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<Requ
         delivered: 0,
         bounced: 0,
         failed: 0,
+        unknown: 0,
         dead_letters,
         forecast,
     };
@@ -103,6 +107,7 @@ pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<Requ
         status.delivered += totals.delivered;
         status.bounced += totals.bounced;
         status.failed += totals.failed;
+        status.unknown += totals.unknown;
     }
     Ok(Some(status))
 }

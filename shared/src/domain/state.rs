@@ -135,6 +135,9 @@ impl ChunkState {
         &[Self::Completed, Self::Failed, Self::Expired, Self::Cancelled, Self::Unknown];
     /// The states that hold one of the ESP's upload slots.
     pub const HOLDING_UPLOAD_SLOT: &'static [ChunkState] = &[Self::Queued, Self::Uploading];
+    /// The states that hold one of a message-based provider's send slots: from dispatch (there is
+    /// no upload) until the last message is handed over.
+    pub const HOLDING_SEND_SLOT: &'static [ChunkState] = &[Self::Uploaded, Self::Sending];
 
     pub fn is_final(self) -> bool {
         Self::FINAL.contains(&self)

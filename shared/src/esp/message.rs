@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use super::EspError;
 use super::ses::{SesConfig, SesProvider};
 use super::smtp::{SmtpConfig, SmtpProvider};
+use crate::store::Reservation;
 
 /// A provider that delivers rendered messages, one outcome per message.
 #[async_trait]
@@ -34,9 +35,14 @@ pub trait MessageProvider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// What the provider allows: Haishin's schedule must keep within it across all instances.
     fn limits(&self) -> ProviderLimits;
-    /// Hands a batch of at most `limits().max_batch` messages over; see the module doc for
-    /// what the answer means.
-    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<Vec<MessageOutcome>, EspError>;
+    /// Hands a batch of at most `limits().max_batch` messages over, message `i` not before
+    /// `pace.at(i)` (the rate schedule's reservation; [`Reservation::now`] when no rate is
+    /// declared). See the module doc for what the answer means.
+    async fn send_batch(
+        &self,
+        messages: &[OutgoingMessage],
+        pace: &Reservation,
+    ) -> Result<Vec<MessageOutcome>, EspError>;
 }
 
 /// What a message-based provider allows. One call of [`MessageProvider::send_batch`] holds one

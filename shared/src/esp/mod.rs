@@ -50,7 +50,9 @@ use serde_json::value::RawValue;
 
 use crate::domain::{Class, Recipient, RequestId, Template};
 
-pub use config::{EspArgs, ProviderKind};
+pub use config::{
+    CALLS_SCHEDULE, EspArgs, MESSAGES_SCHEDULE, MessageArgs, MessageSetup, ProviderKind, Shape,
+};
 pub use list_send::{ListSendConfig, ListSendEsp};
 pub use message::{
     MessageOutcome, MessageProvider, MessageProviderConfig, OutcomeCounts, OutgoingMessage, ProviderLimits,

@@ -2,6 +2,7 @@
 
 use google_cloud_auth::credentials::Credentials;
 use google_cloud_storage::client::Storage;
+use serde_json::value::RawValue;
 
 use super::{GcpArgs, GcpError, anonymous, rest_credentials, rest_headers};
 
@@ -71,6 +72,35 @@ impl Blobs {
                 Ok(acc)
             })
             .await
+    }
+
+    /// Lines `[first, first + count)` of an NDJSON object (blank lines not counted), each one
+    /// JSON value passed on as written: a chunk's recipients. An object that holds fewer lines,
+    /// or a line that is not JSON, is [`GcpError::Permanent`]: no retry can mend it.
+    pub async fn read_lines(
+        &self,
+        bucket: &str,
+        object: &str,
+        first: usize,
+        count: usize,
+    ) -> Result<Vec<Box<RawValue>>, GcpError> {
+        let data = self.read_all(bucket, object).await?;
+        let corrupt = |detail: String| GcpError::Permanent { what: "reading a chunk object", detail };
+        let lines = data
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .skip(first)
+            .take(count)
+            .map(serde_json::from_slice::<Box<RawValue>>)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| corrupt(format!("{object} is unreadable: {e}")))?;
+        if lines.len() != count {
+            return Err(corrupt(format!(
+                "{object} holds {} lines from line {first}, {count} expected",
+                lines.len()
+            )));
+        }
+        Ok(lines)
     }
 
     /// Names of the objects under `prefix`, in name order.

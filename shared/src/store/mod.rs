@@ -11,8 +11,10 @@
 //!
 //! - [`rows`]: [`RequestRow`], [`ChunkRow`] and the reads of them.
 //! - [`chunks`]: taking a chunk for a step under a lease, and moving it between states.
+//! - [`rate`]: [`RateSchedule`], a provider's rate limit held across every instance.
 
 mod chunks;
+mod rate;
 mod rows;
 
 use std::time::Duration;
@@ -21,6 +23,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 pub use chunks::{Claim, Claimed, Step, expire_overdue_chunks};
+pub use rate::{RateSchedule, Reservation};
 pub use rows::{ChunkRow, ChunkTotals, RequestRow, chunk_columns, request_columns};
 
 /// Errors from the store. All of them are worth a retry: the database may come back.

@@ -63,6 +63,14 @@ pub struct ChunkRow {
     pub delivered: Option<i64>,
     pub bounced: Option<i64>,
     pub failed: Option<i64>,
+    /// Recipients whose message outcome could not be established (message-based providers).
+    pub unknown: Option<i64>,
+    /// Message-based providers: messages `[0, progress)` have been tried ...
+    pub progress: i32,
+    /// ... but for these indexes, which were not handed over and are still due ...
+    pub retry: Vec<i32>,
+    /// ... and these, handed over by a call whose answer never came back (a crash mid-call).
+    pub in_flight: Option<Vec<i32>>,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub queued_at: Option<DateTime<Utc>>,
@@ -89,6 +97,10 @@ const CHUNK_COLUMNS: &[&str] = &[
     "delivered",
     "bounced",
     "failed",
+    "unknown",
+    "progress",
+    "retry",
+    "in_flight",
     "reason",
     "created_at",
     "queued_at",
@@ -140,6 +152,7 @@ pub struct ChunkTotals {
     pub delivered: i64,
     pub bounced: i64,
     pub failed: i64,
+    pub unknown: i64,
 }
 
 #[derive(FromRow)]
@@ -150,6 +163,7 @@ struct TotalsRow {
     delivered: i64,
     bounced: i64,
     failed: i64,
+    unknown: i64,
 }
 
 impl Store {
@@ -174,7 +188,8 @@ impl Store {
         let rows: Vec<TotalsRow> = sqlx::query_as(
             "SELECT state, count(*) AS chunks, coalesce(sum(recipients), 0)::bigint AS recipients,
                     coalesce(sum(delivered), 0)::bigint AS delivered,
-                    coalesce(sum(bounced), 0)::bigint AS bounced, coalesce(sum(failed), 0)::bigint AS failed
+                    coalesce(sum(bounced), 0)::bigint AS bounced, coalesce(sum(failed), 0)::bigint AS failed,
+                    coalesce(sum(unknown), 0)::bigint AS unknown
              FROM chunks WHERE request_id = $1 GROUP BY state",
         )
         .bind(request)
@@ -189,6 +204,7 @@ impl Store {
                     delivered: r.delivered,
                     bounced: r.bounced,
                     failed: r.failed,
+                    unknown: r.unknown,
                 };
                 (r.state, totals)
             })

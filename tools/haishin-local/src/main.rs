@@ -62,6 +62,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         service_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         database_url: None,
         task_name_ttl: haishin_local::stack::TASK_NAME_TTL,
+        provider: Default::default(),
     })
     .await?;
     std::fs::write(&args.endpoints, serde_json::to_vec_pretty(&stack.endpoints)?)?;

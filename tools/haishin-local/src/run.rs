@@ -39,6 +39,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
         service_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         database_url: None,
         task_name_ttl: scenario.chaos.as_ref().and_then(|c| c.tasks_name_ttl).unwrap_or(TASK_NAME_TTL),
+        provider: Default::default(),
     })
     .await?;
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);

@@ -83,7 +83,37 @@ pub struct StackConfig {
     pub database_url: Option<String>,
     /// How long a done task's name stays taken (Cloud Tasks: about an hour).
     pub task_name_ttl: Duration,
+    /// Who delivers the mail.
+    pub provider: MailProvider,
 }
+
+/// The provider the local services deliver through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum MailProvider {
+    /// The ESP simulator, a list-based ESP (`ESP_PROVIDER=list-send`).
+    #[default]
+    Simulator,
+    /// An SMTP server at `url` (`smtp://127.0.0.1:PORT`).
+    Smtp { url: String },
+    /// Amazon SES's API at `endpoint` (moto in server mode).
+    Ses { endpoint: String },
+}
+
+impl MailProvider {
+    /// The value of `ESP_PROVIDER`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MailProvider::Simulator => "list-send",
+            MailProvider::Smtp { .. } => "smtp",
+            MailProvider::Ses { .. } => "ses",
+        }
+    }
+}
+
+/// The `From` of the messages the local stack renders.
+pub const MAIL_FROM: &str = "Haishin Demo <news@haishin.example>";
+/// The unsubscribe endpoint the local stack's messages point at.
+pub const UNSUBSCRIBE_URL: &str = "https://haishin.example/unsubscribe";
 
 /// URLs of everything running, as `haishin-local up` writes them. A service's URL is its front
 /// door's, as a Cloud Run service's URL is its front end's.
@@ -531,11 +561,17 @@ fn service_env(
         list
     };
     let esp = [
+        ("ESP_PROVIDER", config.provider.kind().to_owned()),
         ("ESP_URL", endpoints.esp.clone()),
         ("ESP_API_KEY", ESP_API_KEY.to_owned()),
         // Leases outlast the ESP timeout, so that work is only taken over once its ESP call has ended.
         ("ESP_TIMEOUT_SECS", "20".to_owned()),
     ];
+    // A message-based provider's send is the bottleneck: the trigger's slots are the sender's.
+    let slots = match config.provider {
+        MailProvider::Simulator => config.esp.upload_limit,
+        _ => send_limit,
+    };
     let trigger_env = |index: u32, url: &String| {
         let mut trigger = serving(Instance { service: Service::Trigger, index }, url);
         trigger.extend([
@@ -545,7 +581,8 @@ fn service_env(
             ("LIST_UPLOADER_URL", endpoints.list_uploader.clone()),
             ("BUCKET", BUCKET.to_owned()),
             ("CHUNK_SIZE", config.chunk_size.to_string()),
-            ("ESP_UPLOAD_LIMIT", config.esp.upload_limit.to_string()),
+            ("ESP_PROVIDER", config.provider.kind().to_owned()),
+            ("ESP_SLOTS", slots.to_string()),
             ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
             ("DISPATCH_PREFETCH", config.prefetch.to_string()),
             ("PREPARE_LEASE_SECS", "30".to_owned()),
@@ -559,6 +596,12 @@ fn service_env(
     let mut sender = serving(Instance::first(Service::Sender), &endpoints.sender);
     sender.extend(esp.clone());
     sender.extend([("ESP_SEND_CONCURRENCY", send_limit.to_string()), ("SEND_LEASE_SECS", "25".to_owned())]);
+    sender.extend(message_provider_env(&config.provider));
+    // The ESP's calls-per-second limit, over uploads and sends together: both pace their calls to it.
+    if let Some(rate) = config.esp.calls_per_second {
+        uploader.push(("ESP_CALLS_PER_SECOND", rate.to_string()));
+        sender.push(("ESP_CALLS_PER_SECOND", rate.to_string()));
+    }
     let mut completion = gcp.to_vec();
     completion.extend(esp);
     completion.extend([
@@ -576,6 +619,27 @@ fn service_env(
         let index = i as u32 + 1;
         env.insert(Instance { service: Service::Trigger, index }, trigger_env(index, url));
     }
+    env
+}
+
+/// What the sender needs to render and hand over messages itself, for SMTP and SES.
+fn message_provider_env(provider: &MailProvider) -> Vec<(&'static str, String)> {
+    let mut env = match provider {
+        MailProvider::Simulator => return Vec::new(),
+        MailProvider::Smtp { url } => vec![("SMTP_URL", url.clone())],
+        // moto accepts any key; the SDK still signs every request with it, as AWS requires.
+        MailProvider::Ses { endpoint } => vec![
+            ("SES_REGION", "us-east-1".to_owned()),
+            ("SES_ENDPOINT", endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+        ],
+    };
+    env.extend([
+        ("BUCKET", BUCKET.to_owned()),
+        ("MAIL_FROM", MAIL_FROM.to_owned()),
+        ("UNSUBSCRIBE_URL", UNSUBSCRIBE_URL.to_owned()),
+    ]);
     env
 }
 

@@ -43,7 +43,11 @@ pub struct DeliveryLog {
 
 impl DeliveryLog {
     pub fn from_chunk(chunk: &ChunkRow, labels: &Value) -> Self {
-        let unknown = if chunk.state == ChunkState::Unknown { chunk.recipients as i64 } else { 0 };
+        let unknown = if chunk.state == ChunkState::Unknown {
+            chunk.recipients as i64
+        } else {
+            chunk.unknown.unwrap_or(0)
+        };
         Self {
             request_id: chunk.request_id.clone(),
             chunk_id: chunk.id.clone(),
@@ -78,14 +82,17 @@ pub struct RequestLog {
     pub recipients: i64,
     /// Rows skipped, by reason.
     pub skipped: BTreeMap<String, i64>,
-    /// Recipients in chunks the ESP accepted.
+    /// Recipients the provider accepted (in chunks sent or completed, less those it reported
+    /// failed and those whose outcome is unknown).
     pub sent: i64,
     pub delivered: i64,
     pub bounced: i64,
-    /// Recipients in chunks that failed, or that the ESP reported failed.
+    /// Recipients in chunks that failed, or that the provider reported failed or refused.
     pub failed: i64,
     pub expired: i64,
     pub cancelled: i64,
+    /// Recipients whose outcome could not be established: in chunks that ended `unknown`, or
+    /// single messages handed over without an answer.
     pub unknown: i64,
     pub received_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -96,6 +103,9 @@ impl RequestLog {
     pub fn new(request: &RequestRow, totals: &BTreeMap<ChunkState, ChunkTotals>) -> Self {
         let recipients_in = |state: ChunkState| totals.get(&state).map_or(0, |t| t.recipients);
         let sum = |pick: fn(&ChunkTotals) -> i64| totals.values().map(pick).sum::<i64>();
+        // Within completed chunks, the recipients the provider refused and those whose message
+        // outcome is unknown were never delivered: they count as failed and unknown, not sent.
+        let completed = totals.get(&ChunkState::Completed).copied().unwrap_or_default();
         let skipped: BTreeMap<String, i64> =
             serde_json::from_value(request.skipped.clone()).unwrap_or_default();
         Self {
@@ -108,13 +118,15 @@ impl RequestLog {
             audience_rows: request.audience_rows.unwrap_or(0),
             recipients: request.recipients.unwrap_or(0),
             skipped,
-            sent: recipients_in(ChunkState::Completed) + recipients_in(ChunkState::Sent),
+            sent: recipients_in(ChunkState::Completed) + recipients_in(ChunkState::Sent)
+                - completed.failed
+                - completed.unknown,
             delivered: sum(|t| t.delivered),
             bounced: sum(|t| t.bounced),
-            failed: recipients_in(ChunkState::Failed),
+            failed: recipients_in(ChunkState::Failed) + completed.failed,
             expired: recipients_in(ChunkState::Expired),
             cancelled: recipients_in(ChunkState::Cancelled),
-            unknown: recipients_in(ChunkState::Unknown),
+            unknown: recipients_in(ChunkState::Unknown) + completed.unknown,
             received_at: request.received_at,
             finished_at: request.finished_at,
         }

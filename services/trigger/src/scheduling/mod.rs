@@ -1,5 +1,5 @@
-//! The scheduling rule: which pending chunk goes to the ESP's upload API next, and how many may
-//! be in flight.
+//! The scheduling rule: which pending chunk goes to the provider next, and how many may be in
+//! flight toward its bottleneck API (uploads for a list-based ESP, sends for SMTP and SES).
 //!
 //! The order is written once, in [`rank`] and [`NEXT_PENDING`]: realtime before batch, then higher
 //! priority, then earliest deadline (none last), then the request whose last chunk was dispatched
@@ -15,6 +15,7 @@ pub mod forecast;
 mod tail;
 
 use haishin_shared::domain::{ChunkId, ChunkState, Class, RequestId};
+use haishin_shared::esp::Shape;
 use haishin_shared::store::{Result, Store, expire_overdue_chunks};
 use sqlx::{Postgres, Transaction};
 
@@ -48,7 +49,9 @@ static NEXT_PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 /// The slot limits of one dispatch round.
 #[derive(Debug, Clone, Copy)]
 pub struct SlotLimits {
-    /// Chunks that may be in flight toward the ESP's upload API (`queued` + `uploading`).
+    /// Which API the slots are of: uploads for a list-based ESP, sends for a message-based one.
+    pub shape: Shape,
+    /// Chunks that may be in flight toward that API (see [`holding_a_slot`]).
     pub limit: u32,
     /// Of those, slots that only realtime chunks may take.
     pub realtime_reserved: u32,
@@ -61,7 +64,26 @@ pub struct SlotLimits {
     pub min_part: u32,
 }
 
-/// A chunk handed to the upload queue.
+/// The chunk states that hold one of the provider's slots. A list-based ESP's chunk holds one
+/// from dispatch until its list is uploaded; a message-based provider's chunk from dispatch until
+/// its last message is handed over (there is no upload, and the send is the bottleneck).
+pub fn holding_a_slot(shape: Shape) -> &'static [ChunkState] {
+    match shape {
+        Shape::Lists => ChunkState::HOLDING_UPLOAD_SLOT,
+        Shape::Messages => ChunkState::HOLDING_SEND_SLOT,
+    }
+}
+
+/// The state a dispatched chunk waits in for its next step: `queued` for the upload task,
+/// `uploaded` for the sender when there is nothing to upload.
+fn dispatched_state(shape: Shape) -> ChunkState {
+    match shape {
+        Shape::Lists => ChunkState::Queued,
+        Shape::Messages => ChunkState::Uploaded,
+    }
+}
+
+/// A chunk dispatched: handed to the upload queue, or to the sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dispatched {
     pub chunk_id: ChunkId,
@@ -79,7 +101,8 @@ pub struct DispatchRound {
 }
 
 /// One round of the scheduling rule: expire what is overdue, count chunks in flight toward the
-/// upload API, and move the best pending chunks to `queued` to fill the free slots.
+/// bottleneck API, and move the best pending chunks on (to `queued`, or to `uploaded` when there is
+/// nothing to upload) to fill the free slots.
 ///
 /// Batch chunks never take the slots reserved for realtime. The slot row is locked for the round,
 /// so concurrent rounds (several trigger instances) see each other's work and never over-commit.
@@ -92,7 +115,7 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
         "SELECT count(*) FILTER (WHERE class = 'realtime'), count(*) FILTER (WHERE class = 'batch')
          FROM chunks WHERE state = ANY($1)",
     )
-    .bind(ChunkState::HOLDING_UPLOAD_SLOT)
+    .bind(holding_a_slot(limits.shape))
     .fetch_one(&mut *tx)
     .await?;
     let in_flight = (realtime + batch) as u32;
@@ -103,7 +126,7 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
 
     let mut dispatched = Vec::new();
     if free > 0 {
-        dispatched.extend(take_pending(&mut tx, Class::Realtime, free, None).await?);
+        dispatched.extend(take_pending(&mut tx, limits.shape, Class::Realtime, free, None).await?);
     }
     let free_batch = free_batch.min(free - dispatched.len() as u32);
     if free_batch > 0 {
@@ -111,7 +134,7 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
             slots: limits.limit.saturating_sub(limits.realtime_reserved),
             min_part: limits.min_part,
         };
-        dispatched.extend(take_pending(&mut tx, Class::Batch, free_batch, Some(split)).await?);
+        dispatched.extend(take_pending(&mut tx, limits.shape, Class::Batch, free_batch, Some(split)).await?);
     }
     tx.commit().await?;
     Ok(DispatchRound { in_flight: in_flight + dispatched.len() as u32, dispatched, expired })
@@ -121,13 +144,15 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
 /// counts the previous pick changed.
 async fn take_pending(
     tx: &mut Transaction<'_, Postgres>,
+    shape: Shape,
     class: Class,
     count: u32,
     split: Option<tail::TailSplit>,
 ) -> Result<Vec<Dispatched>> {
     let sql = format!(
         "WITH next AS ({}), moved AS (
-             UPDATE chunks SET state = 'queued', queued_at = now(), generation = chunks.generation + 1
+             UPDATE chunks SET state = $2, queued_at = now(), generation = chunks.generation + 1,
+                 uploaded_at = CASE WHEN $2 = 'uploaded' THEN now() END
              FROM next WHERE chunks.id = next.id
              RETURNING chunks.id, chunks.request_id, chunks.generation
          ), counted AS (
@@ -143,7 +168,7 @@ async fn take_pending(
             tail::cut_next(tx, class, split).await?;
         }
         let row: Option<(ChunkId, RequestId, i32)> =
-            sqlx::query_as(&sql).bind(class).fetch_optional(&mut **tx).await?;
+            sqlx::query_as(&sql).bind(class).bind(dispatched_state(shape)).fetch_optional(&mut **tx).await?;
         match row {
             Some((chunk_id, request_id, generation)) => {
                 taken.push(Dispatched { chunk_id, request_id, generation, class })
@@ -154,13 +179,16 @@ async fn take_pending(
     Ok(taken)
 }
 
-/// Puts a chunk back in line when its upload task could not be created.
-pub async fn undo_dispatch(store: &Store, chunk: &ChunkId, generation: i32) -> Result<bool> {
+/// Puts a chunk back in line when it could not be handed on (its upload task not created, its
+/// delivery message not published).
+pub async fn undo_dispatch(store: &Store, chunk: &ChunkId, generation: i32, shape: Shape) -> Result<bool> {
     let done = sqlx::query(
-        "UPDATE chunks SET state = 'pending', queued_at = NULL WHERE id = $1 AND state = 'queued' AND generation = $2",
+        "UPDATE chunks SET state = 'pending', queued_at = NULL, uploaded_at = NULL
+         WHERE id = $1 AND state = $3 AND generation = $2",
     )
     .bind(chunk)
     .bind(generation)
+    .bind(dispatched_state(shape))
     .execute(store.pool())
     .await?;
     Ok(done.rows_affected() == 1)

@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use self::classify::{classify, failure_of};
 use super::message::{Attempt, BatchRun, ProviderSetupError};
 use super::{EspError, MessageOutcome, MessageProvider, OutcomeCounts, OutgoingMessage, ProviderLimits};
+use crate::store::Reservation;
 
 /// How to reach SES, and what the account allows.
 #[derive(Clone, Debug)]
@@ -181,11 +182,16 @@ impl MessageProvider for SesProvider {
     }
 
     #[tracing::instrument(name = "ses_send_batch", skip_all, fields(messages = messages.len()))]
-    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<Vec<MessageOutcome>, EspError> {
+    async fn send_batch(
+        &self,
+        messages: &[OutgoingMessage],
+        pace: &Reservation,
+    ) -> Result<Vec<MessageOutcome>, EspError> {
         self.limits.check_batch(self.name(), messages.len())?;
         let deadline = Instant::now() + self.call_timeout;
         let mut run = BatchRun::new(messages.len());
-        for message in messages {
+        for (index, message) in messages.iter().enumerate() {
+            pace.ready(index).await;
             if Instant::now() >= deadline {
                 run.stop(EspError::Transient(format!(
                     "the call's {}s budget is spent",

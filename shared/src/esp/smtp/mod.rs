@@ -46,6 +46,7 @@ use self::classify::Failure;
 use self::session::{Idle, Server, Step};
 use super::message::{Attempt, BatchRun, ProviderSetupError};
 use super::{EspError, MessageOutcome, MessageProvider, OutcomeCounts, OutgoingMessage, ProviderLimits};
+use crate::store::Reservation;
 
 /// How to reach an SMTP server, and what it allows.
 #[derive(Clone)]
@@ -139,14 +140,19 @@ impl MessageProvider for SmtpProvider {
     }
 
     #[tracing::instrument(name = "smtp_send_batch", skip_all, fields(messages = messages.len()))]
-    async fn send_batch(&self, messages: &[OutgoingMessage]) -> Result<Vec<MessageOutcome>, EspError> {
+    async fn send_batch(
+        &self,
+        messages: &[OutgoingMessage],
+        pace: &Reservation,
+    ) -> Result<Vec<MessageOutcome>, EspError> {
         self.limits.check_batch(self.name(), messages.len())?;
         let deadline = Instant::now() + self.call_timeout;
         let mut run = BatchRun::new(messages.len());
         // The call's connection: reused from an earlier call when one is idle.
         let mut connection = self.idle.take();
         let mut reused = connection.is_some();
-        for message in messages {
+        for (index, message) in messages.iter().enumerate() {
+            pace.ready(index).await;
             if Instant::now() >= deadline {
                 run.stop(EspError::Transient(format!(
                     "the call's {}s budget is spent",
