@@ -4,6 +4,9 @@
 module "capacity" {
   source = "./modules/capacity"
 
+  # Which API bounds dispatch: uploads for a list provider, sends for a message provider.
+  provider_shape = local.list_send ? "list" : "message"
+
   esp_upload_limit                       = var.esp_upload_limit
   esp_send_limit                         = var.esp_send_limit
   list_uploader_max_instances            = var.list_uploader.max_instances

@@ -117,11 +117,26 @@ resource "google_storage_bucket_iam_member" "list_uploader_objects" {
 }
 
 # ---------------------------------------------------------------------------------------------
+# sender
+# ---------------------------------------------------------------------------------------------
+
+# A message provider's sender reads each chunk's recipients from its object; list-send's sender
+# sends a list the ESP already holds, and needs no access.
+resource "google_storage_bucket_iam_member" "sender_objects" {
+  count = local.message_provider ? 1 : 0
+
+  bucket = google_storage_bucket.audiences.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.runtime["sender"].member
+}
+
+# ---------------------------------------------------------------------------------------------
 # Publishers: who publishes to which topic.
 # ---------------------------------------------------------------------------------------------
 
 locals {
   topic_publishers = {
+    "trigger/deliveries"            = { service = "trigger", topic = "deliveries" }
     "list_uploader/deliveries"      = { service = "list_uploader", topic = "deliveries" }
     "list_uploader/pipeline_events" = { service = "list_uploader", topic = "pipeline_events" }
     "sender/pipeline_events"        = { service = "sender", topic = "pipeline_events" }

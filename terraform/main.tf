@@ -40,6 +40,15 @@ locals {
   google_jwks_url = "https://www.googleapis.com/oauth2/v3/certs"
 
   pubsub_service_agent = "service-${local.project_number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+
+  # The mail provider's shape. list-send takes a chunk as a list upload (list-uploader), then a
+  # send; smtp and ses take rendered messages straight from the sender. Only the chosen
+  # provider's settings and secrets reach the services, whatever else is set.
+  list_send        = var.esp_provider == "list-send"
+  message_provider = contains(["smtp", "ses"], var.esp_provider)
+  esp_url          = local.list_send ? var.esp_url : null
+  smtp             = var.esp_provider == "smtp" ? var.smtp : null
+  ses              = var.esp_provider == "ses" ? var.ses : null
 }
 
 resource "google_project_service" "enabled" {

@@ -174,7 +174,7 @@ resource "google_monitoring_alert_policy" "esp_rate_limited" {
   }
 
   documentation {
-    content   = "${local.alert_documentation} Haishin keeps the ESP at its configured limits, so sustained 429s mean the ESP's real limit is lower (shared with another system, or lowered by the provider): lower esp_upload_limit / esp_send_limit."
+    content   = "${local.alert_documentation} Haishin keeps the ESP at its configured limits, so sustained 429s mean the ESP's real limit is lower (shared with another system, or lowered by the provider): lower esp_upload_limit / esp_send_limit, or set or lower esp_calls_per_second / esp_messages_per_second when the provider limits a rate rather than concurrency."
     mime_type = "text/markdown"
   }
 

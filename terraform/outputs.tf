@@ -54,16 +54,22 @@ output "database_instance" {
 }
 
 output "esp_capacity" {
-  description = "Concurrency toward the ESP as configured, each within its limit."
+  description = "The mail provider and the limits toward it as configured, each within its limit. dispatch_slots is what the trigger counts chunks in flight against: the upload slots for list-send, the send slots for smtp and ses. Rates are per second, summed over all instances (null: none)."
   value = {
+    provider            = var.esp_provider
     upload_limit        = var.esp_upload_limit
     send_limit          = var.esp_send_limit
     list_uploader       = module.capacity.list_uploader
     sender              = module.capacity.sender
     upload_queue        = module.capacity.upload_queue_max_concurrent_dispatches
     upload_slots        = module.capacity.upload_slots
+    send_slots          = module.capacity.send_slots
+    dispatch_slots      = module.capacity.dispatch_slots
     realtime_reserved   = module.capacity.realtime_reserved_slots
     list_uploader_slots = module.capacity.list_uploader.max_instances * module.capacity.list_uploader.concurrency
     sender_slots        = module.capacity.sender.max_instances * module.capacity.sender.concurrency
+    calls_per_second    = var.esp_calls_per_second
+    messages_per_second = local.message_provider ? var.esp_messages_per_second : null
+    batch_size          = local.message_provider ? var.esp_batch_size : null
   }
 }

@@ -37,6 +37,11 @@ locals {
   # Environment: the one place that says what each service and the job read. Secrets are
   # listed apart, by Secret Manager secret; iam.tf grants each service access to exactly the
   # secrets listed here. Cloud Run sets PORT and K_SERVICE itself.
+  #
+  # A value that is unset (an optional setting, another provider's setting or secret) is left
+  # out of the environment, never passed empty: each service block ends with a map of such
+  # values, filtered of nulls. A secret is only listed for the provider that reads it, because
+  # Cloud Run refuses to start a revision whose secret has no version.
   # ------------------------------------------------------------------------------------------
   common_env = {
     GOOGLE_CLOUD_PROJECT = var.project_id
@@ -57,17 +62,22 @@ locals {
   env = {
     trigger = merge(local.common_env, local.push_env.trigger, {
       DATABASE_MAX_CONNECTIONS = var.trigger.db_connections
+      ESP_PROVIDER             = var.esp_provider
       TASKS_LOCATION           = var.region
       PREPARE_QUEUE            = google_cloud_tasks_queue.prepare.name
       UPLOAD_QUEUE             = google_cloud_tasks_queue.upload.name
       TASKS_INVOKER_SA         = google_service_account.tasks_invoker.email
       TRIGGER_URL              = local.service_urls.trigger
       LIST_UPLOADER_URL        = local.service_urls.list_uploader
-      BUCKET                   = google_storage_bucket.audiences.name
-      CHUNK_SIZE               = var.chunk_size
-      # The upload slots the trigger fills: the least of the ESP's upload limit, the
-      # list-uploader's capacity and the upload queue's dispatches (modules/capacity).
-      ESP_UPLOAD_LIMIT        = module.capacity.upload_slots
+      # For a message provider the trigger publishes each chunk straight to the sender.
+      DELIVERIES_TOPIC = google_pubsub_topic.topic["deliveries"].name
+      BUCKET           = google_storage_bucket.audiences.name
+      CHUNK_SIZE       = var.chunk_size
+      # The chunks the trigger lets be in flight toward the provider's bottleneck API: for
+      # list-send the upload slots (the least of the ESP's upload limit, the list-uploader's
+      # capacity and the upload queue's dispatches), for smtp and ses the send slots (the
+      # least of the send limit and the sender's capacity). See modules/capacity.
+      ESP_SLOTS               = module.capacity.dispatch_slots
       REALTIME_RESERVED_SLOTS = module.capacity.realtime_reserved_slots
       DISPATCH_PREFETCH       = var.dispatch_prefetch
       INLINE_PREPARE_MAX      = var.inline_prepare_max
@@ -80,30 +90,51 @@ locals {
     list_uploader = merge(local.common_env, local.push_env.list_uploader, {
       DATABASE_MAX_CONNECTIONS = var.list_uploader.db_connections
       ESP_PROVIDER             = var.esp_provider
-      ESP_URL                  = var.esp_url
       BUCKET                   = google_storage_bucket.audiences.name
       DELIVERIES_TOPIC         = google_pubsub_topic.topic["deliveries"].name
       EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
       ESP_TIMEOUT_SECS         = var.esp_timeout_secs
       # An upload may run as long as the request that runs it; then another may take it over.
       UPLOAD_LEASE_SECS = trimsuffix(var.list_uploader.timeout, "s")
+      }, {
+      for name, value in {
+        ESP_URL              = local.esp_url
+        ESP_CALLS_PER_SECOND = var.esp_calls_per_second
+      } : name => value if value != null
     })
 
     sender = merge(local.common_env, local.push_env.sender, {
       DATABASE_MAX_CONNECTIONS = var.sender.db_connections
       ESP_PROVIDER             = var.esp_provider
-      ESP_URL                  = var.esp_url
       EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
       ESP_SEND_CONCURRENCY     = module.capacity.sender.concurrency
       ESP_TIMEOUT_SECS         = var.esp_timeout_secs
       SEND_LEASE_SECS          = trimsuffix(var.sender.timeout, "s")
+      # For a message provider the sender reads each chunk's recipients from its object and
+      # renders their messages, handing them over esp_batch_size at a time.
+      BUCKET         = google_storage_bucket.audiences.name
+      ESP_BATCH_SIZE = var.esp_batch_size
+      }, {
+      for name, value in {
+        ESP_URL                 = local.esp_url
+        ESP_CALLS_PER_SECOND    = var.esp_calls_per_second
+        ESP_MESSAGES_PER_SECOND = local.message_provider ? var.esp_messages_per_second : null
+        MAIL_FROM               = local.message_provider ? var.mail_from : null
+        MAIL_ENVELOPE_FROM      = local.message_provider ? var.mail_envelope_from : null
+        UNSUBSCRIBE_URL         = local.message_provider ? var.unsubscribe_url : null
+        # null[*] is empty, so one() gives null for a provider not chosen.
+        SMTP_URL              = one(local.smtp[*].url)
+        SMTP_USERNAME         = one(local.smtp[*].username)
+        SES_REGION            = one(local.ses[*].region)
+        SES_ENDPOINT          = one(local.ses[*].endpoint)
+        SES_CONFIGURATION_SET = one(local.ses[*].configuration_set)
+      } : name => value if value != null
     })
 
     # The job receives no pushes, so it has no push settings.
     completion = merge(local.common_env, {
       DATABASE_MAX_CONNECTIONS = var.completion.db_connections
       ESP_PROVIDER             = var.esp_provider
-      ESP_URL                  = var.esp_url
       EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
       COMPLETED_TOPIC          = google_pubsub_topic.topic["request_completed"].name
       LOG_SINK                 = "bigquery"
@@ -112,24 +143,40 @@ locals {
       ESP_TIMEOUT_SECS         = var.esp_timeout_secs
       QUEUED_TIMEOUT_SECS      = var.reconcile.queued_timeout_secs
       UPLOADED_TIMEOUT_SECS    = var.reconcile.uploaded_timeout_secs
+      }, {
+      for name, value in {
+        ESP_URL              = local.esp_url
+        ESP_CALLS_PER_SECOND = var.esp_calls_per_second
+      } : name => value if value != null
     })
   }
 
+  # The ESP's API key for list-send, the SMTP password for smtp, the AWS access key for ses:
+  # each secret only exists (secrets.tf), and is only listed here, for its provider.
   secret_env = {
     trigger = {
       DATABASE_URL = google_secret_manager_secret.database_url.secret_id
     }
     list_uploader = {
-      DATABASE_URL = google_secret_manager_secret.database_url.secret_id
-      ESP_API_KEY  = google_secret_manager_secret.esp_api_key.secret_id
+      for name, secret in {
+        DATABASE_URL = google_secret_manager_secret.database_url.secret_id
+        ESP_API_KEY  = local.list_send ? google_secret_manager_secret.esp_api_key.secret_id : null
+      } : name => secret if secret != null
     }
     sender = {
-      DATABASE_URL = google_secret_manager_secret.database_url.secret_id
-      ESP_API_KEY  = google_secret_manager_secret.esp_api_key.secret_id
+      for name, secret in {
+        DATABASE_URL          = google_secret_manager_secret.database_url.secret_id
+        ESP_API_KEY           = local.list_send ? google_secret_manager_secret.esp_api_key.secret_id : null
+        SMTP_PASSWORD         = try(google_secret_manager_secret.provider["haishin-smtp-password"].secret_id, null)
+        AWS_ACCESS_KEY_ID     = try(google_secret_manager_secret.provider["haishin-aws-access-key-id"].secret_id, null)
+        AWS_SECRET_ACCESS_KEY = try(google_secret_manager_secret.provider["haishin-aws-secret-access-key"].secret_id, null)
+      } : name => secret if secret != null
     }
     completion = {
-      DATABASE_URL = google_secret_manager_secret.database_url.secret_id
-      ESP_API_KEY  = google_secret_manager_secret.esp_api_key.secret_id
+      for name, secret in {
+        DATABASE_URL = google_secret_manager_secret.database_url.secret_id
+        ESP_API_KEY  = local.list_send ? google_secret_manager_secret.esp_api_key.secret_id : null
+      } : name => secret if secret != null
     }
   }
 
@@ -165,7 +212,7 @@ locals {
       ingress       = "INGRESS_TRAFFIC_INTERNAL_ONLY"
     }
     sender = {
-      description   = "Sends one uploaded chunk through the ESP per request."
+      description   = "Sends one chunk through the mail provider per request."
       min_instances = var.sender.min_instances
       max_instances = module.capacity.sender.max_instances
       concurrency   = module.capacity.sender.concurrency

@@ -1,5 +1,7 @@
-# Secret Manager: the database URL (written by Terraform) and the ESP's API key (written by an
-# SRE, so it never enters Terraform's state; see docs/deploy.md).
+# Secret Manager: the database URL (written by Terraform) and the mail provider's credentials
+# (written by an SRE, so they never enter Terraform's state; see docs/deploy.md). A provider's
+# credentials are read only when it is the chosen one (run.tf); the SMTP password and the AWS
+# access key exist only for their provider.
 
 resource "google_secret_manager_secret" "database_url" {
   secret_id = "haishin-database-url"
@@ -18,9 +20,30 @@ resource "google_secret_manager_secret_version" "database_url" {
   secret_data = "postgres://${google_sql_user.haishin.name}:${random_password.database.result}@${google_sql_database_instance.haishin.private_ip_address}:5432/${google_sql_database.haishin.name}?sslmode=require"
 }
 
-# Add the key with: gcloud secrets versions add haishin-esp-api-key --data-file=-
+# list-send. Add the key with: gcloud secrets versions add haishin-esp-api-key --data-file=-
 resource "google_secret_manager_secret" "esp_api_key" {
   secret_id = "haishin-esp-api-key"
+
+  replication {
+    auto {}
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+# The message providers' credentials, each created only for the provider that uses it. Add
+# each with: gcloud secrets versions add SECRET_ID --data-file=-
+locals {
+  provider_secret_ids = {
+    smtp = ["haishin-smtp-password"]
+    ses  = ["haishin-aws-access-key-id", "haishin-aws-secret-access-key"]
+  }
+}
+
+resource "google_secret_manager_secret" "provider" {
+  for_each = toset(lookup(local.provider_secret_ids, var.esp_provider, []))
+
+  secret_id = each.key
 
   replication {
     auto {}

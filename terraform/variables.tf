@@ -27,34 +27,150 @@ variable "data_location" {
 # ---------------------------------------------------------------------------------------------
 
 variable "esp_provider" {
-  description = "The ESP provider that delivers the mail: list-send (a list-based ESP speaking the list-send protocol)."
+  description = "The provider that delivers the mail. list-send: a list-based ESP speaking the list-send protocol (a chunk is uploaded as a list, then sent with a template stored at the ESP; needs esp_url and the secret haishin-esp-api-key). smtp: an SMTP relay that takes rendered messages (needs smtp, mail_from, unsubscribe_url and the secret haishin-smtp-password). ses: Amazon SES v2 (needs ses, mail_from, unsubscribe_url and the secrets haishin-aws-access-key-id and haishin-aws-secret-access-key). Default: list-send."
   type        = string
   default     = "list-send"
 
   validation {
-    condition     = contains(["list-send"], var.esp_provider)
-    error_message = "esp_provider must be one of: list-send."
+    condition     = contains(["list-send", "smtp", "ses"], var.esp_provider)
+    error_message = "esp_provider must be one of: list-send, smtp, ses."
   }
 }
 
 variable "esp_url" {
-  description = "Base URL of the ESP's API (https)."
+  description = "Base URL of the list-send ESP's API (https). Required when esp_provider is list-send, unused otherwise. Default: null."
   type        = string
+  default     = null
 
   validation {
-    condition     = startswith(var.esp_url, "https://")
-    error_message = "esp_url must be an https:// URL."
+    condition     = var.esp_provider != "list-send" || (var.esp_url == null ? false : startswith(var.esp_url, "https://"))
+    error_message = "esp_provider list-send needs esp_url, an https:// URL."
+  }
+}
+
+variable "smtp" {
+  description = "The SMTP relay, when esp_provider is smtp. url: smtp://HOST:587?tls=starttls (STARTTLS required), smtps://HOST:465 (TLS from the start) or smtp://HOST:25 (plain, for a relay inside the network only); without a password, which is read from the secret haishin-smtp-password. username: the AUTH user (default: none, or the user in the URL). Each chunk being sent holds one connection, and each message is its own envelope on it. Default: null."
+  type = object({
+    url      = string
+    username = optional(string)
+  })
+  default = null
+
+  validation {
+    condition     = var.esp_provider != "smtp" || var.smtp != null
+    error_message = "esp_provider smtp needs smtp = { url = \"smtp://HOST:587?tls=starttls\" }."
+  }
+
+  validation {
+    condition     = var.smtp == null ? true : can(regex("^smtps?://[^/?#\\s]+", var.smtp.url))
+    error_message = "smtp.url must be smtp://HOST:PORT (with ?tls=starttls for STARTTLS) or smtps://HOST:PORT."
+  }
+
+  validation {
+    condition     = var.smtp == null ? true : !can(regex("^smtps?://[^/?#@]*:[^/?#@]*@", var.smtp.url))
+    error_message = "smtp.url must not hold a password: the sender reads it from the secret haishin-smtp-password (docs/deploy.md, Choosing the mail provider)."
+  }
+}
+
+variable "ses" {
+  description = "Amazon SES, when esp_provider is ses. region: the AWS region of the SES account (\"eu-west-1\"). endpoint: another endpoint than AWS's own for that region (default: none). configuration_set: the SES configuration set every message is sent with, for event destinations or a dedicated IP pool (default: none). The access key is read from the secrets haishin-aws-access-key-id and haishin-aws-secret-access-key. Default: null."
+  type = object({
+    region            = string
+    endpoint          = optional(string)
+    configuration_set = optional(string)
+  })
+  default = null
+
+  validation {
+    condition     = var.esp_provider != "ses" || var.ses != null
+    error_message = "esp_provider ses needs ses = { region = \"REGION\" }."
+  }
+
+  validation {
+    condition     = var.ses == null ? true : can(regex("^[a-z]{2}(-[a-z]+)+-[0-9]+$", var.ses.region))
+    error_message = "ses.region must be an AWS region such as \"eu-west-1\"."
+  }
+
+  validation {
+    condition     = var.ses == null ? true : (var.ses.endpoint == null ? true : startswith(var.ses.endpoint, "https://"))
+    error_message = "ses.endpoint must be an https:// URL."
+  }
+}
+
+variable "mail_from" {
+  description = "The From header of every message, when esp_provider is smtp or ses: an address, with a display name or without (\"Shop <news@shop.example>\"). Its domain must be one the provider may send for (an SES verified identity, a domain the relay signs). Default: null."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = !contains(["smtp", "ses"], var.esp_provider) || (var.mail_from == null ? false : can(regex("^[^@<>]*<[^@<>\\s]+@[^@<>\\s]+>$|^[^@<>\\s]+@[^@<>\\s]+$", trimspace(var.mail_from))))
+    error_message = "esp_provider smtp and ses need mail_from, an address such as \"news@shop.example\" or \"Shop <news@shop.example>\"."
+  }
+}
+
+variable "mail_envelope_from" {
+  description = "The envelope sender (SMTP MAIL FROM, Return-Path), where bounces go, when esp_provider is smtp or ses: a bare address (\"bounces@shop.example\"). Default: null, meaning the address of mail_from."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.mail_envelope_from == null ? true : can(regex("^[^@<>\\s]+@[^@<>\\s]+$", var.mail_envelope_from))
+    error_message = "mail_envelope_from must be a bare address such as \"bounces@shop.example\"."
+  }
+}
+
+variable "unsubscribe_url" {
+  description = "Base URL (https, no query or fragment) of the one-click unsubscribe endpoint, when esp_provider is smtp or ses (\"https://mail.shop.example/u/\"). Every message carries List-Unsubscribe with this base and the recipient's token as one more path segment, and List-Unsubscribe-Post for one-click unsubscription (RFC 8058). Default: null."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = !contains(["smtp", "ses"], var.esp_provider) || (var.unsubscribe_url == null ? false : can(regex("^https://[^/?#\\s]+[^?#\\s]*$", var.unsubscribe_url)))
+    error_message = "esp_provider smtp and ses need unsubscribe_url, an https:// URL without a query or fragment."
+  }
+}
+
+variable "esp_calls_per_second" {
+  description = "Most provider calls per second that change something (a list upload, a send call; for SES, each SendEmail), from the provider's contract, summed over every instance of the list-uploader, the sender and the completion job: each call reserves the next free moment of a schedule shared through the database. Reads (polling, history) are not counted. Default: null, meaning no rate limit, only the concurrency limits."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.esp_calls_per_second == null ? true : var.esp_calls_per_second > 0
+    error_message = "esp_calls_per_second must be above 0, or null for no limit."
+  }
+}
+
+variable "esp_messages_per_second" {
+  description = "Most messages per second the provider accepts (for SES, the account's maximum send rate; for SMTP, the relay's), summed over every sender instance: each message reserves the next free moment of a schedule shared through the database. smtp and ses only. Default: null, meaning no limit."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.esp_messages_per_second == null ? true : var.esp_messages_per_second > 0
+    error_message = "esp_messages_per_second must be above 0, or null for no limit."
+  }
+}
+
+variable "esp_batch_size" {
+  description = "Messages the sender hands to a message provider in one call, and the step by which it records its progress through a chunk (1 to 500). SMTP: one connection, one envelope per message. SES: one SendEmail per message, so a call is that many SES requests. A message provider only. Default: 50."
+  type        = number
+  default     = 50
+
+  validation {
+    condition     = var.esp_batch_size >= 1 && var.esp_batch_size <= 500 && floor(var.esp_batch_size) == var.esp_batch_size
+    error_message = "esp_batch_size must be a whole number from 1 to 500."
   }
 }
 
 variable "esp_upload_limit" {
-  description = "Concurrent calls the ESP accepts on its list-upload API (from the ESP's contract). list-uploader max_instances × concurrency and the upload queue's max_concurrent_dispatches may not exceed it. Default: 8."
+  description = "Concurrent calls the ESP accepts on its list-upload API (from the ESP's contract; list-send only). list-uploader max_instances × concurrency and the upload queue's max_concurrent_dispatches may not exceed it. Default: 8."
   type        = number
   default     = 8
 }
 
 variable "esp_send_limit" {
-  description = "Concurrent calls the ESP accepts on its send API (from the ESP's contract). sender max_instances × concurrency may not exceed it. Default: 8."
+  description = "Concurrent calls the provider accepts on its send API (from its contract): list-send's send calls, SMTP connections, concurrent SES SendEmail calls. sender max_instances × concurrency may not exceed it. Default: 8."
   type        = number
   default     = 8
 }
@@ -71,13 +187,13 @@ variable "chunk_size" {
 }
 
 variable "realtime_reserved_slots" {
-  description = "Upload slots that batch chunks may never take, so realtime mail starts at once while campaigns run. Must stay below the upload slots. Default: 0."
+  description = "Dispatch slots that batch chunks may never take, so realtime mail starts at once while campaigns run. Must stay below the dispatch slots (upload slots for list-send, send slots for smtp and ses). Default: 0."
   type        = number
   default     = 0
 }
 
 variable "dispatch_prefetch" {
-  description = "Chunks the trigger may queue beyond the free upload slots, so a freed slot is refilled without waiting for the trigger. Keep it small: queued work cannot be reordered. Default: 1."
+  description = "Chunks the trigger may queue beyond the free dispatch slots, so a freed slot is refilled without waiting for the trigger. Keep it small: queued work cannot be reordered. Default: 1."
   type        = number
   default     = 1
 
@@ -101,7 +217,7 @@ variable "inline_prepare_max" {
 }
 
 variable "esp_timeout_secs" {
-  description = "Longest wait for one ESP call, in seconds. A call that times out may still have been accepted: the sender then asks the ESP's history before anything is sent again."
+  description = "Longest wait for one provider request, in seconds. A request that times out may still have been accepted: for list-send the sender then asks the ESP's history before anything is sent again; for smtp and ses a message that may have reached the provider is never sent again blindly (its outcome is unknown). Default: 30."
   type        = number
   default     = 30
 }

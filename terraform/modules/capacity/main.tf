@@ -2,15 +2,32 @@
 # service that calls it (max instances × per-instance concurrency), and for uploads also the
 # Cloud Tasks queue that feeds that service, never exceed the ESP's limit. Each rule is a
 # precondition on its own terraform_data, so a plan that breaks a rule stops and names it.
+#
+# Which API bounds dispatch depends on the provider's shape. A list provider (list-send) takes
+# a chunk as a list upload, then one send call: uploads are the bottleneck, their slots are
+# held by the list-uploader. A message provider (smtp, ses) takes rendered messages from the
+# sender, with no upload: sends are the bottleneck, their slots are held by the sender.
 
 locals {
   list_uploader_capacity = var.list_uploader_max_instances * var.list_uploader_concurrency
   sender_capacity        = var.sender_max_instances * var.sender_concurrency
 
   # Uploads that can really run at once: the tightest of the ESP's limit, the list-uploader's
-  # capacity and the upload queue's dispatch limit. The trigger counts its slots against this
-  # number, so it never queues work that would only wait or bounce off a 429.
+  # capacity and the upload queue's dispatch limit.
   upload_slots = min(var.esp_upload_limit, local.list_uploader_capacity, var.upload_queue_max_concurrent_dispatches)
+
+  # Sends that can really run at once: the tightest of the ESP's limit and the sender's capacity.
+  send_slots = min(var.esp_send_limit, local.sender_capacity)
+
+  # The slots of the bottleneck API. The trigger counts the chunks in flight toward it against
+  # this number, so it never queues work that would only wait or bounce off a 429.
+  dispatch_slots = var.provider_shape == "list" ? local.upload_slots : local.send_slots
+
+  dispatch_slots_reason = (
+    var.provider_shape == "list"
+    ? "the upload slots: the least of the ESP's upload limit ${var.esp_upload_limit}, the list-uploader's capacity ${local.list_uploader_capacity} and the upload queue's ${var.upload_queue_max_concurrent_dispatches} dispatches"
+    : "the send slots: the least of the ESP's send limit ${var.esp_send_limit} and the sender's capacity ${local.sender_capacity}"
+  )
 }
 
 resource "terraform_data" "list_uploader" {
@@ -58,14 +75,14 @@ resource "terraform_data" "upload_queue" {
 
 resource "terraform_data" "realtime_reservation" {
   input = {
-    reserved     = var.realtime_reserved_slots
-    upload_slots = local.upload_slots
+    reserved       = var.realtime_reserved_slots
+    dispatch_slots = local.dispatch_slots
   }
 
   lifecycle {
     precondition {
-      condition     = var.realtime_reserved_slots < local.upload_slots
-      error_message = "realtime_reserved_slots (${var.realtime_reserved_slots}) must stay below the upload slots (${local.upload_slots}: the least of the ESP's upload limit ${var.esp_upload_limit}, the list-uploader's capacity ${local.list_uploader_capacity} and the upload queue's ${var.upload_queue_max_concurrent_dispatches} dispatches), or batch chunks could never be uploaded."
+      condition     = var.realtime_reserved_slots < local.dispatch_slots
+      error_message = "realtime_reserved_slots (${var.realtime_reserved_slots}) must stay below the dispatch slots (${local.dispatch_slots}, ${local.dispatch_slots_reason}), or batch chunks could never be dispatched."
     }
   }
 }

@@ -26,13 +26,25 @@ output "upload_queue_max_concurrent_dispatches" {
 }
 
 output "upload_slots" {
-  description = "Uploads that can run at once: the least of the ESP's upload limit, the list-uploader's capacity and the upload queue's dispatches. The trigger schedules against this."
+  description = "Uploads that can run at once: the least of the ESP's upload limit, the list-uploader's capacity and the upload queue's dispatches."
   value       = local.upload_slots
   depends_on  = [terraform_data.list_uploader, terraform_data.sender, terraform_data.upload_queue, terraform_data.realtime_reservation]
 }
 
+output "send_slots" {
+  description = "Sends that can run at once: the least of the ESP's send limit and the sender's capacity."
+  value       = local.send_slots
+  depends_on  = [terraform_data.list_uploader, terraform_data.sender, terraform_data.upload_queue, terraform_data.realtime_reservation]
+}
+
+output "dispatch_slots" {
+  description = "Chunks that may be in flight toward the provider's bottleneck API: the upload slots for a list provider, the send slots for a message provider. The trigger schedules against this (ESP_SLOTS)."
+  value       = local.dispatch_slots
+  depends_on  = [terraform_data.list_uploader, terraform_data.sender, terraform_data.upload_queue, terraform_data.realtime_reservation]
+}
+
 output "realtime_reserved_slots" {
-  description = "Checked number of upload slots kept for realtime chunks."
+  description = "Checked number of dispatch slots kept for realtime chunks."
   value       = var.realtime_reserved_slots
   depends_on  = [terraform_data.list_uploader, terraform_data.sender, terraform_data.upload_queue, terraform_data.realtime_reservation]
 }

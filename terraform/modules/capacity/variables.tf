@@ -1,3 +1,13 @@
+variable "provider_shape" {
+  description = "How the ESP provider takes mail, which decides the API that bounds dispatch: \"list\" (list-send: a list upload, then one send call per chunk; uploads are the bottleneck) or \"message\" (smtp, ses: rendered messages, handed over by the sender; sends are the bottleneck)."
+  type        = string
+
+  validation {
+    condition     = contains(["list", "message"], var.provider_shape)
+    error_message = "provider_shape must be \"list\" or \"message\"."
+  }
+}
+
 variable "esp_upload_limit" {
   description = "Concurrent calls the ESP accepts on its list-upload API."
   type        = number
@@ -9,7 +19,7 @@ variable "esp_upload_limit" {
 }
 
 variable "esp_send_limit" {
-  description = "Concurrent calls the ESP accepts on its send API."
+  description = "Concurrent calls the ESP accepts on its send API (for SMTP: connections; for SES: SendEmail calls)."
   type        = number
 
   validation {
@@ -49,7 +59,7 @@ variable "sender_max_instances" {
 }
 
 variable "sender_concurrency" {
-  description = "Requests one sender instance serves at once (each is one ESP send call)."
+  description = "Requests one sender instance serves at once (each is one chunk being sent: one ESP send call at a time)."
   type        = number
 
   validation {
@@ -69,7 +79,7 @@ variable "upload_queue_max_concurrent_dispatches" {
 }
 
 variable "realtime_reserved_slots" {
-  description = "Upload slots that batch chunks may never take, kept free for realtime chunks."
+  description = "Dispatch slots that batch chunks may never take, kept free for realtime chunks."
   type        = number
 
   validation {
