@@ -21,6 +21,10 @@ pub struct Cli {
     /// Send calls allowed in progress at once.
     #[arg(long, env = "ESP_SIM_SEND_LIMIT", default_value_t = 10)]
     pub send_limit: u32,
+    /// Calls per second over uploads and sends together (sliding 1-s window of accepted calls;
+    /// one more gets 429 and counts as an over-rate attempt). At least 1; unset: no rate limit.
+    #[arg(long, env = "ESP_SIM_CALLS_PER_SECOND")]
+    pub calls_per_second: Option<f64>,
     #[arg(long, env = "ESP_SIM_UPLOAD_CALL_LATENCY", default_value = "200ms", value_parser = parse_duration)]
     pub upload_call_latency: Duration,
     #[arg(long, env = "ESP_SIM_UPLOAD_PER_RECIPIENT", default_value = "50us", value_parser = parse_duration)]
@@ -90,6 +94,7 @@ impl Cli {
             port: self.port,
             upload_limit: self.upload_limit,
             send_limit: self.send_limit,
+            calls_per_second: self.calls_per_second,
             upload_call_latency: self.upload_call_latency,
             upload_per_recipient: self.upload_per_recipient,
             send_call_latency: self.send_call_latency,
@@ -134,5 +139,12 @@ mod tests {
         assert_eq!(config.faults.upload, FaultRates::default());
         assert_eq!(config.send_call_latency, Duration::from_millis(5));
         assert_eq!(config.bounce_domain, None);
+        assert_eq!(config.calls_per_second, None);
+    }
+
+    #[test]
+    fn the_rate_flag_sets_calls_per_second() {
+        let cli = Cli::try_parse_from(["esp-sim", "--calls-per-second", "20"]).unwrap();
+        assert_eq!(cli.config().calls_per_second, Some(20.0));
     }
 }

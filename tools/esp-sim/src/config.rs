@@ -52,6 +52,11 @@ pub struct EspSimConfig {
     pub upload_limit: u32,
     /// Send calls allowed in progress at once.
     pub send_limit: u32,
+    /// Calls per second over the calls that change something, uploads and sends together.
+    /// A call arriving when the last second (sliding) already holds `floor(rate)` accepted
+    /// calls gets 429 with `retry_after`, does nothing, and is counted as an over-rate attempt.
+    /// Checked before the concurrency limits; `None` limits no rate.
+    pub calls_per_second: Option<f64>,
     /// Fixed part of an upload's latency.
     pub upload_call_latency: Duration,
     /// Added to an upload's latency per recipient of the list.
@@ -84,6 +89,7 @@ impl Default for EspSimConfig {
             port: 0,
             upload_limit: 10,
             send_limit: 10,
+            calls_per_second: None,
             upload_call_latency: Duration::from_millis(200),
             upload_per_recipient: Duration::from_micros(50),
             send_call_latency: Duration::from_millis(100),
@@ -121,6 +127,11 @@ impl EspSimConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.upload_limit == 0 || self.send_limit == 0 {
             return Err("upload_limit and send_limit must be at least 1".into());
+        }
+        if let Some(rate) = self.calls_per_second
+            && !(rate.is_finite() && rate >= 1.0)
+        {
+            return Err(format!("calls_per_second is {rate}, it must be at least 1"));
         }
         if self.api_key.as_deref() == Some("") {
             return Err("api_key is empty".into());
@@ -327,6 +338,16 @@ mod tests {
         let partial: Faults = serde_json::from_str(r#"{"upload":{"error":0.1}}"#).unwrap();
         assert_eq!(partial.upload.error, 0.1);
         assert_eq!(partial.spike_factor, 10.0);
+    }
+
+    #[test]
+    fn a_rate_below_one_call_a_second_is_refused() {
+        let with = |rate| EspSimConfig { calls_per_second: Some(rate), ..EspSimConfig::default() };
+        assert_eq!(with(1.0).validate(), Ok(()));
+        assert_eq!(with(20.5).validate(), Ok(()));
+        assert!(with(0.5).validate().unwrap_err().contains("calls_per_second"));
+        assert!(with(f64::NAN).validate().is_err());
+        assert!(with(f64::INFINITY).validate().is_err());
     }
 
     #[test]

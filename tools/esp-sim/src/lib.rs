@@ -7,6 +7,10 @@
 //! - **concurrency limits** per API (list upload, send): a call that arrives while `limit`
 //!   calls of its API are in progress gets 429 with `Retry-After`, does nothing, and is
 //!   counted as an over-limit attempt. Lookups and status reads are not limited;
+//! - **a calls-per-second limit** (`calls_per_second`, optional) over uploads and sends
+//!   together: a call arriving when the last second (sliding) already holds `floor(rate)`
+//!   accepted calls gets 429 with `Retry-After` and is counted as an over-rate attempt. It is
+//!   checked before the concurrency limits;
 //! - **latency** per call and per recipient. The work runs in its own task, so it completes
 //!   (and holds its slot) even when the caller hangs up, as at an ESP that accepted it;
 //! - **no de-duplication**: a send records its idempotency key for lookups only; sending
@@ -14,8 +18,9 @@
 //! - **faults**, seeded so that runs repeat: 500s and 429s that do nothing, latency spikes,
 //!   and timeouts after accept (the work is done and recorded, the answer never arrives);
 //! - **a ledger and report**: per API, calls, over-limit attempts, injected faults, peak
-//!   concurrency, busy slot-seconds and the busy timeline; deliveries in total, unique
-//!   (request, address) pairs, duplicates and bounces, overall and per request.
+//!   concurrency, busy slot-seconds and the busy timeline; with a rate, the most calls in any
+//!   1-s window, over-rate attempts and the rate's utilisation ([`RateReport`]); deliveries in
+//!   total, unique (request, address) pairs, duplicates and bounces, overall and per request.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -51,6 +56,7 @@
 //! - [`config`]: [`EspSimConfig`], [`Faults`] and the [`Api`] names;
 //! - `routes`: the HTTP handlers;
 //! - `state`: slots, fault dice and the busy timeline per API;
+//! - `rate`: the calls-per-second limit and the arrivals it keeps;
 //! - `ledger`: lists, sends and deliveries, kept compact (hashes of addresses);
 //! - [`report`]: [`SimReport`] and its busy-slot arithmetic;
 //! - [`client`]: [`SimClient`], to read a simulator running in another process;
@@ -60,6 +66,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 mod ledger;
+mod rate;
 pub mod report;
 mod routes;
 mod state;
@@ -75,8 +82,8 @@ use tokio::task::JoinHandle;
 pub use client::SimClient;
 pub use config::{Api, EspSimConfig, FaultRates, Faults};
 pub use report::{
-    ApiReport, DeliveredRecipient, DeliveryCounts, FaultCounts, RequestDeliveries, RequestReport, SimReport,
-    TimelinePoint,
+    ApiReport, DeliveredRecipient, DeliveryCounts, FaultCounts, RateReport, RequestDeliveries, RequestReport,
+    SimReport, TimelinePoint,
 };
 
 use state::SimState;

@@ -25,6 +25,7 @@ async fn main() -> anyhow::Result<()> {
         duplicates = report.deliveries.duplicates,
         upload_over_limit = report.upload.over_limit_attempts,
         send_over_limit = report.send.over_limit_attempts,
+        over_rate = report.rate.as_ref().map_or(0, |r| r.over_rate_attempts),
         "ESP simulator stopped."
     );
     if let Some(path) = &cli.report_out {

@@ -25,6 +25,89 @@ pub struct SimReport {
     pub requests: BTreeMap<String, RequestReport>,
     /// The faults in effect when the snapshot was taken.
     pub faults: Faults,
+    /// The calls-per-second limit and how it was kept, when one is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateReport>,
+}
+
+/// The calls-per-second limit over uploads and sends together, and how it was kept.
+///
+/// Every figure is over the whole run. With the simulator refusing what would go above the
+/// limit, the accepted side holds the limit by construction (`windows_above_rate` is 0,
+/// `max_calls_in_any_1s_window` at most `floor(limit)`); whether the caller's own pacing
+/// kept under the rate shows in `over_rate_attempts` and `attempts_above_rate_share`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RateReport {
+    /// Calls per second; `floor(limit)` calls are accepted in any 1-s window.
+    pub limit: f64,
+    /// Upload and send calls that reached admission: accepted, or refused for the rate, the
+    /// concurrency limit or an injected fault (calls refused as invalid are not counted).
+    pub attempts: u64,
+    /// Calls accepted (both APIs): each one's arrival is in the window arithmetic.
+    pub accepted_calls: u64,
+    /// Calls refused with 429 because the last second already held `floor(limit)` accepted
+    /// calls. They did no work.
+    pub over_rate_attempts: u64,
+    /// The most accepted calls in any 1-s window (sliding, windows ending at an arrival).
+    pub max_calls_in_any_1s_window: u64,
+    /// Accepted calls that, counted with the accepted calls of the second before them, are
+    /// more than `limit`: 0 when the limit held.
+    pub windows_above_rate: u64,
+    /// `over_rate_attempts / attempts`: how often the caller had to be refused for the rate.
+    pub attempts_above_rate_share: f64,
+    /// `accepted_calls / (limit × span_seconds)`: the share of the rate used while calls came.
+    /// As the span leaves out the last call's second, it can come out above 1, by up to one
+    /// second's worth of calls (`1 / span_seconds`); 0 with fewer than two calls.
+    pub utilisation: f64,
+    /// Seconds from the first accepted call's arrival to the last one's.
+    pub span_seconds: f64,
+}
+
+/// The sliding window the rate is counted over, in microseconds.
+pub const RATE_WINDOW_US: i64 = 1_000_000;
+
+impl RateReport {
+    /// The report of a limit of `limit` calls per second over accepted calls arriving at
+    /// `arrivals_us` (microseconds, oldest first), with the attempts and refusals counted at
+    /// admission. A window of 1 s ending at an arrival holds the calls that arrived less than
+    /// 1 s before it, and the call itself.
+    pub fn from_arrivals(limit: f64, arrivals_us: &[i64], attempts: u64, over_rate_attempts: u64) -> Self {
+        let mut max_in_window = 0u64;
+        let mut above = 0u64;
+        let mut oldest = 0;
+        for (i, &at) in arrivals_us.iter().enumerate() {
+            while at - arrivals_us[oldest] >= RATE_WINDOW_US {
+                oldest += 1;
+            }
+            let in_window = (i - oldest + 1) as u64;
+            max_in_window = max_in_window.max(in_window);
+            if in_window as f64 > limit {
+                above += 1;
+            }
+        }
+        let accepted = arrivals_us.len() as u64;
+        let span_seconds = match (arrivals_us.first(), arrivals_us.last()) {
+            (Some(first), Some(last)) => (last - first) as f64 / 1e6,
+            _ => 0.0,
+        };
+        let utilisation =
+            if span_seconds > 0.0 && limit > 0.0 { accepted as f64 / (limit * span_seconds) } else { 0.0 };
+        Self {
+            limit,
+            attempts,
+            accepted_calls: accepted,
+            over_rate_attempts,
+            max_calls_in_any_1s_window: max_in_window,
+            windows_above_rate: above,
+            attempts_above_rate_share: if attempts > 0 {
+                over_rate_attempts as f64 / attempts as f64
+            } else {
+                0.0
+            },
+            utilisation,
+            span_seconds,
+        }
+    }
 }
 
 /// What one API (upload or send) did.
@@ -194,6 +277,7 @@ mod tests {
             deliveries: DeliveryCounts::default(),
             requests: BTreeMap::new(),
             faults: Faults::none(),
+            rate: None,
         }
     }
 
@@ -217,7 +301,68 @@ mod tests {
     #[test]
     fn a_report_survives_json() {
         let r = report(vec![point(1000, 1), point(1500, 0)], 2000);
-        let back: SimReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("\"rate\""), "no rate section without a rate: {json}");
+        let back: SimReport = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
+        let rated = SimReport { rate: Some(RateReport::from_arrivals(2.0, &[0, 500_000], 4, 1)), ..r };
+        let back: SimReport = serde_json::from_str(&serde_json::to_string(&rated).unwrap()).unwrap();
+        assert_eq!(back, rated);
+    }
+
+    /// `n` arrivals `gap_us` apart from `from_us`.
+    fn evenly(from_us: i64, n: i64, gap_us: i64) -> Vec<i64> {
+        (0..n).map(|i| from_us + i * gap_us).collect()
+    }
+
+    #[test]
+    fn calls_paced_at_the_rate_fill_every_window_and_never_go_above_it() {
+        // 20 a second, 50 ms apart, for 10 s: each window ending at a call holds it and the 19
+        // before it (the one 1 s earlier is out).
+        let r = RateReport::from_arrivals(20.0, &evenly(0, 200, 50_000), 200, 0);
+        assert_eq!(r.accepted_calls, 200);
+        assert_eq!(r.max_calls_in_any_1s_window, 20);
+        assert_eq!(r.windows_above_rate, 0);
+        assert_eq!(r.attempts_above_rate_share, 0.0);
+        assert!((r.span_seconds - 9.95).abs() < 1e-9);
+        assert!((r.utilisation - 200.0 / (20.0 * 9.95)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_burst_above_the_rate_counts_each_call_beyond_the_limit() {
+        // 5 calls within 4 ms at a limit of 3: the 4th and 5th windows hold 4 and 5 calls.
+        // 1 s after the first call it leaves the window: 2.5 s later the window holds 1.
+        let mut arrivals = evenly(0, 5, 1_000);
+        arrivals.push(2_500_000);
+        let r = RateReport::from_arrivals(3.0, &arrivals, 10, 4);
+        assert_eq!(r.max_calls_in_any_1s_window, 5);
+        assert_eq!(r.windows_above_rate, 2);
+        assert!((r.attempts_above_rate_share - 0.4).abs() < 1e-12);
+        assert!((r.utilisation - 6.0 / (3.0 * 2.5)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_window_holds_calls_less_than_one_second_old() {
+        // Calls exactly 1 s apart never share a window; 999,999 µs apart they do.
+        let apart = RateReport::from_arrivals(1.0, &evenly(0, 4, RATE_WINDOW_US), 4, 0);
+        assert_eq!((apart.max_calls_in_any_1s_window, apart.windows_above_rate), (1, 0));
+        assert!((apart.utilisation - 4.0 / 3.0).abs() < 1e-9);
+        let close = RateReport::from_arrivals(1.0, &evenly(0, 4, RATE_WINDOW_US - 1), 4, 0);
+        assert_eq!((close.max_calls_in_any_1s_window, close.windows_above_rate), (2, 3));
+    }
+
+    #[test]
+    fn a_fractional_limit_allows_its_floor() {
+        let r = RateReport::from_arrivals(2.5, &[0, 1, 2], 3, 0);
+        assert_eq!((r.max_calls_in_any_1s_window, r.windows_above_rate), (3, 1));
+    }
+
+    #[test]
+    fn no_calls_or_one_give_zero_figures() {
+        let none = RateReport::from_arrivals(20.0, &[], 0, 0);
+        assert_eq!(none, RateReport { limit: 20.0, ..RateReport::default() });
+        let one = RateReport::from_arrivals(20.0, &[42], 2, 1);
+        assert_eq!((one.max_calls_in_any_1s_window, one.utilisation, one.span_seconds), (1, 0.0, 0.0));
+        assert_eq!(one.attempts_above_rate_share, 0.5);
     }
 }

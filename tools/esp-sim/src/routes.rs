@@ -84,6 +84,7 @@ fn refusal(state: &SimState, refusal: Refusal) -> Response {
         }
         Refusal::InjectedRateLimit => too_many(state, "rate_limited", "injected rate limit"),
         Refusal::OverLimit => too_many(state, "over_limit", "too many calls in progress for this api"),
+        Refusal::OverRate => too_many(state, "over_rate", "too many calls in the last second"),
     }
 }
 

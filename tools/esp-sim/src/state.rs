@@ -1,5 +1,5 @@
 //! The simulator's shared state: configuration, the per-API slot accounting and fault
-//! dice, and the ledger.
+//! dice, the calls-per-second limit, and the ledger.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Api, EspSimConfig, FaultRates, Faults};
 use crate::ledger::Ledger;
+use crate::rate::RateLimiter;
 use crate::report::{ApiReport, FaultCounts, SimReport, TimelinePoint};
 
 /// Unix time from a monotonic clock, so that the timeline never goes backwards.
@@ -43,6 +44,8 @@ pub(crate) struct SimState {
     faults: Mutex<Faults>,
     upload: Mutex<ApiState>,
     send: Mutex<ApiState>,
+    /// Over uploads and sends together, when a rate is set. Locked inside an API's lock.
+    rate: Option<Mutex<RateLimiter>>,
     pub(crate) ledger: Mutex<Ledger>,
     /// Cancelled when the simulator shuts down: withheld answers give up waiting.
     pub(crate) shutdown: CancellationToken,
@@ -125,6 +128,8 @@ pub(crate) enum Refusal {
     InjectedRateLimit,
     /// Answer 429: `limit` calls were already in progress.
     OverLimit,
+    /// Answer 429: the last second already held `floor(calls_per_second)` accepted calls.
+    OverRate,
 }
 
 /// How an admitted call behaves.
@@ -160,6 +165,7 @@ impl SimState {
             faults: Mutex::new(config.faults.clone()),
             upload: Mutex::new(ApiState::new(config.upload_limit, config.seed, now_us)),
             send: Mutex::new(ApiState::new(config.send_limit, config.seed ^ 0x5EED_5EED_5EED_5EED, now_us)),
+            rate: config.calls_per_second.map(|limit| Mutex::new(RateLimiter::new(limit))),
             ledger: Mutex::new(Ledger::new(config.keep_addresses_max)),
             shutdown: CancellationToken::new(),
             clock,
@@ -193,9 +199,10 @@ impl SimState {
         self.api(api).invalid += 1;
     }
 
-    /// Rolls the fault dice for a call of `api` over `recipients` recipients, then takes a
-    /// slot if one is free (the slot is held until the returned [`Slot`] is dropped).
-    /// Every call rolls the same dice, so a seeded run repeats.
+    /// Rolls the fault dice for a call of `api` over `recipients` recipients, then, if the
+    /// rate (uploads and sends together) has room, takes a slot if one is free (the slot is
+    /// held until the returned [`Slot`] is dropped). Every call rolls the same dice, so a
+    /// seeded run repeats.
     pub(crate) fn admit(self: &Arc<Self>, api: Api, recipients: usize) -> Result<(Slot, Plan), Refusal> {
         let (rates, spike_factor, hold): (FaultRates, f64, Duration) = {
             let faults = lock(&self.faults);
@@ -204,6 +211,11 @@ impl SimState {
         let mut state = self.api(api);
         let fault: f64 = state.rng.random();
         let spike: f64 = state.rng.random();
+        // Held to the end, so that the room found is the room taken.
+        let mut rate = self.rate.as_ref().map(lock);
+        if let Some(rate) = &mut rate {
+            rate.attempt();
+        }
         if fault < rates.error {
             state.injected.error += 1;
             return Err(Refusal::InjectedError);
@@ -211,6 +223,13 @@ impl SimState {
         if fault < rates.error + rates.rate_limit {
             state.injected.rate_limit += 1;
             return Err(Refusal::InjectedRateLimit);
+        }
+        let now_us = self.clock.now_us();
+        if let Some(rate) = &mut rate
+            && !rate.has_room(now_us)
+        {
+            rate.refuse();
+            return Err(Refusal::OverRate);
         }
         if state.in_progress >= state.limit {
             state.over_limit += 1;
@@ -226,8 +245,12 @@ impl SimState {
         if timeout {
             state.injected.timeout_after_accept += 1;
         }
+        if let Some(rate) = &mut rate {
+            rate.accept(now_us);
+        }
+        drop(rate);
         state.accepted += 1;
-        state.change(self.clock.now_us(), true);
+        state.change(now_us, true);
         drop(state);
         Ok((
             Slot { state: Arc::clone(self), api, latency },
@@ -251,6 +274,7 @@ impl SimState {
             deliveries,
             requests,
             faults,
+            rate: self.rate.as_ref().map(|rate| lock(rate).report()),
         }
     }
 }

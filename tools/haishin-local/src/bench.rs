@@ -10,7 +10,8 @@ use crate::scenario::{Admission, Campaign, RealtimeEvents, Scenario};
 use crate::stack::ServiceMode;
 
 /// The scenarios `bench` knows, in the order it runs them.
-pub const SCENARIOS: [&str; 4] = ["steady", "realtime-under-load", "fairness", "baseline-workflow"];
+pub const SCENARIOS: [&str; 5] =
+    ["steady", "realtime-under-load", "fairness", "baseline-workflow", "rate-limited"];
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -30,6 +31,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
+
+/// The ESP's rate in the `rate-limited` scenario, in calls per second.
+pub const RATE_LIMITED_CALLS_PER_SECOND: f64 = 20.0;
 
 /// The ESP model of every scenario: 150 ms per call plus 150 µs per uploaded recipient, so a
 /// full 10,000-recipient chunk takes 1.65 s to upload, at a limit of 8 per API.
@@ -68,6 +72,15 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
             s.campaigns =
                 vec![now(1_000_000), Campaign { recipients: 1_000_000, start_after: Duration::from_secs(10) }]
         }
+        // The ESP also takes at most 20 calls a second, uploads and sends together. Chunks of 1,000
+        // upload in 300 ms and send in 152 ms, so 8 slots per API could make about 53 calls a
+        // second (26.7 chunks): the rate, not the concurrency, is the bottleneck. 200 chunks are
+        // 400 calls, about 20 s at the rate.
+        "rate-limited" => {
+            s.esp.calls_per_second = Some(RATE_LIMITED_CALLS_PER_SECOND);
+            s.chunk_size = 1_000;
+            s.campaigns = vec![now(100_000); 2];
+        }
         other => unreachable!("unknown scenario {other}"),
     }
     s
@@ -95,12 +108,22 @@ pub async fn run(args: BenchArgs, mode: ServiceMode) -> anyhow::Result<Vec<Repor
 }
 
 fn row(scenario: &Scenario, r: &Report) -> String {
-    let ratio = if r.batch_makespan_s > 0.0 { r.esp.upload_lower_bound_s / r.batch_makespan_s } else { 0.0 };
+    let ratio = if r.batch_makespan_s > 0.0 { r.esp.lower_bound_s() / r.batch_makespan_s } else { 0.0 };
     let full_chunk = scenario.upload_time(u64::from(scenario.chunk_size)).as_secs_f64();
     let send = scenario.esp.send_call_latency.as_secs_f64();
     let p99_target = (full_chunk + send + 1.0) * 1000.0;
+    // At an ESP with a rate: calls it refused for the rate, the most calls in any 1 s against the
+    // rate, and the rate's utilisation.
+    let (over_rate, in_1s, rate_use) = match &r.esp.rate {
+        Some(rate) => (
+            rate.over_rate_attempts.to_string(),
+            format!("{:>5}/{:<3}", rate.max_calls_in_any_1s_window, rate.limit),
+            format!("{:.3}", rate.utilisation),
+        ),
+        None => ("-".to_owned(), format!("{:>5} {:<3}", "-", ""), "-".to_owned()),
+    };
     format!(
-        "{:<20} {:>9} {:>8.1} {:>6.3} {:>6.3} {:>8.0} {:>8.0} {:>8} {:>5}/{:<3} {:>4} {:>7.1} {:>9}",
+        "{:<20} {:>9} {:>8.1} {:>6.3} {:>6.3} {:>8.0} {:>8.0} {:>8} {:>5}/{:<3} {:>4} {:>7.1} {:>9} {:>7} {} {:>7}",
         r.scenario,
         format!("{}/{}", r.requests.completed, r.requests.submitted),
         r.batch_makespan_s,
@@ -114,13 +137,16 @@ fn row(scenario: &Scenario, r: &Report) -> String {
         r.recipients.duplicates,
         r.cpu_s_per_million,
         r.fairness_max_gap.map_or("-".to_owned(), |g| format!("{:.1}%", g * 100.0)),
+        over_rate,
+        in_1s,
+        rate_use,
     )
 }
 
 fn table(names: &[String], args: &BenchArgs, reports: &[Report]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<20} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>4} {:>7} {:>9}\n",
+        "{:<20} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>4} {:>7} {:>9} {:>7} {:>9} {:>7}\n",
         "scenario",
         "done",
         "make_s",
@@ -132,15 +158,106 @@ fn table(names: &[String], args: &BenchArgs, reports: &[Report]) -> String {
         "peak/lim",
         "dup",
         "cpu/M",
-        "fair_gap"
+        "fair_gap",
+        "ovrate",
+        "1s/rate",
+        "rate_ut"
     ));
     out.push_str(&format!(
-        "{:<20} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>4} {:>7} {:>9}\n",
-        "targets", "all", "", ">=.95", ">=.90", "<=tgt", "", "0", "<=1", "0", "<=30", "<=10%"
+        "{:<20} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>4} {:>7} {:>9} {:>7} {:>9} {:>7}\n",
+        "targets",
+        "all",
+        "",
+        ">=.95",
+        ">=.90",
+        "<=tgt",
+        "",
+        "0",
+        "<=1",
+        "0",
+        "<=30",
+        "<=10%",
+        "0",
+        "<=1",
+        ">=.90"
     ));
     for (name, report) in names.iter().zip(reports) {
         out.push_str(&row(&scenario(name, args), report));
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use haishin_esp_sim::RateReport;
+    use haishin_esp_sim::config::Api;
+
+    use super::*;
+    use crate::report::{Esp, Invariants, Latency, Recipients, Requests};
+
+    fn args() -> BenchArgs {
+        BenchArgs { scenarios: Vec::new(), triggers: 1, prefetch: 0, json: "bench.json".into(), seed: 1 }
+    }
+
+    #[test]
+    fn the_rate_limited_scenario_is_bound_by_the_rate_not_the_concurrency() {
+        let s = scenario("rate-limited", &args());
+        let rate = s.calls_per_second().unwrap();
+        let size = u64::from(s.chunk_size);
+        let uploads_per_s = f64::from(s.esp.upload_limit) / s.upload_time(size).as_secs_f64();
+        let sends_per_s = f64::from(s.esp.send_limit) / s.esp.latency(Api::Send, size as usize).as_secs_f64();
+        // A chunk is one upload and one send: the calls a second the slots alone would allow.
+        let by_concurrency = 2.0 * uploads_per_s.min(sends_per_s);
+        assert!(by_concurrency > 2.5 * rate, "{by_concurrency} calls/s");
+        assert_eq!(s.batch_chunks(), 200);
+        assert_eq!(s.rate_bound(), Some(Duration::from_secs(20)));
+        assert_eq!(s.expected_makespan(), Duration::from_secs(20));
+        assert_eq!(scenario("steady", &args()).calls_per_second(), None);
+    }
+
+    fn report(name: &str, rate: Option<RateReport>) -> Report {
+        Report {
+            scenario: name.into(),
+            requests: Requests { submitted: 2, completed: 2, ..Requests::default() },
+            recipients: Recipients::default(),
+            esp: Esp {
+                upload_limit: 8,
+                send_limit: 8,
+                upload_peak_concurrency: 7,
+                upload_utilization: 0.41,
+                upload_lower_bound_s: 7.5,
+                rate_lower_bound_s: rate.as_ref().map(|r| r.accepted_calls as f64 / r.limit),
+                rate,
+                ..Esp::default()
+            },
+            realtime_latency_ms: Latency::default(),
+            batch_makespan_s: 21.4,
+            first_upload_s: 0.3,
+            after_last_upload_s: 0.2,
+            wall_s: 25.0,
+            service_cpu_s: 3.0,
+            cpu_s_per_million: 15.0,
+            fairness_max_gap: None,
+            chaos: None,
+            states: Default::default(),
+            invariants: Invariants::default(),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_the_rate_figures_beside_their_targets() {
+        let arrivals: Vec<i64> = (0..400).map(|i| i * 52_000).collect();
+        let rated = report("rate-limited", Some(RateReport::from_arrivals(20.0, &arrivals, 412, 12)));
+        let names = ["steady".to_owned(), "rate-limited".to_owned()];
+        let table = table(&names, &args(), &[report("steady", None), rated]);
+        println!("{table}");
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].ends_with("ovrate   1s/rate rate_ut"), "{}", lines[0]);
+        assert!(lines[1].ends_with("0       <=1   >=.90"), "{}", lines[1]);
+        assert!(lines[2].ends_with("-     -           -"), "{}", lines[2]);
+        assert!(lines[3].ends_with("12    20/20    0.964"), "{}", lines[3]);
+        // The lower bound of the rate-limited run is the rate's: 400 calls at 20/s.
+        assert!(lines[3].contains(&format!(" {:.3} ", 20.0 / 21.4)), "{}", lines[3]);
+    }
 }

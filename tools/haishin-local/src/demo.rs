@@ -36,6 +36,9 @@ pub struct DemoArgs {
     /// ESP upload time per recipient, in microseconds.
     #[arg(long, default_value_t = 150)]
     pub esp_per_recipient_us: u64,
+    /// The ESP's limit on calls per second, uploads and sends together (none when unset).
+    #[arg(long)]
+    pub esp_calls_per_second: Option<f64>,
     /// Recipients per chunk.
     #[arg(long, default_value_t = 10_000)]
     pub chunk_size: u32,
@@ -88,12 +91,15 @@ impl DemoArgs {
                 .collect(),
             realtime: RealtimeEvents::Spread(self.realtime_events),
             admission: Admission::Immediate,
-            esp: esp_model(
-                self.esp_concurrency,
-                Duration::from_millis(self.esp_latency_ms),
-                Duration::from_micros(self.esp_per_recipient_us),
-                self.seed,
-            ),
+            esp: EspSimConfig {
+                calls_per_second: self.esp_calls_per_second,
+                ..esp_model(
+                    self.esp_concurrency,
+                    Duration::from_millis(self.esp_latency_ms),
+                    Duration::from_micros(self.esp_per_recipient_us),
+                    self.seed,
+                )
+            },
             chunk_size: self.chunk_size,
             realtime_reserved_slots: self.realtime_reserved_slots,
             triggers: self.triggers,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use haishin_esp_sim::RateReport;
 use haishin_esp_sim::config::Api;
 use serde::Serialize;
 
@@ -56,7 +57,7 @@ impl Report {
         let q = &self.requests;
         let r = &self.recipients;
         let e = &self.esp;
-        [
+        let mut lines = vec![
             format!(
                 "Requests:   {}/{} completed ({} failed, {} expired, {} rejected)",
                 q.completed, q.submitted, q.failed, q.expired, q.rejected
@@ -69,30 +70,62 @@ impl Report {
                 "ESP:        upload utilisation {:.3} (peak {}/{}), {} calls refused for the limit",
                 e.upload_utilization, e.upload_peak_concurrency, e.upload_limit, e.over_limit_attempts
             ),
+        ];
+        if let Some(rate) = &e.rate {
+            lines.push(format!(
+                "ESP rate:   {}/s: {} calls refused for the rate ({:.1}% of attempts), at most {} calls in any 1 s, utilisation {:.3}",
+                rate.limit,
+                rate.over_rate_attempts,
+                rate.attempts_above_rate_share * 100.0,
+                rate.max_calls_in_any_1s_window,
+                rate.utilisation
+            ));
+        }
+        lines.extend([
             format!(
                 "Realtime:   p50 {:.0} ms, p99 {:.0} ms (publish to the ESP accepting the send)",
                 self.realtime_latency_ms.p50, self.realtime_latency_ms.p99
             ),
             self.invariants.summary(),
-        ]
-        .join("\n")
+        ]);
+        lines.join("\n")
     }
 }
 
 /// The counts every finished request's status must add up to:
 /// `rows = recipients + Σ skipped`, and `recipients = sent + failed + expired + cancelled + unknown`
-/// (the recipients of its chunks, all in final states).
+/// (the recipients of its chunks, all in final states); and, at an ESP with a rate, that no call
+/// was refused for it (Haishin paces its calls to the rate).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Invariants {
     pub requests_checked: u64,
     /// One line per request whose counts do not add up.
     pub violations: Vec<String>,
+    /// At an ESP with a rate: the calls it refused for the rate (the invariant: 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub over_rate_attempts: Option<u64>,
     pub hold: bool,
 }
 
 impl Invariants {
     /// One line for a person: the invariants held, or where they did not.
     pub fn summary(&self) -> String {
+        let counts = self.counts_summary();
+        match self.over_rate_attempts {
+            None => counts,
+            Some(0) => format!("{counts}; the ESP's rate held: no call refused for it"),
+            Some(n) => format!(
+                "{counts}; the ESP's rate BROKEN: {n} calls refused for it (Haishin's pacing should keep under it)"
+            ),
+        }
+    }
+
+    /// Whether the counts add up and, at an ESP with a rate, no call was refused for it.
+    pub fn held(&self) -> bool {
+        self.violations.is_empty() && self.over_rate_attempts.unwrap_or(0) == 0
+    }
+
+    fn counts_summary(&self) -> String {
         if self.violations.is_empty() {
             format!(
                 "invariants: rows = recipients + skipped, recipients = sent + failed + expired + cancelled + unknown: hold for all {} requests",
@@ -177,6 +210,22 @@ pub struct Esp {
     pub upload_lower_bound_s: f64,
     /// Of the slot time in the lower bound, what the realtime uploads take (seconds).
     pub realtime_upload_s: f64,
+    /// At an ESP with a rate, the least time its accepted calls take at it:
+    /// `accepted_calls / floor(limit)` seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_lower_bound_s: Option<f64>,
+    /// At an ESP with a rate (uploads and sends together): the calls it refused for the rate,
+    /// the most calls in any 1-s window, and the rate's utilisation, over the whole run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateReport>,
+}
+
+impl Esp {
+    /// The least batch makespan any schedule could reach: the upload bound, or at an ESP with
+    /// a rate the rate bound, whichever is longer.
+    pub fn lower_bound_s(&self) -> f64 {
+        self.upload_lower_bound_s.max(self.rate_lower_bound_s.unwrap_or(0.0))
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -247,7 +296,10 @@ pub async fn build(
     let mut requests = Requests::default();
     let mut recipients = Recipients::default();
     let mut states = BTreeMap::new();
-    let mut invariants = Invariants::default();
+    let mut invariants = Invariants {
+        over_rate_attempts: sim.rate.as_ref().map(|rate| rate.over_rate_attempts),
+        ..Invariants::default()
+    };
     let mut upload_service = Duration::ZERO;
     let mut realtime_uploads = Vec::new();
 
@@ -357,6 +409,11 @@ pub async fn build(
             upload_lower_bound_s: (upload_service + realtime_upload).as_secs_f64()
                 / f64::from(sim.upload.limit.max(1)),
             realtime_upload_s: realtime_upload.as_secs_f64(),
+            rate_lower_bound_s: sim
+                .rate
+                .as_ref()
+                .map(|rate| rate.accepted_calls as f64 / rate.limit.floor().max(1.0)),
+            rate: sim.rate.clone(),
         },
         realtime_latency_ms: Latency {
             p50: percentile(&latencies, 50.0),
@@ -372,13 +429,26 @@ pub async fn build(
         fairness_max_gap: fairness_gap(submitted),
         chaos: None,
         states,
-        invariants: Invariants { hold: invariants.violations.is_empty(), ..invariants },
+        invariants: Invariants { hold: invariants.held(), ..invariants },
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{Invariants, percentile};
+
+    #[test]
+    fn calls_refused_for_the_esp_rate_break_the_invariants() {
+        let counts_only = Invariants { requests_checked: 2, ..Invariants::default() };
+        assert!(counts_only.held());
+        assert!(!counts_only.summary().contains("rate"));
+        let held = Invariants { over_rate_attempts: Some(0), ..counts_only.clone() };
+        assert!(held.held());
+        assert!(held.summary().contains("rate held"), "{}", held.summary());
+        let broken = Invariants { over_rate_attempts: Some(7), ..counts_only };
+        assert!(!broken.held());
+        assert!(broken.summary().contains("rate BROKEN: 7 calls"), "{}", broken.summary());
+    }
 
     #[test]
     fn percentiles_use_the_nearest_rank() {

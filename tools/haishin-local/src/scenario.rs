@@ -43,6 +43,8 @@ pub struct Scenario {
     pub campaigns: Vec<Campaign>,
     pub realtime: RealtimeEvents,
     pub admission: Admission,
+    /// The ESP simulator's model, its rate included (`esp.calls_per_second`, which the stack
+    /// passes to the list-uploader and the sender as `ESP_CALLS_PER_SECOND`).
     pub esp: EspSimConfig,
     pub chunk_size: u32,
     pub realtime_reserved_slots: u32,
@@ -65,13 +67,33 @@ impl Scenario {
         self.esp.upload_call_latency + self.esp.upload_per_recipient * n as u32
     }
 
-    /// What a perfect scheduler would take for the batches' uploads.
+    /// The ESP's limit on calls per second over uploads and sends together, when it has one.
+    pub fn calls_per_second(&self) -> Option<f64> {
+        self.esp.calls_per_second
+    }
+
+    /// Chunks of all the batches at the configured chunk size.
+    pub fn batch_chunks(&self) -> u64 {
+        let size = u64::from(self.chunk_size.max(1));
+        self.campaigns.iter().map(|c| c.recipients.div_ceil(size)).sum()
+    }
+
+    /// What a perfect scheduler would take for the batches: their uploads at the upload limit,
+    /// or, at an ESP with a rate, their upload and send calls at that rate, whichever is longer.
     pub fn expected_makespan(&self) -> Duration {
         let size = u64::from(self.chunk_size.max(1));
-        let chunks: u64 = self.campaigns.iter().map(|c| c.recipients.div_ceil(size)).sum();
-        let waves = chunks.div_ceil(u64::from(self.esp.upload_limit.max(1)));
-        self.upload_time(size.min(self.campaigns.iter().map(|c| c.recipients).max().unwrap_or(0)))
-            * waves as u32
+        let waves = self.batch_chunks().div_ceil(u64::from(self.esp.upload_limit.max(1)));
+        let uploads = self
+            .upload_time(size.min(self.campaigns.iter().map(|c| c.recipients).max().unwrap_or(0)))
+            * waves as u32;
+        uploads.max(self.rate_bound().unwrap_or(Duration::ZERO))
+    }
+
+    /// At an ESP with a rate, the least time the batches' calls (one upload and one send a
+    /// chunk) take at it.
+    pub fn rate_bound(&self) -> Option<Duration> {
+        let rate = self.calls_per_second()?.floor().max(1.0);
+        Some(Duration::from_secs_f64((2 * self.batch_chunks()) as f64 / rate))
     }
 }
 
