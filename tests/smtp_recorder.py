@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from email import policy
 from email.parser import BytesParser
 from email.utils import parsedate_to_datetime
@@ -79,6 +80,7 @@ class Recorder:
         queue_id = f"Q{next(self.queue_ids):06d}"
         record = {
             "queue_id": queue_id,
+            "received_at": time.time(),
             "mail_from": envelope.mail_from,
             "rcpt_tos": envelope.rcpt_tos,
             "raw": raw.decode("utf-8", "replace"),

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use haishin_local::stack::{LocalStack, MailProvider, PUSH_ACCOUNT, UNSUBSCRIBE_URL};
 use haishin_shared::domain::{ChunkId, ChunkState};
-use haishin_shared::esp::{SesConfig, SesCredentials, SesProvider};
 use haishin_tests::mail_servers::{MotoServer, SmtpBehaviour, SmtpRecorder};
 use haishin_tests::{TestStack, finished};
 use serde_json::{Value, json};
@@ -49,7 +48,8 @@ async fn smtp_receives_every_recipient_once_rendered_with_the_unsubscribe_header
     let refused = "batch-7@example.com".to_owned();
     let behaviour = SmtpBehaviour { refuse: vec![refused.clone()], ..SmtpBehaviour::default() };
     let Some(smtp) = SmtpRecorder::start(behaviour).await else { return };
-    let stack = stack_on(MailProvider::Smtp { url: smtp.url.clone() }).start().await;
+    let stack =
+        stack_on(MailProvider::Smtp { url: smtp.url.clone(), messages_per_second: None }).start().await;
 
     publish(
         &stack,
@@ -98,8 +98,9 @@ async fn smtp_receives_every_recipient_once_rendered_with_the_unsubscribe_header
 #[tokio::test]
 async fn ses_in_moto_holds_every_recipient_once() {
     let Some(moto) = MotoServer::start().await else { return };
-    verify_identity(&moto).await;
-    let stack = stack_on(MailProvider::Ses { endpoint: moto.endpoint.clone() }).start().await;
+    let stack = stack_on(MailProvider::Ses { endpoint: moto.endpoint.clone(), messages_per_second: None })
+        .start()
+        .await;
 
     publish(
         &stack,
@@ -124,28 +125,11 @@ async fn ses_in_moto_holds_every_recipient_once() {
     stack.stop().await;
 }
 
-/// moto refuses mail from an address SES has not verified, as SES does.
-async fn verify_identity(moto: &MotoServer) {
-    let mut config = SesConfig::new("us-east-1");
-    config.endpoint_url = Some(moto.endpoint.clone());
-    config.credentials = Some(SesCredentials {
-        access_key_id: "testing".into(),
-        secret_access_key: "testing".to_owned().into(),
-        session_token: None,
-    });
-    let ses = SesProvider::new(&config).await.expect("the SES client builds");
-    ses.client()
-        .create_email_identity()
-        .email_identity("haishin.example")
-        .send()
-        .await
-        .expect("identity verified");
-}
-
 #[tokio::test]
 async fn a_batch_whose_call_died_counts_unknown_and_is_never_handed_over_again() {
     let Some(smtp) = SmtpRecorder::start(SmtpBehaviour::default()).await else { return };
-    let stack = stack_on(MailProvider::Smtp { url: smtp.url.clone() }).start().await;
+    let stack =
+        stack_on(MailProvider::Smtp { url: smtp.url.clone(), messages_per_second: None }).start().await;
     let chunk = ChunkId::from("crashed~000000");
     manual_chunk(&stack, "crashed", 10).await;
     // An earlier attempt handed over messages 0..3 and died before it heard back: the row says so.

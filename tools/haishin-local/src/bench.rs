@@ -53,6 +53,8 @@ fn base(name: &str, args: &BenchArgs) -> Scenario {
         run_dir: None,
         progress: false,
         chaos: None,
+        provider: Default::default(),
+        mail_record: None,
     }
 }
 
@@ -240,6 +242,7 @@ mod tests {
             cpu_s_per_million: 15.0,
             fairness_max_gap: None,
             chaos: None,
+            mail_server: None,
             states: Default::default(),
             invariants: Invariants::default(),
         }

@@ -10,7 +10,10 @@ use haishin_esp_sim::EspSimConfig;
 use crate::report::Report;
 use crate::run::run_scenario;
 use crate::scenario::{Admission, Campaign, RealtimeEvents, Scenario};
-use crate::stack::ServiceMode;
+use haishin_shared::esp::ProviderKind;
+
+use crate::mail_record::MailRecord;
+use crate::stack::{MailProvider, ServiceMode};
 
 /// `haishin-local demo` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +67,24 @@ pub struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 1800)]
     pub timeout_secs: u64,
+    /// Who delivers the mail: the ESP simulator (`list-send`), an SMTP server (`--smtp-url`) or
+    /// Amazon SES's API (`--ses-endpoint`).
+    #[arg(long, value_enum, default_value = "list-send")]
+    pub provider: haishin_shared::esp::ProviderKind,
+    /// The SMTP server, `smtp://HOST:PORT` (with `--provider smtp`).
+    #[arg(long, required_if_eq("provider", "smtp"))]
+    pub smtp_url: Option<String>,
+    /// The file where the SMTP server records what it received (one JSON line per message, as
+    /// `tests/smtp_recorder.py` writes it): the report's delivery figures are read from it.
+    #[arg(long)]
+    pub smtp_record: Option<PathBuf>,
+    /// SES's endpoint, e.g. moto in server mode at `http://127.0.0.1:PORT` (with `--provider
+    /// ses`); the report's delivery figures are read from moto's sent-message store.
+    #[arg(long, required_if_eq("provider", "ses"))]
+    pub ses_endpoint: Option<String>,
+    /// The provider's limit on messages per second (SMTP, SES), held across the services.
+    #[arg(long)]
+    pub messages_per_second: Option<f64>,
 }
 
 /// The ESP model shared by the demo and the benchmarks: a fixed cost per call and, for uploads, a
@@ -109,6 +130,30 @@ impl DemoArgs {
             run_dir: self.run_dir.clone(),
             progress: true,
             chaos: self.chaos.clone(),
+            provider: self.mail_provider(),
+            mail_record: self.mail_record(),
+        }
+    }
+
+    fn mail_provider(&self) -> MailProvider {
+        match self.provider {
+            ProviderKind::ListSend => MailProvider::Simulator,
+            ProviderKind::Smtp => MailProvider::Smtp {
+                url: self.smtp_url.clone().expect("clap requires --smtp-url"),
+                messages_per_second: self.messages_per_second,
+            },
+            ProviderKind::Ses => MailProvider::Ses {
+                endpoint: self.ses_endpoint.clone().expect("clap requires --ses-endpoint"),
+                messages_per_second: self.messages_per_second,
+            },
+        }
+    }
+
+    fn mail_record(&self) -> Option<MailRecord> {
+        match self.provider {
+            ProviderKind::ListSend => None,
+            ProviderKind::Smtp => self.smtp_record.clone().map(MailRecord::SmtpFile),
+            ProviderKind::Ses => self.ses_endpoint.clone().map(|endpoint| MailRecord::Moto { endpoint }),
         }
     }
 }

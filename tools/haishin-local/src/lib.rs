@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod chaos;
 pub mod demo;
+pub mod mail_record;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -15,7 +15,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Runs a sample campaign with realtime events through the whole local stack and writes a report.
-    Demo(DemoArgs),
+    Demo(Box<DemoArgs>),
     /// Runs the benchmark scenarios (build with --release) and prints their figures next to the targets.
     Bench(BenchArgs),
     /// Starts the whole local stack, writes every URL to a JSON file, and runs until SIGTERM or Ctrl-C.
@@ -99,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
             haishin_shared::telemetry::init_with_default("haishin-local", "warn");
             let exe = std::env::current_exe()?;
             let (path, json) = (args.report.clone(), args.json);
-            let report = demo::run(args, ServiceMode::Processes { exe }).await?;
+            let report = demo::run(*args, ServiceMode::Processes { exe }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }

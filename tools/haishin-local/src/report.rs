@@ -9,8 +9,9 @@ use haishin_esp_sim::RateReport;
 use haishin_esp_sim::config::Api;
 use serde::Serialize;
 
+use crate::mail_record::MailServerReport;
 use crate::scenario::Scenario;
-use crate::stack::LocalStack;
+use crate::stack::{LocalStack, MailProvider};
 
 /// What the scenario published: (request id, audience rows, arrival time), and samples of each
 /// campaign's delivered count over time.
@@ -44,6 +45,10 @@ pub struct Report {
     /// What chaos did, when the scenario ran with faults.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chaos: Option<crate::chaos::ChaosLog>,
+    /// On SMTP or SES: what the mail server recorded, where `recipients.delivered` and
+    /// `recipients.duplicates` come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mail_server: Option<MailServerReport>,
     /// Requests by final state, as `GET /v1/requests/{id}` shows them.
     pub states: BTreeMap<String, String>,
     /// Whether every finished request's counts add up.
@@ -71,6 +76,16 @@ impl Report {
                 e.upload_utilization, e.upload_peak_concurrency, e.upload_limit, e.over_limit_attempts
             ),
         ];
+        if let Some(mail) = &self.mail_server {
+            lines[2] = format!("Server:     {}", mail.summary());
+            if self.batch_makespan_s > 0.0 {
+                lines.push(format!(
+                    "Throughput: {:.0} messages/s over the batch's {:.1} s",
+                    r.delivered as f64 / self.batch_makespan_s,
+                    self.batch_makespan_s
+                ));
+            }
+        }
         if let Some(rate) = &e.rate {
             lines.push(format!(
                 "ESP rate:   {}/s: {} calls refused for the rate ({:.1}% of attempts), at most {} calls in any 1 s, utilisation {:.3}",
@@ -104,13 +119,26 @@ pub struct Invariants {
     /// At an ESP with a rate: the calls it refused for the rate (the invariant: 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub over_rate_attempts: Option<u64>,
+    /// On SMTP or SES: every recipient got one well-formed message, rendered, with the RFC 8058
+    /// headers (from the server's record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mail_server_clean: Option<bool>,
     pub hold: bool,
 }
 
 impl Invariants {
     /// One line for a person: the invariants held, or where they did not.
     pub fn summary(&self) -> String {
-        let counts = self.counts_summary();
+        let mut counts = self.counts_summary();
+        match self.mail_server_clean {
+            Some(true) => {
+                counts.push_str("; the mail server holds one well-formed, rendered message per recipient")
+            }
+            Some(false) => {
+                counts.push_str("; the mail server's record BROKEN: see mail_server in the report")
+            }
+            None => {}
+        }
         match self.over_rate_attempts {
             None => counts,
             Some(0) => format!("{counts}; the ESP's rate held: no call refused for it"),
@@ -122,7 +150,9 @@ impl Invariants {
 
     /// Whether the counts add up and, at an ESP with a rate, no call was refused for it.
     pub fn held(&self) -> bool {
-        self.violations.is_empty() && self.over_rate_attempts.unwrap_or(0) == 0
+        self.violations.is_empty()
+            && self.over_rate_attempts.unwrap_or(0) == 0
+            && self.mail_server_clean != Some(false)
     }
 
     fn counts_summary(&self) -> String {
@@ -292,12 +322,18 @@ pub async fn build(
     wall: Duration,
 ) -> anyhow::Result<Report> {
     let sim = stack.esp.report();
+    let mail = match &scenario.mail_record {
+        Some(record) => Some(record.read(scenario.seed).await?),
+        None => None,
+    };
+    let message_based = scenario.provider != MailProvider::Simulator;
     let api = reqwest::Client::new();
     let mut requests = Requests::default();
     let mut recipients = Recipients::default();
     let mut states = BTreeMap::new();
     let mut invariants = Invariants {
         over_rate_attempts: sim.rate.as_ref().map(|rate| rate.over_rate_attempts),
+        mail_server_clean: mail.as_ref().map(MailServerReport::clean),
         ..Invariants::default()
     };
     let mut upload_service = Duration::ZERO;
@@ -327,13 +363,21 @@ pub async fn build(
         for (reason, n) in skipped {
             *recipients.skipped_by_reason.entry(reason).or_default() += n;
         }
-        let delivered = sim.requests.get(id).map_or(0, |r| r.counts.unique);
-        recipients.unknown += status["recipients"]["unknown"].as_u64().unwrap_or(0);
+        let delivered = match &mail {
+            Some(mail) => mail.per_request.get(id).copied().unwrap_or(0),
+            None => sim.requests.get(id).map_or(0, |r| r.counts.unique),
+        };
+        let unknown =
+            status["recipients"]["unknown"].as_u64().unwrap_or(0) + status["unknown"].as_u64().unwrap_or(0);
+        recipients.unknown += unknown;
         recipients.audience += rows;
         recipients.skipped += skipped_total;
         recipients.delivered += delivered;
-        if state == "completed" {
-            recipients.lost += *rows as i64 - skipped_total as i64 - delivered as i64;
+        // A message-based provider's refusals and unknown messages are accounted for; a list-based
+        // ESP's failures are among the recipients it was sent to.
+        let accounted = if message_based { status["failed"].as_u64().unwrap_or(0) + unknown } else { 0 };
+        if state == "completed" && (mail.is_some() || !message_based) {
+            recipients.lost += *rows as i64 - skipped_total as i64 - delivered as i64 - accounted as i64;
         }
         let kept = status["audience"]["recipients"].as_u64().unwrap_or(0);
         let size = scenario.chunk_size.max(1) as u64;
@@ -350,11 +394,17 @@ pub async fn build(
         }
         states.insert(id.clone(), state);
     }
-    recipients.duplicates = sim.deliveries.duplicates;
+    recipients.duplicates = mail.as_ref().map_or(sim.deliveries.duplicates, |m| m.duplicates);
 
     let batch_start = submitted.batch.iter().map(|b| b.2).min();
-    let batch_end =
-        submitted.batch.iter().filter_map(|(id, _, _)| sim.requests.get(id).map(|r| r.last_send_at)).max();
+    let batch_end = submitted
+        .batch
+        .iter()
+        .filter_map(|(id, _, _)| match &mail {
+            Some(mail) => mail.last_at.get(id).copied(),
+            None => sim.requests.get(id).map(|r| r.last_send_at),
+        })
+        .max();
     let (makespan, upload_utilization, send_utilization) = match (batch_start, batch_end) {
         (Some(from), Some(to)) if to > from => (
             (to - from).as_seconds_f64(),
@@ -387,7 +437,11 @@ pub async fn build(
         .realtime
         .iter()
         .filter_map(|(id, _, at)| {
-            sim.requests.get(id).map(|r| (r.first_send_at - *at).as_seconds_f64() * 1000.0)
+            let first = match &mail {
+                Some(mail) => *mail.first_at.get(id)?,
+                None => sim.requests.get(id)?.first_send_at,
+            };
+            Some((first - *at).as_seconds_f64() * 1000.0)
         })
         .collect();
     latencies.sort_by(f64::total_cmp);
@@ -428,6 +482,7 @@ pub async fn build(
         cpu_s_per_million: 0.0,
         fairness_max_gap: fairness_gap(submitted),
         chaos: None,
+        mail_server: mail,
         states,
         invariants: Invariants { hold: invariants.held(), ..invariants },
     })

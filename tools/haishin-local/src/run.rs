@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use haishin_shared::domain::RequestId;
+use haishin_esp_sim::report::SimReport;
+use haishin_shared::domain::{ChunkState, RequestId};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::report::{self, Report, Submitted};
 use crate::scenario::{Admission, RealtimeEvents, Scenario, generate_audience, template};
-use crate::stack::{BUCKET, LocalStack, ServiceMode, StackConfig, TASK_NAME_TTL};
+use crate::stack::{BUCKET, LocalStack, MailProvider, ServiceMode, StackConfig, TASK_NAME_TTL};
 
 /// Starts a stack, runs the scenario, stops the stack, and reports.
 pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Result<Report> {
@@ -39,7 +40,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
         service_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
         database_url: None,
         task_name_ttl: scenario.chaos.as_ref().and_then(|c| c.tasks_name_ttl).unwrap_or(TASK_NAME_TTL),
-        provider: Default::default(),
+        provider: scenario.provider.clone(),
     })
     .await?;
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);
@@ -179,24 +180,21 @@ async fn drive(
         }
 
         let sim = stack.esp.report();
-        let delivered = |ids: &[(String, u64, DateTime<Utc>)]| -> u64 {
-            ids.iter().filter_map(|(id, _, _)| sim.requests.get(id)).map(|r| r.counts.unique).sum()
-        };
-        let per_campaign: Vec<u64> = submitted
-            .batch
-            .iter()
-            .map(|(id, _, _)| sim.requests.get(id).map_or(0, |r| r.counts.unique))
-            .collect();
+        let mut per_campaign = Vec::with_capacity(submitted.batch.len());
+        for (id, _, _) in &submitted.batch {
+            per_campaign.push(progress_of(stack, scenario, &sim, id).await);
+        }
+        let mut realtime_done = 0;
+        for (id, _, _) in &submitted.realtime {
+            realtime_done += u64::from(progress_of(stack, scenario, &sim, id).await > 0);
+        }
+        batch_bar.set_position(per_campaign.iter().sum::<u64>().min(batch_total));
         submitted.samples.push((Utc::now(), per_campaign));
-        batch_bar.set_position(delivered(&submitted.batch).min(batch_total));
-        realtime_bar.set_position(
-            submitted
-                .realtime
-                .iter()
-                .filter(|(id, _, _)| sim.requests.get(id).is_some_and(|r| r.counts.unique > 0))
-                .count() as u64,
-        );
-        batch_bar.set_message(format!("upload slots busy {}/{}", sim.upload.in_progress, sim.upload.limit));
+        realtime_bar.set_position(realtime_done);
+        if scenario.provider == MailProvider::Simulator {
+            batch_bar
+                .set_message(format!("upload slots busy {}/{}", sim.upload.in_progress, sim.upload.limit));
+        }
 
         let done_publishing = pending_campaigns.peek().is_none() && waiting.is_empty() && !more_events;
         if done_publishing
@@ -220,6 +218,16 @@ async fn drive(
     batch_bar.finish();
     realtime_bar.finish();
     Ok(submitted)
+}
+
+/// A request's recipients delivered so far, for the progress bars: the simulator's ledger, or
+/// for a message-based provider Haishin's own count (the server's record is read once, at the end).
+async fn progress_of(stack: &LocalStack, scenario: &Scenario, sim: &SimReport, id: &str) -> u64 {
+    if scenario.provider == MailProvider::Simulator {
+        return sim.requests.get(id).map_or(0, |r| r.counts.unique);
+    }
+    let Ok(totals) = stack.store.chunk_totals(&RequestId::from(id)).await else { return 0 };
+    totals.get(&ChunkState::Completed).map_or(0, |t| t.recipients.max(0) as u64)
 }
 
 async fn publish(stack: &LocalStack, request: &Value) -> anyhow::Result<()> {

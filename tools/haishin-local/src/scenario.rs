@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use haishin_esp_sim::EspSimConfig;
+
+use crate::mail_record::MailRecord;
+use crate::stack::MailProvider;
 use rand::Rng;
 use rand::rngs::StdRng;
 use serde_json::{Value, json};
@@ -59,6 +62,11 @@ pub struct Scenario {
     pub progress: bool,
     /// Faults to inject while the scenario runs.
     pub chaos: Option<crate::chaos::ChaosSpec>,
+    /// Who delivers the mail: the ESP simulator, or an SMTP or SES server.
+    pub provider: MailProvider,
+    /// The server's own record of what it received, where the delivery figures come from (the
+    /// simulator's ledger when the simulator delivers).
+    pub mail_record: Option<MailRecord>,
 }
 
 impl Scenario {

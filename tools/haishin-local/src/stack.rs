@@ -88,15 +88,15 @@ pub struct StackConfig {
 }
 
 /// The provider the local services deliver through.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum MailProvider {
     /// The ESP simulator, a list-based ESP (`ESP_PROVIDER=list-send`).
     #[default]
     Simulator,
-    /// An SMTP server at `url` (`smtp://127.0.0.1:PORT`).
-    Smtp { url: String },
-    /// Amazon SES's API at `endpoint` (moto in server mode).
-    Ses { endpoint: String },
+    /// An SMTP server at `url` (`smtp://127.0.0.1:PORT`), and the messages per second it takes.
+    Smtp { url: String, messages_per_second: Option<f64> },
+    /// Amazon SES's API at `endpoint` (moto in server mode), and the account's sending rate.
+    Ses { endpoint: String, messages_per_second: Option<f64> },
 }
 
 impl MailProvider {
@@ -112,6 +112,8 @@ impl MailProvider {
 
 /// The `From` of the messages the local stack renders.
 pub const MAIL_FROM: &str = "Haishin Demo <news@haishin.example>";
+/// The AWS region the local stack's SES client names.
+pub const SES_REGION: &str = "us-east-1";
 /// The unsubscribe endpoint the local stack's messages point at.
 pub const UNSUBSCRIBE_URL: &str = "https://haishin.example/unsubscribe";
 
@@ -208,6 +210,9 @@ impl LocalStack {
         let store = Store::connect(&database_url, 5).await?;
         store.migrate().await?;
 
+        if let MailProvider::Ses { endpoint, .. } = &config.provider {
+            verify_ses_sender(endpoint).await?;
+        }
         let stand_ins = StandIns::start(StandInsConfig::default()).await.context("starting the stand-ins")?;
         let mut esp_config = config.esp.clone();
         esp_config.api_key = Some(ESP_API_KEY.to_owned());
@@ -622,19 +627,59 @@ fn service_env(
     env
 }
 
+/// Verifies the local stack's `From` domain at SES's endpoint: SES, and moto as it does, refuses
+/// mail from an identity it has not verified (a deployment verifies its domain once, by DNS).
+async fn verify_ses_sender(endpoint: &str) -> anyhow::Result<()> {
+    use haishin_shared::esp::{SesConfig, SesCredentials, SesProvider};
+    let mut config = SesConfig::new(SES_REGION);
+    config.endpoint_url = Some(endpoint.to_owned());
+    config.credentials = Some(SesCredentials {
+        access_key_id: "testing".into(),
+        secret_access_key: "testing".to_owned().into(),
+        session_token: None,
+    });
+    let domain = MAIL_FROM.rsplit_once('@').map(|(_, d)| d.trim_end_matches('>')).unwrap_or(MAIL_FROM);
+    let ses = SesProvider::new(&config).await?;
+    ses.client()
+        .create_email_identity()
+        .email_identity(domain)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("verifying {domain} at {endpoint}: {}", aws_error(&e)))?;
+    Ok(())
+}
+
+fn aws_error(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 /// What the sender needs to render and hand over messages itself, for SMTP and SES.
 fn message_provider_env(provider: &MailProvider) -> Vec<(&'static str, String)> {
-    let mut env = match provider {
+    let (mut env, rate) = match provider {
         MailProvider::Simulator => return Vec::new(),
-        MailProvider::Smtp { url } => vec![("SMTP_URL", url.clone())],
+        MailProvider::Smtp { url, messages_per_second } => {
+            (vec![("SMTP_URL", url.clone())], messages_per_second)
+        }
         // moto accepts any key; the SDK still signs every request with it, as AWS requires.
-        MailProvider::Ses { endpoint } => vec![
-            ("SES_REGION", "us-east-1".to_owned()),
-            ("SES_ENDPOINT", endpoint.clone()),
-            ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
-            ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
-        ],
+        MailProvider::Ses { endpoint, messages_per_second } => (
+            vec![
+                ("SES_REGION", SES_REGION.to_owned()),
+                ("SES_ENDPOINT", endpoint.clone()),
+                ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+                ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+            ],
+            messages_per_second,
+        ),
     };
+    if let Some(rate) = rate {
+        env.push(("ESP_MESSAGES_PER_SECOND", rate.to_string()));
+    }
     env.extend([
         ("BUCKET", BUCKET.to_owned()),
         ("MAIL_FROM", MAIL_FROM.to_owned()),
