@@ -277,10 +277,29 @@ async fn the_openapi_document_describes_the_routes_the_trigger_serves() {
 
     let paths: Vec<&str> = spec["paths"].as_object().unwrap().keys().map(String::as_str).collect();
     assert_eq!(spec["openapi"], "3.1.0");
-    assert_eq!(paths, ["/healthz", "/v1/rejections", "/v1/requests", "/v1/requests/{id}"]);
-    for path in ["/healthz", "/v1/rejections", "/v1/requests/some-id"] {
+    assert_eq!(
+        paths,
+        [
+            "/healthz",
+            "/v1/rejections",
+            "/v1/requests",
+            "/v1/requests/{id}",
+            "/v1/requests/{id}:cancel",
+            "/v1/requests/{id}:pause",
+            "/v1/requests/{id}:resume",
+        ]
+    );
+    for path in ["/healthz", "/v1/rejections", "/v1/requests", "/v1/requests/some-id"] {
         let status = reqwest::get(format!("{}{path}", stack.endpoints.trigger)).await.unwrap().status();
         assert!(status == 200 || status == 404 && path.ends_with("some-id"), "{path}: {status}");
+    }
+    let client = reqwest::Client::new();
+    for verb in ["pause", "resume", "cancel"] {
+        let url = format!("{}/v1/requests/some-id:{verb}", stack.endpoints.trigger);
+        let answer = client.post(url).send().await.unwrap();
+        assert_eq!(answer.status(), 404, "{verb}: served, and some-id is unknown");
+        let body: Value = answer.json().await.unwrap();
+        assert!(body["error"].as_str().unwrap().contains("some-id"), "{body}");
     }
     stack.stop().await;
 }

@@ -8,7 +8,9 @@
 //!    `queued` too long go back to `pending` (re-dispatched under a new task name), and chunks
 //!    that sat in `uploaded`, or in `sending` with a dead lease, are published to the sender again
 //!    (which checks the ESP's history before sending anything twice);
-//! 4. closes requests whose chunks are all final;
+//! 4. ends `cancelled` what waits in a cancelled request (chunks that came back to a waiting
+//!    state after the cancel), and closes requests whose chunks are all final (`cancelled` for a
+//!    cancelled one);
 //! 5. writes one delivery-log row per finished chunk and one summary row per finished request, and
 //!    publishes `request-completed`;
 //! 6. publishes a tick on `pipeline-events`, the scheduler's safety net.
@@ -18,7 +20,8 @@
 //!
 //! # Layout
 //! - this module: the configuration and the pass, step by step;
-//! - [`close`]: expiring requests never prepared in time, closing requests whose chunks are final;
+//! - [`close`]: expiring requests never prepared in time, cancelling what waits in cancelled
+//!   requests, closing requests whose chunks are final;
 //! - `poll`: the ESP's delivery status of sent chunks;
 //! - `reconcile`: stuck uploads and sends;
 //! - [`logs`]: the delivery and request log rows, their sinks (BigQuery, files), and writing them.
@@ -91,6 +94,7 @@ pub struct PassReport {
     pub requeued_uploads: u64,
     pub redispatched: u64,
     pub republished: u64,
+    pub cancelled_chunks: u64,
     pub closed_requests: u64,
     pub delivery_rows: u64,
     pub request_rows: u64,
@@ -144,6 +148,7 @@ impl Job {
             poll::poll_sent(&self.store, esp.as_ref(), &mut report).await?;
         }
         reconcile::reconcile(&self.store, &self.deliveries, self.timeouts, &mut report).await?;
+        report.cancelled_chunks = close::cancel_stragglers(&self.store).await?;
         report.closed_requests = close::close_finished_requests(&self.store).await?;
         logs::write::write_logs(&self.store, self.sink.as_ref(), &self.completed, &mut report).await?;
         if let Err(err) = self.events.publish(&PipelineEvent::tick(), &[]).await {

@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use haishin_shared::domain::RequestId;
+use haishin_shared::domain::{RequestId, RequestState};
 use haishin_shared::gcp::GcpError;
 use haishin_shared::push::{Outcome, RetryReason};
 use haishin_shared::store::StoreError;
@@ -56,6 +56,13 @@ pub enum ApiError {
     /// 404: no request with that id.
     #[error("no request with id `{0}`")]
     NotFound(String),
+    /// 404: the path names no method this API has; the text says which it has.
+    #[error("{0}")]
+    NoMethod(String),
+    /// 409: the request is past the point where this can be done (in the state given); the text
+    /// says why.
+    #[error("{reason}")]
+    Conflict { id: RequestId, state: RequestState, reason: String },
     /// 503: a dependency is down; try again.
     #[error("service unavailable: {0}")]
     Unavailable(#[from] Unavailable),
@@ -72,7 +79,8 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::Rejected { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NoMethod(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => {
                 tracing::error!(error = %self, "Request failed.");
                 StatusCode::SERVICE_UNAVAILABLE
@@ -80,6 +88,7 @@ impl IntoResponse for ApiError {
         };
         let body = match &self {
             ApiError::Rejected { id, reason } => json!({ "error": reason, "id": id }),
+            ApiError::Conflict { id, state, reason } => json!({ "error": reason, "id": id, "state": state }),
             ApiError::TooLarge { limit } => json!({ "error": self.to_string(), "limit_bytes": limit }),
             other => json!({ "error": other.to_string() }),
         };

@@ -13,14 +13,18 @@
 //! - [`dispatch`]: the rule's driver: one round per event, coalesced, and the hand-off of each
 //!   chunk dispatched (an upload task, or a delivery message for a message-based provider).
 //! - [`status`]: a request's status as the API shows it.
+//! - [`listing`]: requests newest first, filtered, a page at a time.
+//! - [`control`]: pausing, resuming and cancelling a request.
 //! - [`rejections`]: what was refused, newest first.
 //! - [`routes`]: HTTP routes (`/push/*` and `/tasks/*` require an OIDC token; `/v1/*` is the API).
 //! - [`error`]: work that cannot be done now, and the API's error answers.
 
 pub mod config;
+pub mod control;
 pub mod dispatch;
 pub mod error;
 pub mod intake;
+pub mod listing;
 pub mod prepare;
 pub mod rejections;
 pub mod routes;

@@ -23,6 +23,15 @@ pub struct RequestStatus {
     pub deadline: Option<DateTime<Utc>>,
     pub received_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Since when the request is paused: none of its chunks is dispatched until it is resumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
+    /// When its cancel was asked for: what was not handed to the send step is `cancelled`, and the
+    /// request ends `cancelled` once the rest has finished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_requested_at: Option<DateTime<Utc>>,
     pub audience: Option<AudienceStatus>,
     /// Number of chunks in each state.
     pub chunks: BTreeMap<ChunkState, i64>,
@@ -37,7 +46,8 @@ pub struct RequestStatus {
     /// Messages of this request that Pub/Sub gave up delivering (newest first, at most 20).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dead_letters: Vec<DeadLetter>,
-    /// For a request still being uploaded: when its last chunk should be, at the current pace.
+    /// For a request still being uploaded: when its last chunk should be, at the current pace (or
+    /// that it is paused).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub forecast: Option<Forecast>,
 }
@@ -85,6 +95,9 @@ pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<Requ
         deadline: row.deadline,
         received_at: row.received_at,
         finished_at: row.finished_at,
+        paused_at: row.paused_at,
+        pause_reason: row.pause_reason.clone(),
+        cancel_requested_at: row.cancel_requested_at,
         audience: row.chunk_count.map(|chunks| AudienceStatus {
             rows: row.audience_rows.unwrap_or(0),
             recipients: row.recipients.unwrap_or(0),

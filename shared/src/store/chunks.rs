@@ -1,12 +1,13 @@
 //! The chunk transitions that more than one service makes: taking a chunk for the upload or the
-//! send step under a lease, moving it back or on, ending it, and expiring what is overdue.
+//! send step under a lease, moving it back or on, ending it, expiring what is overdue, and
+//! cancelling what waits.
 
 use std::time::Duration;
 
 use sqlx::{FromRow, PgExecutor, Row};
 
 use super::{ChunkRow, Result, Store, chunk_columns};
-use crate::domain::{ChunkId, ChunkState};
+use crate::domain::{ChunkId, ChunkState, RequestId};
 
 /// The outcome of trying to take a piece of work that moves through states `S`.
 #[derive(Debug)]
@@ -78,26 +79,70 @@ impl Step {
 }
 
 /// Expires the pending chunks whose deadline passed, on `conn` (the pool, or the scheduler's
-/// transaction). Returns how many.
+/// transaction). Returns how many. A message-based chunk that gave its slot up to realtime work
+/// mid-way has delivered some of its messages: it is dispatched again and finishes, so that its
+/// counts stay whole.
 pub async fn expire_overdue_chunks(conn: impl PgExecutor<'_>) -> Result<u64> {
     let done = sqlx::query(
         "UPDATE chunks SET state = 'expired', reason = 'deadline passed before dispatch', finished_at = now()
-         WHERE state = 'pending' AND deadline < now()",
+         WHERE state = 'pending' AND deadline < now() AND progress = 0",
     )
     .execute(conn)
     .await?;
     Ok(done.rows_affected())
 }
 
+/// The reason kept on each chunk a cancel ended.
+pub const CANCELLED_REASON: &str = "cancelled on request";
+
+/// Which chunks [`cancel_waiting_chunks`] looks at.
+#[derive(Debug, Clone, Copy)]
+pub enum CancelScope<'a> {
+    /// One chunk (the claim's).
+    Chunk(&'a ChunkId),
+    /// One request's chunks (the cancel's).
+    Request(&'a RequestId),
+    /// Every cancelled request's (the completion job's sweep).
+    All,
+}
+
+/// Ends `cancelled` the chunks of cancelled requests (`cancel_requested_at` set) that were not
+/// handed to the provider's send step: waiting for dispatch (`pending`), for their upload
+/// (`queued`) or for their send (`uploaded`), with none of their messages tried yet (a
+/// message-based chunk handed back or given way to realtime mid-way has some delivered already,
+/// and finishes instead).
+/// Chunks `uploading` or `sending` finish on their own. Returns how many.
+pub async fn cancel_waiting_chunks(conn: impl PgExecutor<'_>, scope: CancelScope<'_>) -> Result<u64> {
+    // One statement per scope, so that each is planned with its own index.
+    let (filter, id) = match scope {
+        CancelScope::Chunk(chunk) => ("c.id = $2", Some(chunk.as_str())),
+        CancelScope::Request(request) => ("c.request_id = $2", Some(request.as_str())),
+        CancelScope::All => ("$2::text IS NULL", None),
+    };
+    let sql = format!(
+        "UPDATE chunks c SET state = 'cancelled', reason = $1, finished_at = now(), lease_until = NULL
+         FROM requests r
+         WHERE {filter} AND r.id = c.request_id AND r.cancel_requested_at IS NOT NULL
+           AND r.state IN ('received', 'preparing', 'dispatching')
+           AND c.state IN ('pending', 'queued', 'uploaded') AND c.progress = 0"
+    );
+    let done = sqlx::query(&sql).bind(CANCELLED_REASON).bind(id).execute(conn).await?;
+    Ok(done.rows_affected())
+}
+
 impl Store {
     /// Takes a chunk for `step`: from the state it waits in, or from the working state when the
     /// lease there ran out (a takeover, which must check the ESP before repeating anything).
+    /// A waiting chunk of a cancelled request ends `cancelled` instead ([`Claim::Done`]): a chunk
+    /// that reached its step after the cancel (an upload that ended, a send handed back) never
+    /// goes further.
     pub async fn claim(
         &self,
         id: &ChunkId,
         step: Step,
         lease: Duration,
     ) -> Result<Claim<Claimed, ChunkState>> {
+        cancel_waiting_chunks(self.pool(), CancelScope::Chunk(id)).await?;
         let attempts = step.attempts_column();
         let sql = format!(
             "WITH before AS (SELECT id, state FROM chunks WHERE id = $1 FOR UPDATE)

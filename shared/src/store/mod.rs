@@ -10,7 +10,8 @@
 //! reaches the pool through [`Store::pool`].
 //!
 //! - [`rows`]: [`RequestRow`], [`ChunkRow`] and the reads of them.
-//! - [`chunks`]: taking a chunk for a step under a lease, and moving it between states.
+//! - [`chunks`]: taking a chunk for a step under a lease, moving it between states, and ending
+//!   what a cancel stops.
 //! - [`rate`]: [`RateSchedule`], a provider's rate limit held across every instance.
 
 mod chunks;
@@ -22,9 +23,11 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-pub use chunks::{Claim, Claimed, Step, expire_overdue_chunks};
+pub use chunks::{
+    CANCELLED_REASON, CancelScope, Claim, Claimed, Step, cancel_waiting_chunks, expire_overdue_chunks,
+};
 pub use rate::{RateSchedule, Reservation};
-pub use rows::{ChunkRow, ChunkTotals, RequestRow, chunk_columns, request_columns};
+pub use rows::{ChunkRow, ChunkTotals, Outcomes, RequestRow, chunk_columns, request_columns};
 
 /// Errors from the store. All of them are worth a retry: the database may come back.
 #[derive(Debug, thiserror::Error)]

@@ -29,6 +29,11 @@ pub struct RequestRow {
     pub chunk_count: Option<i32>,
     pub received_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// While set, none of the request's chunks is dispatched.
+    pub paused_at: Option<DateTime<Utc>>,
+    pub pause_reason: Option<String>,
+    /// Set once by a cancel, never cleared: what was not handed to the send step ends `cancelled`.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
 }
 
 impl RequestRow {
@@ -71,6 +76,8 @@ pub struct ChunkRow {
     pub retry: Vec<i32>,
     /// ... and these, handed over by a call whose answer never came back (a crash mid-call).
     pub in_flight: Option<Vec<i32>>,
+    /// Times the chunk gave its send slot up to realtime work (message-based providers).
+    pub yields: i32,
     pub reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub queued_at: Option<DateTime<Utc>>,
@@ -101,6 +108,7 @@ const CHUNK_COLUMNS: &[&str] = &[
     "progress",
     "retry",
     "in_flight",
+    "yields",
     "reason",
     "created_at",
     "queued_at",
@@ -125,6 +133,9 @@ const REQUEST_COLUMNS: &[&str] = &[
     "chunk_count",
     "received_at",
     "finished_at",
+    "paused_at",
+    "pause_reason",
+    "cancel_requested_at",
 ];
 
 /// The select list of a [`ChunkRow`], each column prefixed with `table.` when one is given.
@@ -153,6 +164,54 @@ pub struct ChunkTotals {
     pub bounced: i64,
     pub failed: i64,
     pub unknown: i64,
+}
+
+/// A request's recipients by outcome, from its chunk totals per state: the accounting of the
+/// request log and of the API. At every moment
+/// `recipients = pending + in_flight + sent + failed + expired + cancelled + unknown`; once every
+/// chunk is final, `pending` and `in_flight` are 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Outcomes {
+    /// In chunks not dispatched yet.
+    pub pending: i64,
+    /// In chunks handed on and not finished (queued, uploading, uploaded, sending).
+    pub in_flight: i64,
+    /// Accepted by the provider: in chunks sent or completed, less those it refused and those
+    /// whose outcome is unknown.
+    pub sent: i64,
+    /// In chunks that failed, or refused by the provider within completed chunks.
+    pub failed: i64,
+    pub expired: i64,
+    pub cancelled: i64,
+    /// In chunks that ended `unknown`, or single messages handed over without an answer.
+    pub unknown: i64,
+}
+
+impl Outcomes {
+    pub fn of(totals: &BTreeMap<ChunkState, ChunkTotals>) -> Self {
+        let recipients_in = |states: &[ChunkState]| {
+            states.iter().map(|state| totals.get(state).map_or(0, |t| t.recipients)).sum::<i64>()
+        };
+        // Within completed chunks, the recipients the provider refused and those whose message
+        // outcome is unknown were never delivered: they count as failed and unknown, not sent.
+        let completed = totals.get(&ChunkState::Completed).copied().unwrap_or_default();
+        Self {
+            pending: recipients_in(&[ChunkState::Pending]),
+            in_flight: recipients_in(&[
+                ChunkState::Queued,
+                ChunkState::Uploading,
+                ChunkState::Uploaded,
+                ChunkState::Sending,
+            ]),
+            sent: recipients_in(&[ChunkState::Completed, ChunkState::Sent])
+                - completed.failed
+                - completed.unknown,
+            failed: recipients_in(&[ChunkState::Failed]) + completed.failed,
+            expired: recipients_in(&[ChunkState::Expired]),
+            cancelled: recipients_in(&[ChunkState::Cancelled]),
+            unknown: recipients_in(&[ChunkState::Unknown]) + completed.unknown,
+        }
+    }
 }
 
 #[derive(FromRow)]

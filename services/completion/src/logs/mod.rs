@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 use haishin_shared::domain::{ChunkId, ChunkState, Class, RequestId, RequestState};
-use haishin_shared::store::{ChunkRow, ChunkTotals, RequestRow};
+use haishin_shared::store::{ChunkRow, ChunkTotals, Outcomes, RequestRow};
 
 mod bigquery;
 pub mod write;
@@ -101,11 +101,7 @@ pub struct RequestLog {
 impl RequestLog {
     /// Builds the summary from the request and its chunk totals per state.
     pub fn new(request: &RequestRow, totals: &BTreeMap<ChunkState, ChunkTotals>) -> Self {
-        let recipients_in = |state: ChunkState| totals.get(&state).map_or(0, |t| t.recipients);
-        let sum = |pick: fn(&ChunkTotals) -> i64| totals.values().map(pick).sum::<i64>();
-        // Within completed chunks, the recipients the provider refused and those whose message
-        // outcome is unknown were never delivered: they count as failed and unknown, not sent.
-        let completed = totals.get(&ChunkState::Completed).copied().unwrap_or_default();
+        let outcomes = Outcomes::of(totals);
         let skipped: BTreeMap<String, i64> =
             serde_json::from_value(request.skipped.clone()).unwrap_or_default();
         Self {
@@ -118,15 +114,13 @@ impl RequestLog {
             audience_rows: request.audience_rows.unwrap_or(0),
             recipients: request.recipients.unwrap_or(0),
             skipped,
-            sent: recipients_in(ChunkState::Completed) + recipients_in(ChunkState::Sent)
-                - completed.failed
-                - completed.unknown,
-            delivered: sum(|t| t.delivered),
-            bounced: sum(|t| t.bounced),
-            failed: recipients_in(ChunkState::Failed) + completed.failed,
-            expired: recipients_in(ChunkState::Expired),
-            cancelled: recipients_in(ChunkState::Cancelled),
-            unknown: recipients_in(ChunkState::Unknown) + completed.unknown,
+            sent: outcomes.sent,
+            delivered: totals.values().map(|t| t.delivered).sum(),
+            bounced: totals.values().map(|t| t.bounced).sum(),
+            failed: outcomes.failed,
+            expired: outcomes.expired,
+            cancelled: outcomes.cancelled,
+            unknown: outcomes.unknown,
             received_at: request.received_at,
             finished_at: request.finished_at,
         }

@@ -1,11 +1,15 @@
 //! Filling chunks: recipients are de-duplicated within the request, written to Cloud Storage
 //! `chunk_size` at a time, and each chunk is recorded as it is written, so that it can be
 //! dispatched while the rest of the audience is still being read.
+//!
+//! A request cancelled while it is prepared is read to its end all the same, so that its summary
+//! counts the whole audience, but its chunks from then on are recorded `cancelled` and their
+//! objects, which nothing will read, are not written.
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 
-use haishin_shared::domain::{ChunkId, DeliveryRequest, Recipient, chunk_object, template};
+use haishin_shared::domain::{ChunkId, ChunkState, DeliveryRequest, Recipient, chunk_object, template};
 use haishin_shared::gcp::Blobs;
 use haishin_shared::store::Store;
 use serde::Serialize;
@@ -66,6 +70,8 @@ pub(super) struct Chunker<'a> {
     hasher: std::hash::RandomState,
     buffer: Vec<u8>,
     in_buffer: u32,
+    /// The request's cancel was seen: chunks are recorded `cancelled`, their objects not written.
+    cancelled: bool,
     pub(super) summary: AudienceSummary,
 }
 
@@ -89,6 +95,7 @@ impl<'a> Chunker<'a> {
             hasher: std::hash::RandomState::new(),
             buffer: Vec::new(),
             in_buffer: 0,
+            cancelled: false,
             summary: AudienceSummary::default(),
         }
     }
@@ -138,10 +145,19 @@ impl<'a> Chunker<'a> {
         let seq = self.summary.chunks;
         let object = chunk_object(&self.request.id, seq);
         let data = bytes::Bytes::from(std::mem::take(&mut self.buffer));
-        self.blobs.write(self.bucket, &object, data).await?;
+        if !self.cancelled {
+            self.blobs.write(self.bucket, &object, data).await?;
+        }
         let chunk =
             NewChunk { id: ChunkId::new(&self.request.id, seq), seq, object, recipients: self.in_buffer };
-        records::insert_chunks(self.store, self.request, &[chunk]).await?;
+        let stored = records::insert_chunks(self.store, self.request, &[chunk]).await?;
+        if stored == ChunkState::Cancelled && !self.cancelled {
+            tracing::info!(
+                chunk = seq,
+                "Request cancelled while prepared: its chunks from here on are cancelled."
+            );
+            self.cancelled = true;
+        }
         self.summary.chunks += 1;
         self.in_buffer = 0;
         (self.on_chunk)();

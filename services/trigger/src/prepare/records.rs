@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use haishin_shared::domain::{ChunkId, DeliveryRequest, RequestId, RequestState};
-use haishin_shared::store::{Claim, RequestRow, Result, Store, request_columns};
+use haishin_shared::domain::{ChunkId, ChunkState, DeliveryRequest, RequestId, RequestState};
+use haishin_shared::store::{CANCELLED_REASON, Claim, RequestRow, Result, Store, request_columns};
 use sqlx::{Postgres, QueryBuilder};
 
 use super::chunker::AudienceSummary;
@@ -55,28 +55,46 @@ pub async fn clear_chunks(store: &Store, request: &RequestId) -> Result<()> {
     Ok(())
 }
 
-/// Adds chunk rows for a request being prepared.
-pub async fn insert_chunks(store: &Store, request: &DeliveryRequest, chunks: &[NewChunk]) -> Result<()> {
-    if chunks.is_empty() {
-        return Ok(());
+/// Adds chunk rows for a request being prepared: `pending`, or `cancelled` when the request's
+/// cancel was asked for. Returns the state they were stored in. The request row is locked (shared)
+/// meanwhile, so a cancel either sees these chunks or is seen by this insert.
+pub async fn insert_chunks(
+    store: &Store,
+    request: &DeliveryRequest,
+    chunks: &[NewChunk],
+) -> Result<ChunkState> {
+    let mut tx = store.pool().begin().await?;
+    let cancelled: Option<bool> =
+        sqlx::query_scalar("SELECT cancel_requested_at IS NOT NULL FROM requests WHERE id = $1 FOR SHARE")
+            .bind(&request.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let (state, reason) = match cancelled {
+        Some(true) => (ChunkState::Cancelled, Some(CANCELLED_REASON)),
+        _ => (ChunkState::Pending, None),
+    };
+    if !chunks.is_empty() {
+        let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
+            "INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, recipients, reason, finished_at) ",
+        );
+        query.push_values(chunks, |mut row, chunk| {
+            row.push_bind(&chunk.id)
+                .push_bind(&request.id)
+                .push_bind(chunk.seq as i32)
+                .push_bind(request.class)
+                .push_bind(request.priority)
+                .push_bind(request.deadline)
+                .push_bind(state)
+                .push_bind(&chunk.object)
+                .push_bind(chunk.recipients as i32)
+                .push_bind(reason)
+                .push(if reason.is_some() { "now()" } else { "NULL" });
+        });
+        query.push(" ON CONFLICT (id) DO NOTHING");
+        query.build().execute(&mut *tx).await?;
     }
-    let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
-        "INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, recipients) ",
-    );
-    query.push_values(chunks, |mut row, chunk| {
-        row.push_bind(&chunk.id)
-            .push_bind(&request.id)
-            .push_bind(chunk.seq as i32)
-            .push_bind(request.class)
-            .push_bind(request.priority)
-            .push_bind(request.deadline)
-            .push_bind("pending")
-            .push_bind(&chunk.object)
-            .push_bind(chunk.recipients as i32);
-    });
-    query.push(" ON CONFLICT (id) DO NOTHING");
-    query.build().execute(store.pool()).await?;
-    Ok(())
+    tx.commit().await?;
+    Ok(state)
 }
 
 /// Ends the prepare step: the request's chunks become eligible for dispatch.

@@ -1,5 +1,6 @@
-//! The direct API: `POST /v1/requests`, `GET /v1/requests/{id}` and `GET /v1/rejections`, described
-//! by the OpenAPI document at `GET /openapi.json` (`services/trigger/openapi.json`).
+//! The direct API: `POST /v1/requests`, `GET /v1/requests/{id}` and `GET /v1/rejections` (the list
+//! of requests and their methods are in `control`), described by the OpenAPI document at
+//! `GET /openapi.json` (`services/trigger/openapi.json`).
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};

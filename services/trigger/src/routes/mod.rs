@@ -2,6 +2,7 @@
 //! callers and is protected by Cloud Run's IAM in production.
 
 mod api;
+mod control;
 mod dead_letters;
 mod events;
 mod push;
@@ -19,5 +20,5 @@ pub fn router(service: &PushService, state: AppState) -> Router {
         .merge(tasks::router())
         .merge(events::router())
         .merge(dead_letters::router());
-    service.router(state, authenticated, api::router())
+    service.router(state, authenticated, api::router().merge(control::router()))
 }

@@ -1,6 +1,7 @@
 //! When a request's uploads should end, from the pipeline's pace over the last minute and the
 //! chunks that go before or alongside this request's: higher rank first (the scheduling rule's
-//! own [`rank`](super::rank)), equals taking turns.
+//! own [`rank`](super::rank)), equals taking turns. Paused and cancelled requests' chunks go
+//! before nobody; a paused request itself has no end to forecast until it is resumed.
 
 use chrono::{DateTime, Utc};
 use haishin_shared::store::{RequestRow, Result, Store, request_columns};
@@ -22,10 +23,18 @@ pub struct Forecast {
     /// True when `uploads_done_by` is later than the deadline: the request will partly expire
     /// unless throughput rises.
     pub deadline_at_risk: bool,
+    /// True while the request is paused: none of its chunks is dispatched, so no end is forecast
+    /// (`uploads_done_by` is null, `deadline_at_risk` false) until it is resumed. Its pending
+    /// chunks still expire at the deadline.
+    pub paused: bool,
 }
 
-/// The forecast of a request still being uploaded; `None` once nothing of it is left to upload.
+/// The forecast of a request still being uploaded; `None` once nothing of it is left to upload,
+/// and for a cancelled one.
 pub async fn forecast(store: &Store, request: &RequestRow) -> Result<Option<Forecast>> {
+    if request.cancel_requested_at.is_some() {
+        return Ok(None);
+    }
     let sql = format!(
         "WITH me AS (
              SELECT {me} AS rank FROM requests r WHERE r.id = $1
@@ -35,7 +44,10 @@ pub async fn forecast(store: &Store, request: &RequestRow) -> Result<Option<Fore
          ), others AS (
              SELECT c.request_id, count(*) AS n,
                     bool_or({chunk} < me.rank) AS higher, bool_or({chunk} = me.rank) AS equal
-             FROM chunks c, me WHERE c.state = 'pending' AND c.request_id <> $1 GROUP BY c.request_id
+             FROM chunks c JOIN requests o ON o.id = c.request_id, me
+             WHERE c.state = 'pending' AND c.request_id <> $1
+               AND o.paused_at IS NULL AND o.cancel_requested_at IS NULL
+             GROUP BY c.request_id
          )
          SELECT own.n,
                 coalesce(sum(CASE WHEN others.higher THEN others.n
@@ -50,7 +62,8 @@ pub async fn forecast(store: &Store, request: &RequestRow) -> Result<Option<Fore
     if left == 0 {
         return Ok(None);
     }
-    let done_by = (pace > 0).then(|| {
+    let paused = request.paused_at.is_some();
+    let done_by = (pace > 0 && !paused).then(|| {
         let seconds = (left + ahead) as f64 * 60.0 / pace as f64;
         Utc::now() + chrono::Duration::milliseconds((seconds * 1000.0) as i64)
     });
@@ -61,14 +74,17 @@ pub async fn forecast(store: &Store, request: &RequestRow) -> Result<Option<Fore
         uploads_last_minute: pace,
         uploads_done_by: done_by,
         deadline_at_risk: at_risk,
+        paused,
     }))
 }
 
 /// Requests still being dispatched that will miss their deadline at the current pace (at most
-/// `limit`, earliest deadline first), with their forecasts.
+/// `limit`, earliest deadline first), with their forecasts. Paused requests are not among them:
+/// someone paused them on purpose.
 pub async fn at_risk(store: &Store, limit: i64) -> Result<Vec<(RequestRow, Forecast)>> {
     let sql = format!(
         "SELECT {} FROM requests WHERE state IN ('preparing', 'dispatching') AND deadline IS NOT NULL
+           AND paused_at IS NULL AND cancel_requested_at IS NULL
          ORDER BY deadline LIMIT $1",
         request_columns(None)
     );

@@ -29,8 +29,10 @@ pub(crate) fn rank(t: &str) -> String {
 }
 
 /// Chunks of class `$1` that may be dispatched now: pending, of a request being prepared or
-/// dispatched, whose start time has come. `c` is the chunk, `r` its request.
+/// dispatched, neither paused nor cancelled, whose start time has come. `c` is the chunk, `r` its
+/// request.
 const ELIGIBLE: &str = "c.state = 'pending' AND c.class = $1 AND r.state IN ('preparing', 'dispatching')
+       AND r.paused_at IS NULL AND r.cancel_requested_at IS NULL
        AND (r.not_before IS NULL OR r.not_before <= now())";
 
 /// The next eligible chunk of class `$1` by the scheduling rule, locked: rank, then round-robin
@@ -109,7 +111,7 @@ pub struct DispatchRound {
 /// At the tail of the batch work, chunks are cut smaller as they are dispatched (see [`tail`]).
 pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<DispatchRound> {
     let mut tx = store.pool().begin().await?;
-    sqlx::query("SELECT api FROM dispatch_slots WHERE api = 'upload' FOR UPDATE").execute(&mut *tx).await?;
+    hold_dispatch(&mut tx).await?;
     let expired = expire_overdue_chunks(&mut *tx).await?;
     let (realtime, batch): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE class = 'realtime'), count(*) FILTER (WHERE class = 'batch')
@@ -138,6 +140,14 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
     }
     tx.commit().await?;
     Ok(DispatchRound { in_flight: in_flight + dispatched.len() as u32, dispatched, expired })
+}
+
+/// Takes the lock every dispatch round holds, until `tx` ends: no round runs meanwhile, and every
+/// round after it sees what `tx` changed. A pause or a cancel holds it, so that once either has
+/// answered, no round still under way can dispatch the request's chunks.
+pub(crate) async fn hold_dispatch(tx: &mut Transaction<'_, Postgres>) -> Result<()> {
+    sqlx::query("SELECT api FROM dispatch_slots WHERE api = 'upload' FOR UPDATE").execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// Takes up to `count` chunks of `class` in order, one at a time, so that round-robin sees the

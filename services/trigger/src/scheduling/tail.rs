@@ -32,6 +32,7 @@ pub(super) async fn cut_next(
     let (preparing, pending): (bool, i64) = sqlx::query_as(&format!(
         "SELECT EXISTS (SELECT 1 FROM requests
                         WHERE class = $1 AND state IN ('received', 'preparing')
+                          AND paused_at IS NULL AND cancel_requested_at IS NULL
                           AND (not_before IS NULL OR not_before <= now())),
                 (SELECT coalesce(sum(c.recipients), 0) FROM chunks c JOIN requests r ON r.id = c.request_id
                  WHERE {ELIGIBLE})"
