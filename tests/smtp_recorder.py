@@ -65,6 +65,7 @@ class Recorder:
         self.refuse = set(args.refuse)
         self.defer = set(args.defer)
         self.hang = set(args.hang)
+        self.delay = args.delay_ms / 1000
         self.queue_ids = itertools.count(1)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -74,6 +75,8 @@ class Recorder:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.defer.intersection(envelope.rcpt_tos):
             return "451 4.3.0 Temporary local problem, try again later"
         raw = envelope.original_content
@@ -113,6 +116,7 @@ async def main():
     parser.add_argument("--defer", action="append", default=[])
     parser.add_argument("--hang", action="append", default=[])
     parser.add_argument("--auth", help="USER:PASSWORD that AUTH must present")
+    parser.add_argument("--delay-ms", type=float, default=0, help="wait this long before answering each message")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     args = parser.parse_args()
     options = {"hostname": "recorder.test"}

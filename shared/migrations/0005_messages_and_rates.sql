@@ -8,6 +8,9 @@
 ALTER TABLE chunks ADD COLUMN progress  INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE chunks ADD COLUMN retry     INTEGER[] NOT NULL DEFAULT '{}';
 ALTER TABLE chunks ADD COLUMN in_flight INTEGER[];
+-- Times a batch chunk gave its send slot up to realtime work between two batches (it went back
+-- to `pending`, keeping its place): not attempts that failed.
+ALTER TABLE chunks ADD COLUMN yields    INTEGER NOT NULL DEFAULT 0;
 -- Recipients of the chunk whose message outcome could not be established (a chunk that ends
 -- `unknown` as a whole counts all its recipients instead).
 ALTER TABLE chunks ADD COLUMN unknown   BIGINT;

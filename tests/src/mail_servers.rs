@@ -46,6 +46,8 @@ pub struct SmtpBehaviour {
     pub hang: Vec<String>,
     /// `(user, password)` that AUTH must present.
     pub auth: Option<(String, String)>,
+    /// How long the server takes over each message before it answers (a slow relay).
+    pub delay: Option<Duration>,
 }
 
 /// aiosmtpd recording every message it accepts.
@@ -73,6 +75,9 @@ impl SmtpRecorder {
             for address in addresses {
                 command.args([flag, address]);
             }
+        }
+        if let Some(delay) = behaviour.delay {
+            command.args(["--delay-ms", &delay.as_millis().to_string()]);
         }
         if let Some((user, password)) = &behaviour.auth {
             command.args(["--auth", &format!("{user}:{password}")]);

@@ -126,6 +126,49 @@ async fn ses_in_moto_holds_every_recipient_once() {
 }
 
 #[tokio::test]
+async fn a_realtime_event_overtakes_a_batch_chunk_already_being_sent() {
+    // A relay that takes 10 ms a message: the batch's 600 take at least 6 s on its one connection.
+    let slow =
+        SmtpBehaviour { delay: Some(std::time::Duration::from_millis(10)), ..SmtpBehaviour::default() };
+    let Some(smtp) = SmtpRecorder::start(slow).await else { return };
+    // One send slot and one large chunk: without giving way, the event would wait for all of it.
+    let stack = TestStack {
+        provider: MailProvider::Smtp { url: smtp.url.clone(), messages_per_second: None },
+        chunk_size: 600,
+        esp_limit: 1,
+        ..TestStack::default()
+    }
+    .start()
+    .await;
+    publish(
+        &stack,
+        &json!({"id": "batch", "class": "batch", "template": template(), "audience": inline("batch", 600)}),
+    )
+    .await;
+    haishin_tests::eventually("the batch to start arriving", std::time::Duration::from_secs(30), || async {
+        (!smtp.received().is_empty()).then_some(())
+    })
+    .await;
+
+    publish(
+        &stack,
+        &json!({"id": "event", "class": "realtime", "template": template(), "audience": inline("rt", 1)}),
+    )
+    .await;
+
+    assert_eq!(finished(&stack, "event").await["state"], "completed");
+    let batch = finished(&stack, "batch").await;
+    assert_eq!(batch["state"], "completed");
+    let order: Vec<String> =
+        smtp.received().iter().map(|m| m["rcpt_tos"][0].as_str().unwrap().to_owned()).collect();
+    let event_at = order.iter().position(|a| a == "rt-0@example.com").expect("the event was received");
+    assert!(event_at < 500, "the event arrived after {event_at} of the batch's 600 messages");
+    assert_eq!(per_address(order.iter().map(String::as_str)).len(), 601, "each recipient once");
+    assert_eq!(order.len(), 601);
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn a_batch_whose_call_died_counts_unknown_and_is_never_handed_over_again() {
     let Some(smtp) = SmtpRecorder::start(SmtpBehaviour::default()).await else { return };
     let stack =

@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 
 use super::{Result, Store};
@@ -35,14 +36,17 @@ pub struct RateSchedule {
 /// A reservation: `units` starting at `start`, one every `interval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reservation {
+    /// When the first unit may go out, on this instance's clock.
     pub start: Instant,
     pub interval: Duration,
+    /// The same moment on the database's clock, the schedule's own.
+    pub reserved: DateTime<Utc>,
 }
 
 impl Reservation {
     /// A reservation that waits for nothing (no rate is declared).
     pub fn now() -> Self {
-        Self { start: Instant::now(), interval: Duration::ZERO }
+        Self { start: Instant::now(), interval: Duration::ZERO, reserved: Utc::now() }
     }
 
     /// When unit `index` of the reservation may go out.
@@ -75,17 +79,17 @@ impl RateSchedule {
     /// Reserves `units` consecutive slots and says when the first begins.
     pub async fn reserve(&self, units: u32) -> Result<Reservation> {
         let length = self.per_unit * units.max(1);
-        let wait_us: f64 = sqlx::query_scalar(
+        let (reserved, wait_us): (DateTime<Utc>, f64) = sqlx::query_as(
             "INSERT INTO rate_schedules AS s (name, next_at) VALUES ($1, clock_timestamp() + $2)
              ON CONFLICT (name) DO UPDATE SET next_at = greatest(s.next_at, clock_timestamp()) + $2
-             RETURNING (extract(epoch FROM s.next_at - $2 - clock_timestamp()) * 1e6)::float8",
+             RETURNING s.next_at - $2, (extract(epoch FROM s.next_at - $2 - clock_timestamp()) * 1e6)::float8",
         )
         .bind(self.name)
         .bind(length)
         .fetch_one(self.store.pool())
         .await?;
         let wait = Duration::from_micros(wait_us.max(0.0) as u64);
-        Ok(Reservation { start: Instant::now() + wait, interval: self.per_unit })
+        Ok(Reservation { start: Instant::now() + wait, interval: self.per_unit, reserved })
     }
 
     /// Reserves `units` and waits until the reservation begins.
@@ -103,7 +107,7 @@ mod tests {
     #[test]
     fn a_reservation_spaces_its_units_by_the_interval() {
         let start = Instant::now();
-        let reservation = Reservation { start, interval: Duration::from_millis(50) };
+        let reservation = Reservation { start, interval: Duration::from_millis(50), reserved: Utc::now() };
         assert_eq!(reservation.at(0), start);
         assert_eq!(reservation.at(3), start + Duration::from_millis(150));
         assert_eq!(Reservation::now().interval, Duration::ZERO);

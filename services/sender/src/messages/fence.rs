@@ -132,6 +132,30 @@ impl Fence<'_> {
         self.run(query).await
     }
 
+    /// Gives a batch chunk's slot up to realtime work, between two batches: back to `pending`
+    /// with its place kept, to be dispatched again after the realtime chunks, when realtime chunks
+    /// have waited for a slot longer than a dispatch round takes. Of the batch chunks being sent,
+    /// those ranked lowest give way, one per waiting realtime chunk.
+    pub(super) async fn yield_to_realtime(&self) -> Result<bool, StoreError> {
+        let query = self
+            .query(concat_fenced!(
+                "UPDATE chunks SET state = 'pending', yields = yields + 1, lease_until = NULL,
+                     queued_at = NULL, uploaded_at = NULL
+                 WHERE class = 'batch' AND in_flight IS NULL
+                   AND (SELECT count(*) FROM chunks w JOIN requests r ON r.id = w.request_id
+                        WHERE w.state = 'pending' AND w.class = 'realtime'
+                          AND w.created_at < now() - interval '100 milliseconds'
+                          AND r.state IN ('preparing', 'dispatching')
+                          AND r.paused_at IS NULL AND r.cancel_requested_at IS NULL
+                          AND (r.not_before IS NULL OR r.not_before <= now()))
+                     > (SELECT count(*) FROM chunks b
+                        WHERE b.state = 'sending' AND b.class = 'batch' AND (b.priority, b.id) < ($3, $1))
+                   AND "
+            ))
+            .bind(self.chunk.priority);
+        self.run(query).await
+    }
+
     /// Hands the chunk back (`uploaded`, keeping its slot and its place) for a later delivery.
     pub(super) async fn hand_back(&self) -> Result<bool, StoreError> {
         let query =

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use haishin_shared::domain::{Recipient, Template};
+use haishin_shared::domain::{Class, Recipient, Template};
 use haishin_shared::esp::{
     EspError, MessageOutcome, MessageProvider, MessageRenderer, MessageSetup, OutgoingMessage, RenderSettings,
 };
@@ -187,6 +187,20 @@ pub(crate) async fn send(state: &AppState, path: &MessagePath, claimed: Claimed)
             Err(outcome) => return outcome,
         };
         place.retry.extend(&tally.deferred);
+        if place.remaining() > 0 && chunk.class == Class::Batch {
+            match fence.yield_to_realtime().await {
+                Ok(true) => {
+                    tracing::info!(
+                        left = place.remaining(),
+                        "Batch chunk gave its slot up to realtime work."
+                    );
+                    publish_event(state, &chunk, EventKind::ChunkFinished).await;
+                    return Outcome::done("gave its slot up to realtime work");
+                }
+                Ok(false) => {}
+                Err(err) => tracing::warn!(error = %err, "Could not look for waiting realtime work."),
+            }
+        }
         if let Some(pause) = tally.pause {
             pauses += 1;
             if pauses > MAX_PAUSES {
@@ -304,7 +318,7 @@ fn whole_call(err: &EspError, messages: usize) -> Vec<MessageOutcome> {
 /// counts what is still deferred `failed`.
 async fn hand_back(state: &AppState, fence: &Fence<'_>, place: &Place, why: &str) -> Outcome {
     let chunk = fence.chunk;
-    if chunk.send_attempts >= MAX_SEND_ATTEMPTS {
+    if chunk.send_attempts - chunk.yields >= MAX_SEND_ATTEMPTS {
         let reason = format!(
             "{why}: {} messages still deferred after {MAX_SEND_ATTEMPTS} attempts",
             place.remaining()
