@@ -13,6 +13,7 @@ resource "google_service_account" "runtime" {
     list_uploader = "list-uploader: uploads chunks to the ESP"
     sender        = "sender: sends uploaded chunks through the ESP"
     completion    = "completion job: confirms deliveries, writes logs, closes requests"
+    unsubscribe   = "public entry: serves the one-click unsubscribe links"
   }
 
   account_id   = "haishin-${replace(each.key, "_", "-")}"
@@ -219,6 +220,18 @@ resource "google_cloud_run_v2_service_iam_member" "api_callers" {
   name     = google_cloud_run_v2_service.service["trigger"].name
   role     = "roles/run.invoker"
   member   = "serviceAccount:${each.value}"
+}
+
+# Recipients follow their unsubscribe links from their mail client, with no Google identity: the
+# public entry is invoked by anyone. It serves /unsubscribe/{token} alone (each token signed and
+# checked in the service) and reaches nothing but the database; the trigger stays behind the
+# invoker check (docs/deploy.md).
+resource "google_cloud_run_v2_service_iam_member" "public_unsubscribe" {
+  #checkov:skip=CKV_GCP_102:The public entry serves one-click unsubscribe links (RFC 8058), which mail clients call without credentials; every token is an HMAC signed by the sender and checked in the service, and the service reaches nothing but the database.
+  location = var.region
+  name     = google_cloud_run_v2_service.service["unsubscribe"].name
+  role     = "roles/run.invoker"
+  member   = "allUsers"
 }
 
 resource "google_cloud_run_v2_job_iam_member" "scheduler" {

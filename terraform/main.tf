@@ -13,6 +13,8 @@ locals {
     trigger       = "haishin-trigger"
     list_uploader = "haishin-list-uploader"
     sender        = "haishin-sender"
+    # The public entry: the trigger's image serving the one-click unsubscribe links alone.
+    unsubscribe = "haishin-unsubscribe"
   }
   completion_job_name = "haishin-completion"
 

@@ -6,9 +6,12 @@
 #   re-sent blindly, so a person decides);
 # - deadlines at risk: the trigger forecasts that a request will miss its deadline at the current
 #   pace (it logs this on every scheduler tick);
-# - ESP rate limiting: the share of ESP calls answered 429.
+# - ESP rate limiting: the share of ESP calls answered 429;
+# - the kill switch: the completion job paused a request whose bounce rate crossed
+#   var.kill_switch.bounce_rate.
 #
-# The last three count the services' structured log lines with log-based metrics.
+# The last four count the structured log lines of the services (of the completion job for the
+# kill switch) with log-based metrics.
 
 locals {
   alert_documentation = "Haishin runbook: docs/deploy.md (Watching it). GET /v1/requests/{id} on the trigger shows a request's chunks by state, its dead letters and its deadline forecast."
@@ -179,4 +182,63 @@ resource "google_monitoring_alert_policy" "esp_rate_limited" {
   }
 
   depends_on = [google_logging_metric.haishin]
+}
+
+# The completion job is a Cloud Run job, whose log lines have a resource of their own.
+resource "google_logging_metric" "kill_switch" {
+  name        = "haishin/request_paused_by_kill_switch"
+  description = "Requests the completion job paused because their bounce rate crossed the kill switch's threshold."
+  filter = join(" AND ", [
+    "resource.type=\"cloud_run_job\"",
+    "resource.labels.job_name=\"${local.completion_job_name}\"",
+    "jsonPayload.message=\"Request paused by the kill switch.\"",
+  ])
+
+  metric_descriptor {
+    metric_kind = "DELTA"
+    value_type  = "INT64"
+    unit        = "1"
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_monitoring_alert_policy" "kill_switch" {
+  display_name          = "Haishin: a request was paused by the kill switch"
+  combiner              = "OR"
+  notification_channels = var.alert_notification_channels
+
+  conditions {
+    display_name = "Bounce rate of a request at or over ${var.kill_switch.bounce_rate * 100}%"
+    condition_threshold {
+      filter          = "resource.type = \"cloud_run_job\" AND metric.type = \"logging.googleapis.com/user/${google_logging_metric.kill_switch.name}\""
+      comparison      = "COMPARISON_GT"
+      threshold_value = 0
+      duration        = "0s"
+      aggregations {
+        alignment_period   = "300s"
+        per_series_aligner = "ALIGN_SUM"
+      }
+    }
+  }
+
+  documentation {
+    content   = "${local.alert_documentation} The completion job paused a request whose bounce rate crossed the kill switch's threshold after its minimum sample; the log line has the request_id, and the request's pause_reason the rate. Check the audience (a stale or purchased list, a typo'd domain) before POST /v1/requests/{id}:resume, which judges the request afresh on the chunks finished after it, or :cancel it."
+    mime_type = "text/markdown"
+  }
+}
+
+# Cloud Run logs every request's URL, and an unsubscribe link's URL holds its token (the
+# recipient's address, and a signature that unsubscribes them): the public entry's request log is
+# not kept. Its own log lines name the route (/unsubscribe/{token}), never the token.
+resource "google_logging_project_exclusion" "unsubscribe_request_urls" {
+  name        = "haishin-unsubscribe-request-urls"
+  description = "Cloud Run request logs of the public entry, whose URLs hold unsubscribe tokens."
+  filter = join(" AND ", [
+    "resource.type=\"cloud_run_revision\"",
+    "resource.labels.service_name=\"${local.service_names.unsubscribe}\"",
+    "log_id(\"run.googleapis.com/requests\")",
+  ])
+
+  depends_on = [google_project_service.enabled]
 }

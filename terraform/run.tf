@@ -9,6 +9,8 @@ locals {
     list_uploader = "list-uploader"
     sender        = "sender"
     completion    = "completion"
+    # The public entry runs the trigger's image as `trigger unsubscribe`.
+    unsubscribe = "trigger"
   }
 
   # Google's sample images, which a service or job runs from its creation until Cloud Build
@@ -56,8 +58,12 @@ locals {
       OIDC_JWKS_URL = local.google_jwks_url
       PUSH_AUDIENCE = url
       PUSH_INVOKERS = join(",", local.push_invokers[key])
-    }
+    } if contains(keys(local.push_invokers), key)
   }
+
+  # Where each message's List-Unsubscribe points: the public entry's unsubscribe route, unless
+  # unsubscribe_url names another address that leads to it (a custom domain).
+  unsubscribe_url = coalesce(var.unsubscribe_url, "${local.service_urls.unsubscribe}/unsubscribe")
 
   env = {
     trigger = merge(local.common_env, local.push_env.trigger, {
@@ -121,7 +127,9 @@ locals {
         ESP_MESSAGES_PER_SECOND = local.message_provider ? var.esp_messages_per_second : null
         MAIL_FROM               = local.message_provider ? var.mail_from : null
         MAIL_ENVELOPE_FROM      = local.message_provider ? var.mail_envelope_from : null
-        UNSUBSCRIBE_URL         = local.message_provider ? var.unsubscribe_url : null
+        UNSUBSCRIBE_URL         = local.message_provider ? local.unsubscribe_url : null
+        UNSUBSCRIBE_SCOPE_LABEL = local.message_provider ? var.unsubscribe_scope_label : null
+        UNSUBSCRIBE_TOKEN_DAYS  = local.message_provider ? var.unsubscribe_token_days : null
         # null[*] is empty, so one() gives null for a provider not chosen.
         SMTP_URL              = one(local.smtp[*].url)
         SMTP_USERNAME         = one(local.smtp[*].username)
@@ -129,6 +137,12 @@ locals {
         SES_ENDPOINT          = one(local.ses[*].endpoint)
         SES_CONFIGURATION_SET = one(local.ses[*].configuration_set)
       } : name => value if value != null
+    })
+
+    # The public entry serves /unsubscribe/{token} to anyone (iam.tf) and reaches only the
+    # database; it receives no pushes.
+    unsubscribe = merge(local.common_env, {
+      DATABASE_MAX_CONNECTIONS = var.unsubscribe.db_connections
     })
 
     # The job receives no pushes, so it has no push settings.
@@ -143,6 +157,8 @@ locals {
       ESP_TIMEOUT_SECS         = var.esp_timeout_secs
       QUEUED_TIMEOUT_SECS      = var.reconcile.queued_timeout_secs
       UPLOADED_TIMEOUT_SECS    = var.reconcile.uploaded_timeout_secs
+      KILL_SWITCH_BOUNCE_RATE  = var.kill_switch.bounce_rate
+      KILL_SWITCH_MIN_SAMPLE   = var.kill_switch.min_sample
       }, {
       for name, value in {
         ESP_URL              = local.esp_url
@@ -154,8 +170,14 @@ locals {
   # The ESP's API key for list-send, the SMTP password for smtp, the AWS access key for ses:
   # each secret only exists (secrets.tf), and is only listed here, for its provider.
   secret_env = {
+    # The trigger checks unsubscribe tokens with the key the sender signs them with.
     trigger = {
-      DATABASE_URL = google_secret_manager_secret.database_url.secret_id
+      DATABASE_URL       = google_secret_manager_secret.database_url.secret_id
+      UNSUBSCRIBE_SECRET = google_secret_manager_secret.unsubscribe.secret_id
+    }
+    unsubscribe = {
+      DATABASE_URL       = google_secret_manager_secret.database_url.secret_id
+      UNSUBSCRIBE_SECRET = google_secret_manager_secret.unsubscribe.secret_id
     }
     list_uploader = {
       for name, secret in {
@@ -167,6 +189,7 @@ locals {
       for name, secret in {
         DATABASE_URL          = google_secret_manager_secret.database_url.secret_id
         ESP_API_KEY           = local.list_send ? google_secret_manager_secret.esp_api_key.secret_id : null
+        UNSUBSCRIBE_SECRET    = local.message_provider ? google_secret_manager_secret.unsubscribe.secret_id : null
         SMTP_PASSWORD         = try(google_secret_manager_secret.provider["haishin-smtp-password"].secret_id, null)
         AWS_ACCESS_KEY_ID     = try(google_secret_manager_secret.provider["haishin-aws-access-key-id"].secret_id, null)
         AWS_SECRET_ACCESS_KEY = try(google_secret_manager_secret.provider["haishin-aws-secret-access-key"].secret_id, null)
@@ -199,6 +222,7 @@ locals {
       # would stall until the next request arrived.
       cpu_idle = false
       ingress  = var.trigger.ingress
+      args     = []
     }
     list_uploader = {
       description   = "Uploads one chunk's recipients to the ESP per request."
@@ -210,6 +234,7 @@ locals {
       timeout       = var.list_uploader.timeout
       cpu_idle      = true
       ingress       = "INGRESS_TRAFFIC_INTERNAL_ONLY"
+      args          = []
     }
     sender = {
       description   = "Sends one chunk through the mail provider per request."
@@ -224,6 +249,21 @@ locals {
       # max instances × concurrency an upper bound on concurrent ESP send calls.
       cpu_idle = false
       ingress  = "INGRESS_TRAFFIC_INTERNAL_ONLY"
+      args     = []
+    }
+    # Recipients follow their unsubscribe links from anywhere: ingress from all, invoked by
+    # allUsers (iam.tf), serving /unsubscribe/{token} and /healthz alone.
+    unsubscribe = {
+      description   = "Serves the one-click unsubscribe links of the messages (RFC 8058), and nothing else."
+      min_instances = var.unsubscribe.min_instances
+      max_instances = var.unsubscribe.max_instances
+      concurrency   = var.unsubscribe.concurrency
+      cpu           = "1"
+      memory        = "512Mi"
+      timeout       = "30s"
+      cpu_idle      = true
+      ingress       = "INGRESS_TRAFFIC_ALL"
+      args          = ["unsubscribe"]
     }
   }
 }
@@ -258,6 +298,7 @@ resource "google_cloud_run_v2_service" "service" {
 
     containers {
       image = local.images[each.key]
+      args  = each.value.args
 
       ports {
         container_port = 8080
@@ -308,6 +349,7 @@ resource "google_cloud_run_v2_service" "service" {
     google_project_service.enabled,
     google_secret_manager_secret_iam_member.runtime,
     google_secret_manager_secret_version.database_url,
+    google_secret_manager_secret_version.unsubscribe,
   ]
 }
 

@@ -1,4 +1,4 @@
-# Secret Manager: the database URL (written by Terraform) and the mail provider's credentials
+# Secret Manager: the database URL and the unsubscribe key (written by Terraform) and the mail provider's credentials
 # (written by an SRE, so they never enter Terraform's state; see docs/deploy.md). A provider's
 # credentials are read only when it is the chosen one (run.tf); the SMTP password and the AWS
 # access key exist only for their provider.
@@ -18,6 +18,29 @@ resource "google_secret_manager_secret_version" "database_url" {
   # sqlx's connection URL: TCP to the private address, TLS required (the instance refuses
   # unencrypted connections).
   secret_data = "postgres://${google_sql_user.haishin.name}:${random_password.database.result}@${google_sql_database_instance.haishin.private_ip_address}:5432/${google_sql_database.haishin.name}?sslmode=require"
+}
+
+# The key unsubscribe tokens are signed with (the sender) and checked with (the trigger and the
+# public entry). Generated here, so that a deployment works from its first apply; replacing it
+# (terraform apply -replace=random_password.unsubscribe) makes every link already sent invalid.
+resource "random_password" "unsubscribe" {
+  length  = 64
+  special = false
+}
+
+resource "google_secret_manager_secret" "unsubscribe" {
+  secret_id = "haishin-unsubscribe-secret"
+
+  replication {
+    auto {}
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_secret_manager_secret_version" "unsubscribe" {
+  secret      = google_secret_manager_secret.unsubscribe.id
+  secret_data = random_password.unsubscribe.result
 }
 
 # list-send. Add the key with: gcloud secrets versions add haishin-esp-api-key --data-file=-

@@ -8,6 +8,7 @@ locals {
     var.trigger.max_instances * var.trigger.db_connections
     + var.list_uploader.max_instances * var.list_uploader.db_connections
     + var.sender.max_instances * var.sender.db_connections
+    + var.unsubscribe.max_instances * var.unsubscribe.db_connections
     + 2 * var.completion.db_connections
   )
 }

@@ -27,7 +27,7 @@ variable "data_location" {
 # ---------------------------------------------------------------------------------------------
 
 variable "esp_provider" {
-  description = "The provider that delivers the mail. list-send: a list-based ESP speaking the list-send protocol (a chunk is uploaded as a list, then sent with a template stored at the ESP; needs esp_url and the secret haishin-esp-api-key). smtp: an SMTP relay that takes rendered messages (needs smtp, mail_from, unsubscribe_url and the secret haishin-smtp-password). ses: Amazon SES v2 (needs ses, mail_from, unsubscribe_url and the secrets haishin-aws-access-key-id and haishin-aws-secret-access-key). Default: list-send."
+  description = "The provider that delivers the mail. list-send: a list-based ESP speaking the list-send protocol (a chunk is uploaded as a list, then sent with a template stored at the ESP; needs esp_url and the secret haishin-esp-api-key). smtp: an SMTP relay that takes rendered messages (needs smtp, mail_from and the secret haishin-smtp-password). ses: Amazon SES v2 (needs ses, mail_from and the secrets haishin-aws-access-key-id and haishin-aws-secret-access-key). Default: list-send."
   type        = string
   default     = "list-send"
 
@@ -120,13 +120,35 @@ variable "mail_envelope_from" {
 }
 
 variable "unsubscribe_url" {
-  description = "Base URL (https, no query or fragment) of the one-click unsubscribe endpoint, when esp_provider is smtp or ses (\"https://mail.shop.example/u/\"). Every message carries List-Unsubscribe with this base and the recipient's token as one more path segment, and List-Unsubscribe-Post for one-click unsubscription (RFC 8058). Default: null."
+  description = "Base URL (https, no query or fragment) of the one-click unsubscribe endpoint, when esp_provider is smtp or ses: an address that leads to the public entry's /unsubscribe route (a custom domain mapped to the service haishin-unsubscribe, \"https://mail.shop.example/unsubscribe\"). Every message carries List-Unsubscribe with this base and the recipient's token as one more path segment, and List-Unsubscribe-Post for one-click unsubscription (RFC 8058). Default: null, meaning the public entry's own URL, https://haishin-unsubscribe-PROJECT_NUMBER.REGION.run.app/unsubscribe."
   type        = string
   default     = null
 
   validation {
-    condition     = !contains(["smtp", "ses"], var.esp_provider) || (var.unsubscribe_url == null ? false : can(regex("^https://[^/?#\\s]+[^?#\\s]*$", var.unsubscribe_url)))
-    error_message = "esp_provider smtp and ses need unsubscribe_url, an https:// URL without a query or fragment."
+    condition     = var.unsubscribe_url == null ? true : can(regex("^https://[^/?#\\s]+[^?#\\s]*$", var.unsubscribe_url))
+    error_message = "unsubscribe_url must be an https:// URL without a query or fragment."
+  }
+}
+
+variable "unsubscribe_scope_label" {
+  description = "The request label whose value a one-click unsubscribe applies to, when esp_provider is smtp or ses: unsubscribing from a request labelled category = promotions suppresses the address for requests labelled so (scope category:promotions); a request without the label is unsubscribed from globally. Default: category."
+  type        = string
+  default     = "category"
+
+  validation {
+    condition     = length(trimspace(var.unsubscribe_scope_label)) > 0
+    error_message = "unsubscribe_scope_label must not be empty."
+  }
+}
+
+variable "unsubscribe_token_days" {
+  description = "How long each message's unsubscribe link works, in days, when esp_provider is smtp or ses. Default: 60."
+  type        = number
+  default     = 60
+
+  validation {
+    condition     = var.unsubscribe_token_days >= 1 && floor(var.unsubscribe_token_days) == var.unsubscribe_token_days
+    error_message = "unsubscribe_token_days must be a whole number of days, at least 1."
   }
 }
 
@@ -231,6 +253,20 @@ variable "reconcile" {
   default = {}
 }
 
+variable "kill_switch" {
+  description = "The completion job pauses an open request whose bounce rate reaches bounce_rate (bounced / (delivered + bounced), 0 to 1; 0 turns the kill switch off) once its completed chunks hold min_sample recipients with an outcome (since its last resume), and logs \"Request paused by the kill switch.\" (alert kill_switch). Complaints are not recorded yet, so they do not count."
+  type = object({
+    bounce_rate = optional(number, 0.05)
+    min_sample  = optional(number, 1000)
+  })
+  default = {}
+
+  validation {
+    condition     = var.kill_switch.bounce_rate >= 0 && var.kill_switch.bounce_rate <= 1 && var.kill_switch.min_sample >= 1 && floor(var.kill_switch.min_sample) == var.kill_switch.min_sample
+    error_message = "kill_switch: bounce_rate must be between 0 and 1 (0 turns it off) and min_sample a whole number of at least 1."
+  }
+}
+
 variable "trigger" {
   description = "trigger (validates and stores requests, plans chunks, dispatches work; does not call the ESP, so it scales freely). Defaults: min_instances 0, max_instances 10, concurrency 40, cpu \"1\", memory \"1Gi\", timeout \"1800s\" (preparing a large audience streams it in one request), db_connections 10, ingress \"INGRESS_TRAFFIC_ALL\" (direct API callers; use \"INGRESS_TRAFFIC_INTERNAL_ONLY\" when all requests come through Pub/Sub)."
   type = object({
@@ -263,6 +299,27 @@ variable "trigger" {
   validation {
     condition     = contains(["INGRESS_TRAFFIC_ALL", "INGRESS_TRAFFIC_INTERNAL_ONLY", "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"], var.trigger.ingress)
     error_message = "trigger.ingress must be INGRESS_TRAFFIC_ALL, INGRESS_TRAFFIC_INTERNAL_ONLY or INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER."
+  }
+}
+
+variable "unsubscribe" {
+  description = "The public entry (the trigger's image serving the one-click unsubscribe links alone, invoked by anyone). Defaults: min_instances 0, max_instances 3, concurrency 80, db_connections 2."
+  type = object({
+    min_instances  = optional(number, 0)
+    max_instances  = optional(number, 3)
+    concurrency    = optional(number, 80)
+    db_connections = optional(number, 2)
+  })
+  default = {}
+
+  validation {
+    condition     = var.unsubscribe.max_instances >= 1 && var.unsubscribe.min_instances >= 0 && var.unsubscribe.min_instances <= var.unsubscribe.max_instances
+    error_message = "unsubscribe needs 0 <= min_instances <= max_instances and max_instances >= 1."
+  }
+
+  validation {
+    condition     = var.unsubscribe.concurrency >= 1 && var.unsubscribe.concurrency <= 1000 && var.unsubscribe.db_connections >= 1
+    error_message = "unsubscribe.concurrency must be from 1 to 1000, and db_connections at least 1."
   }
 }
 

@@ -14,6 +14,9 @@
 //! - [`push`]: Pub/Sub push and Cloud Tasks envelopes, and the done/retry outcome of a handler.
 //! - [`server`]: the push services' scaffold: token check, `/healthz`, tracing, graceful shutdown.
 //! - [`config`]: configuration every push service reads.
+//! - [`suppression`]: the addresses not to be sent to, the key they are kept under, and the one
+//!   query both checks make.
+//! - [`unsubscribe`]: the signed, expiring tokens of one-click unsubscribe links.
 //! - [`telemetry`]: logging setup (Cloud Logging JSON on Cloud Run, text locally).
 //! - `auth` (private): how push and task routes are authenticated (`PUSH_AUTH`), used by [`server`].
 
@@ -26,4 +29,6 @@ pub mod messages;
 pub mod push;
 pub mod server;
 pub mod store;
+pub mod suppression;
 pub mod telemetry;
+pub mod unsubscribe;

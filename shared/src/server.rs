@@ -15,7 +15,7 @@ use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::{PushAuth, require_token};
+use crate::auth::{GOOGLE_JWKS_URL, PushAuth, PushAuthMode, require_token};
 use crate::config::CommonArgs;
 use crate::gcp::Topic;
 use crate::push::MAX_PUSH_BYTES;
@@ -37,6 +37,15 @@ impl PushService {
         Ok(Self { name, listener, auth: args.push_auth() })
     }
 
+    /// Binds `host:port` for a service whose routes are all public (port 0 picks a free one): it
+    /// accepts no token, so a route put among the authenticated ones answers 401 to everyone.
+    pub async fn bind_public(name: &'static str, host: &str, port: u16) -> anyhow::Result<Self> {
+        let listener =
+            TcpListener::bind((host, port)).await.with_context(|| format!("binding port {port}"))?;
+        let nobody = PushAuth::new(PushAuthMode::Verify, GOOGLE_JWKS_URL, "", Vec::new());
+        Ok(Self { name, listener, auth: Arc::new(nobody) })
+    }
+
     /// The port the service listens on.
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|a| a.port()).unwrap_or_default()
@@ -48,14 +57,15 @@ impl PushService {
     where
         S: Clone + Send + Sync + 'static,
     {
-        let authenticated = authenticated
-            .layer(DefaultBodyLimit::max(MAX_PUSH_BYTES))
-            .layer(axum::middleware::from_fn_with_state(self.auth.clone(), require_token));
-        let router = Router::new()
-            .merge(public)
-            .merge(authenticated)
-            .route("/healthz", get(|| async { "ok" }))
-            .with_state(state);
+        let mut router = Router::new().merge(public);
+        // Without authenticated routes (the public entry), an unknown path is simply not found.
+        if authenticated.has_routes() {
+            let authenticated = authenticated
+                .layer(DefaultBodyLimit::max(MAX_PUSH_BYTES))
+                .layer(axum::middleware::from_fn_with_state(self.auth.clone(), require_token));
+            router = router.merge(authenticated);
+        }
+        let router = router.route("/healthz", get(|| async { "ok" })).with_state(state);
         router.layer(TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
             let path =
                 request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");

@@ -281,18 +281,33 @@ async fn the_openapi_document_describes_the_routes_the_trigger_serves() {
         paths,
         [
             "/healthz",
+            "/unsubscribe/{token}",
             "/v1/rejections",
             "/v1/requests",
             "/v1/requests/{id}",
             "/v1/requests/{id}:cancel",
             "/v1/requests/{id}:pause",
             "/v1/requests/{id}:resume",
+            "/v1/suppressions",
+            "/v1/suppressions/{address}",
+            "/v1/suppressions:import",
         ]
     );
-    for path in ["/healthz", "/v1/rejections", "/v1/requests", "/v1/requests/some-id"] {
+    for path in ["/healthz", "/v1/rejections", "/v1/requests", "/v1/requests/some-id", "/v1/suppressions"] {
         let status = reqwest::get(format!("{}{path}", stack.endpoints.trigger)).await.unwrap().status();
         assert!(status == 200 || status == 404 && path.ends_with("some-id"), "{path}: {status}");
     }
+    for (path, wanted) in [("/v1/suppressions/a@example.com", 404), ("/unsubscribe/not-a-token", 400)] {
+        let status = reqwest::get(format!("{}{path}", stack.endpoints.trigger)).await.unwrap().status();
+        assert_eq!(status, wanted, "{path}: served");
+    }
+    let import = reqwest::Client::new()
+        .post(format!("{}/v1/suppressions:import", stack.endpoints.trigger))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(import.status(), 400, "served, and an import needs uris");
     let client = reqwest::Client::new();
     for verb in ["pause", "resume", "cancel"] {
         let url = format!("{}/v1/requests/some-id:{verb}", stack.endpoints.trigger);

@@ -276,7 +276,7 @@ async fn the_list_filters_by_state_class_and_labels_newest_first_a_page_at_a_tim
     assert_eq!(
         totals,
         json!({"total": 20, "pending": 20, "in_flight": 0, "sent": 0, "failed": 0, "expired": 0,
-               "cancelled": 0, "unknown": 0})
+               "cancelled": 0, "unknown": 0, "suppressed": 0})
     );
 
     let batch = Filter { classes: vec![Class::Batch], ..Filter::default() };

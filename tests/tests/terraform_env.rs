@@ -55,7 +55,7 @@ fn terraform_env() -> BTreeMap<&'static str, BTreeSet<String>> {
     let push = keys(block(&run, "push_env = {"));
     let env = block(&run, "\n  env = {");
     let secrets = block(&run, "secret_env = {");
-    ["trigger", "list_uploader", "sender", "completion"]
+    ["trigger", "list_uploader", "sender", "completion", "unsubscribe"]
         .into_iter()
         .map(|service| {
             let merged = block(env, &format!("{service} = merge("));
@@ -81,11 +81,16 @@ fn read_by_services() -> BTreeMap<&'static str, BTreeSet<String>> {
             .filter(|n| !NOT_FROM_TERRAFORM.contains(&n.as_str()))
             .collect()
     };
+    // The public entry reads GOOGLE_CLOUD_PROJECT through its log format alone (for the traces
+    // of its Cloud Logging entries), the other services through their Google API settings too.
+    let mut public = env_names::<haishin_trigger::public::PublicConfig>();
+    public.push("GOOGLE_CLOUD_PROJECT".to_owned());
     BTreeMap::from([
         ("trigger", read(env_names::<haishin_trigger::Config>())),
         ("list_uploader", read(env_names::<haishin_list_uploader::Config>())),
         ("sender", read(env_names::<haishin_sender::Config>())),
         ("completion", read(env_names::<haishin_completion::Config>())),
+        ("unsubscribe", read(public)),
     ])
 }
 
@@ -133,4 +138,7 @@ fn the_parser_sees_what_each_service_is_given() {
     assert!(set["trigger"].contains("ESP_SLOTS") && set["trigger"].contains("DATABASE_URL"));
     assert!(set["sender"].contains("PUSH_AUDIENCE") && set["sender"].contains("ESP_API_KEY"));
     assert!(!set["completion"].contains("PUSH_AUDIENCE"), "the job receives no pushes");
+    assert!(
+        set["unsubscribe"].contains("UNSUBSCRIBE_SECRET") && !set["unsubscribe"].contains("PUSH_AUDIENCE")
+    );
 }

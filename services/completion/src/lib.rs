@@ -3,7 +3,8 @@
 //! Each pass:
 //! 1. expires what passed its deadline before it could be dispatched;
 //! 2. polls a list-based ESP for sent chunks and completes those whose delivery settled
-//!    (a message-based provider's chunks are completed by the sender);
+//!    (a message-based provider's chunks are completed by the sender), then pauses the open
+//!    requests whose bounce rate crossed the kill switch's threshold;
 //! 3. reconciles stuck work: uploads whose lease ran out go back to `queued`, chunks that sat in
 //!    `queued` too long go back to `pending` (re-dispatched under a new task name), and chunks
 //!    that sat in `uploaded`, or in `sending` with a dead lease, are published to the sender again
@@ -23,10 +24,12 @@
 //! - [`close`]: expiring requests never prepared in time, cancelling what waits in cancelled
 //!   requests, closing requests whose chunks are final;
 //! - `poll`: the ESP's delivery status of sent chunks;
+//! - [`kill_switch`]: pausing requests that bounce too much;
 //! - `reconcile`: stuck uploads and sends;
 //! - [`logs`]: the delivery and request log rows, their sinks (BigQuery, files), and writing them.
 
 pub mod close;
+pub mod kill_switch;
 pub mod logs;
 mod poll;
 mod reconcile;
@@ -42,6 +45,7 @@ use haishin_shared::store::{Store, expire_overdue_chunks};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 
+use crate::kill_switch::KillSwitch;
 use crate::logs::{BigQuerySink, FileSink, LogSink};
 use crate::reconcile::Timeouts;
 
@@ -82,6 +86,13 @@ pub struct Config {
     /// A chunk in `uploaded` longer than this (seconds) is published to the sender again.
     #[arg(long, env = "UPLOADED_TIMEOUT_SECS", default_value_t = 120)]
     pub uploaded_timeout_secs: u64,
+    /// The kill switch: a request whose bounce rate (0 to 1) reaches this is paused; 0 turns it off.
+    #[arg(long, env = "KILL_SWITCH_BOUNCE_RATE", default_value_t = 0.05, value_parser = kill_switch::parse_rate)]
+    pub kill_switch_bounce_rate: f64,
+    /// Recipients with an outcome a request needs (since its last resume) before the kill switch
+    /// judges it.
+    #[arg(long, env = "KILL_SWITCH_MIN_SAMPLE", default_value_t = 1_000)]
+    pub kill_switch_min_sample: u64,
 }
 
 /// What one pass did.
@@ -91,6 +102,8 @@ pub struct PassReport {
     pub expired_chunks: u64,
     pub completed_chunks: u64,
     pub still_processing: u64,
+    /// Requests the kill switch paused.
+    pub killed_requests: u64,
     pub requeued_uploads: u64,
     pub redispatched: u64,
     pub republished: u64,
@@ -110,6 +123,7 @@ pub struct Job {
     deliveries: Topic,
     completed: Topic,
     timeouts: Timeouts,
+    kill_switch: KillSwitch,
 }
 
 impl Job {
@@ -134,6 +148,10 @@ impl Job {
                 queued: Duration::from_secs(config.queued_timeout_secs),
                 uploaded: Duration::from_secs(config.uploaded_timeout_secs),
             },
+            kill_switch: KillSwitch {
+                bounce_rate: config.kill_switch_bounce_rate,
+                min_sample: config.kill_switch_min_sample,
+            },
         })
     }
 
@@ -147,6 +165,7 @@ impl Job {
         if let Some(esp) = &self.esp {
             poll::poll_sent(&self.store, esp.as_ref(), &mut report).await?;
         }
+        kill_switch::check(&self.store, self.kill_switch, &mut report).await?;
         reconcile::reconcile(&self.store, &self.deliveries, self.timeouts, &mut report).await?;
         report.cancelled_chunks = close::cancel_stragglers(&self.store).await?;
         report.closed_requests = close::close_finished_requests(&self.store).await?;

@@ -5,6 +5,11 @@
 //! it hands the chunk to the sender (topic `deliveries`) and tells the trigger a slot is free
 //! (topic `pipeline-events`).
 //!
+//! Just before the upload, the chunk's recipients are checked against the suppressions once more
+//! (one query): an address suppressed since the chunk was prepared is left out of the list and
+//! counted on the chunk as `suppressed`. A chunk whose recipients are all suppressed is completed
+//! without calling the ESP.
+//!
 //! `POST /tasks/upload` answers 2xx when the chunk is uploaded, was already past this step, or can
 //! never be uploaded (recorded as failed with the reason), and 429/503 when a retry can help; the
 //! chunk then stays `queued`, so it keeps its slot while Cloud Tasks backs off.
@@ -24,6 +29,8 @@ use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, Upload
 use haishin_shared::push::{Delivered, Outcome, RetryReason};
 use haishin_shared::server::PushService;
 use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
+use haishin_shared::suppression::{address_key, email_of, suppressed_for_request};
+use serde_json::value::RawValue;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "list-uploader", about = "Uploads chunks to the ESP, one per task.")]
@@ -140,7 +147,7 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         // A message-based provider has no list: the chunk object is the list, and the sender
         // reads it. (Its chunks normally go straight to the sender; this covers tasks created
         // before the deployment changed provider.)
-        return uploaded(state, &chunk, ListId(chunk.object.clone()), "no list to upload").await;
+        return uploaded(state, &chunk, ListId(chunk.object.clone()), None, "no list to upload").await;
     };
     let read_start = Instant::now();
     let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
@@ -150,6 +157,13 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         Err(err) => return release(state, &chunk.id, Outcome::unavailable(err)).await,
     };
     let read_ms = read_start.elapsed().as_millis() as u64;
+    let (recipients, suppressed) = match leave_out_suppressed(&state.store, &chunk, recipients).await {
+        Ok(kept) => kept,
+        Err(err) => return release(state, &chunk.id, err.into()).await,
+    };
+    if recipients.is_empty() {
+        return all_suppressed(state, &chunk, suppressed).await;
+    }
     let list =
         ListUpload { idempotency_key: list_key(&chunk.id), request_id: chunk.request_id.clone(), recipients };
     if let Some(calls) = &state.calls
@@ -161,8 +175,14 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
     match esp.upload_list(&list).await {
         Ok(list_id) => {
             let upload_ms = upload_start.elapsed().as_millis() as u64;
-            tracing::info!(recipients = list.recipients.len(), read_ms, upload_ms, "Chunk uploaded.");
-            uploaded(state, &chunk, list_id, "uploaded").await
+            tracing::info!(
+                recipients = list.recipients.len(),
+                suppressed,
+                read_ms,
+                upload_ms,
+                "Chunk uploaded."
+            );
+            uploaded(state, &chunk, list_id, Some(suppressed), "uploaded").await
         }
         Err(err) if err.is_retryable() => {
             let outcome = match &err {
@@ -181,12 +201,74 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
     }
 }
 
-/// Records the chunk's list and hands the chunk to the sender.
-async fn uploaded(state: &AppState, chunk: &ChunkRow, list_id: ListId, how: &'static str) -> Outcome {
-    match state.store.finish_step(&chunk.id, Step::Upload, &list_id.to_string()).await {
-        Ok(true) => {}
-        Ok(false) => return Outcome::done("chunk was taken over while uploading"),
-        Err(err) => return err.into(),
+/// The recipients not suppressed for the chunk's request, and how many were left out.
+async fn leave_out_suppressed(
+    store: &Store,
+    chunk: &ChunkRow,
+    recipients: Vec<Box<RawValue>>,
+) -> haishin_shared::store::Result<(Vec<Box<RawValue>>, i64)> {
+    let keys: Vec<Option<String>> = recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
+    let asked: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+    let suppressed = suppressed_for_request(store, &chunk.request_id, &asked).await?;
+    if suppressed.is_empty() {
+        return Ok((recipients, 0));
+    }
+    let before = recipients.len();
+    let kept: Vec<Box<RawValue>> = recipients
+        .into_iter()
+        .zip(keys)
+        .filter(|(_, key)| key.as_ref().is_none_or(|k| !suppressed.contains(k)))
+        .map(|(recipient, _)| recipient)
+        .collect();
+    let left_out = (before - kept.len()) as i64;
+    Ok((kept, left_out))
+}
+
+/// Ends a chunk whose recipients are all suppressed: `completed`, with nothing sent.
+async fn all_suppressed(state: &AppState, chunk: &ChunkRow, suppressed: i64) -> Outcome {
+    let done = sqlx::query(
+        "UPDATE chunks SET state = 'completed', suppressed = $2, delivered = 0, bounced = 0, failed = 0,
+             reason = 'every recipient was suppressed before the upload', lease_until = NULL, finished_at = now()
+         WHERE id = $1 AND state = 'uploading'",
+    )
+    .bind(&chunk.id)
+    .bind(suppressed)
+    .execute(state.store.pool())
+    .await;
+    match done {
+        Ok(done) if done.rows_affected() == 1 => {
+            tracing::info!(suppressed, "Every recipient of the chunk is suppressed: nothing to upload.");
+            let event = PipelineEvent::chunk(EventKind::ChunkFinished, chunk);
+            let _ = state.events.publish(&event, &[]).await;
+            Outcome::done("every recipient suppressed")
+        }
+        Ok(_) => Outcome::done("chunk was taken over while uploading"),
+        Err(err) => haishin_shared::store::StoreError::from(err).into(),
+    }
+}
+
+/// Records the chunk's list (and the recipients it left out) and hands the chunk to the sender.
+async fn uploaded(
+    state: &AppState,
+    chunk: &ChunkRow,
+    list_id: ListId,
+    suppressed: Option<i64>,
+    how: &'static str,
+) -> Outcome {
+    let done = sqlx::query(
+        "UPDATE chunks SET state = 'uploaded', list_id = $2, uploaded_at = now(), lease_until = NULL,
+             suppressed = coalesce($3, suppressed)
+         WHERE id = $1 AND state = 'uploading'",
+    )
+    .bind(&chunk.id)
+    .bind(list_id.to_string())
+    .bind(suppressed)
+    .execute(state.store.pool())
+    .await;
+    match done {
+        Ok(done) if done.rows_affected() == 1 => {}
+        Ok(_) => return Outcome::done("chunk was taken over while uploading"),
+        Err(err) => return haishin_shared::store::StoreError::from(err).into(),
     }
     let message = DeliveryMessage::for_chunk(chunk);
     let attributes = message.attributes();

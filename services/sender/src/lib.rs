@@ -145,7 +145,14 @@ async fn deliver(State(state): State<AppState>, Delivered(envelope): Delivered<P
             return Outcome::done(reason);
         }
     };
-    send_chunk(&state, &message).await
+    // The send runs on its own task: if the push's connection closes (its ack deadline passed),
+    // the request future is dropped, but a batch being handed over must still get its outcomes
+    // recorded.
+    let sending = tokio::spawn(async move { send_chunk(&state, &message).await });
+    match sending.await {
+        Ok(outcome) => outcome,
+        Err(err) => Outcome::unavailable(format!("the send stopped: {err}")),
+    }
 }
 
 #[tracing::instrument(skip_all, fields(request_id = %message.request_id, chunk = %message.chunk_id))]

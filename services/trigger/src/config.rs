@@ -2,6 +2,7 @@
 
 use haishin_shared::config::CommonArgs;
 use haishin_shared::esp::ProviderKind;
+use secrecy::SecretString;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -63,4 +64,8 @@ pub struct Config {
     /// The list-uploader's request timeout, in seconds: the upload tasks' dispatch deadline.
     #[arg(long, env = "UPLOAD_TIMEOUT_SECS", default_value_t = 300)]
     pub upload_timeout_secs: u64,
+    /// The key the sender signs unsubscribe tokens with (from Secret Manager), at least 32 bytes.
+    /// Unset: `/unsubscribe/{token}` answers 404.
+    #[arg(long, env = "UNSUBSCRIBE_SECRET", hide_env_values = true)]
+    pub unsubscribe_secret: Option<SecretString>,
 }

@@ -6,6 +6,8 @@
 //!   already handed on (queued, uploading, uploaded, sending) finish and are counted; the
 //!   audience's preparation goes on; pending chunks still expire at the deadline.
 //! - **resume** clears it: the next dispatch round takes the pending chunks where they stopped.
+//!   It records `resumed_at`: the completion job's kill switch judges a resumed request only on
+//!   the chunks finished since.
 //! - **cancel** sets `cancel_requested_at` (never cleared), and ends `cancelled` every chunk not
 //!   handed to the provider's send step ([`cancel_waiting_chunks`]). Chunks uploading or sending
 //!   finish on their own; a chunk that comes back to a waiting state later is cancelled when it
@@ -80,7 +82,8 @@ pub async fn pause(store: &Store, id: &RequestId, reason: Option<&str>) -> Resul
 /// dispatch round, so that the request's pending chunks go out at once.
 pub async fn resume(store: &Store, id: &RequestId) -> Result<Control> {
     let done = sqlx::query(
-        "UPDATE requests SET paused_at = NULL, pause_reason = NULL
+        "UPDATE requests SET paused_at = NULL, pause_reason = NULL,
+             resumed_at = CASE WHEN paused_at IS NULL THEN resumed_at ELSE now() END
          WHERE id = $1 AND state IN ('received', 'preparing', 'dispatching') AND cancel_requested_at IS NULL",
     )
     .bind(id)

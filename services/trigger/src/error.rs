@@ -59,6 +59,9 @@ pub enum ApiError {
     /// 404: the path names no method this API has; the text says which it has.
     #[error("{0}")]
     NoMethod(String),
+    /// 404: nothing is kept under that name (a suppression); the text says what was looked for.
+    #[error("{0}")]
+    Absent(String),
     /// 409: the request is past the point where this can be done (in the state given); the text
     /// says why.
     #[error("{reason}")]
@@ -79,7 +82,7 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::Rejected { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::NotFound(_) | ApiError::NoMethod(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::NoMethod(_) | ApiError::Absent(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => {
                 tracing::error!(error = %self, "Request failed.");

@@ -16,7 +16,11 @@
 //! - [`listing`]: requests newest first, filtered, a page at a time.
 //! - [`control`]: pausing, resuming and cancelling a request.
 //! - [`rejections`]: what was refused, newest first.
-//! - [`routes`]: HTTP routes (`/push/*` and `/tasks/*` require an OIDC token; `/v1/*` is the API).
+//! - [`suppressions`]: the suppression list as the API changes it, and its import from files.
+//! - [`unsubscribe`]: one-click unsubscribe (RFC 8058): the token check and the pages.
+//! - [`public`]: the public entry, serving the unsubscribe routes alone (`trigger unsubscribe`).
+//! - [`routes`]: HTTP routes (`/push/*` and `/tasks/*` require an OIDC token; `/v1/*` is the API;
+//!   `/unsubscribe/*` needs no token).
 //! - [`error`]: work that cannot be done now, and the API's error answers.
 
 pub mod config;
@@ -26,10 +30,13 @@ pub mod error;
 pub mod intake;
 pub mod listing;
 pub mod prepare;
+pub mod public;
 pub mod rejections;
 pub mod routes;
 pub mod scheduling;
 pub mod status;
+pub mod suppressions;
+pub mod unsubscribe;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +46,8 @@ use haishin_shared::esp::Shape;
 use haishin_shared::gcp::{Blobs, QueueTarget, TaskQueue, Topic};
 use haishin_shared::server::PushService;
 use haishin_shared::store::Store;
+use haishin_shared::unsubscribe::TokenKey;
+use secrecy::ExposeSecret;
 
 use crate::dispatch::Handoff;
 use crate::scheduling::SlotLimits;
@@ -56,6 +65,8 @@ pub struct AppState {
     pub chunk_size: usize,
     pub inline_prepare_max: usize,
     pub prepare_lease: Duration,
+    /// Checks unsubscribe tokens; `None` when `UNSUBSCRIBE_SECRET` is not set.
+    pub unsubscribe: Option<TokenKey>,
 }
 
 /// The tail of the batch work is cut into pieces of no less than a chunk divided by this: smaller
@@ -118,7 +129,15 @@ impl Application {
                 Topic::connect(gcp, &config.deliveries_topic).await.context("connecting to Pub/Sub")?,
             ),
         };
+        let unsubscribe = match &config.unsubscribe_secret {
+            Some(secret) => Some(
+                TokenKey::new(secret.expose_secret())
+                    .map_err(|e| anyhow::anyhow!("UNSUBSCRIBE_SECRET: {e}"))?,
+            ),
+            None => None,
+        };
         let state = AppState {
+            unsubscribe,
             dispatcher: Arc::new(dispatch::Dispatcher::new(store.clone(), handoff, limits)),
             blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
             store,

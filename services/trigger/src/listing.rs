@@ -54,7 +54,7 @@ pub struct RequestSummary {
 }
 
 /// A request's recipients: `total = pending + in_flight + sent + failed + expired + cancelled +
-/// unknown` once it is prepared (`total` is null before), the request log's accounting.
+/// unknown + suppressed` once it is prepared (`total` is null before), the request log's accounting.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Recipients {
     pub total: Option<i64>,
@@ -102,6 +102,7 @@ struct TotalsRow {
     recipients: i64,
     failed: i64,
     unknown: i64,
+    suppressed: i64,
 }
 
 /// Up to `page_size` requests that pass `filter`, after `after`, newest first.
@@ -140,7 +141,8 @@ pub async fn list(store: &Store, filter: &Filter, page_size: i64, after: Option<
     let ids: Vec<&str> = requests.iter().map(|r| r.id.as_str()).collect();
     let rows: Vec<TotalsRow> = sqlx::query_as(
         "SELECT request_id, state, coalesce(sum(recipients), 0)::bigint AS recipients,
-                coalesce(sum(failed), 0)::bigint AS failed, coalesce(sum(unknown), 0)::bigint AS unknown
+                coalesce(sum(failed), 0)::bigint AS failed, coalesce(sum(unknown), 0)::bigint AS unknown,
+                coalesce(sum(suppressed), 0)::bigint AS suppressed
          FROM chunks WHERE request_id = ANY($1) GROUP BY request_id, state",
     )
     .bind(&ids)
@@ -152,6 +154,7 @@ pub async fn list(store: &Store, filter: &Filter, page_size: i64, after: Option<
             recipients: row.recipients,
             failed: row.failed,
             unknown: row.unknown,
+            suppressed: row.suppressed,
             ..ChunkTotals::default()
         };
         totals.entry(row.request_id).or_default().insert(row.state, of_state);

@@ -43,6 +43,9 @@ pub struct RequestStatus {
     /// Recipients whose single message was handed over without an answer (message-based
     /// providers); a chunk that ended `unknown` as a whole is counted in `recipients` instead.
     pub unknown: i64,
+    /// Recipients left out just before the provider because they were suppressed after the
+    /// audience was prepared (those suppressed before are `audience.skipped.suppressed`).
+    pub suppressed: i64,
     /// Messages of this request that Pub/Sub gave up delivering (newest first, at most 20).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dead_letters: Vec<DeadLetter>,
@@ -55,7 +58,7 @@ pub struct RequestStatus {
 /// What the prepare step found in the audience.
 #[derive(Debug, Clone, Serialize)]
 pub struct AudienceStatus {
-    /// Rows read, valid or not: `rows = recipients + Σ skipped`.
+    /// Rows read, valid or not: `rows = recipients + Σ skipped` (suppressed addresses among them).
     pub rows: i64,
     pub recipients: i64,
     /// Rows skipped, by reason.
@@ -111,6 +114,7 @@ pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<Requ
         bounced: 0,
         failed: 0,
         unknown: 0,
+        suppressed: 0,
         dead_letters,
         forecast,
     };
@@ -121,6 +125,7 @@ pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<Requ
         status.bounced += totals.bounced;
         status.failed += totals.failed;
         status.unknown += totals.unknown;
+        status.suppressed += totals.suppressed;
     }
     Ok(Some(status))
 }

@@ -7,13 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::{
     EspProvider, ListSendConfig, ListSendEsp, MessageProvider, MessageProviderConfig, ProviderLimits,
     RenderSettings, SesConfig, SesCredentials, SmtpConfig,
 };
 use crate::store::{RateSchedule, Store};
+use crate::unsubscribe::{TokenIssuer, TokenKey};
 
 /// The providers Haishin can deliver through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -139,6 +140,18 @@ pub struct MessageArgs {
     /// this URL with the recipient's token appended.
     #[arg(long, env = "UNSUBSCRIBE_URL")]
     pub unsubscribe_url: Option<String>,
+    /// The key unsubscribe tokens are signed with (from Secret Manager; the trigger checks them
+    /// with the same key): at least 32 bytes.
+    #[arg(long, env = "UNSUBSCRIBE_SECRET", hide_env_values = true)]
+    pub unsubscribe_secret: Option<SecretString>,
+    /// The request label whose value an unsubscribe applies to (`category`: unsubscribing from a
+    /// request labelled `category: promotions` suppresses `category:promotions`); a request
+    /// without it is unsubscribed from globally.
+    #[arg(long, env = "UNSUBSCRIBE_SCOPE_LABEL", default_value = "category")]
+    pub unsubscribe_scope_label: String,
+    /// How long an unsubscribe link works, in days.
+    #[arg(long, env = "UNSUBSCRIBE_TOKEN_DAYS", default_value_t = 60)]
+    pub unsubscribe_token_days: u32,
     /// The provider's limit of messages per second, held across all instances. Unset: no limit.
     #[arg(long, env = "ESP_MESSAGES_PER_SECOND")]
     pub esp_messages_per_second: Option<f64>,
@@ -175,6 +188,8 @@ pub struct MessageArgs {
 pub struct MessageSetup {
     pub provider: Arc<dyn MessageProvider>,
     pub render: RenderSettings,
+    /// Signs each recipient's unsubscribe token.
+    pub tokens: TokenIssuer,
     /// Messages per second across all instances: the least of the messages and calls rates
     /// declared (each message is one call: one SMTP envelope, one SES `SendEmail`).
     pub schedule: Option<RateSchedule>,
@@ -238,12 +253,23 @@ impl MessageArgs {
             envelope_from: self.mail_envelope_from.clone(),
             unsubscribe_base_url: required(&self.unsubscribe_url, "UNSUBSCRIBE_URL", kind)?,
         };
+        let secret =
+            self.unsubscribe_secret.as_ref().map(|s| s.expose_secret().to_owned()).filter(|s| !s.is_empty());
+        let Some(secret) = secret else {
+            anyhow::bail!("UNSUBSCRIBE_SECRET: required when ESP_PROVIDER is {kind}");
+        };
+        let key = TokenKey::new(&secret).map_err(|e| anyhow::anyhow!("UNSUBSCRIBE_SECRET: {e}"))?;
+        if self.unsubscribe_token_days == 0 || self.unsubscribe_scope_label.trim().is_empty() {
+            anyhow::bail!("UNSUBSCRIBE_TOKEN_DAYS must be at least 1 and UNSUBSCRIBE_SCOPE_LABEL not empty");
+        }
+        let lifetime = chrono::Duration::days(i64::from(self.unsubscribe_token_days));
+        let tokens = TokenIssuer::new(key, self.unsubscribe_scope_label.trim(), lifetime);
         let rate = match (self.esp_messages_per_second, esp.esp_calls_per_second) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
         let schedule = schedule(store, MESSAGES_SCHEDULE, "ESP_MESSAGES_PER_SECOND", rate)?;
-        Ok(Some(MessageSetup { provider, render, schedule }))
+        Ok(Some(MessageSetup { provider, render, tokens, schedule }))
     }
 }
 

@@ -70,6 +70,9 @@ pub struct ChunkRow {
     pub failed: Option<i64>,
     /// Recipients whose message outcome could not be established (message-based providers).
     pub unknown: Option<i64>,
+    /// Recipients dropped just before the provider because they were suppressed after the chunk
+    /// was prepared.
+    pub suppressed: Option<i64>,
     /// Message-based providers: messages `[0, progress)` have been tried ...
     pub progress: i32,
     /// ... but for these indexes, which were not handed over and are still due ...
@@ -105,6 +108,7 @@ const CHUNK_COLUMNS: &[&str] = &[
     "bounced",
     "failed",
     "unknown",
+    "suppressed",
     "progress",
     "retry",
     "in_flight",
@@ -164,20 +168,21 @@ pub struct ChunkTotals {
     pub bounced: i64,
     pub failed: i64,
     pub unknown: i64,
+    pub suppressed: i64,
 }
 
 /// A request's recipients by outcome, from its chunk totals per state: the accounting of the
 /// request log and of the API. At every moment
-/// `recipients = pending + in_flight + sent + failed + expired + cancelled + unknown`; once every
-/// chunk is final, `pending` and `in_flight` are 0.
+/// `recipients = pending + in_flight + sent + failed + expired + cancelled + unknown + suppressed`;
+/// once every chunk is final, `pending` and `in_flight` are 0.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Outcomes {
     /// In chunks not dispatched yet.
     pub pending: i64,
     /// In chunks handed on and not finished (queued, uploading, uploaded, sending).
     pub in_flight: i64,
-    /// Accepted by the provider: in chunks sent or completed, less those it refused and those
-    /// whose outcome is unknown.
+    /// Accepted by the provider: in chunks sent or completed, less those it refused, those
+    /// whose outcome is unknown and those left out as suppressed.
     pub sent: i64,
     /// In chunks that failed, or refused by the provider within completed chunks.
     pub failed: i64,
@@ -185,16 +190,30 @@ pub struct Outcomes {
     pub cancelled: i64,
     /// In chunks that ended `unknown`, or single messages handed over without an answer.
     pub unknown: i64,
+    /// Left out just before the provider, in chunks that ended (whatever their state): suppressed
+    /// after the audience was prepared.
+    pub suppressed: i64,
 }
 
 impl Outcomes {
     pub fn of(totals: &BTreeMap<ChunkState, ChunkTotals>) -> Self {
-        let recipients_in = |states: &[ChunkState]| {
-            states.iter().map(|state| totals.get(state).map_or(0, |t| t.recipients)).sum::<i64>()
-        };
+        let of = |state: ChunkState| totals.get(&state).copied().unwrap_or_default();
+        let recipients_in =
+            |states: &[ChunkState]| states.iter().map(|state| of(*state).recipients).sum::<i64>();
+        // A chunk that ended counts the recipients it left out as suppressed, whatever became of
+        // the rest of it; those it holds are counted by its state.
+        let ended = [
+            ChunkState::Completed,
+            ChunkState::Sent,
+            ChunkState::Failed,
+            ChunkState::Expired,
+            ChunkState::Cancelled,
+            ChunkState::Unknown,
+        ];
+        let held = |state: ChunkState| of(state).recipients - of(state).suppressed;
         // Within completed chunks, the recipients the provider refused and those whose message
         // outcome is unknown were never delivered: they count as failed and unknown, not sent.
-        let completed = totals.get(&ChunkState::Completed).copied().unwrap_or_default();
+        let completed = of(ChunkState::Completed);
         Self {
             pending: recipients_in(&[ChunkState::Pending]),
             in_flight: recipients_in(&[
@@ -203,13 +222,12 @@ impl Outcomes {
                 ChunkState::Uploaded,
                 ChunkState::Sending,
             ]),
-            sent: recipients_in(&[ChunkState::Completed, ChunkState::Sent])
-                - completed.failed
-                - completed.unknown,
-            failed: recipients_in(&[ChunkState::Failed]) + completed.failed,
-            expired: recipients_in(&[ChunkState::Expired]),
-            cancelled: recipients_in(&[ChunkState::Cancelled]),
-            unknown: recipients_in(&[ChunkState::Unknown]) + completed.unknown,
+            sent: held(ChunkState::Completed) + held(ChunkState::Sent) - completed.failed - completed.unknown,
+            failed: held(ChunkState::Failed) + completed.failed,
+            expired: held(ChunkState::Expired),
+            cancelled: held(ChunkState::Cancelled),
+            unknown: held(ChunkState::Unknown) + completed.unknown,
+            suppressed: ended.iter().map(|state| of(*state).suppressed).sum(),
         }
     }
 }
@@ -223,6 +241,7 @@ struct TotalsRow {
     bounced: i64,
     failed: i64,
     unknown: i64,
+    suppressed: i64,
 }
 
 impl Store {
@@ -248,7 +267,8 @@ impl Store {
             "SELECT state, count(*) AS chunks, coalesce(sum(recipients), 0)::bigint AS recipients,
                     coalesce(sum(delivered), 0)::bigint AS delivered,
                     coalesce(sum(bounced), 0)::bigint AS bounced, coalesce(sum(failed), 0)::bigint AS failed,
-                    coalesce(sum(unknown), 0)::bigint AS unknown
+                    coalesce(sum(unknown), 0)::bigint AS unknown,
+                    coalesce(sum(suppressed), 0)::bigint AS suppressed
              FROM chunks WHERE request_id = $1 GROUP BY state",
         )
         .bind(request)
@@ -264,9 +284,34 @@ impl Store {
                     bounced: r.bounced,
                     failed: r.failed,
                     unknown: r.unknown,
+                    suppressed: r.suppressed,
                 };
                 (r.state, totals)
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn totals(recipients: i64, failed: i64, suppressed: i64) -> ChunkTotals {
+        ChunkTotals { chunks: 1, recipients, failed, suppressed, ..ChunkTotals::default() }
+    }
+
+    #[test]
+    fn recipients_left_out_as_suppressed_are_their_own_outcome_and_the_sum_holds() {
+        let by_state = BTreeMap::from([
+            (ChunkState::Completed, totals(10, 1, 2)),
+            (ChunkState::Sent, totals(5, 0, 1)),
+            (ChunkState::Cancelled, totals(4, 0, 1)),
+            (ChunkState::Pending, totals(3, 0, 1)),
+        ]);
+        let o = Outcomes::of(&by_state);
+        assert_eq!((o.sent, o.failed, o.cancelled, o.suppressed, o.pending), (11, 1, 3, 4, 3));
+        let sum =
+            o.pending + o.in_flight + o.sent + o.failed + o.expired + o.cancelled + o.unknown + o.suppressed;
+        assert_eq!(sum, 22);
     }
 }

@@ -96,19 +96,22 @@ impl Report {
                 rate.utilisation
             ));
         }
-        lines.extend([
+        let realtime = if self.realtime_latency_ms.max > 0.0 {
             format!(
-                "Realtime:   p50 {:.0} ms, p99 {:.0} ms (publish to the ESP accepting the send)",
+                "Realtime:   p50 {:.0} ms, p99 {:.0} ms (publish to the provider accepting the message)",
                 self.realtime_latency_ms.p50, self.realtime_latency_ms.p99
-            ),
-            self.invariants.summary(),
-        ]);
+            )
+        } else {
+            "Realtime:   not measured (no realtime event, or a server record without times)".to_owned()
+        };
+        lines.extend([realtime, self.invariants.summary()]);
         lines.join("\n")
     }
 }
 
 /// The counts every finished request's status must add up to:
-/// `rows = recipients + Σ skipped`, and `recipients = sent + failed + expired + cancelled + unknown`
+/// `rows = recipients + Σ skipped`, and
+/// `recipients = sent + failed + expired + cancelled + unknown + suppressed`
 /// (the recipients of its chunks, all in final states); and, at an ESP with a rate, that no call
 /// was refused for it (Haishin paces its calls to the rate).
 #[derive(Debug, Clone, Default, Serialize)]
@@ -158,7 +161,7 @@ impl Invariants {
     fn counts_summary(&self) -> String {
         if self.violations.is_empty() {
             format!(
-                "invariants: rows = recipients + skipped, recipients = sent + failed + expired + cancelled + unknown: hold for all {} requests",
+                "invariants: rows = recipients + skipped, recipients = sent + failed + expired + cancelled + unknown + suppressed: hold for all {} requests",
                 self.requests_checked
             )
         } else {
@@ -337,6 +340,7 @@ pub async fn build(
         ..Invariants::default()
     };
     let mut upload_service = Duration::ZERO;
+    let mut closed_at: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
     let mut realtime_uploads = Vec::new();
 
     for (id, rows, _) in submitted.batch.iter().chain(&submitted.realtime) {
@@ -348,6 +352,9 @@ pub async fn build(
             .json()
             .await?;
         let state = status["state"].as_str().unwrap_or("unknown").to_owned();
+        if let Some(finished) = status["finished_at"].as_str().and_then(|t| t.parse::<DateTime<Utc>>().ok()) {
+            closed_at.insert(id.clone(), finished);
+        }
         invariants.check(id, &status);
         requests.submitted += 1;
         match state.as_str() {
@@ -373,9 +380,12 @@ pub async fn build(
         recipients.audience += rows;
         recipients.skipped += skipped_total;
         recipients.delivered += delivered;
-        // A message-based provider's refusals and unknown messages are accounted for; a list-based
-        // ESP's failures are among the recipients it was sent to.
-        let accounted = if message_based { status["failed"].as_u64().unwrap_or(0) + unknown } else { 0 };
+        // Recipients suppressed just before the send are accounted for, as are a message-based
+        // provider's refusals and unknown messages; a list-based ESP's failures are among the
+        // recipients it was sent to.
+        let suppressed = status["suppressed"].as_u64().unwrap_or(0);
+        let accounted =
+            suppressed + if message_based { status["failed"].as_u64().unwrap_or(0) + unknown } else { 0 };
         if state == "completed" && (mail.is_some() || !message_based) {
             recipients.lost += *rows as i64 - skipped_total as i64 - delivered as i64 - accounted as i64;
         }
@@ -401,7 +411,8 @@ pub async fn build(
         .batch
         .iter()
         .filter_map(|(id, _, _)| match &mail {
-            Some(mail) => mail.last_at.get(id).copied(),
+            // A server that keeps no times (moto): until the request closed, a little later.
+            Some(mail) => mail.last_at.get(id).or(closed_at.get(id)).copied(),
             None => sim.requests.get(id).map(|r| r.last_send_at),
         })
         .max();

@@ -5,8 +5,10 @@
 //! Each service sits behind a front door that does what Cloud Run's front end does with IAM
 //! invoker checks on: it answers 401 or 403 itself, and forwards accepted requests with the
 //! token's signature removed. The services run with `PUSH_AUTH=cloud-run-iam`, as deployed, so
-//! the tests and the demo exercise the production path. One difference is on purpose: the
-//! trigger's `/v1` API needs no token locally (in production its callers hold `roles/run.invoker`).
+//! the tests and the demo exercise the production path. Two differences are on purpose: the
+//! trigger's `/v1` API needs no token locally (in production its callers hold `roles/run.invoker`),
+//! and the trigger serves the unsubscribe links itself (in production the public entry, the
+//! trigger's image run as `trigger unsubscribe`, serves them).
 //!
 //! Services run either as separate processes of this binary (`haishin-local service NAME`: the
 //! demo, so that one can be killed) or inside this process (the tests). Both read the same
@@ -116,6 +118,12 @@ pub const MAIL_FROM: &str = "Haishin Demo <news@haishin.example>";
 pub const SES_REGION: &str = "us-east-1";
 /// The unsubscribe endpoint the local stack's messages point at.
 pub const UNSUBSCRIBE_URL: &str = "https://haishin.example/unsubscribe";
+/// The local completion job's kill switch: the bounce rate that pauses a request, and the
+/// recipients with an outcome it needs first.
+pub const KILL_SWITCH_BOUNCE_RATE: f64 = 0.05;
+pub const KILL_SWITCH_MIN_SAMPLE: u64 = 200;
+/// The key the local sender signs unsubscribe tokens with, and the local trigger checks them with.
+pub const UNSUBSCRIBE_SECRET: &str = "haishin-local-unsubscribe-secret-0123456789";
 
 /// URLs of everything running, as `haishin-local up` writes them. A service's URL is its front
 /// door's, as a Cloud Run service's URL is its front end's.
@@ -592,6 +600,7 @@ fn service_env(
             ("DISPATCH_PREFETCH", config.prefetch.to_string()),
             ("PREPARE_LEASE_SECS", "30".to_owned()),
             ("UPLOAD_TIMEOUT_SECS", "25".to_owned()),
+            ("UNSUBSCRIBE_SECRET", UNSUBSCRIBE_SECRET.to_owned()),
         ]);
         pairs(&trigger)
     };
@@ -613,6 +622,9 @@ fn service_env(
         ("LOG_SINK", format!("file:{}", config.run_dir.join("logs").display())),
         ("QUEUED_TIMEOUT_SECS", "40".to_owned()),
         ("UPLOADED_TIMEOUT_SECS", "15".to_owned()),
+        // The kill switch at its default rate, on a sample small enough for a local campaign.
+        ("KILL_SWITCH_BOUNCE_RATE", KILL_SWITCH_BOUNCE_RATE.to_string()),
+        ("KILL_SWITCH_MIN_SAMPLE", KILL_SWITCH_MIN_SAMPLE.to_string()),
     ]);
     let mut env = BTreeMap::from([
         (Instance::first(Service::Trigger), trigger_env(0, &endpoints.trigger)),
@@ -684,6 +696,7 @@ fn message_provider_env(provider: &MailProvider) -> Vec<(&'static str, String)> 
         ("BUCKET", BUCKET.to_owned()),
         ("MAIL_FROM", MAIL_FROM.to_owned()),
         ("UNSUBSCRIBE_URL", UNSUBSCRIBE_URL.to_owned()),
+        ("UNSUBSCRIBE_SECRET", UNSUBSCRIBE_SECRET.to_owned()),
     ]);
     env
 }
@@ -699,13 +712,19 @@ fn invokers(service: Service) -> Vec<&'static str> {
 }
 
 /// The front door of a service listening at `backend`: its invokers, and the paths that need no
-/// token (`/healthz`, which Cloud Run's own probes reach from inside, and locally the API).
+/// token (`/healthz`, which Cloud Run's own probes reach from inside; the unsubscribe links, which
+/// recipients follow from their mail, served in production by the public entry; and locally the
+/// API).
 fn front_door(service: Service, backend: &str) -> FrontDoorConfig {
     let mut config = FrontDoorConfig::new(backend);
     config.invokers = invokers(service).into_iter().map(str::to_owned).collect();
     config.public_paths = vec!["/healthz".to_owned()];
     if service == Service::Trigger {
-        config.public_paths.extend(["/v1/".to_owned(), "/openapi.json".to_owned()]);
+        config.public_paths.extend([
+            "/v1/".to_owned(),
+            "/openapi.json".to_owned(),
+            "/unsubscribe/".to_owned(),
+        ]);
     }
     config
 }

@@ -3,7 +3,7 @@
 //! Written through [`LogSink`]: BigQuery in production (dataset `haishin`, tables `deliveries`
 //! and `requests`), NDJSON files locally. For every finished request the summary adds up:
 //! `audience_rows = recipients + skipped`, and
-//! `recipients = sent + failed + expired + cancelled + unknown`.
+//! `recipients = sent + failed + expired + cancelled + unknown + suppressed`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -35,6 +35,8 @@ pub struct DeliveryLog {
     pub failed: i64,
     /// Recipients whose outcome could not be established.
     pub unknown: i64,
+    /// Recipients left out just before the provider: suppressed after the chunk was prepared.
+    pub suppressed: i64,
     pub reason: Option<String>,
     pub uploaded_at: Option<DateTime<Utc>>,
     pub sent_at: Option<DateTime<Utc>>,
@@ -43,8 +45,10 @@ pub struct DeliveryLog {
 
 impl DeliveryLog {
     pub fn from_chunk(chunk: &ChunkRow, labels: &Value) -> Self {
+        let suppressed = chunk.suppressed.unwrap_or(0);
+        // A chunk that ended unknown as a whole: all of it, but those it left out as suppressed.
         let unknown = if chunk.state == ChunkState::Unknown {
-            chunk.recipients as i64
+            chunk.recipients as i64 - suppressed
         } else {
             chunk.unknown.unwrap_or(0)
         };
@@ -59,6 +63,7 @@ impl DeliveryLog {
             bounced: chunk.bounced.unwrap_or(0),
             failed: chunk.failed.unwrap_or(0),
             unknown,
+            suppressed,
             reason: chunk.reason.clone(),
             uploaded_at: chunk.uploaded_at,
             sent_at: chunk.sent_at,
@@ -83,7 +88,7 @@ pub struct RequestLog {
     /// Rows skipped, by reason.
     pub skipped: BTreeMap<String, i64>,
     /// Recipients the provider accepted (in chunks sent or completed, less those it reported
-    /// failed and those whose outcome is unknown).
+    /// failed, those whose outcome is unknown and those suppressed before the send).
     pub sent: i64,
     pub delivered: i64,
     pub bounced: i64,
@@ -94,6 +99,9 @@ pub struct RequestLog {
     /// Recipients whose outcome could not be established: in chunks that ended `unknown`, or
     /// single messages handed over without an answer.
     pub unknown: i64,
+    /// Recipients left out just before the provider because they were suppressed after the
+    /// audience was prepared (those suppressed before are in `skipped`, as `suppressed`).
+    pub suppressed: i64,
     pub received_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
 }
@@ -121,6 +129,7 @@ impl RequestLog {
             expired: outcomes.expired,
             cancelled: outcomes.cancelled,
             unknown: outcomes.unknown,
+            suppressed: outcomes.suppressed,
             received_at: request.received_at,
             finished_at: request.finished_at,
         }

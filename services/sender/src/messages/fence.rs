@@ -5,7 +5,7 @@ use std::time::Duration;
 use haishin_shared::push::Outcome;
 use haishin_shared::store::{ChunkRow, Store, StoreError};
 
-use super::{Place, Tally};
+use super::batch::{Place, Tally};
 
 /// A statement ending in the guard of every write: the chunk is still being sent by this attempt
 /// (`$1` its id, `$2` the attempt's number).
@@ -56,18 +56,23 @@ impl Fence<'_> {
         }
     }
 
-    /// Writes the batch about to be handed over, with the place after it; extends the lease.
-    pub(super) async fn take(&self, indexes: &[i32], place: &Place) -> Result<(), Outcome> {
+    /// Writes the batch about to be handed over, with the place after it and the batch's
+    /// recipients left out as suppressed (so that they are counted once, whatever happens to the
+    /// call); extends the lease.
+    pub(super) async fn take(&self, indexes: &[i32], place: &Place, suppressed: i64) -> Result<(), Outcome> {
         let in_flight = (!indexes.is_empty()).then(|| indexes.to_vec());
         let retry: Vec<i32> = place.retry.iter().copied().collect();
         let query = self
             .query(concat_fenced!(
-                "UPDATE chunks SET in_flight = $3, progress = $4, retry = $5, lease_until = now() + $6 WHERE "
+                "UPDATE chunks SET in_flight = $3, progress = $4, retry = $5, lease_until = now() + $6,
+                     suppressed = CASE WHEN $7 > 0 THEN coalesce(suppressed, 0) + $7 ELSE suppressed END
+                 WHERE "
             ))
             .bind(in_flight)
             .bind(place.progress)
             .bind(retry)
-            .bind(self.lease);
+            .bind(self.lease)
+            .bind(suppressed);
         match self.run(query).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(Self::taken_over()),
@@ -153,6 +158,16 @@ impl Fence<'_> {
                    AND "
             ))
             .bind(self.chunk.priority);
+        self.run(query).await
+    }
+
+    /// Puts the chunk back in line (`pending`, its place kept) at the end of its turn.
+    pub(super) async fn back_in_line(&self) -> Result<bool, StoreError> {
+        let query = self.query(concat_fenced!(
+            "UPDATE chunks SET state = 'pending', yields = yields + 1, lease_until = NULL,
+                 queued_at = NULL, uploaded_at = NULL
+             WHERE in_flight IS NULL AND "
+        ));
         self.run(query).await
     }
 

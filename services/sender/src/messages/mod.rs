@@ -17,13 +17,18 @@
 //! chunk's `retry` list: the attempt pauses and tries them again, and after a few pauses hands the
 //! chunk back for a later delivery of its message. A chunk whose messages are still deferred after
 //! [`MAX_SEND_ATTEMPTS`] attempts counts them `failed`: nothing is retried forever.
+//!
+//! # Suppressed since preparation
+//! Before each batch, its recipients are checked against the suppressions (one query): an address
+//! suppressed since the chunk was prepared is never handed over, and counts `suppressed` on the
+//! chunk, written with the batch's place. Each message carries its recipient's signed unsubscribe
+//! token (`haishin_shared::unsubscribe`), scoped by the request's `UNSUBSCRIBE_SCOPE_LABEL`.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use haishin_shared::domain::{Class, Recipient, Template};
+use haishin_shared::domain::{Class, Template};
 use haishin_shared::esp::{
     EspError, MessageOutcome, MessageProvider, MessageRenderer, MessageSetup, OutgoingMessage, RenderSettings,
 };
@@ -31,11 +36,13 @@ use haishin_shared::gcp::{Blobs, GcpError};
 use haishin_shared::messages::EventKind;
 use haishin_shared::push::{Outcome, RetryReason};
 use haishin_shared::store::{ChunkRow, Claimed, RateSchedule, Reservation};
-use serde_json::value::RawValue;
+use haishin_shared::unsubscribe::TokenIssuer;
 
 use crate::{AppState, fail, publish_event};
+use batch::{Place, Rendering, Tally};
 use fence::Fence;
 
+mod batch;
 mod fence;
 
 /// Attempts after which messages the provider still defers count `failed`.
@@ -49,6 +56,7 @@ const MAX_PAUSE: Duration = Duration::from_secs(5);
 pub struct MessagePath {
     provider: Arc<dyn MessageProvider>,
     render: RenderSettings,
+    tokens: TokenIssuer,
     schedule: Option<RateSchedule>,
     blobs: Blobs,
     bucket: String,
@@ -65,88 +73,12 @@ impl MessagePath {
         Ok(Self {
             provider: setup.provider,
             render: setup.render,
+            tokens: setup.tokens,
             schedule: setup.schedule,
             blobs,
             bucket,
             batch,
         })
-    }
-}
-
-/// The stable key of one recipient of a request: its line in the chunk object. Chunks cut at the
-/// tail share an object but never a line, so the key never changes between attempts.
-fn message_key(chunk: &ChunkRow, index: i32) -> String {
-    format!("{}:{}", chunk.object, chunk.first_line + index)
-}
-
-/// Where this attempt stands in the chunk.
-struct Place {
-    /// The next index of the chunk never tried.
-    progress: i32,
-    /// Indexes tried but not handed over, due before the untried ones.
-    retry: VecDeque<i32>,
-    total: i32,
-}
-
-impl Place {
-    fn of(chunk: &ChunkRow) -> Self {
-        Self {
-            progress: chunk.progress,
-            retry: chunk.retry.iter().copied().collect(),
-            total: chunk.recipients,
-        }
-    }
-
-    /// Takes the next batch: due retries first, then untried messages.
-    fn take(&mut self, size: usize) -> Vec<i32> {
-        let mut taken: Vec<i32> = Vec::with_capacity(size);
-        while taken.len() < size
-            && let Some(index) = self.retry.pop_front()
-        {
-            taken.push(index);
-        }
-        while taken.len() < size && self.progress < self.total {
-            taken.push(self.progress);
-            self.progress += 1;
-        }
-        taken
-    }
-
-    fn remaining(&self) -> i64 {
-        self.retry.len() as i64 + i64::from(self.total - self.progress)
-    }
-}
-
-/// One batch's outcomes, as they are added to the chunk.
-#[derive(Default)]
-struct Tally {
-    delivered: i64,
-    failed: i64,
-    unknown: i64,
-    deferred: Vec<i32>,
-    /// The first refusal's reason, kept on the chunk.
-    reason: Option<String>,
-    /// How long the provider asked to wait, when it deferred messages.
-    pause: Option<Duration>,
-}
-
-impl Tally {
-    fn refuse(&mut self, reason: String) {
-        self.failed += 1;
-        self.reason.get_or_insert(reason);
-    }
-
-    fn add(&mut self, index: i32, outcome: MessageOutcome) {
-        match outcome {
-            MessageOutcome::Accepted { .. } => self.delivered += 1,
-            MessageOutcome::Refused { reason } => self.refuse(format!("refused by the provider: {reason}")),
-            MessageOutcome::Unknown { .. } => self.unknown += 1,
-            MessageOutcome::Deferred { retry_after, .. } => {
-                self.deferred.push(index);
-                let pause = retry_after.unwrap_or(Duration::from_secs(1)).min(MAX_PAUSE);
-                self.pause = Some(self.pause.map_or(pause, |p| p.max(pause)));
-            }
-        }
     }
 }
 
@@ -163,8 +95,8 @@ pub(crate) async fn send(state: &AppState, path: &MessagePath, claimed: Claimed)
             return outcome;
         }
     }
-    let renderer = match request_renderer(state, path, &chunk).await {
-        Ok(renderer) => renderer,
+    let rendering = match request_rendering(state, path, &chunk).await {
+        Ok(rendering) => rendering,
         Err(Ok(reason)) => return fail(state, &chunk, &reason).await,
         Err(Err(outcome)) => return crate::give_back(state, &chunk, outcome, false).await,
     };
@@ -176,29 +108,44 @@ pub(crate) async fn send(state: &AppState, path: &MessagePath, claimed: Claimed)
     };
     let mut place = Place::of(&chunk);
     let mut pauses = 0;
+    // One attempt sends for at most half its lease, well inside the push's ack deadline; then the
+    // chunk goes back in line with its place kept, and the trigger hands it on again at once.
+    let (started, turn) = (tokio::time::Instant::now(), state.lease / 2);
     loop {
         let indexes = place.take(path.batch);
         if indexes.is_empty() {
             break;
         }
-        let messages = render_batch(&renderer, &chunk, &lines, &indexes);
-        let tally = match hand_over(state, path, &fence, &place, messages).await {
+        // Addresses suppressed since the chunk was prepared are left out, and counted.
+        let read = match batch::read(&state.store, &chunk, &lines, &indexes).await {
+            Ok(read) => read,
+            Err(err) => {
+                let _ = fence.hand_back().await;
+                return Outcome::unavailable(err);
+            }
+        };
+        let messages = batch::render(&rendering, &chunk, read.recipients);
+        let tally = match hand_over(state, path, &fence, &place, messages, read.suppressed).await {
             Ok(tally) => tally,
             Err(outcome) => return outcome,
         };
         place.retry.extend(&tally.deferred);
-        if place.remaining() > 0 && chunk.class == Class::Batch {
-            match fence.yield_to_realtime().await {
+        if place.remaining() > 0 {
+            let turn_over = started.elapsed() >= turn;
+            let gave_way = match (turn_over, chunk.class) {
+                (true, _) => fence.back_in_line().await,
+                (false, Class::Batch) => fence.yield_to_realtime().await,
+                (false, Class::Realtime) => Ok(false),
+            };
+            match gave_way {
                 Ok(true) => {
-                    tracing::info!(
-                        left = place.remaining(),
-                        "Batch chunk gave its slot up to realtime work."
-                    );
+                    let why = if turn_over { "its turn is over" } else { "realtime work is waiting" };
+                    tracing::info!(left = place.remaining(), why, "Chunk back in line with its place kept.");
                     publish_event(state, &chunk, EventKind::ChunkFinished).await;
-                    return Outcome::done("gave its slot up to realtime work");
+                    return Outcome::done(format!("back in line: {why}"));
                 }
                 Ok(false) => {}
-                Err(err) => tracing::warn!(error = %err, "Could not look for waiting realtime work."),
+                Err(err) => tracing::warn!(error = %err, "Could not put the chunk back in line; it goes on."),
             }
         }
         if let Some(pause) = tally.pause {
@@ -220,40 +167,20 @@ pub(crate) async fn send(state: &AppState, path: &MessagePath, claimed: Claimed)
     }
 }
 
-/// The renderer of the chunk's request; `Err(Ok(reason))` when it can never render (the chunk
+/// How the chunk's request is rendered; `Err(Ok(reason))` when it can never render (the chunk
 /// fails), `Err(Err(outcome))` when the request cannot be read now.
-async fn request_renderer(
+async fn request_rendering<'a>(
     state: &AppState,
-    path: &MessagePath,
+    path: &'a MessagePath,
     chunk: &ChunkRow,
-) -> Result<MessageRenderer, Result<String, Outcome>> {
+) -> Result<Rendering<'a>, Result<String, Outcome>> {
     let request = match state.store.request(&chunk.request_id).await {
         Ok(Some(row)) => row.request().map_err(|e| Ok(e.to_string()))?,
         Ok(None) => return Err(Ok("the chunk's request is missing".to_owned())),
         Err(err) => return Err(Err(err.into())),
     };
-    MessageRenderer::new(&request.template, &path.render).map_err(|e| Ok(e.to_string()))
-}
-
-/// Each index's message, or why it cannot be sent.
-fn render_batch(
-    renderer: &MessageRenderer,
-    chunk: &ChunkRow,
-    lines: &[Box<RawValue>],
-    indexes: &[i32],
-) -> Vec<(i32, Result<OutgoingMessage, String>)> {
-    indexes
-        .iter()
-        .map(|&index| {
-            let message = serde_json::from_str::<Recipient>(lines[index as usize].get())
-                .map_err(|e| format!("recipient unreadable: {e}"))
-                .and_then(|recipient| {
-                    let key = message_key(chunk, index);
-                    renderer.render(&recipient, &key, &key).map_err(|e| format!("cannot be rendered: {e}"))
-                });
-            (index, message)
-        })
-        .collect()
+    let renderer = MessageRenderer::new(&request.template, &path.render).map_err(|e| Ok(e.to_string()))?;
+    Ok(Rendering { renderer, tokens: &path.tokens, scope: path.tokens.scope(&request.labels) })
 }
 
 /// Hands one batch over and records its outcomes.
@@ -263,6 +190,7 @@ async fn hand_over(
     fence: &Fence<'_>,
     place: &Place,
     batch: Vec<(i32, Result<OutgoingMessage, String>)>,
+    suppressed: i64,
 ) -> Result<Tally, Outcome> {
     let mut tally = Tally::default();
     let (mut indexes, mut messages) = (Vec::new(), Vec::new());
@@ -275,7 +203,7 @@ async fn hand_over(
             Err(reason) => tally.refuse(reason),
         }
     }
-    fence.take(&indexes, place).await?;
+    fence.take(&indexes, place, suppressed).await?;
     if !messages.is_empty() {
         let result = {
             let _slot = state.slots.acquire().await.expect("the semaphore is never closed");

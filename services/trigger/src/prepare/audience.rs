@@ -30,8 +30,8 @@ pub(super) async fn read_audience(
     chunk_size: usize,
     on_chunk: &(dyn Fn() + Sync),
 ) -> Result<AudienceSummary, PrepareError> {
-    records::clear_chunks(store, &request.id).await?;
-    let mut chunker = Chunker::new(blobs, store, bucket, request, chunk_size, on_chunk);
+    let handed_on = records::clear_chunks(store, &request.id).await?;
+    let mut chunker = Chunker::new(blobs, store, bucket, request, chunk_size, on_chunk, handed_on);
     match &request.audience {
         Audience::Inline(list) => {
             for (i, recipient) in list.iter().enumerate() {
@@ -72,7 +72,7 @@ pub(super) async fn read_audience(
 }
 
 /// Expands a `*` in the object name (as BigQuery exports write) into the matching objects.
-async fn expand(blobs: &Blobs, uri: &GcsUri) -> Result<Vec<String>, PrepareError> {
+pub(crate) async fn expand(blobs: &Blobs, uri: &GcsUri) -> Result<Vec<String>, PrepareError> {
     let Some((prefix, suffix)) = uri.object.split_once('*') else {
         return Ok(vec![uri.object.clone()]);
     };
@@ -85,7 +85,7 @@ async fn expand(blobs: &Blobs, uri: &GcsUri) -> Result<Vec<String>, PrepareError
 }
 
 /// The format an object's name says, a `.gz` suffix aside.
-fn guess_format(object: &str) -> Option<FileFormat> {
+pub(crate) fn guess_format(object: &str) -> Option<FileFormat> {
     let lower = object.to_ascii_lowercase();
     let lower = lower.strip_suffix(".gz").unwrap_or(&lower);
     if lower.ends_with(".ndjson") || lower.ends_with(".jsonl") || lower.ends_with(".json") {

@@ -5,12 +5,13 @@
 //! - `audience`: streaming inline lists and audience files from Cloud Storage;
 //! - [`rows`]: reading a CSV or NDJSON file's rows;
 //! - `recipient`: checking one row (address, parameter size) and the reasons rows are skipped;
-//! - `chunker`: de-duplicating within the request and writing chunks as they fill;
+//! - `chunker`: de-duplicating within the request, leaving out suppressed recipients (one query
+//!   per chunk), and writing chunks as they fill;
 //! - [`records`]: what the step writes to the database.
 
-mod audience;
+pub(crate) mod audience;
 mod chunker;
-mod recipient;
+pub(crate) mod recipient;
 pub mod records;
 pub mod rows;
 

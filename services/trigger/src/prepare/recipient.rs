@@ -15,6 +15,9 @@ pub enum Skip {
     Malformed,
     Oversize,
     Duplicate,
+    /// The address is suppressed in a scope that holds for the request (`global`, or one of
+    /// its labels): see `haishin_shared::suppression`.
+    Suppressed,
 }
 
 impl Skip {
@@ -25,12 +28,13 @@ impl Skip {
             Skip::Malformed => "malformed",
             Skip::Oversize => "oversize",
             Skip::Duplicate => "duplicate",
+            Skip::Suppressed => "suppressed",
         }
     }
 }
 
 /// Checks an address: one `@`, a non-empty local part, a dotted domain, no spaces, sane length.
-pub(super) fn valid_email(email: &str) -> bool {
+pub(crate) fn valid_email(email: &str) -> bool {
     if email.len() > MAX_EMAIL_LEN || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return false;
     }
@@ -43,21 +47,6 @@ pub(super) fn valid_email(email: &str) -> bool {
         && !domain.ends_with('.')
         && !domain.contains("..")
         && domain.chars().all(|c| c.is_alphanumeric() || c == '.' || c == '-')
-}
-
-/// The form two addresses are compared in to find a repeated recipient: full Unicode case
-/// folding (so `Straße` and `STRASSE` are one), and the domain in its IDNA ASCII form (so
-/// `bücher.example` and `xn--bcher-kva.example` are one). The address is sent as written in its
-/// first occurrence; this form is only compared.
-pub(super) fn dedup_key(email: &str) -> String {
-    let folded = caseless::default_case_fold_str(email);
-    match folded.rsplit_once('@') {
-        Some((local, domain)) => {
-            let domain = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_owned());
-            format!("{local}@{domain}")
-        }
-        None => folded,
-    }
 }
 
 /// Validates one recipient; the address is trimmed.
@@ -103,14 +92,6 @@ mod tests {
         let mut params = Map::new();
         params.insert("blob".into(), Value::String("x".repeat(MAX_PARAMS_BYTES + 1)));
         assert_eq!(check(Recipient { email: "a@example.com".into(), params }), Err(Skip::Oversize));
-    }
-
-    #[test]
-    fn repeated_addresses_are_found_through_case_and_the_domain_s_encoding() {
-        assert_eq!(dedup_key("user@BÜCHER.example"), dedup_key("user@bücher.example"));
-        assert_eq!(dedup_key("user@bücher.example"), dedup_key("USER@xn--bcher-kva.example"));
-        assert_eq!(dedup_key("Straße@example.com"), dedup_key("STRASSE@EXAMPLE.COM"));
-        assert_ne!(dedup_key("a@example.com"), dedup_key("b@example.com"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What the prepare step writes: its claim on the request, the chunk rows, and its end.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use haishin_shared::domain::{ChunkId, ChunkState, DeliveryRequest, RequestId, RequestState};
@@ -46,13 +47,19 @@ pub async fn claim_prepare(
     })
 }
 
-/// Drops whatever an earlier, interrupted prepare of this request wrote.
-pub async fn clear_chunks(store: &Store, request: &RequestId) -> Result<()> {
-    sqlx::query("DELETE FROM chunks WHERE request_id = $1 AND state = 'pending'")
+/// Drops what an earlier, interrupted prepare of this request wrote and nothing has taken up
+/// since (pending chunks none of whose messages were tried), and returns the chunks it handed on,
+/// by `seq`, with their recipients: those stay as they are.
+pub async fn clear_chunks(store: &Store, request: &RequestId) -> Result<BTreeMap<u32, i32>> {
+    sqlx::query("DELETE FROM chunks WHERE request_id = $1 AND state = 'pending' AND progress = 0")
         .bind(request)
         .execute(store.pool())
         .await?;
-    Ok(())
+    let kept: Vec<(i32, i32)> = sqlx::query_as("SELECT seq, recipients FROM chunks WHERE request_id = $1")
+        .bind(request)
+        .fetch_all(store.pool())
+        .await?;
+    Ok(kept.into_iter().map(|(seq, recipients)| (seq.max(0) as u32, recipients)).collect())
 }
 
 /// Adds chunk rows for a request being prepared: `pending`, or `cancelled` when the request's

@@ -1,12 +1,15 @@
 //! HTTP routes. Push and task routes sit behind OIDC verification; the `/v1` API is for direct
-//! callers and is protected by Cloud Run's IAM in production.
+//! callers and is protected by Cloud Run's IAM in production; `/unsubscribe/*` is for recipients
+//! and needs no token (in production it is reached through the public entry, `crate::public`).
 
 mod api;
 mod control;
 mod dead_letters;
 mod events;
 mod push;
+mod suppressions;
 mod tasks;
+pub mod unsubscribe;
 
 use axum::Router;
 use haishin_shared::server::PushService;
@@ -20,5 +23,7 @@ pub fn router(service: &PushService, state: AppState) -> Router {
         .merge(tasks::router())
         .merge(events::router())
         .merge(dead_letters::router());
-    service.router(state, authenticated, api::router().merge(control::router()))
+    let public =
+        api::router().merge(control::router()).merge(suppressions::router()).merge(unsubscribe::router());
+    service.router(state, authenticated, public)
 }

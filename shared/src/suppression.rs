@@ -1,0 +1,113 @@
+//! Suppressions: addresses that are not to be sent to, globally or for one kind of mail.
+//!
+//! An address is kept in the form recipients are de-duplicated in ([`address_key`]), and never in
+//! any other: `User@BÜCHER.example` and `user@xn--bcher-kva.example` are one suppression. A
+//! suppression's scope is `global` (no mail at all) or a label `key:value` (`category:promotions`),
+//! which holds for every request whose labels hold that pair.
+//!
+//! A suppression is applied twice: when a request's chunks are built (the recipient is skipped,
+//! counted `suppressed`), and again just before a chunk goes to the provider (an address
+//! suppressed after preparation is not sent; the chunk counts it `suppressed`). Both ask
+//! [`suppressed_among`] once for a whole chunk or batch, never once per recipient.
+
+use std::collections::{BTreeMap, HashSet};
+
+use crate::domain::RequestId;
+use crate::store::{Result, Store};
+
+/// The scope of a suppression that holds for every request.
+pub const GLOBAL: &str = "global";
+
+/// The form two addresses are compared in: full Unicode case folding (so `Straße` and `STRASSE`
+/// are one), and the domain in its IDNA ASCII form (so `bücher.example` and
+/// `xn--bcher-kva.example` are one). Repeated recipients are found, and suppressions matched, on
+/// this key; the address is sent as written.
+pub fn address_key(email: &str) -> String {
+    let folded = caseless::default_case_fold_str(email.trim());
+    match folded.rsplit_once('@') {
+        Some((local, domain)) => {
+            let domain = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_owned());
+            format!("{local}@{domain}")
+        }
+        None => folded,
+    }
+}
+
+/// The scopes that hold for a request with these labels: `global`, and `key:value` for each label.
+pub fn scopes_of(labels: &BTreeMap<String, String>) -> Vec<String> {
+    std::iter::once(GLOBAL.to_owned())
+        .chain(labels.iter().map(|(key, value)| format!("{key}:{value}")))
+        .collect()
+}
+
+/// Which of `keys` (each an [`address_key`]) are suppressed in any of `scopes`: one query.
+pub async fn suppressed_among(store: &Store, keys: &[&str], scopes: &[String]) -> Result<HashSet<String>> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let found: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT address FROM suppressions WHERE address = ANY($1) AND scope = ANY($2)",
+    )
+    .bind(keys)
+    .bind(scopes)
+    .fetch_all(store.pool())
+    .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// Which of `keys` are suppressed in a scope that holds for `request` (`global`, or one of its
+/// labels): one query, for the checks made just before the provider.
+pub async fn suppressed_for_request(
+    store: &Store,
+    request: &RequestId,
+    keys: &[&str],
+) -> Result<HashSet<String>> {
+    if keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let found: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT s.address FROM suppressions s
+         WHERE s.address = ANY($1)
+           AND s.scope IN (SELECT 'global'
+                           UNION ALL
+                           SELECT l.key || ':' || l.value FROM requests r, jsonb_each_text(r.labels) AS l
+                           WHERE r.id = $2)",
+    )
+    .bind(keys)
+    .bind(request)
+    .fetch_all(store.pool())
+    .await?;
+    Ok(found.into_iter().collect())
+}
+
+/// The address of a recipient as a chunk object holds it (`{"email": …, "params": …}`), without
+/// reading the rest; `None` for a line that is not one.
+pub fn email_of(line: &serde_json::value::RawValue) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Email {
+        email: String,
+    }
+    serde_json::from_str::<Email>(line.get()).ok().map(|e| e.email)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_has_one_key_through_case_and_the_domain_s_encoding() {
+        assert_eq!(address_key("user@BÜCHER.example"), address_key("user@bücher.example"));
+        assert_eq!(address_key("user@bücher.example"), address_key("USER@xn--bcher-kva.example"));
+        assert_eq!(address_key("user@bücher.example"), "user@xn--bcher-kva.example");
+        assert_eq!(address_key("Straße@example.com"), address_key("STRASSE@EXAMPLE.COM"));
+        assert_eq!(address_key(" a@example.com "), "a@example.com");
+        assert_ne!(address_key("a@example.com"), address_key("b@example.com"));
+    }
+
+    #[test]
+    fn a_request_s_scopes_are_global_and_each_label() {
+        let labels = BTreeMap::from([("category".to_owned(), "promotions".to_owned())]);
+        assert_eq!(scopes_of(&labels), ["global", "category:promotions"]);
+        assert_eq!(scopes_of(&BTreeMap::new()), ["global"]);
+    }
+}
