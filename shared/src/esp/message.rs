@@ -22,6 +22,7 @@ use std::time::Duration;
 use std::{fmt, mem};
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
 use super::EspError;
 use super::ses::{SesConfig, SesProvider};
@@ -228,9 +229,26 @@ impl BatchRun {
         self.halted.is_none()
     }
 
-    /// Stops before the next message (the call's time budget is spent).
-    pub(crate) fn stop(&mut self, error: EspError) {
-        self.halted = Some(error);
+    /// True, and the batch stopped before its next message, once the call's time budget is spent.
+    pub(crate) fn out_of_time(&mut self, deadline: Instant, budget: Duration) -> bool {
+        if Instant::now() < deadline {
+            return false;
+        }
+        self.halted = Some(EspError::Transient(format!("the call's {}s budget is spent", budget.as_secs())));
+        true
+    }
+
+    /// Like [`BatchRun::finish`], logging what the batch came to.
+    pub(crate) fn finish_logged(self, provider: &'static str) -> Result<Vec<MessageOutcome>, EspError> {
+        let result = self.finish();
+        match &result {
+            Ok(outcomes) => {
+                let OutcomeCounts { accepted, refused, deferred, unknown } = OutcomeCounts::of(outcomes);
+                tracing::info!(provider, accepted, refused, deferred, unknown, "Batch handed over.");
+            }
+            Err(error) => tracing::warn!(provider, %error, "Batch not handed over."),
+        }
+        result
     }
 
     /// One outcome per message, or the whole call's error when nothing was handed over.
@@ -326,7 +344,7 @@ mod tests {
     #[test]
     fn a_spent_budget_before_the_first_message_is_a_call_error() {
         let mut run = BatchRun::new(1);
-        run.stop(EspError::Transient("budget".into()));
+        assert!(run.out_of_time(Instant::now(), Duration::from_secs(1)));
         assert!(run.finish().is_err());
     }
 

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use self::classify::{classify, failure_of};
 use super::message::{Attempt, BatchRun, ProviderSetupError};
-use super::{EspError, MessageOutcome, MessageProvider, OutcomeCounts, OutgoingMessage, ProviderLimits};
+use super::{EspError, MessageOutcome, MessageProvider, OutgoingMessage, ProviderLimits};
 use crate::store::Reservation;
 
 /// How to reach SES, and what the account allows.
@@ -192,25 +192,13 @@ impl MessageProvider for SesProvider {
         let mut run = BatchRun::new(messages.len());
         for (index, message) in messages.iter().enumerate() {
             pace.ready(index).await;
-            if Instant::now() >= deadline {
-                run.stop(EspError::Transient(format!(
-                    "the call's {}s budget is spent",
-                    self.call_timeout.as_secs()
-                )));
+            if run.out_of_time(deadline, self.call_timeout) {
                 break;
             }
             if !run.record(self.send_one(message).await) {
                 break;
             }
         }
-        let result = run.finish();
-        match &result {
-            Ok(outcomes) => {
-                let OutcomeCounts { accepted, refused, deferred, unknown } = OutcomeCounts::of(outcomes);
-                tracing::info!(accepted, refused, deferred, unknown, "SES batch handed over.");
-            }
-            Err(error) => tracing::warn!(%error, "SES batch not handed over."),
-        }
-        result
+        run.finish_logged(self.name())
     }
 }

@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use self::classify::Failure;
 use self::session::{Idle, Server, Step};
 use super::message::{Attempt, BatchRun, ProviderSetupError};
-use super::{EspError, MessageOutcome, MessageProvider, OutcomeCounts, OutgoingMessage, ProviderLimits};
+use super::{EspError, MessageOutcome, MessageProvider, OutgoingMessage, ProviderLimits};
 use crate::store::Reservation;
 
 /// How to reach an SMTP server, and what it allows.
@@ -153,11 +153,7 @@ impl MessageProvider for SmtpProvider {
         let mut reused = connection.is_some();
         for (index, message) in messages.iter().enumerate() {
             pace.ready(index).await;
-            if Instant::now() >= deadline {
-                run.stop(EspError::Transient(format!(
-                    "the call's {}s budget is spent",
-                    self.call_timeout.as_secs()
-                )));
+            if run.out_of_time(deadline, self.call_timeout) {
                 break;
             }
             let attempt = loop {
@@ -196,15 +192,7 @@ impl MessageProvider for SmtpProvider {
         if let Some(conn) = connection {
             self.idle.put(conn);
         }
-        let result = run.finish();
-        match &result {
-            Ok(outcomes) => {
-                let OutcomeCounts { accepted, refused, deferred, unknown } = OutcomeCounts::of(outcomes);
-                tracing::info!(accepted, refused, deferred, unknown, "SMTP batch handed over.");
-            }
-            Err(error) => tracing::warn!(%error, "SMTP batch not handed over."),
-        }
-        result
+        run.finish_logged(self.name())
     }
 }
 
