@@ -13,7 +13,7 @@ resource "google_service_account" "runtime" {
     list_uploader = "list-uploader: uploads chunks to the ESP"
     sender        = "sender: sends uploaded chunks through the ESP"
     completion    = "completion job: confirms deliveries, writes logs, closes requests"
-    unsubscribe   = "public entry: serves the one-click unsubscribe links"
+    unsubscribe   = "public entry: serves the one-click unsubscribe links and provider webhooks"
   }
 
   account_id   = "haishin-${replace(each.key, "_", "-")}"
@@ -222,12 +222,13 @@ resource "google_cloud_run_v2_service_iam_member" "api_callers" {
   member   = "serviceAccount:${each.value}"
 }
 
-# Recipients follow their unsubscribe links from their mail client, with no Google identity: the
-# public entry is invoked by anyone. It serves /unsubscribe/{token} alone (each token signed and
-# checked in the service) and reaches nothing but the database; the trigger stays behind the
-# invoker check (docs/deploy.md).
+# Recipients follow their unsubscribe links from their mail client, and providers post their
+# webhooks, with no Google identity: the public entry is invoked by anyone. It serves
+# /unsubscribe/{token} and /webhooks/* alone (each token, SNS message and SendGrid post signed and
+# checked in the service) and reaches nothing but the database and SNS's signing certificates;
+# the trigger stays behind the invoker check (docs/deploy.md).
 resource "google_cloud_run_v2_service_iam_member" "public_unsubscribe" {
-  #checkov:skip=CKV_GCP_102:The public entry serves one-click unsubscribe links (RFC 8058), which mail clients call without credentials; every token is an HMAC signed by the sender and checked in the service, and the service reaches nothing but the database.
+  #checkov:skip=CKV_GCP_102:The public entry serves one-click unsubscribe links (RFC 8058) and the providers' bounce webhooks, which mail clients and providers call without Google credentials; every token is an HMAC signed by the sender, every webhook post carries the provider's signature, each checked in the service, and the service reaches nothing but the database.
   location = var.region
   name     = google_cloud_run_v2_service.service["unsubscribe"].name
   role     = "roles/run.invoker"

@@ -139,26 +139,32 @@ locals {
       } : name => value if value != null
     })
 
-    # The public entry serves /unsubscribe/{token} to anyone (iam.tf) and reaches only the
-    # database; it receives no pushes.
+    # The public entry serves /unsubscribe/{token} and the provider webhooks to anyone (iam.tf)
+    # and reaches only the database (and SNS's signing certificates); it receives no pushes.
     unsubscribe = merge(local.common_env, {
       DATABASE_MAX_CONNECTIONS = var.unsubscribe.db_connections
+      }, {
+      for name, value in {
+        SNS_TOPIC_ARNS              = length(var.feedback_webhooks.sns_topic_arns) > 0 ? join(",", var.feedback_webhooks.sns_topic_arns) : null
+        SENDGRID_WEBHOOK_PUBLIC_KEY = var.feedback_webhooks.sendgrid_public_key
+      } : name => value if value != null
     })
 
     # The job receives no pushes, so it has no push settings.
     completion = merge(local.common_env, {
-      DATABASE_MAX_CONNECTIONS = var.completion.db_connections
-      ESP_PROVIDER             = var.esp_provider
-      EVENTS_TOPIC             = google_pubsub_topic.topic["pipeline_events"].name
-      COMPLETED_TOPIC          = google_pubsub_topic.topic["request_completed"].name
-      LOG_SINK                 = "bigquery"
-      BIGQUERY_DATASET         = google_bigquery_dataset.haishin.dataset_id
-      DELIVERIES_TOPIC         = google_pubsub_topic.topic["deliveries"].name
-      ESP_TIMEOUT_SECS         = var.esp_timeout_secs
-      QUEUED_TIMEOUT_SECS      = var.reconcile.queued_timeout_secs
-      UPLOADED_TIMEOUT_SECS    = var.reconcile.uploaded_timeout_secs
-      KILL_SWITCH_BOUNCE_RATE  = var.kill_switch.bounce_rate
-      KILL_SWITCH_MIN_SAMPLE   = var.kill_switch.min_sample
+      DATABASE_MAX_CONNECTIONS   = var.completion.db_connections
+      ESP_PROVIDER               = var.esp_provider
+      EVENTS_TOPIC               = google_pubsub_topic.topic["pipeline_events"].name
+      COMPLETED_TOPIC            = google_pubsub_topic.topic["request_completed"].name
+      LOG_SINK                   = "bigquery"
+      BIGQUERY_DATASET           = google_bigquery_dataset.haishin.dataset_id
+      DELIVERIES_TOPIC           = google_pubsub_topic.topic["deliveries"].name
+      ESP_TIMEOUT_SECS           = var.esp_timeout_secs
+      QUEUED_TIMEOUT_SECS        = var.reconcile.queued_timeout_secs
+      UPLOADED_TIMEOUT_SECS      = var.reconcile.uploaded_timeout_secs
+      KILL_SWITCH_BOUNCE_RATE    = var.kill_switch.bounce_rate
+      KILL_SWITCH_MIN_SAMPLE     = var.kill_switch.min_sample
+      KILL_SWITCH_COMPLAINT_RATE = var.kill_switch.complaint_rate
       }, {
       for name, value in {
         ESP_URL              = local.esp_url
@@ -252,9 +258,9 @@ locals {
       args     = []
     }
     # Recipients follow their unsubscribe links from anywhere: ingress from all, invoked by
-    # allUsers (iam.tf), serving /unsubscribe/{token} and /healthz alone.
+    # allUsers (iam.tf), serving /unsubscribe/{token}, /webhooks/* and /healthz alone.
     unsubscribe = {
-      description   = "Serves the one-click unsubscribe links of the messages (RFC 8058), and nothing else."
+      description   = "Serves the one-click unsubscribe links of the messages (RFC 8058) and the provider's signed bounce and complaint webhooks, and nothing else."
       min_instances = var.unsubscribe.min_instances
       max_instances = var.unsubscribe.max_instances
       concurrency   = var.unsubscribe.concurrency

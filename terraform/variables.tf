@@ -254,16 +254,17 @@ variable "reconcile" {
 }
 
 variable "kill_switch" {
-  description = "The completion job pauses an open request whose bounce rate reaches bounce_rate (bounced / (delivered + bounced), 0 to 1; 0 turns the kill switch off) once its completed chunks hold min_sample recipients with an outcome (since its last resume), and logs \"Request paused by the kill switch.\" (alert kill_switch). Complaints are not recorded yet, so they do not count."
+  description = "The completion job pauses an open request whose bounce rate reaches bounce_rate (the ESP's bounces and the webhooks' hard bounces over the recipients delivered or bounced, 0 to 1; 0 turns it off) or whose complaint rate reaches complaint_rate (spam complaints from the webhooks over the same sample; 0 turns it off; mailbox providers start rejecting at about 0.3%) once its completed chunks hold min_sample recipients with an outcome (since its last resume), and logs \"Request paused by the kill switch.\" (alert kill_switch)."
   type = object({
-    bounce_rate = optional(number, 0.05)
-    min_sample  = optional(number, 1000)
+    bounce_rate    = optional(number, 0.05)
+    complaint_rate = optional(number, 0.003)
+    min_sample     = optional(number, 1000)
   })
   default = {}
 
   validation {
-    condition     = var.kill_switch.bounce_rate >= 0 && var.kill_switch.bounce_rate <= 1 && var.kill_switch.min_sample >= 1 && floor(var.kill_switch.min_sample) == var.kill_switch.min_sample
-    error_message = "kill_switch: bounce_rate must be between 0 and 1 (0 turns it off) and min_sample a whole number of at least 1."
+    condition     = var.kill_switch.bounce_rate >= 0 && var.kill_switch.bounce_rate <= 1 && var.kill_switch.complaint_rate >= 0 && var.kill_switch.complaint_rate <= 1 && var.kill_switch.min_sample >= 1 && floor(var.kill_switch.min_sample) == var.kill_switch.min_sample
+    error_message = "kill_switch: bounce_rate and complaint_rate must be between 0 and 1 (0 turns each off) and min_sample a whole number of at least 1."
   }
 }
 
@@ -303,7 +304,7 @@ variable "trigger" {
 }
 
 variable "unsubscribe" {
-  description = "The public entry (the trigger's image serving the one-click unsubscribe links alone, invoked by anyone). Defaults: min_instances 0, max_instances 3, concurrency 80, db_connections 2."
+  description = "The public entry (the trigger's image serving the one-click unsubscribe links and the provider webhooks alone, invoked by anyone). Defaults: min_instances 0, max_instances 3, concurrency 80, db_connections 2."
   type = object({
     min_instances  = optional(number, 0)
     max_instances  = optional(number, 3)
@@ -547,5 +548,19 @@ variable "alert_thresholds" {
   validation {
     condition     = var.alert_thresholds.oldest_unacked_secs > 0 && var.alert_thresholds.esp_rate_limited_share > 0 && var.alert_thresholds.esp_rate_limited_share < 1
     error_message = "alert_thresholds: oldest_unacked_secs must be positive and esp_rate_limited_share between 0 and 1."
+  }
+}
+
+variable "feedback_webhooks" {
+  description = "The provider webhooks the public entry serves, reporting bounces and complaints: sns_topic_arns, the SNS topics whose SES notifications POST /webhooks/ses accepts (subscribe the public entry's /webhooks/ses over HTTPS to each; the subscription confirms itself); sendgrid_public_key, the verification key SendGrid shows once the Event Webhook's signature is enabled (POST /webhooks/sendgrid). Unset, each route answers 404."
+  type = object({
+    sns_topic_arns      = optional(list(string), [])
+    sendgrid_public_key = optional(string)
+  })
+  default = {}
+
+  validation {
+    condition     = alltrue([for arn in var.feedback_webhooks.sns_topic_arns : can(regex("^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]+$", arn))])
+    error_message = "feedback_webhooks.sns_topic_arns must be SNS topic ARNs (arn:aws:sns:REGION:ACCOUNT:NAME)."
   }
 }

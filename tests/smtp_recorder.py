@@ -54,6 +54,7 @@ def describe(raw: bytes) -> dict:
         "mime_version": header("MIME-Version"),
         "list_unsubscribe": header("List-Unsubscribe"),
         "list_unsubscribe_post": header("List-Unsubscribe-Post"),
+        "request": header("X-Haishin-Request"),
         "parts": parts,
         "defects": [repr(d) for part in message.walk() for d in part.defects],
     }

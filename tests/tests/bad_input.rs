@@ -291,6 +291,8 @@ async fn the_openapi_document_describes_the_routes_the_trigger_serves() {
             "/v1/suppressions",
             "/v1/suppressions/{address}",
             "/v1/suppressions:import",
+            "/webhooks/sendgrid",
+            "/webhooks/ses",
         ]
     );
     for path in ["/healthz", "/v1/rejections", "/v1/requests", "/v1/requests/some-id", "/v1/suppressions"] {
@@ -308,6 +310,18 @@ async fn the_openapi_document_describes_the_routes_the_trigger_serves() {
         .await
         .unwrap();
     assert_eq!(import.status(), 400, "served, and an import needs uris");
+    for webhook in ["/webhooks/ses", "/webhooks/sendgrid"] {
+        let answer = reqwest::Client::new()
+            .post(format!("{}{webhook}", stack.endpoints.trigger))
+            .body("[]")
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status();
+        let body: Value = answer.json().await.unwrap_or_default();
+        assert_eq!(status, 404, "{webhook}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("not configured"), "{webhook}: served: {body}");
+    }
     let client = reqwest::Client::new();
     for verb in ["pause", "resume", "cancel"] {
         let url = format!("{}/v1/requests/some-id:{verb}", stack.endpoints.trigger);

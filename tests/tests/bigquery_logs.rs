@@ -169,6 +169,7 @@ fn summary() -> RequestLog {
         sent: 19,
         delivered: 19,
         bounced: 1,
+        complained: 1,
         failed: 0,
         expired: 3,
         cancelled: 0,

@@ -116,3 +116,35 @@ async fn a_campaign_under_the_threshold_is_never_paused() {
     assert_eq!((done["delivered"].as_i64(), done["bounced"].as_i64()), (Some(594), Some(6)), "{done}");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_campaign_drawing_complaints_through_the_webhooks_is_paused() {
+    let stack = slow_stack().start().await;
+    campaign(&stack, "spammy", 1_200, |_| false).await;
+    // Ten spam complaints reported for it (as the provider's webhooks record them) are 1% or more
+    // of any sample up to 1,000: well over the 0.3% threshold once 200 recipients have an outcome.
+    for i in 0..10 {
+        sqlx::query(
+            "INSERT INTO feedback (provider, event_id, kind, request_id, address, occurred_at)
+             VALUES ('ses', $1, 'complaint', 'spammy', $2, now())",
+        )
+        .bind(format!("c-{i}"))
+        .bind(format!("spammy-{i}@example.com"))
+        .execute(stack.store.pool())
+        .await
+        .unwrap();
+    }
+    let status = eventually("the kill switch to pause the campaign", Duration::from_secs(30), || async {
+        let status = request_status(&stack, "spammy").await?;
+        status["pause_reason"].is_string().then_some(status)
+    })
+    .await;
+    let reason = status["pause_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("kill switch: complaint rate ") && reason.contains("% over 0.3% after "),
+        "{reason}"
+    );
+    assert_eq!(status["complained"], 10, "{status}");
+    assert!(count(&status, "recipients", "pending") > 0, "paused before the end: {status}");
+    stack.stop().await;
+}

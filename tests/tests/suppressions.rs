@@ -529,6 +529,7 @@ async fn the_public_entry_serves_the_unsubscribe_links_and_nothing_else() {
         database_url: url.clone().into(),
         database_max_connections: 2,
         unsubscribe_secret: secret.to_owned().into(),
+        feedback: Default::default(),
     };
     assert!(PublicEntry::build(config("short")).await.is_err(), "a key too short is refused");
     let entry = PublicEntry::build(config(UNSUBSCRIBE_SECRET)).await.unwrap();

@@ -4,7 +4,7 @@
 //! 1. expires what passed its deadline before it could be dispatched;
 //! 2. polls a list-based ESP for sent chunks and completes those whose delivery settled
 //!    (a message-based provider's chunks are completed by the sender), then pauses the open
-//!    requests whose bounce rate crossed the kill switch's threshold;
+//!    requests whose bounce or complaint rate crossed the kill switch's threshold;
 //! 3. reconciles stuck work: uploads whose lease ran out go back to `queued`, chunks that sat in
 //!    `queued` too long go back to `pending` (re-dispatched under a new task name), and chunks
 //!    that sat in `uploaded`, or in `sending` with a dead lease, are published to the sender again
@@ -24,7 +24,7 @@
 //! - [`close`]: expiring requests never prepared in time, cancelling what waits in cancelled
 //!   requests, closing requests whose chunks are final;
 //! - `poll`: the ESP's delivery status of sent chunks;
-//! - [`kill_switch`]: pausing requests that bounce too much;
+//! - [`kill_switch`]: pausing requests that bounce or draw complaints too much;
 //! - `reconcile`: stuck uploads and sends;
 //! - [`logs`]: the delivery and request log rows, their sinks (BigQuery, files), and writing them.
 
@@ -89,6 +89,10 @@ pub struct Config {
     /// The kill switch: a request whose bounce rate (0 to 1) reaches this is paused; 0 turns it off.
     #[arg(long, env = "KILL_SWITCH_BOUNCE_RATE", default_value_t = 0.05, value_parser = kill_switch::parse_rate)]
     pub kill_switch_bounce_rate: f64,
+    /// The kill switch: a request whose spam-complaint rate (0 to 1, from the provider's webhooks)
+    /// reaches this is paused; 0 turns it off. Mailbox providers start rejecting at about 0.3%.
+    #[arg(long, env = "KILL_SWITCH_COMPLAINT_RATE", default_value_t = 0.003, value_parser = kill_switch::parse_rate)]
+    pub kill_switch_complaint_rate: f64,
     /// Recipients with an outcome a request needs (since its last resume) before the kill switch
     /// judges it.
     #[arg(long, env = "KILL_SWITCH_MIN_SAMPLE", default_value_t = 1_000)]
@@ -150,6 +154,7 @@ impl Job {
             },
             kill_switch: KillSwitch {
                 bounce_rate: config.kill_switch_bounce_rate,
+                complaint_rate: config.kill_switch_complaint_rate,
                 min_sample: config.kill_switch_min_sample,
             },
         })

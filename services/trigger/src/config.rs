@@ -4,6 +4,8 @@ use haishin_shared::config::CommonArgs;
 use haishin_shared::esp::ProviderKind;
 use secrecy::SecretString;
 
+use crate::feedback::FeedbackArgs;
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "trigger",
@@ -68,4 +70,6 @@ pub struct Config {
     /// Unset: `/unsubscribe/{token}` answers 404.
     #[arg(long, env = "UNSUBSCRIBE_SECRET", hide_env_values = true)]
     pub unsubscribe_secret: Option<SecretString>,
+    #[command(flatten)]
+    pub feedback: FeedbackArgs,
 }

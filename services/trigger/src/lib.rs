@@ -18,15 +18,18 @@
 //! - [`rejections`]: what was refused, newest first.
 //! - [`suppressions`]: the suppression list as the API changes it, and its import from files.
 //! - [`unsubscribe`]: one-click unsubscribe (RFC 8058): the token check and the pages.
-//! - [`public`]: the public entry, serving the unsubscribe routes alone (`trigger unsubscribe`).
+//! - [`feedback`]: the provider's signed bounce and complaint webhooks (SES through SNS, SendGrid).
+//! - [`public`]: the public entry, serving the unsubscribe and webhook routes alone
+//!   (`trigger unsubscribe`).
 //! - [`routes`]: HTTP routes (`/push/*` and `/tasks/*` require an OIDC token; `/v1/*` is the API;
-//!   `/unsubscribe/*` needs no token).
+//!   `/unsubscribe/*` and `/webhooks/*` need no token).
 //! - [`error`]: work that cannot be done now, and the API's error answers.
 
 pub mod config;
 pub mod control;
 pub mod dispatch;
 pub mod error;
+pub mod feedback;
 pub mod intake;
 pub mod listing;
 pub mod prepare;
@@ -67,6 +70,8 @@ pub struct AppState {
     pub prepare_lease: Duration,
     /// Checks unsubscribe tokens; `None` when `UNSUBSCRIBE_SECRET` is not set.
     pub unsubscribe: Option<TokenKey>,
+    /// Checks and keeps the provider's bounce and complaint reports.
+    pub feedback: feedback::FeedbackState,
 }
 
 /// The tail of the batch work is cut into pieces of no less than a chunk divided by this: smaller
@@ -136,8 +141,10 @@ impl Application {
             ),
             None => None,
         };
+        let feedback = feedback::FeedbackState::new(store.clone(), &config.feedback)?;
         let state = AppState {
             unsubscribe,
+            feedback,
             dispatcher: Arc::new(dispatch::Dispatcher::new(store.clone(), handoff, limits)),
             blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
             store,

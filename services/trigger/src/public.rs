@@ -1,22 +1,28 @@
 //! The public entry: the trigger's image run as `trigger unsubscribe`, serving
-//! `/unsubscribe/{token}` and `/healthz` and nothing else.
+//! `/unsubscribe/{token}`, the provider webhooks `/webhooks/ses` and `/webhooks/sendgrid`, and
+//! `/healthz`, and nothing else.
 //!
-//! Cloud Run's IAM is per service, and recipients reach their unsubscribe link with no Google
-//! token, so the unsubscribe routes are deployed as a service of their own that anyone may
-//! invoke, while the trigger (its API, its push and task routes) stays behind the invoker check
-//! (docs/deploy.md). It needs the database and `UNSUBSCRIBE_SECRET`, nothing else: no Google API,
-//! no queue, no topic.
+//! Cloud Run's IAM is per service, and recipients reach their unsubscribe link (and providers
+//! their webhook) with no Google token, so these routes are deployed as a service of their own
+//! that anyone may invoke, while the trigger (its API, its push and task routes) stays behind the
+//! invoker check (docs/deploy.md). Each route checks its own signature: the unsubscribe token's,
+//! the SNS message's, SendGrid's. It needs the database, `UNSUBSCRIBE_SECRET` and the webhook
+//! settings, nothing else: no Google API, no queue, no topic.
 
 use haishin_shared::server::PushService;
 use haishin_shared::store::Store;
 use haishin_shared::unsubscribe::TokenKey;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::feedback::{FeedbackArgs, FeedbackState};
 use crate::unsubscribe::UnsubscribeState;
 
 /// The public entry's configuration, from its environment.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "trigger unsubscribe", about = "Serves the one-click unsubscribe links, and nothing else.")]
+#[command(
+    name = "trigger unsubscribe",
+    about = "Serves the one-click unsubscribe links and the provider webhooks, and nothing else."
+)]
 pub struct PublicConfig {
     /// Port to listen on (Cloud Run sets it).
     #[arg(long, env = "PORT", default_value_t = 8080)]
@@ -33,12 +39,33 @@ pub struct PublicConfig {
     /// The key the sender signs unsubscribe tokens with (from Secret Manager).
     #[arg(long, env = "UNSUBSCRIBE_SECRET", hide_env_values = true)]
     pub unsubscribe_secret: SecretString,
+    #[command(flatten)]
+    pub feedback: FeedbackArgs,
 }
 
 /// The public entry, bound to its port and ready to serve.
 pub struct PublicEntry {
     service: PushService,
-    state: UnsubscribeState,
+    state: PublicState,
+}
+
+/// The public routes' state.
+#[derive(Clone)]
+struct PublicState {
+    unsubscribe: UnsubscribeState,
+    feedback: FeedbackState,
+}
+
+impl axum::extract::FromRef<PublicState> for UnsubscribeState {
+    fn from_ref(state: &PublicState) -> Self {
+        state.unsubscribe.clone()
+    }
+}
+
+impl axum::extract::FromRef<PublicState> for FeedbackState {
+    fn from_ref(state: &PublicState) -> Self {
+        state.feedback.clone()
+    }
 }
 
 impl PublicEntry {
@@ -51,8 +78,10 @@ impl PublicEntry {
         if let Err(err) = store.migrate().await {
             tracing::warn!(error = %err, "Database migration did not run; it will be retried at the next start.");
         }
+        let feedback = FeedbackState::new(store.clone(), &config.feedback)?;
         let service = PushService::bind_public("unsubscribe", &config.host, config.port).await?;
-        Ok(Self { service, state: UnsubscribeState { store, key: Some(key) } })
+        let unsubscribe = UnsubscribeState { store, key: Some(key) };
+        Ok(Self { service, state: PublicState { unsubscribe, feedback } })
     }
 
     pub fn port(&self) -> u16 {
@@ -64,7 +93,7 @@ impl PublicEntry {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let public = crate::routes::unsubscribe::router();
+        let public = crate::routes::unsubscribe::router().merge(crate::routes::feedback::router());
         let router = self.service.router(self.state, axum::Router::new(), public);
         self.service.run(router, shutdown, &[]).await
     }

@@ -38,7 +38,12 @@ pub struct RequestStatus {
     /// Number of recipients in chunks of each state.
     pub recipients: BTreeMap<ChunkState, i64>,
     pub delivered: i64,
+    /// Hard bounces: the list-based ESP's counts, and those the provider's webhooks reported.
     pub bounced: i64,
+    /// Soft bounces the provider's webhooks reported (mailbox full, blocked for now).
+    pub soft_bounced: i64,
+    /// Recipients who reported the message as spam, through the provider's webhooks.
+    pub complained: i64,
     pub failed: i64,
     /// Recipients whose single message was handed over without an answer (message-based
     /// providers); a chunk that ended `unknown` as a whole is counted in `recipients` instead.
@@ -112,6 +117,8 @@ pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<Requ
         recipients: BTreeMap::new(),
         delivered: 0,
         bounced: 0,
+        soft_bounced: 0,
+        complained: 0,
         failed: 0,
         unknown: 0,
         suppressed: 0,
@@ -127,5 +134,9 @@ pub async fn request_status(store: &Store, id: &RequestId) -> Result<Option<Requ
         status.unknown += totals.unknown;
         status.suppressed += totals.suppressed;
     }
+    let feedback = store.feedback_counts(id).await?;
+    status.bounced += feedback.bounced;
+    status.soft_bounced = feedback.soft_bounced;
+    status.complained = feedback.complained;
     Ok(Some(status))
 }

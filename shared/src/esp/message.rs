@@ -84,6 +84,8 @@ pub struct OutgoingMessage {
     /// Stable for this recipient of this delivery: the `Message-ID` is derived from it, and
     /// providers that de-duplicate by a key use it.
     pub idempotency_key: String,
+    /// The delivery request it belongs to (its `X-Haishin-Request` header).
+    pub request: Option<String>,
     /// The envelope sender (SMTP `MAIL FROM`, where bounces go).
     pub envelope_from: String,
     /// The one envelope recipient.
@@ -365,6 +367,7 @@ mod tests {
     fn a_message_logs_without_its_addresses() {
         let message = OutgoingMessage {
             idempotency_key: "r-1~000001:0".into(),
+            request: None,
             envelope_from: "news@shop.example".into(),
             to: "bob@example.com".into(),
             message_id: "<abc@shop.example>".into(),

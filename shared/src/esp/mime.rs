@@ -18,6 +18,9 @@ use super::render::{RenderError, RenderSettings, RenderedContent};
 
 const LIST_UNSUBSCRIBE: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe");
 const LIST_UNSUBSCRIBE_POST: HeaderName = HeaderName::new_from_ascii_str("List-Unsubscribe-Post");
+/// The header naming the delivery request a message belongs to, so that the provider's bounce and
+/// complaint reports (which can carry the original headers) are counted against it.
+pub const REQUEST_HEADER: &str = "X-Haishin-Request";
 
 /// A deployment's sender settings, checked once.
 #[derive(Clone, Debug)]
@@ -64,6 +67,7 @@ impl Sender {
         to: &str,
         idempotency_key: &str,
         unsubscribe_token: &str,
+        request: Option<&str>,
     ) -> Result<OutgoingMessage, RenderError> {
         let to: Address = to.parse().map_err(|e| RenderError::Recipient(format!("{e}")))?;
         let message_id = message_id(idempotency_key, self.from.email.domain());
@@ -78,6 +82,13 @@ impl Sender {
                 format!("<{}>", self.unsubscribe_url(unsubscribe_token)),
             ))
             .raw_header(HeaderValue::new(LIST_UNSUBSCRIBE_POST, "List-Unsubscribe=One-Click".into()));
+        let builder = match request {
+            Some(request) => builder.raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str(REQUEST_HEADER),
+                request.to_owned(),
+            )),
+            None => builder,
+        };
         let message = match (&content.text, &content.html) {
             (Some(text), Some(html)) => {
                 builder.multipart(MultiPart::alternative_plain_html(text.clone(), html.clone()))
@@ -89,6 +100,7 @@ impl Sender {
         .map_err(|e| RenderError::Build(e.to_string()))?;
         Ok(OutgoingMessage {
             idempotency_key: idempotency_key.to_owned(),
+            request: request.map(str::to_owned),
             envelope_from: self.envelope_from.to_string(),
             to: to.to_string(),
             message_id,
@@ -135,7 +147,7 @@ mod tests {
 
     #[test]
     fn a_message_with_text_and_html_is_multipart_alternative_with_every_header() {
-        let renderer = MessageRenderer::new(&both(), &settings()).unwrap();
+        let renderer = MessageRenderer::new(&both(), &settings()).unwrap().for_request("r-1");
         let message = renderer.render(&recipient("ann@example.com", "Ann"), "r-1~000001:7", "tok-1").unwrap();
         assert!(message.mime.is_ascii(), "the message is 7-bit clean");
         assert_eq!(message.envelope_from, "bounces@shop.example");
@@ -155,6 +167,7 @@ mod tests {
             "<https://mail.shop.example/u/tok-1>"
         );
         assert_eq!(headers.get_first_value("List-Unsubscribe-Post").unwrap(), "List-Unsubscribe=One-Click");
+        assert_eq!(headers.get_first_value(REQUEST_HEADER).unwrap(), "r-1");
         assert_eq!(parsed.ctype.mimetype, "multipart/alternative");
         let kinds: Vec<&str> = parsed.subparts.iter().map(|p| p.ctype.mimetype.as_str()).collect();
         assert_eq!(kinds, ["text/plain", "text/html"]);

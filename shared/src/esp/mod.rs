@@ -58,7 +58,7 @@ pub use message::{
     MessageOutcome, MessageProvider, MessageProviderConfig, OutcomeCounts, OutgoingMessage, ProviderLimits,
     ProviderSetupError,
 };
-pub use mime::message_id;
+pub use mime::{REQUEST_HEADER, message_id};
 pub use render::{MessageRenderer, RenderError, RenderSettings, RenderedContent};
 pub use ses::{SesConfig, SesCredentials, SesProvider};
 pub use smtp::{SmtpConfig, SmtpProvider};

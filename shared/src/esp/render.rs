@@ -102,6 +102,8 @@ pub struct MessageRenderer {
     /// Each part the template has, with the placeholders it uses in the order they appear.
     parts: Vec<(Part, Vec<String>)>,
     sender: Sender,
+    /// The delivery request the messages belong to, named in their `X-Haishin-Request` header.
+    request: Option<String>,
 }
 
 impl MessageRenderer {
@@ -128,7 +130,7 @@ impl MessageRenderer {
             names.sort_by_key(|name| (source.find(name.as_str()).unwrap_or(usize::MAX), name.clone()));
             parts.push((part, names));
         }
-        Ok(Self { env, parts, sender })
+        Ok(Self { env, parts, sender, request: None })
     }
 
     /// Renders the subject and bodies with one recipient's params.
@@ -165,7 +167,20 @@ impl MessageRenderer {
         unsubscribe_token: &str,
     ) -> Result<OutgoingMessage, RenderError> {
         let content = self.render_content(&recipient.params)?;
-        self.sender.build(&content, &recipient.email, idempotency_key, unsubscribe_token)
+        self.sender.build(
+            &content,
+            &recipient.email,
+            idempotency_key,
+            unsubscribe_token,
+            self.request.as_deref(),
+        )
+    }
+
+    /// Names `request` in every message rendered, so that the provider's bounce and complaint
+    /// reports can be counted against it.
+    pub fn for_request(mut self, request: &str) -> Self {
+        self.request = Some(request.to_owned());
+        self
     }
 }
 

@@ -13,8 +13,10 @@
 //! - [`chunks`]: taking a chunk for a step under a lease, moving it between states, and ending
 //!   what a cancel stops.
 //! - [`rate`]: [`RateSchedule`], a provider's rate limit held across every instance.
+//! - [`feedback`]: [`FeedbackCounts`], the bounces and complaints webhooks reported.
 
 mod chunks;
+mod feedback;
 mod rate;
 mod rows;
 
@@ -26,6 +28,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub use chunks::{
     CANCELLED_REASON, CancelScope, Claim, Claimed, Step, cancel_waiting_chunks, expire_overdue_chunks,
 };
+pub use feedback::FeedbackCounts;
 pub use rate::{RateSchedule, Reservation};
 pub use rows::{ChunkRow, ChunkTotals, Outcomes, RequestRow, chunk_columns, request_columns};
 

@@ -122,6 +122,8 @@ pub const UNSUBSCRIBE_URL: &str = "https://haishin.example/unsubscribe";
 /// recipients with an outcome it needs first.
 pub const KILL_SWITCH_BOUNCE_RATE: f64 = 0.05;
 pub const KILL_SWITCH_MIN_SAMPLE: u64 = 200;
+/// The complaint rate at which the completion job pauses a request (as in production).
+pub const KILL_SWITCH_COMPLAINT_RATE: f64 = 0.003;
 /// The key the local sender signs unsubscribe tokens with, and the local trigger checks them with.
 pub const UNSUBSCRIBE_SECRET: &str = "haishin-local-unsubscribe-secret-0123456789";
 
@@ -625,6 +627,7 @@ fn service_env(
         // The kill switch at its default rate, on a sample small enough for a local campaign.
         ("KILL_SWITCH_BOUNCE_RATE", KILL_SWITCH_BOUNCE_RATE.to_string()),
         ("KILL_SWITCH_MIN_SAMPLE", KILL_SWITCH_MIN_SAMPLE.to_string()),
+        ("KILL_SWITCH_COMPLAINT_RATE", KILL_SWITCH_COMPLAINT_RATE.to_string()),
     ]);
     let mut env = BTreeMap::from([
         (Instance::first(Service::Trigger), trigger_env(0, &endpoints.trigger)),
@@ -713,8 +716,8 @@ fn invokers(service: Service) -> Vec<&'static str> {
 
 /// The front door of a service listening at `backend`: its invokers, and the paths that need no
 /// token (`/healthz`, which Cloud Run's own probes reach from inside; the unsubscribe links, which
-/// recipients follow from their mail, served in production by the public entry; and locally the
-/// API).
+/// recipients follow from their mail, and the provider webhooks, both served in production by the
+/// public entry; and locally the API).
 fn front_door(service: Service, backend: &str) -> FrontDoorConfig {
     let mut config = FrontDoorConfig::new(backend);
     config.invokers = invokers(service).into_iter().map(str::to_owned).collect();
@@ -724,6 +727,7 @@ fn front_door(service: Service, backend: &str) -> FrontDoorConfig {
             "/v1/".to_owned(),
             "/openapi.json".to_owned(),
             "/unsubscribe/".to_owned(),
+            "/webhooks/".to_owned(),
         ]);
     }
     config

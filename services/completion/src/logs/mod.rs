@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
 use haishin_shared::domain::{ChunkId, ChunkState, Class, RequestId, RequestState};
-use haishin_shared::store::{ChunkRow, ChunkTotals, Outcomes, RequestRow};
+use haishin_shared::store::{ChunkRow, ChunkTotals, FeedbackCounts, Outcomes, RequestRow};
 
 mod bigquery;
 pub mod write;
@@ -91,7 +91,10 @@ pub struct RequestLog {
     /// failed, those whose outcome is unknown and those suppressed before the send).
     pub sent: i64,
     pub delivered: i64,
+    /// Hard bounces: the list-based ESP's counts and the webhooks' reports so far.
     pub bounced: i64,
+    /// Spam complaints the webhooks reported so far.
+    pub complained: i64,
     /// Recipients in chunks that failed, or that the provider reported failed or refused.
     pub failed: i64,
     pub expired: i64,
@@ -108,7 +111,11 @@ pub struct RequestLog {
 
 impl RequestLog {
     /// Builds the summary from the request and its chunk totals per state.
-    pub fn new(request: &RequestRow, totals: &BTreeMap<ChunkState, ChunkTotals>) -> Self {
+    pub fn new(
+        request: &RequestRow,
+        totals: &BTreeMap<ChunkState, ChunkTotals>,
+        feedback: FeedbackCounts,
+    ) -> Self {
         let outcomes = Outcomes::of(totals);
         let skipped: BTreeMap<String, i64> =
             serde_json::from_value(request.skipped.clone()).unwrap_or_default();
@@ -124,7 +131,8 @@ impl RequestLog {
             skipped,
             sent: outcomes.sent,
             delivered: totals.values().map(|t| t.delivered).sum(),
-            bounced: totals.values().map(|t| t.bounced).sum(),
+            bounced: totals.values().map(|t| t.bounced).sum::<i64>() + feedback.bounced,
+            complained: feedback.complained,
             failed: outcomes.failed,
             expired: outcomes.expired,
             cancelled: outcomes.cancelled,

@@ -41,7 +41,8 @@ pub(crate) async fn write_logs(
     let requests = unlogged_requests(store, BATCH).await?;
     let mut rows = Vec::new();
     for request in &requests {
-        rows.push(RequestLog::new(request, &store.chunk_totals(&request.id).await?));
+        let totals = store.chunk_totals(&request.id).await?;
+        rows.push(RequestLog::new(request, &totals, store.feedback_counts(&request.id).await?));
     }
     if !rows.is_empty() {
         sink.write_requests(&rows).await?;

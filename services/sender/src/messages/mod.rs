@@ -179,7 +179,9 @@ async fn request_rendering<'a>(
         Ok(None) => return Err(Ok("the chunk's request is missing".to_owned())),
         Err(err) => return Err(Err(err.into())),
     };
-    let renderer = MessageRenderer::new(&request.template, &path.render).map_err(|e| Ok(e.to_string()))?;
+    let renderer = MessageRenderer::new(&request.template, &path.render)
+        .map_err(|e| Ok(e.to_string()))?
+        .for_request(chunk.request_id.as_str());
     Ok(Rendering { renderer, tokens: &path.tokens, scope: path.tokens.scope(&request.labels) })
 }
 

@@ -1,11 +1,13 @@
 //! HTTP routes. Push and task routes sit behind OIDC verification; the `/v1` API is for direct
 //! callers and is protected by Cloud Run's IAM in production; `/unsubscribe/*` is for recipients
-//! and needs no token (in production it is reached through the public entry, `crate::public`).
+//! and `/webhooks/*` are for recipients and providers and need no token (in production they are
+//! reached through the public entry, `crate::public`).
 
 mod api;
 mod control;
 mod dead_letters;
 mod events;
+pub mod feedback;
 mod push;
 mod suppressions;
 mod tasks;
@@ -23,7 +25,10 @@ pub fn router(service: &PushService, state: AppState) -> Router {
         .merge(tasks::router())
         .merge(events::router())
         .merge(dead_letters::router());
-    let public =
-        api::router().merge(control::router()).merge(suppressions::router()).merge(unsubscribe::router());
+    let public = api::router()
+        .merge(control::router())
+        .merge(suppressions::router())
+        .merge(unsubscribe::router())
+        .merge(feedback::router());
     service.router(state, authenticated, public)
 }

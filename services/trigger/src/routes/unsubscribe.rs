@@ -55,8 +55,14 @@ async fn unsubscribe(
         return Refusal::Body.answer(&headers);
     };
     let address = [claims.address.clone()];
-    match suppressions::add_many(&state.store, &address, &claims.scope, Reason::Unsubscribed, via.source())
-        .await
+    match suppressions::add_many(
+        state.store.pool(),
+        &address,
+        &claims.scope,
+        Reason::Unsubscribed,
+        via.source(),
+    )
+    .await
     {
         Ok(added) => {
             tracing::info!(scope = %claims.scope, source = via.source(), new = added == 1, "Unsubscribed.");

@@ -106,7 +106,7 @@ impl Sink<'_> {
 
     async fn flush(&mut self) -> Result<(), ImportError> {
         let batch = std::mem::take(&mut self.batch);
-        let added = add_many(self.store, &batch, self.scope, self.reason, self.source).await?;
+        let added = add_many(self.store.pool(), &batch, self.scope, self.reason, self.source).await?;
         self.report.added += added;
         self.report.already_suppressed += batch.len() as u64 - added;
         Ok(())

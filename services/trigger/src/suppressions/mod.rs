@@ -166,8 +166,8 @@ pub async fn put(
 
 /// Suppresses each of `addresses` (keys) in `scope`, leaving suppressions already there as they
 /// are. Returns how many are new.
-pub async fn add_many(
-    store: &Store,
+pub async fn add_many<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     addresses: &[String],
     scope: &str,
     reason: Reason,
@@ -185,7 +185,7 @@ pub async fn add_many(
     .bind(scope)
     .bind(reason.as_str())
     .bind(source)
-    .execute(store.pool())
+    .execute(db)
     .await?;
     Ok(done.rows_affected())
 }

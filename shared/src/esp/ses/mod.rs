@@ -30,7 +30,7 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sesv2::Client;
 use aws_sdk_sesv2::config::Credentials;
 use aws_sdk_sesv2::primitives::Blob;
-use aws_sdk_sesv2::types::{Destination, EmailContent, RawMessage};
+use aws_sdk_sesv2::types::{Destination, EmailContent, MessageTag, RawMessage};
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
@@ -160,6 +160,7 @@ impl SesProvider {
             .destination(Destination::builder().to_addresses(&message.to).build())
             .content(EmailContent::builder().raw(raw).build())
             .set_configuration_set_name(self.configuration_set.clone())
+            .set_email_tags(message.request.as_deref().and_then(request_tag))
             .send()
             .await;
         match sent {
@@ -169,6 +170,18 @@ impl SesProvider {
             Err(error) => classify(failure_of(&error)),
         }
     }
+}
+
+/// The message tag `haishin-request` naming the message's request, so that SES event publishing
+/// passes it back with each bounce and complaint. SES takes only ASCII letters, digits, `_` and
+/// `-` in a tag: a request id with other characters goes untagged (the `X-Haishin-Request`
+/// header still names it).
+fn request_tag(request: &str) -> Option<Vec<MessageTag>> {
+    if request.len() > 256 || !request.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return None;
+    }
+    let tag = MessageTag::builder().name("haishin-request").value(request).build().ok()?;
+    Some(vec![tag])
 }
 
 #[async_trait]
