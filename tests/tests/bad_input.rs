@@ -342,6 +342,44 @@ async fn gzip(text: &str) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn repeats_across_chunks_are_found_exactly_and_their_keys_forgotten_once_prepared() {
+    let stack = TestStack::default().start().await; // chunks of 100
+    // 1,000 rows: rows 500 and up repeat the address of row `i - 500` one time in five, in every
+    // spelling the key folds together, and keys that only differ by a character stay distinct.
+    let mut csv = String::from("email,name,product,url\n");
+    let mut repeats = 0;
+    for i in 0..1_000 {
+        let email = if i >= 500 && i % 5 == 0 {
+            repeats += 1;
+            format!("Reader{}@EXAMPLE.com", i - 500)
+        } else {
+            format!("reader{i}@example.com")
+        };
+        csv.push_str(&format!("{email},R,Bottle,u\n"));
+    }
+    let object = "audiences/repeats.csv";
+    stack.blobs.write(haishin_local::stack::BUCKET, object, csv.into_bytes().into()).await.unwrap();
+    let uri = format!("gs://{}/{object}", haishin_local::stack::BUCKET);
+    stack.requests_topic.publish(&file_request("repeats", &uri), &[]).await.unwrap();
+
+    let status = finished(&stack, "repeats").await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["skipped"]["duplicate"], repeats, "{status}");
+    assert_eq!(status["audience"]["recipients"], 1_000 - repeats, "{status}");
+    let delivered = &stack.esp.report().requests["repeats"];
+    assert_eq!((delivered.counts.unique, delivered.counts.duplicates), (1_000 - repeats as u64, 0));
+    haishin_tests::eventually("the audience keys to be forgotten", Duration::from_secs(10), || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM audience_keys")
+            .fetch_one(stack.store.pool())
+            .await
+            .ok()?;
+        (left == 0).then_some(())
+    })
+    .await;
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn gzipped_exports_are_read_and_repeated_addresses_found_through_case_and_idna() {
     let stack = TestStack::default().start().await;
     let csv = "email,name,product,url\nuser@BÜCHER.example,A,Bottle,u\nuser@bücher.example,B,Bottle,u\n\
