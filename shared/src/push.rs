@@ -95,6 +95,25 @@ impl PushMessage {
     }
 }
 
+/// The `traceparent` attribute of the message in a Pub/Sub push body, read without decoding the
+/// rest; `None` for any other body (a task's, say) or a message without one.
+pub fn message_traceparent(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Envelope {
+        message: Message,
+    }
+    #[derive(Deserialize)]
+    struct Message {
+        #[serde(default)]
+        attributes: Attributes,
+    }
+    #[derive(Deserialize, Default)]
+    struct Attributes {
+        traceparent: Option<String>,
+    }
+    serde_json::from_slice::<Envelope>(body).ok()?.message.attributes.traceparent
+}
+
 /// What a push or task handler tells Pub/Sub or Cloud Tasks.
 #[derive(Debug)]
 pub enum Outcome {
@@ -154,5 +173,37 @@ impl IntoResponse for Outcome {
 impl From<crate::store::StoreError> for Outcome {
     fn from(err: crate::store::StoreError) -> Self {
         Outcome::unavailable(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_push_s_traceparent_attribute_is_read_from_its_body() {
+        let body = serde_json::json!({
+            "message": {"data": "e30=", "messageId": "m-1",
+                        "attributes": {"class": "batch", "traceparent": "00-a-b-01"}},
+            "subscription": "s",
+        });
+        let body = serde_json::to_vec(&body).unwrap();
+
+        assert_eq!(message_traceparent(&body).as_deref(), Some("00-a-b-01"));
+        let envelope: PushEnvelope = serde_json::from_slice(&body).unwrap();
+        assert_eq!(envelope.message.attributes["class"], "batch");
+    }
+
+    #[test]
+    fn bodies_without_a_traceparent_attribute_have_none() {
+        for body in [
+            r#"{"message": {"data": "e30=", "attributes": {"class": "batch"}}}"#,
+            r#"{"message": {"data": "e30="}}"#,
+            r#"{"message": {"attributes": {"traceparent": 7}}}"#,
+            r#"{"request_id": "r-1"}"#,
+            "not json",
+        ] {
+            assert_eq!(message_traceparent(body.as_bytes()), None, "{body}");
+        }
     }
 }

@@ -31,6 +31,7 @@ use haishin_shared::push::{Delivered, Outcome, PushEnvelope, RetryReason};
 use haishin_shared::server::PushService;
 use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 pub use list::send_key;
 use messages::MessagePath;
@@ -147,8 +148,8 @@ async fn deliver(State(state): State<AppState>, Delivered(envelope): Delivered<P
     };
     // The send runs on its own task: if the push's connection closes (its ack deadline passed),
     // the request future is dropped, but a batch being handed over must still get its outcomes
-    // recorded.
-    let sending = tokio::spawn(async move { send_chunk(&state, &message).await });
+    // recorded. It stays in the push's span, so its trace goes on.
+    let sending = tokio::spawn(async move { send_chunk(&state, &message).await }.in_current_span());
     match sending.await {
         Ok(outcome) => outcome,
         Err(err) => Outcome::unavailable(format!("the send stopped: {err}")),

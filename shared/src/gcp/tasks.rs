@@ -8,6 +8,7 @@ use google_cloud_tasks_v2::model::{HttpMethod, HttpRequest, OidcToken, Task};
 use serde::Serialize;
 
 use super::{GcpArgs, GcpError, anonymous};
+use crate::telemetry::{TRACEPARENT, current_traceparent};
 
 /// A Cloud Tasks queue whose tasks POST JSON to one URL with an OIDC token.
 #[derive(Clone, Debug)]
@@ -82,15 +83,16 @@ impl TaskQueue {
         })
     }
 
-    /// Creates a task delivering `body`. A named task is created at most once: Cloud Tasks refuses
-    /// a name it has seen, which makes re-dispatch after a crash harmless.
+    /// Creates a task delivering `body`, with the `traceparent` of the current span. A named task
+    /// is created at most once: Cloud Tasks refuses a name it has seen, which makes re-dispatch
+    /// after a crash harmless.
     pub async fn enqueue<T: Serialize>(&self, name: Option<&str>, body: &T) -> Result<Enqueued, GcpError> {
         let body = serde_json::to_vec(body)
             .map_err(|e| GcpError::Permanent { what: "encoding a task", detail: e.to_string() })?;
         let http = HttpRequest::new()
             .set_url(self.url.clone())
             .set_http_method(HttpMethod::Post)
-            .set_headers([("Content-Type", "application/json")])
+            .set_headers(task_headers())
             .set_body(body)
             .set_oidc_token(
                 OidcToken::new()
@@ -109,5 +111,43 @@ impl TaskQueue {
             }
             Err(err) => Err(GcpError::from_gax("creating a task", &err)),
         }
+    }
+}
+
+/// A task's HTTP headers: its content type, and the trace context of the current span, so that the
+/// target's request span continues the trace.
+fn task_headers() -> Vec<(&'static str, String)> {
+    let mut headers = vec![("Content-Type", "application/json".to_owned())];
+    if let Some(traceparent) = current_traceparent() {
+        headers.push((TRACEPARENT, traceparent));
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::field::Empty;
+
+    use super::*;
+    use crate::telemetry::testing::{TRACE, traced, traceparent};
+    use crate::telemetry::{join_trace, parse_traceparent};
+
+    #[test]
+    fn a_task_carries_the_trace_of_the_span_that_enqueues_it() {
+        let headers = tracing::subscriber::with_default(traced(), || {
+            let span = tracing::info_span!("dispatch", trace_id = Empty, span_id = Empty);
+            join_trace(&span, parse_traceparent(&traceparent()).as_ref());
+            span.in_scope(task_headers)
+        });
+
+        let (_, sent) = headers.iter().find(|(name, _)| *name == TRACEPARENT).expect("a traceparent header");
+        let sent = parse_traceparent(sent).expect("a valid traceparent");
+        assert_eq!(sent.trace_id().to_string(), TRACE);
+        assert!(headers.contains(&("Content-Type", "application/json".to_owned())));
+    }
+
+    #[test]
+    fn outside_a_span_a_task_carries_no_traceparent() {
+        assert_eq!(task_headers(), [("Content-Type", "application/json".to_owned())]);
     }
 }

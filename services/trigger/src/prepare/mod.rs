@@ -20,6 +20,7 @@ pub mod rows;
 use haishin_shared::domain::{RequestId, RequestState};
 use haishin_shared::gcp::GcpError;
 use haishin_shared::store::{Claim, StoreError};
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::error::Unavailable;
@@ -70,7 +71,7 @@ pub async fn run(state: &AppState, id: &RequestId) -> Result<Prepared, Unavailab
     let dispatcher = state.dispatcher.clone();
     let dispatch_now = move || {
         let dispatcher = dispatcher.clone();
-        tokio::spawn(async move { dispatcher.run().await });
+        tokio::spawn(async move { dispatcher.run().await }.in_current_span());
     };
     let prepared = audience::read_audience(
         &state.blobs,
