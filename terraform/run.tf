@@ -65,6 +65,16 @@ locals {
   # unsubscribe_url names another address that leads to it (a custom domain).
   unsubscribe_url = coalesce(var.unsubscribe_url, "${local.service_urls.unsubscribe}/unsubscribe")
 
+  # The provider webhooks' settings. Providers post to the public entry; the trigger serves the
+  # same routes behind its invoker check, with the same settings, for callers with a Google
+  # identity (a relay of the provider's posts, say).
+  feedback_env = {
+    for name, value in {
+      SNS_TOPIC_ARNS              = length(var.feedback_webhooks.sns_topic_arns) > 0 ? join(",", var.feedback_webhooks.sns_topic_arns) : null
+      SENDGRID_WEBHOOK_PUBLIC_KEY = var.feedback_webhooks.sendgrid_public_key
+    } : name => value if value != null
+  }
+
   env = {
     trigger = merge(local.common_env, local.push_env.trigger, {
       DATABASE_MAX_CONNECTIONS = var.trigger.db_connections
@@ -91,7 +101,7 @@ locals {
       # is the timeout of the service it targets.
       PREPARE_LEASE_SECS  = trimsuffix(var.trigger.timeout, "s")
       UPLOAD_TIMEOUT_SECS = trimsuffix(var.list_uploader.timeout, "s")
-    })
+    }, local.feedback_env)
 
     list_uploader = merge(local.common_env, local.push_env.list_uploader, {
       DATABASE_MAX_CONNECTIONS = var.list_uploader.db_connections
@@ -143,12 +153,7 @@ locals {
     # and reaches only the database (and SNS's signing certificates); it receives no pushes.
     unsubscribe = merge(local.common_env, {
       DATABASE_MAX_CONNECTIONS = var.unsubscribe.db_connections
-      }, {
-      for name, value in {
-        SNS_TOPIC_ARNS              = length(var.feedback_webhooks.sns_topic_arns) > 0 ? join(",", var.feedback_webhooks.sns_topic_arns) : null
-        SENDGRID_WEBHOOK_PUBLIC_KEY = var.feedback_webhooks.sendgrid_public_key
-      } : name => value if value != null
-    })
+    }, local.feedback_env)
 
     # The job receives no pushes, so it has no push settings.
     completion = merge(local.common_env, {

@@ -10,8 +10,15 @@ use haishin_local::stack::env_names;
 
 /// Read by the services but never set by Terraform: Cloud Run sets `PORT`; the rest point the
 /// services at the local stand-ins or bind them to loopback.
-const NOT_FROM_TERRAFORM: [&str; 6] =
-    ["PORT", "LISTEN_HOST", "PUBSUB_ENDPOINT", "TASKS_ENDPOINT", "STORAGE_ENDPOINT", "BIGQUERY_ENDPOINT"];
+const NOT_FROM_TERRAFORM: [&str; 7] = [
+    "PORT",
+    "LISTEN_HOST",
+    "PUBSUB_ENDPOINT",
+    "TASKS_ENDPOINT",
+    "STORAGE_ENDPOINT",
+    "BIGQUERY_ENDPOINT",
+    "SNS_CERTIFICATE_ORIGIN",
+];
 
 fn terraform_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../terraform"))
@@ -53,6 +60,7 @@ fn terraform_env() -> BTreeMap<&'static str, BTreeSet<String>> {
     let run = std::fs::read_to_string(terraform_dir().join("run.tf")).unwrap();
     let common = keys(block(&run, "common_env = {"));
     let push = keys(block(&run, "push_env = {"));
+    let feedback = keys(block(&run, "feedback_env = {"));
     let env = block(&run, "\n  env = {");
     let secrets = block(&run, "secret_env = {");
     ["trigger", "list_uploader", "sender", "completion", "unsubscribe"]
@@ -65,6 +73,9 @@ fn terraform_env() -> BTreeMap<&'static str, BTreeSet<String>> {
             }
             if merged.contains(&format!("local.push_env.{service}")) {
                 set.extend(push.iter().cloned());
+            }
+            if merged.contains("local.feedback_env") {
+                set.extend(feedback.iter().cloned());
             }
             set.extend(keys(block(secrets, &format!("{service} = {{"))));
             (service, set)

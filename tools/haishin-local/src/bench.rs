@@ -10,8 +10,16 @@ use crate::scenario::{Admission, Campaign, RealtimeEvents, Scenario};
 use crate::stack::ServiceMode;
 
 /// The scenarios `bench` knows, in the order it runs them.
-pub const SCENARIOS: [&str; 5] =
+pub const SCENARIOS: [&str; 6] =
+    ["steady", "realtime-under-load", "fairness", "baseline-workflow", "rate-limited", "huge-audience"];
+
+/// The scenarios run when none is named: all but `huge-audience`, which takes a quarter of an hour
+/// and a few gigabytes of disk, and runs when asked for.
+pub const DEFAULT_SCENARIOS: [&str; 5] =
     ["steady", "realtime-under-load", "fairness", "baseline-workflow", "rate-limited"];
+
+/// The most resident memory any service may reach, in megabytes, at any audience size.
+pub const PEAK_RSS_TARGET_MB: f64 = 128.0;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -30,6 +38,9 @@ pub struct BenchArgs {
     /// Seed of audiences and ESP faults.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Recipients of the `huge-audience` campaign (a file audience).
+    #[arg(long, default_value_t = 10_000_000)]
+    pub huge_recipients: u64,
 }
 
 /// The ESP's rate in the `rate-limited` scenario, in calls per second.
@@ -83,6 +94,11 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
             s.chunk_size = 1_000;
             s.campaigns = vec![now(100_000); 2];
         }
+        // One file audience of tens of millions: every service's memory must stay flat.
+        "huge-audience" => {
+            s.campaigns = vec![now(args.huge_recipients)];
+            s.timeout = Duration::from_secs(3_600);
+        }
         other => unreachable!("unknown scenario {other}"),
     }
     s
@@ -91,7 +107,7 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
 /// Runs the chosen scenarios, prints the table, writes the JSON.
 pub async fn run(args: BenchArgs, mode: ServiceMode) -> anyhow::Result<Vec<Report>> {
     let names: Vec<String> = if args.scenarios.is_empty() {
-        SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
+        DEFAULT_SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
     } else {
         args.scenarios.clone()
     };
@@ -125,7 +141,7 @@ fn row(scenario: &Scenario, r: &Report) -> String {
         None => ("-".to_owned(), format!("{:>5} {:<3}", "-", ""), "-".to_owned()),
     };
     format!(
-        "{:<20} {:>9} {:>8.1} {:>6.3} {:>6.3} {:>8.0} {:>8.0} {:>8} {:>5}/{:<3} {:>4} {:>7.1} {:>9} {:>7} {} {:>7}",
+        "{:<20} {:>9} {:>8.1} {:>6.3} {:>6.3} {:>8.0} {:>8.0} {:>8} {:>5}/{:<3} {:>4} {:>7.1} {:>9} {:>7} {} {:>7} {:>7}",
         r.scenario,
         format!("{}/{}", r.requests.completed, r.requests.submitted),
         r.batch_makespan_s,
@@ -142,13 +158,14 @@ fn row(scenario: &Scenario, r: &Report) -> String {
         over_rate,
         in_1s,
         rate_use,
+        r.peak_rss_mb.values().copied().reduce(f64::max).map_or("-".to_owned(), |mb| format!("{mb:.0}")),
     )
 }
 
 fn table(names: &[String], args: &BenchArgs, reports: &[Report]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<20} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>4} {:>7} {:>9} {:>7} {:>9} {:>7}\n",
+        "{:<20} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>4} {:>7} {:>9} {:>7} {:>9} {:>7} {:>7}\n",
         "scenario",
         "done",
         "make_s",
@@ -163,10 +180,11 @@ fn table(names: &[String], args: &BenchArgs, reports: &[Report]) -> String {
         "fair_gap",
         "ovrate",
         "1s/rate",
-        "rate_ut"
+        "rate_ut",
+        "rss_MB"
     ));
     out.push_str(&format!(
-        "{:<20} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>4} {:>7} {:>9} {:>7} {:>9} {:>7}\n",
+        "{:<20} {:>9} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>4} {:>7} {:>9} {:>7} {:>9} {:>7} {:>7}\n",
         "targets",
         "all",
         "",
@@ -181,7 +199,8 @@ fn table(names: &[String], args: &BenchArgs, reports: &[Report]) -> String {
         "<=10%",
         "0",
         "<=1",
-        ">=.90"
+        ">=.90",
+        format!("<={PEAK_RSS_TARGET_MB:.0}")
     ));
     for (name, report) in names.iter().zip(reports) {
         out.push_str(&row(&scenario(name, args), report));
@@ -199,7 +218,14 @@ mod tests {
     use crate::report::{Esp, Invariants, Latency, Recipients, Requests};
 
     fn args() -> BenchArgs {
-        BenchArgs { scenarios: Vec::new(), triggers: 1, prefetch: 0, json: "bench.json".into(), seed: 1 }
+        BenchArgs {
+            scenarios: Vec::new(),
+            triggers: 1,
+            prefetch: 0,
+            json: "bench.json".into(),
+            seed: 1,
+            huge_recipients: 10_000_000,
+        }
     }
 
     #[test]
@@ -240,6 +266,7 @@ mod tests {
             wall_s: 25.0,
             service_cpu_s: 3.0,
             cpu_s_per_million: 15.0,
+            peak_rss_mb: Default::default(),
             fairness_max_gap: None,
             chaos: None,
             mail_server: None,
@@ -256,10 +283,10 @@ mod tests {
         let table = table(&names, &args(), &[report("steady", None), rated]);
         println!("{table}");
         let lines: Vec<&str> = table.lines().collect();
-        assert!(lines[0].ends_with("ovrate   1s/rate rate_ut"), "{}", lines[0]);
-        assert!(lines[1].ends_with("0       <=1   >=.90"), "{}", lines[1]);
-        assert!(lines[2].ends_with("-     -           -"), "{}", lines[2]);
-        assert!(lines[3].ends_with("12    20/20    0.964"), "{}", lines[3]);
+        assert!(lines[0].ends_with("ovrate   1s/rate rate_ut  rss_MB"), "{}", lines[0]);
+        assert!(lines[1].ends_with("0       <=1   >=.90   <=128"), "{}", lines[1]);
+        assert!(lines[2].ends_with("-     -           -       -"), "{}", lines[2]);
+        assert!(lines[3].ends_with("12    20/20    0.964       -"), "{}", lines[3]);
         // The lower bound of the rate-limited run is the rate's: 400 calls at 20/s.
         assert!(lines[3].contains(&format!(" {:.3} ", 20.0 / 21.4)), "{}", lines[3]);
     }

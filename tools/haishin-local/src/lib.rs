@@ -15,6 +15,7 @@ pub mod bench;
 pub mod chaos;
 pub mod demo;
 pub mod mail_record;
+pub mod memory;
 pub mod report;
 pub mod run;
 pub mod scenario;

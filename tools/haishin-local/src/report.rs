@@ -39,6 +39,9 @@ pub struct Report {
     pub service_cpu_s: f64,
     /// `service_cpu_s` per million recipients delivered.
     pub cpu_s_per_million: f64,
+    /// The most each service's processes had resident over the run, in megabytes (process mode
+    /// only; see `memory`).
+    pub peak_rss_mb: BTreeMap<String, f64>,
     /// With two or more campaigns: the largest relative gap between what each delivered since the
     /// last of them started, while all of them were running (see `fairness_gap`).
     pub fairness_max_gap: Option<f64>,
@@ -491,6 +494,7 @@ pub async fn build(
         wall_s: wall.as_secs_f64(),
         service_cpu_s: 0.0,
         cpu_s_per_million: 0.0,
+        peak_rss_mb: BTreeMap::new(),
         fairness_max_gap: fairness_gap(submitted),
         chaos: None,
         mail_server: mail,

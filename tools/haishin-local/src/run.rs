@@ -44,6 +44,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
     })
     .await?;
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);
+    let memory = crate::memory::PeakRss::watch(&stack, chaos_stopped.clone());
     let driving = async {
         let result = drive(&stack, scenario, &progress).await;
         let _ = stop_chaos.send(true);
@@ -55,7 +56,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
             None => None,
         }
     };
-    let (result, chaos) = tokio::join!(driving, chaos);
+    let (result, chaos, memory) = tokio::join!(driving, chaos, memory);
     let report = match result {
         Ok(submitted) => report::build(&stack, scenario, &submitted, started.elapsed()).await,
         Err(err) => Err(err),
@@ -66,6 +67,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
     stack.stop().await;
     let mut report = report?;
     report.set_service_cpu(cpu);
+    report.peak_rss_mb = memory.megabytes();
     report.chaos = chaos;
     Ok(report)
 }

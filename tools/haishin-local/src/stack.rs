@@ -428,6 +428,26 @@ impl LocalStack {
     }
 
     /// Stops the completion schedule and the services (SIGTERM, then waits for them).
+    /// The process id of each service process running now (the completion pass's, while one
+    /// runs); none in in-process mode.
+    pub async fn service_pids(&self) -> Vec<(Service, u32)> {
+        let mut pids: Vec<(Service, u32)> = self
+            .services
+            .lock()
+            .await
+            .iter()
+            .filter_map(|(instance, running)| match running {
+                Running::Process { child } => Some((instance.service, child.id()?)),
+                Running::Task { .. } => None,
+            })
+            .collect();
+        let completion = self.completion_pid.load(Ordering::SeqCst);
+        if completion != 0 {
+            pids.push((Service::Completion, completion));
+        }
+        pids
+    }
+
     pub async fn stop_services(&mut self) {
         if let Some((stop, task)) = self.scheduler.take() {
             let _ = stop.send(true);

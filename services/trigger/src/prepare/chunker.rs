@@ -176,7 +176,13 @@ impl<'a> Chunker<'a> {
             .map_err(|e| PrepareError::Unusable(e.to_string()))?;
         self.buffer.push(b'\n');
         let line = start..self.buffer.len();
-        self.candidates.push(Candidate { key, place, line, source: self.sources.len() - 1, at_line: at.line });
+        self.candidates.push(Candidate {
+            key,
+            place,
+            line,
+            source: self.sources.len() - 1,
+            at_line: at.line,
+        });
         if self.candidates.len() >= self.chunk_size {
             self.flush().await?;
         }
