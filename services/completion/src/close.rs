@@ -55,21 +55,3 @@ pub(crate) async fn close_finished_requests(store: &Store) -> Result<u64> {
     .await?;
     Ok(done.rows_affected())
 }
-
-/// Keys deleted per pass: a 10-million-recipient audience's keys go in a few hundred passes
-/// without holding a long transaction.
-const KEYS_PER_PASS: i64 = 50_000;
-
-/// Deletes the audience keys (the de-duplication record of the prepare step) of requests whose
-/// preparation is over, at most [`KEYS_PER_PASS`] of them; returns how many.
-pub(crate) async fn forget_audience_keys(store: &Store) -> Result<u64> {
-    let done = sqlx::query(
-        "DELETE FROM audience_keys WHERE ctid = ANY(ARRAY(
-             SELECT k.ctid FROM audience_keys k JOIN requests r ON r.id = k.request_id
-              WHERE r.state NOT IN ('received', 'preparing') LIMIT $1))",
-    )
-    .bind(KEYS_PER_PASS)
-    .execute(store.pool())
-    .await?;
-    Ok(done.rows_affected())
-}

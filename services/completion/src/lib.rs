@@ -11,7 +11,7 @@
 //!    (which checks the ESP's history before sending anything twice);
 //! 4. ends `cancelled` what waits in a cancelled request (chunks that came back to a waiting
 //!    state after the cancel), and closes requests whose chunks are all final (`cancelled` for a
-//!    cancelled one), and deletes the de-duplication keys of requests prepared;
+//!    cancelled one);
 //! 5. writes one delivery-log row per finished chunk and one summary row per finished request, and
 //!    publishes `request-completed`;
 //! 6. publishes a tick on `pipeline-events`, the scheduler's safety net.
@@ -113,8 +113,6 @@ pub struct PassReport {
     pub republished: u64,
     pub cancelled_chunks: u64,
     pub closed_requests: u64,
-    /// Audience keys of prepared requests deleted.
-    pub forgotten_keys: u64,
     pub delivery_rows: u64,
     pub request_rows: u64,
 }
@@ -176,7 +174,6 @@ impl Job {
         reconcile::reconcile(&self.store, &self.deliveries, self.timeouts, &mut report).await?;
         report.cancelled_chunks = close::cancel_stragglers(&self.store).await?;
         report.closed_requests = close::close_finished_requests(&self.store).await?;
-        report.forgotten_keys = close::forget_audience_keys(&self.store).await?;
         logs::write::write_logs(&self.store, self.sink.as_ref(), &self.completed, &mut report).await?;
         if let Err(err) = self.events.publish(&PipelineEvent::tick(), &[]).await {
             tracing::warn!(error = %err, "Tick not published.");

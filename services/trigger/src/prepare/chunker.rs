@@ -1,11 +1,11 @@
-//! Filling chunks: valid recipients are gathered `chunk_size` at a time, and each batch is
-//! de-duplicated within the request (`dedup`), checked against the suppressions (one query per
-//! chunk), written to Cloud Storage, and recorded as it is written, so that it can be dispatched
-//! while the rest of the audience is still being read.
+//! Filling chunks: recipients are de-duplicated within the request, checked against the
+//! suppressions (one query per chunk), written to Cloud Storage `chunk_size` candidates at a
+//! time, and each chunk is recorded as it is written, so that it can be dispatched while the rest
+//! of the audience is still being read.
 //!
-//! A chunk's candidates are the valid rows `[seq × chunk_size, (seq + 1) × chunk_size)`, whatever
-//! the repeats and the suppressions leave of them, so the chunks of a prepare step repeated after
-//! an interruption line up with the first attempt's. A chunk the first attempt already handed on
+//! A chunk's candidates are the de-duplicated recipients `[seq × chunk_size, (seq + 1) ×
+//! chunk_size)`, whatever the suppressions say, so the chunks of a prepare step repeated after an
+//! interruption line up with the first attempt's. A chunk the first attempt already handed on
 //! keeps its object and row (suppressions may have changed since); the summary counts what it
 //! holds. A chunk whose candidates are all suppressed is not written.
 //!
@@ -13,19 +13,17 @@
 //! counts the whole audience, but its chunks from then on are recorded `cancelled` and their
 //! objects, which nothing will read, are not written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
 use std::ops::Range;
 
-use haishin_shared::domain::{
-    Audience, ChunkId, ChunkState, DeliveryRequest, Recipient, chunk_object, template,
-};
+use haishin_shared::domain::{ChunkId, ChunkState, DeliveryRequest, Recipient, chunk_object, template};
 use haishin_shared::gcp::Blobs;
 use haishin_shared::store::Store;
 use haishin_shared::suppression::{address_key, scopes_of, suppressed_among};
 use serde::Serialize;
 
 use super::PrepareError;
-use super::dedup::Seen;
 use super::recipient::{Skip, check};
 use super::records::{self, NewChunk};
 use super::rows::{RowAt, RowSink};
@@ -69,11 +67,9 @@ impl RowSink for Chunker<'_> {
     }
 }
 
-/// A recipient of the chunk being filled: its key, its place among the audience's valid rows, its
-/// line in the buffer, and where it was read.
+/// A recipient of the chunk being filled: its key, its line in the buffer, and where it was read.
 struct Candidate {
     key: String,
-    place: i64,
     line: Range<usize>,
     source: usize,
     at_line: u64,
@@ -87,10 +83,8 @@ pub(super) struct Chunker<'a> {
     request: &'a DeliveryRequest,
     chunk_size: usize,
     on_chunk: &'a (dyn Fn() + Sync),
-    /// The keys seen so far, to find repeated recipients.
-    seen: Seen,
-    /// Valid rows read so far: the next one's place.
-    valid_rows: i64,
+    seen: HashSet<u64, std::hash::RandomState>,
+    hasher: std::hash::RandomState,
     /// The scopes of suppressions that hold for this request.
     scopes: Vec<String>,
     /// The recipients of the chunk being filled, as NDJSON lines, and who they are.
@@ -125,8 +119,8 @@ impl<'a> Chunker<'a> {
             request,
             chunk_size: chunk_size.max(1),
             on_chunk,
-            seen: Seen::for_inline(matches!(request.audience, Audience::Inline(_))),
-            valid_rows: 0,
+            seen: HashSet::default(),
+            hasher: std::hash::RandomState::new(),
             scopes: scopes_of(&request.labels),
             buffer: Vec::new(),
             candidates: Vec::new(),
@@ -166,8 +160,12 @@ impl<'a> Chunker<'a> {
             }
         };
         let key = address_key(&recipient.email);
-        let place = self.valid_rows;
-        self.valid_rows += 1;
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write(key.as_bytes());
+        if !self.seen.insert(hasher.finish()) {
+            self.skip(Skip::Duplicate, at.source, at.line);
+            return Ok(());
+        }
         if self.sources.last().is_none_or(|last| last != at.source) {
             self.sources.push(at.source.to_owned());
         }
@@ -176,40 +174,22 @@ impl<'a> Chunker<'a> {
             .map_err(|e| PrepareError::Unusable(e.to_string()))?;
         self.buffer.push(b'\n');
         let line = start..self.buffer.len();
-        self.candidates.push(Candidate {
-            key,
-            place,
-            line,
-            source: self.sources.len() - 1,
-            at_line: at.line,
-        });
+        self.candidates.push(Candidate { key, line, source: self.sources.len() - 1, at_line: at.line });
         if self.candidates.len() >= self.chunk_size {
             self.flush().await?;
         }
         Ok(())
     }
 
-    /// Writes the chunk being filled, less its repeated and suppressed recipients.
+    /// Writes the chunk being filled, less its suppressed recipients.
     pub(super) async fn flush(&mut self) -> Result<(), PrepareError> {
         if self.candidates.is_empty() {
             return Ok(());
         }
         let seq = self.seq;
         self.seq += 1;
-        let mut candidates = std::mem::take(&mut self.candidates);
+        let candidates = std::mem::take(&mut self.candidates);
         let buffer = std::mem::take(&mut self.buffer);
-        let batch: Vec<(&str, i64)> = candidates.iter().map(|c| (c.key.as_str(), c.place)).collect();
-        let first = self.seen.first_occurrences(self.store, &self.request.id, &batch).await?;
-        let mut repeats = Vec::new();
-        let mut kept_candidates = Vec::with_capacity(candidates.len());
-        for (candidate, first) in candidates.drain(..).zip(first) {
-            if first { kept_candidates.push(candidate) } else { repeats.push(candidate) }
-        }
-        for repeat in &repeats {
-            let source = self.sources[repeat.source].clone();
-            self.skip(Skip::Duplicate, &source, repeat.at_line);
-        }
-        let candidates = kept_candidates;
         if let Some(&kept) = self.handed_on.get(&seq) {
             // Handed on by an earlier attempt: its object and row stand as they are.
             let kept = u64::try_from(kept).unwrap_or(0);
@@ -220,7 +200,7 @@ impl<'a> Chunker<'a> {
         }
         let keys: Vec<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
         let suppressed = suppressed_among(self.store, &keys, &self.scopes).await?;
-        let data = if suppressed.is_empty() && repeats.is_empty() {
+        let data = if suppressed.is_empty() {
             buffer
         } else {
             let mut kept = Vec::with_capacity(buffer.len());

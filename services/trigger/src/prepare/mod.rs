@@ -5,14 +5,12 @@
 //! - `audience`: streaming inline lists and audience files from Cloud Storage;
 //! - [`rows`]: reading a CSV or NDJSON file's rows;
 //! - `recipient`: checking one row (address, parameter size) and the reasons rows are skipped;
-//! - `chunker`: leaving out repeated and suppressed recipients (a query or two per chunk), and
-//!   writing chunks as they fill;
-//! - `dedup`: finding repeated recipients exactly, in memory that does not grow with the audience;
+//! - `chunker`: de-duplicating within the request, leaving out suppressed recipients (one query
+//!   per chunk), and writing chunks as they fill;
 //! - [`records`]: what the step writes to the database.
 
 pub(crate) mod audience;
 mod chunker;
-mod dedup;
 pub(crate) mod recipient;
 pub mod records;
 pub mod rows;
