@@ -111,7 +111,6 @@ impl Kind {
 /// One bounce or complaint of one recipient.
 #[derive(Debug, Clone)]
 pub struct Feedback {
-    pub provider: &'static str,
     /// The provider's id of the event: the same report delivered twice has the same id.
     pub event_id: String,
     pub kind: Kind,
@@ -147,38 +146,42 @@ pub struct Recorded {
     pub suppressed: u64,
 }
 
-/// Keeps each report once and suppresses the addresses of new hard bounces and complaints, all in
-/// one transaction.
-pub async fn record(store: &Store, reports: &[Feedback]) -> Result<Recorded> {
-    let mut done = Recorded::default();
+/// Keeps each report of `provider` (`ses`, `sendgrid`) once and suppresses the addresses of new
+/// hard bounces and complaints, with the provider as their source, all in one transaction: one
+/// insert of every report, then one suppression insert per reason.
+pub async fn record(store: &Store, provider: &str, reports: &[Feedback]) -> Result<Recorded> {
+    let event_ids: Vec<String> = reports.iter().map(|r| r.event_id.chars().take(300).collect()).collect();
+    let kinds: Vec<&str> = reports.iter().map(|r| r.kind.as_str()).collect();
+    let details: Vec<Option<&str>> = reports.iter().map(|r| r.detail.as_deref()).collect();
+    let request_ids: Vec<Option<String>> =
+        reports.iter().map(|r| r.request_id.as_deref().map(|id| id.chars().take(200).collect())).collect();
+    let addresses: Vec<String> = reports.iter().map(|r| address_key(&r.email)).collect();
+    let occurred: Vec<DateTime<Utc>> = reports.iter().map(|r| r.occurred_at).collect();
     let mut tx = store.pool().begin().await?;
-    for report in reports {
-        let address = address_key(&report.email);
-        let request_id = report.request_id.as_deref().map(|id| id.chars().take(200).collect::<String>());
-        let inserted = sqlx::query(
-            "INSERT INTO feedback (provider, event_id, kind, detail, request_id, address, occurred_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (provider, event_id) DO NOTHING",
-        )
-        .bind(report.provider)
-        .bind(report.event_id.chars().take(300).collect::<String>())
-        .bind(report.kind.as_str())
-        .bind(&report.detail)
-        .bind(request_id)
-        .bind(&address)
-        .bind(report.occurred_at)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            done.repeated += 1;
-            continue;
-        }
-        done.recorded += 1;
-        if let Some(reason) = report.kind.suppression() {
-            done.suppressed +=
-                suppressions::add_many(&mut *tx, &[address], GLOBAL, reason, report.provider).await?;
-        }
+    // The reports not seen before, as (kind, address).
+    let new: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO feedback (provider, event_id, kind, detail, request_id, address, occurred_at)
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                                 $7::timestamptz[])
+         ON CONFLICT (provider, event_id) DO NOTHING RETURNING kind, address",
+    )
+    .bind(provider)
+    .bind(&event_ids)
+    .bind(&kinds)
+    .bind(&details)
+    .bind(&request_ids)
+    .bind(&addresses)
+    .bind(&occurred)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut suppressed = 0;
+    for kind in [Kind::Bounce, Kind::Complaint] {
+        let Some(reason) = kind.suppression() else { continue };
+        let of_kind: Vec<String> =
+            new.iter().filter(|(k, _)| k == kind.as_str()).map(|(_, address)| address.clone()).collect();
+        suppressed += suppressions::add_many(&mut *tx, &of_kind, GLOBAL, reason, provider).await?;
     }
     tx.commit().await?;
-    Ok(done)
+    let recorded = new.len() as u64;
+    Ok(Recorded { recorded, repeated: reports.len() as u64 - recorded, suppressed })
 }

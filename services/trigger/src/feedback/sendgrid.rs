@@ -113,7 +113,6 @@ pub fn feedback(body: &[u8]) -> Result<Vec<Feedback>, Refused> {
                 format!("{}:{}:{key}", event.event, occurred_at.timestamp())
             });
             Some(Feedback {
-                provider: "sendgrid",
                 event_id,
                 kind,
                 detail: event.reason.map(|r| r.chars().take(200).collect()),

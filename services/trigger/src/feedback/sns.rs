@@ -19,6 +19,7 @@ use aws_lc_rs::signature::{
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use haishin_shared::esp::REQUEST_HEADER;
+use haishin_shared::esp::ses::REQUEST_TAG;
 use reqwest::Url;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -26,8 +27,6 @@ use serde::Deserialize;
 
 use super::{Feedback, Kind, Refused};
 
-/// The SES message tag carrying the request id.
-const REQUEST_TAG: &str = "haishin-request";
 /// Largest signing certificate read.
 const MAX_CERTIFICATE: usize = 64 * 1024;
 /// Signing keys kept; SNS rotates its certificate rarely.
@@ -319,7 +318,6 @@ fn ses_feedback(message_id: &str, message: &str) -> Result<Vec<Feedback>, Refuse
         .into_iter()
         .enumerate()
         .map(|(i, recipient)| Feedback {
-            provider: "ses",
             event_id: format!("{message_id}:{i}"),
             kind,
             detail: detail.clone(),

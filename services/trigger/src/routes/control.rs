@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use haishin_shared::domain::{Class, RequestId, RequestState};
 
+use super::{bad, page_token};
 use crate::AppState;
 use crate::control::{self, Control, Verb};
 use crate::error::ApiError;
@@ -26,10 +27,6 @@ pub(super) fn router() -> Router<AppState> {
 
 /// Longest `reason` a pause or a cancel keeps.
 const MAX_REASON: usize = 1_000;
-
-fn bad(reason: impl Into<String>) -> ApiError {
-    ApiError::Rejected { id: None, reason: reason.into() }
-}
 
 /// `?state=…&class=…&label=key:value&page_size=N&page_token=T`: `state` and `class` may repeat
 /// (any of them), `label` too (all of them).
@@ -49,18 +46,8 @@ async fn list(
                 Some((k, v)) if !k.is_empty() => labels.push((k.to_owned(), v.to_owned())),
                 _ => return Err(bad(format!("label `{value}` is not `key:value`"))),
             },
-            "page_size" => {
-                page_size = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| bad(format!("page_size must be between 1 and {MAX_PAGE}")))?;
-            }
-            "page_token" => {
-                cursor = Some(
-                    Cursor::parse(&value).ok_or_else(|| bad("page_token is not one this service gave"))?,
-                );
-            }
+            "page_size" => page_size = super::page_size(&value, MAX_PAGE)?,
+            "page_token" => cursor = Some(page_token(&value, Cursor::parse)?),
             other => {
                 return Err(bad(format!(
                     "unknown query parameter `{other}` (state, class, label, page_size, page_token)"

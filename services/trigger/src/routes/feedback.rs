@@ -73,7 +73,7 @@ async fn ses(State(state): State<FeedbackState>, body: Result<Bytes, BytesReject
             tracing::warn!("The SNS subscription was removed: SES feedback no longer arrives.");
             StatusCode::OK.into_response()
         }
-        Ok(Verified::Feedback(reports)) => keep(&state, &reports).await,
+        Ok(Verified::Feedback(reports)) => keep(&state, "ses", &reports).await,
         Err(refused) => refused.into_response(),
     }
 }
@@ -96,13 +96,13 @@ async fn sendgrid_events(
         return refused.into_response();
     }
     match sendgrid::feedback(&body) {
-        Ok(reports) => keep(&state, &reports).await,
+        Ok(reports) => keep(&state, "sendgrid", &reports).await,
         Err(refused) => refused.into_response(),
     }
 }
 
-async fn keep(state: &FeedbackState, reports: &[Feedback]) -> Response {
-    match feedback::record(&state.store, reports).await {
+async fn keep(state: &FeedbackState, provider: &str, reports: &[Feedback]) -> Response {
+    match feedback::record(&state.store, provider, reports).await {
         Ok(done) => {
             if done.recorded > 0 {
                 tracing::info!(

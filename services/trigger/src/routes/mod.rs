@@ -17,6 +17,26 @@ use axum::Router;
 use haishin_shared::server::PushService;
 
 use crate::AppState;
+use crate::error::ApiError;
+
+/// An answer 400 naming what is wrong with the call.
+fn bad(reason: impl Into<String>) -> ApiError {
+    ApiError::Rejected { id: None, reason: reason.into() }
+}
+
+/// A list's `page_size` parameter: from 1 to `max`.
+fn page_size(value: &str, max: i64) -> Result<i64, ApiError> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| bad(format!("page_size must be between 1 and {max}")))
+}
+
+/// A list's `page_token` parameter, read back with `parse` (which refuses a token it did not make).
+fn page_token<C>(value: &str, parse: impl FnOnce(&str) -> Option<C>) -> Result<C, ApiError> {
+    parse(value).ok_or_else(|| bad("page_token is not one this service gave"))
+}
 
 /// Every route of the trigger on the push services' scaffold.
 pub fn router(service: &PushService, state: AppState) -> Router {

@@ -15,6 +15,7 @@ use haishin_shared::suppression::GLOBAL;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::{bad, page_token};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::suppressions::import::{ImportError, import};
@@ -25,10 +26,6 @@ pub(super) fn router() -> Router<AppState> {
         .route("/v1/suppressions", get(list))
         .route("/v1/suppressions:import", post(import_files))
         .route("/v1/suppressions/{address}", get(read).put(put).delete(delete))
-}
-
-fn bad(reason: impl Into<String>) -> ApiError {
-    ApiError::Rejected { id: None, reason: reason.into() }
 }
 
 /// A JSON body, or the defaults when it is empty.
@@ -121,18 +118,8 @@ async fn list(
         match key.as_str() {
             "scope" => filter.scope = Some(suppressions::scope(&value).map_err(bad)?),
             "reason" => filter.reason = Some(value.parse().map_err(bad)?),
-            "page_size" => {
-                page_size = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| bad(format!("page_size must be between 1 and {MAX_PAGE}")))?;
-            }
-            "page_token" => {
-                cursor = Some(
-                    Cursor::parse(&value).ok_or_else(|| bad("page_token is not one this service gave"))?,
-                );
-            }
+            "page_size" => page_size = super::page_size(&value, MAX_PAGE)?,
+            "page_token" => cursor = Some(page_token(&value, Cursor::parse)?),
             other => {
                 return Err(bad(format!(
                     "unknown query parameter `{other}` (scope, reason, page_size, page_token)"

@@ -172,7 +172,10 @@ impl SesProvider {
     }
 }
 
-/// The message tag `haishin-request` naming the message's request, so that SES event publishing
+/// The SES message tag naming a message's request.
+pub const REQUEST_TAG: &str = "haishin-request";
+
+/// The message tag [`REQUEST_TAG`] naming the message's request, so that SES event publishing
 /// passes it back with each bounce and complaint. SES takes only ASCII letters, digits, `_` and
 /// `-` in a tag: a request id with other characters goes untagged (the `X-Haishin-Request`
 /// header still names it).
@@ -180,7 +183,7 @@ fn request_tag(request: &str) -> Option<Vec<MessageTag>> {
     if request.len() > 256 || !request.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
         return None;
     }
-    let tag = MessageTag::builder().name("haishin-request").value(request).build().ok()?;
+    let tag = MessageTag::builder().name(REQUEST_TAG).value(request).build().ok()?;
     Some(vec![tag])
 }
 
