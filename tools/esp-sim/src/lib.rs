@@ -18,9 +18,9 @@
 //! - **faults**, seeded so that runs repeat: 500s and 429s that do nothing, latency spikes,
 //!   and timeouts after accept (the work is done and recorded, the answer never arrives);
 //! - **a ledger and report**: per API, calls, over-limit attempts, injected faults, peak
-//!   concurrency, busy slot-seconds and the busy timeline; with a rate, the most calls in any
-//!   1-s window, over-rate attempts and the rate's utilisation ([`RateReport`]); deliveries in
-//!   total, unique (request, address) pairs, duplicates and bounces, overall and per request.
+//!   concurrency, busy slot-seconds, the busy timeline and every accepted call's request and
+//!   span ([`CallSpan`]); with a rate, the most calls in any 1-s window, over-rate attempts
+//!   and the rate's utilisation ([`RateReport`]); deliveries in total, unique (request, address) pairs, duplicates and bounces, overall and per request.
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
@@ -82,8 +82,8 @@ use tokio::task::JoinHandle;
 pub use client::SimClient;
 pub use config::{Api, EspSimConfig, FaultRates, Faults};
 pub use report::{
-    ApiReport, DeliveredRecipient, DeliveryCounts, FaultCounts, RateReport, RequestDeliveries, RequestReport,
-    SimReport, TimelinePoint,
+    ApiReport, CallSpan, DeliveredRecipient, DeliveryCounts, FaultCounts, RateReport, RequestDeliveries,
+    RequestReport, SimReport, TimelinePoint,
 };
 
 use state::SimState;
@@ -152,6 +152,11 @@ impl EspSimHandle {
     /// A snapshot of the ledger, timeline included.
     pub fn report(&self) -> SimReport {
         self.state.report(true)
+    }
+
+    /// A snapshot of the ledger without the timeline and the calls: cheap enough to take often.
+    pub fn counts(&self) -> SimReport {
+        self.state.report(false)
     }
 
     /// Who a request was delivered to; `None` when it had no send accepted.

@@ -136,6 +136,21 @@ pub struct ApiReport {
     /// Every change of the calls in progress, oldest first. Empty when the report was
     /// asked for without it (`GET /_sim/report?timeline=false`).
     pub timeline: Vec<TimelinePoint>,
+    /// Every accepted call, oldest first: whose it was and when it held its slot. Left out with
+    /// the timeline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<CallSpan>,
+}
+
+/// One accepted call of an API: the request it was for and the time it held a slot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallSpan {
+    pub request_id: String,
+    pub recipients: u64,
+    /// Unix time in milliseconds when it took its slot.
+    pub start_ms: f64,
+    /// When it gave the slot back; `None` while it is still in progress.
+    pub end_ms: Option<f64>,
 }
 
 /// Injected faults by kind.
@@ -308,6 +323,23 @@ mod tests {
         let rated = SimReport { rate: Some(RateReport::from_arrivals(2.0, &[0, 500_000], 4, 1)), ..r };
         let back: SimReport = serde_json::from_str(&serde_json::to_string(&rated).unwrap()).unwrap();
         assert_eq!(back, rated);
+    }
+
+    #[test]
+    fn calls_survive_json_and_a_report_without_them_still_reads() {
+        let mut r = report(vec![point(1000, 1), point(1500, 0)], 2000);
+        let plain = serde_json::to_string(&r).unwrap();
+        assert!(!plain.contains("\"calls\""), "{plain}");
+        r.upload.calls = vec![CallSpan {
+            request_id: "r1".into(),
+            recipients: 3,
+            start_ms: unix_ms(at(1000)),
+            end_ms: Some(unix_ms(at(1500))),
+        }];
+        let back: SimReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        let old: SimReport = serde_json::from_str(&plain).unwrap();
+        assert!(old.upload.calls.is_empty());
     }
 
     /// `n` arrivals `gap_us` apart from `from_us`.

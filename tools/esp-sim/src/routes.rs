@@ -161,7 +161,7 @@ async fn upload_list(State(state): State<Arc<SimState>>, headers: HeaderMap, bod
         }
     };
     drop(body);
-    let (slot, plan) = match state.admit(Api::Upload, list.len()) {
+    let (slot, plan) = match state.admit(Api::Upload, &request_id, list.len()) {
         Ok(admitted) => admitted,
         Err(refused) => return refusal(&state, refused),
     };
@@ -207,7 +207,7 @@ async fn send(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Byte
         state.invalid_call(Api::Send);
         return error(StatusCode::NOT_FOUND, "list_not_found", format!("no list `{}`", send.list_id));
     };
-    let (slot, plan) = match state.admit(Api::Send, list.len()) {
+    let (slot, plan) = match state.admit(Api::Send, &send.request_id, list.len()) {
         Ok(admitted) => admitted,
         Err(refused) => return refusal(&state, refused),
     };

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Api, EspSimConfig, FaultRates, Faults};
 use crate::ledger::Ledger;
 use crate::rate::RateLimiter;
-use crate::report::{ApiReport, FaultCounts, SimReport, TimelinePoint};
+use crate::report::{ApiReport, CallSpan, FaultCounts, SimReport, TimelinePoint};
 
 /// Unix time from a monotonic clock, so that the timeline never goes backwards.
 #[derive(Debug)]
@@ -66,6 +66,7 @@ struct ApiState {
     last_change_us: i64,
     service: Duration,
     timeline: Vec<TimelinePoint>,
+    calls: Vec<CallSpan>,
 }
 
 impl ApiState {
@@ -84,6 +85,7 @@ impl ApiState {
             last_change_us: now_us,
             service: Duration::ZERO,
             timeline: Vec::new(),
+            calls: Vec::new(),
         }
     }
 
@@ -115,6 +117,7 @@ impl ApiState {
             busy_slot_seconds: busy_us as f64 / 1e6,
             service_seconds: self.service.as_secs_f64(),
             timeline: if with_timeline { self.timeline.clone() } else { Vec::new() },
+            calls: if with_timeline { self.calls.clone() } else { Vec::new() },
         }
     }
 }
@@ -145,6 +148,8 @@ pub(crate) struct Slot {
     state: Arc<SimState>,
     api: Api,
     latency: Duration,
+    /// Its place in the API's `calls`.
+    call: usize,
 }
 
 impl Drop for Slot {
@@ -154,6 +159,9 @@ impl Drop for Slot {
         api.completed += 1;
         api.service += self.latency;
         api.change(now_us, false);
+        if let Some(call) = api.calls.get_mut(self.call) {
+            call.end_ms = Some(now_us as f64 / 1000.0);
+        }
     }
 }
 
@@ -199,11 +207,16 @@ impl SimState {
         self.api(api).invalid += 1;
     }
 
-    /// Rolls the fault dice for a call of `api` over `recipients` recipients, then, if the
+    /// Rolls the fault dice for a call of `api` for `request_id` over `recipients` recipients, then, if the
     /// rate (uploads and sends together) has room, takes a slot if one is free (the slot is
     /// held until the returned [`Slot`] is dropped). Every call rolls the same dice, so a
     /// seeded run repeats.
-    pub(crate) fn admit(self: &Arc<Self>, api: Api, recipients: usize) -> Result<(Slot, Plan), Refusal> {
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        api: Api,
+        request_id: &str,
+        recipients: usize,
+    ) -> Result<(Slot, Plan), Refusal> {
         let (rates, spike_factor, hold): (FaultRates, f64, Duration) = {
             let faults = lock(&self.faults);
             (*faults.rates(api), faults.spike_factor, faults.timeout_hold)
@@ -251,9 +264,16 @@ impl SimState {
         drop(rate);
         state.accepted += 1;
         state.change(now_us, true);
+        let call = state.calls.len();
+        state.calls.push(CallSpan {
+            request_id: request_id.to_owned(),
+            recipients: recipients as u64,
+            start_ms: now_us as f64 / 1000.0,
+            end_ms: None,
+        });
         drop(state);
         Ok((
-            Slot { state: Arc::clone(self), api, latency },
+            Slot { state: Arc::clone(self), api, latency, call },
             Plan { latency, withhold: timeout.then_some(hold) },
         ))
     }
