@@ -158,10 +158,14 @@ impl DemoArgs {
     }
 }
 
-/// Runs the demo and writes its report.
+/// Runs the demo and writes its report, and its picture beside it (`demo.report.json` →
+/// `demo.report.svg`).
 pub async fn run(args: DemoArgs, mode: ServiceMode) -> anyhow::Result<Report> {
     let report = run_scenario(&args.scenario(), mode).await?;
     std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", args.report.display()))?;
+    let picture = crate::picture::path_beside(&args.report, None);
+    std::fs::write(&picture, crate::picture::svg(&report))
+        .with_context(|| format!("writing {}", picture.display()))?;
     Ok(report)
 }

@@ -10,14 +10,18 @@
 //! - [`bench`]: the named benchmark scenarios, a table and JSON of their figures.
 //! - [`chaos`]: faults injected while a scenario runs.
 //! - [`report`]: a scenario's report, from the ESP simulator's ledger.
+//! - [`targets`]: the targets each report is held to, beside its figures.
+//! - [`picture`]: a report's SVG: the ESP's slots busy by class, and realtime latency.
 
 pub mod bench;
 pub mod chaos;
 pub mod demo;
 pub mod mail_record;
 pub mod memory;
+pub mod picture;
 pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod services;
 pub mod stack;
+pub mod targets;

@@ -88,7 +88,11 @@ async fn main() -> anyhow::Result<()> {
             haishin_shared::telemetry::init_with_default("haishin-local", "warn");
             let path = args.json.clone();
             bench::run(args, ServiceMode::Processes { exe: std::env::current_exe()? }).await?;
-            eprintln!("Reports written to {}", path.display());
+            eprintln!(
+                "Reports written to {}, pictures beside it ({})",
+                path.display(),
+                haishin_local::picture::path_beside(&path, Some("SCENARIO")).display()
+            );
             Ok(())
         }
         Command::Up(args) => {
@@ -103,7 +107,13 @@ async fn main() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }
-            println!("{}\nReport written to {}", report.summary(), path.display());
+            let picture = haishin_local::picture::path_beside(&path, None);
+            println!(
+                "{}\nReport written to {}, its picture to {}",
+                report.summary(),
+                path.display(),
+                picture.display()
+            );
             Ok(())
         }
     }

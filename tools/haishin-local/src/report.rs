@@ -7,11 +7,14 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use haishin_esp_sim::RateReport;
 use haishin_esp_sim::config::Api;
+use haishin_esp_sim::report::{SimReport, unix_ms};
 use serde::Serialize;
 
 use crate::mail_record::MailServerReport;
+use crate::picture::{Activity, Class, Span};
 use crate::scenario::Scenario;
 use crate::stack::{LocalStack, MailProvider};
+use crate::targets::Target;
 
 /// What the scenario published: (request id, audience rows, arrival time), and samples of each
 /// campaign's delivered count over time.
@@ -56,6 +59,11 @@ pub struct Report {
     pub states: BTreeMap<String, String>,
     /// Whether every finished request's counts add up.
     pub invariants: Invariants,
+    /// The targets that apply to the scenario, each beside its figure (see [`crate::targets`]).
+    pub targets: Vec<Target>,
+    /// What the picture draws (see [`crate::picture`]); not in the JSON.
+    #[serde(skip)]
+    pub activity: Activity,
 }
 
 impl Report {
@@ -108,6 +116,10 @@ impl Report {
             "Realtime:   not measured (no realtime event, or a server record without times)".to_owned()
         };
         lines.extend([realtime, self.invariants.summary()]);
+        if !self.targets.is_empty() {
+            lines.push(format!("Targets:    {}", crate::targets::tally(&self.targets)));
+            lines.extend(self.targets.iter().map(|t| format!("  {}", t.line())));
+        }
         lines.join("\n")
     }
 }
@@ -269,6 +281,8 @@ pub struct Latency {
     pub p50: f64,
     pub p99: f64,
     pub max: f64,
+    /// Realtime requests measured.
+    pub samples: u64,
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -459,6 +473,7 @@ pub async fn build(
         })
         .collect();
     latencies.sort_by(f64::total_cmp);
+    let activity = activity(&sim, submitted, latencies.clone());
 
     Ok(Report {
         scenario: scenario.name.clone(),
@@ -487,6 +502,7 @@ pub async fn build(
             p50: percentile(&latencies, 50.0),
             p99: percentile(&latencies, 99.0),
             max: latencies.last().copied().unwrap_or(0.0),
+            samples: latencies.len() as u64,
         },
         batch_makespan_s: makespan,
         first_upload_s,
@@ -500,12 +516,84 @@ pub async fn build(
         mail_server: mail,
         states,
         invariants: Invariants { hold: invariants.held(), ..invariants },
+        targets: Vec::new(),
+        activity,
     })
 }
 
+/// The ESP's calls by class over the run, for the picture: from the first arrival to the last
+/// call's end (or the snapshot, for a call still in progress).
+fn activity(sim: &SimReport, submitted: &Submitted, latencies: Vec<f64>) -> Activity {
+    let realtime: std::collections::HashSet<&str> =
+        submitted.realtime.iter().map(|(id, _, _)| id.as_str()).collect();
+    let snapshot_ms = unix_ms(sim.generated_at);
+    let spans = |calls: &[haishin_esp_sim::CallSpan]| -> Vec<Span> {
+        calls
+            .iter()
+            .map(|c| Span {
+                start_ms: c.start_ms,
+                end_ms: c.end_ms.unwrap_or(snapshot_ms),
+                class: if realtime.contains(c.request_id.as_str()) { Class::Realtime } else { Class::Batch },
+            })
+            .collect()
+    };
+    let (upload, send) = (spans(&sim.upload.calls), spans(&sim.send.calls));
+    let first_arrival = submitted.batch.iter().chain(&submitted.realtime).map(|(_, _, at)| unix_ms(*at));
+    let first_call = upload.iter().chain(&send).map(|s| s.start_ms);
+    let start_ms = first_arrival.chain(first_call.clone()).reduce(f64::min).unwrap_or(snapshot_ms);
+    let end_ms = upload.iter().chain(&send).map(|s| s.end_ms).reduce(f64::max).unwrap_or(start_ms);
+    Activity {
+        start_ms,
+        end_ms,
+        upload_limit: sim.upload.limit,
+        send_limit: sim.send.limit,
+        upload,
+        send,
+        realtime_latencies_ms: latencies,
+    }
+}
+
 #[cfg(test)]
-mod tests {
-    use super::{Invariants, percentile};
+pub(crate) mod tests {
+    use super::*;
+
+    /// A report with a little of everything and no faults, for the tests of what reads reports.
+    pub(crate) fn sample_report(name: &str) -> Report {
+        Report {
+            scenario: name.into(),
+            requests: Requests { submitted: 2, completed: 2, ..Requests::default() },
+            recipients: Recipients {
+                audience: 200_000,
+                delivered: 199_800,
+                skipped: 200,
+                ..Recipients::default()
+            },
+            esp: Esp {
+                upload_limit: 8,
+                send_limit: 8,
+                upload_peak_concurrency: 7,
+                send_peak_concurrency: 3,
+                upload_utilization: 0.41,
+                upload_lower_bound_s: 7.5,
+                ..Esp::default()
+            },
+            realtime_latency_ms: Latency::default(),
+            batch_makespan_s: 21.4,
+            first_upload_s: 0.3,
+            after_last_upload_s: 0.2,
+            wall_s: 25.0,
+            service_cpu_s: 3.0,
+            cpu_s_per_million: 15.0,
+            peak_rss_mb: Default::default(),
+            fairness_max_gap: None,
+            chaos: None,
+            mail_server: None,
+            states: Default::default(),
+            invariants: Invariants { requests_checked: 2, hold: true, ..Invariants::default() },
+            targets: Vec::new(),
+            activity: Activity::default(),
+        }
+    }
 
     #[test]
     fn calls_refused_for_the_esp_rate_break_the_invariants() {

@@ -69,6 +69,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
     report.set_service_cpu(cpu);
     report.peak_rss_mb = memory.megabytes();
     report.chaos = chaos;
+    report.targets = crate::targets::evaluate(scenario, &report);
     Ok(report)
 }
 
@@ -181,7 +182,7 @@ async fn drive(
             }
         }
 
-        let sim = stack.esp.report();
+        let sim = stack.esp.counts();
         let mut per_campaign = Vec::with_capacity(submitted.batch.len());
         for (id, _, _) in &submitted.batch {
             per_campaign.push(progress_of(stack, scenario, &sim, id).await);
