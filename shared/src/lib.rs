@@ -10,7 +10,7 @@
 //! - [`store`]: the PostgreSQL schema (`migrations/`), the rows every service reads, and the chunk
 //!   transitions that more than one service makes.
 //! - [`esp`]: the ESP provider trait, the providers, and `ESP_PROVIDER` that chooses one.
-//! - [`gcp`]: Pub/Sub, Cloud Tasks and Cloud Storage clients, built once at start.
+//! - [`gcp`]: Pub/Sub, Cloud Tasks, Cloud Storage and BigQuery clients, built once at start.
 //! - [`push`]: Pub/Sub push and Cloud Tasks envelopes, and the done/retry outcome of a handler.
 //! - [`server`]: the push services' scaffold: token check, `/healthz`, tracing, graceful shutdown.
 //! - [`config`]: configuration every push service reads.

@@ -5,8 +5,10 @@
 //!
 //! - this module: where the APIs are ([`GcpArgs`]), credentials for hand-made REST calls, and
 //!   [`GcpError`], the one classification of Google errors into transient and permanent;
-//! - `pubsub`: [`Topic`]; `tasks`: [`TaskQueue`]; `storage`: [`Blobs`].
+//! - `pubsub`: [`Topic`]; `tasks`: [`TaskQueue`]; `storage`: [`Blobs`];
+//! - `bigquery`: [`BigQuery`], queries and query jobs over REST, and [`BigQueryError`].
 
+mod bigquery;
 mod pubsub;
 mod storage;
 mod tasks;
@@ -14,6 +16,7 @@ mod tasks;
 use google_cloud_auth::credentials::Credentials;
 use google_cloud_gax::error::rpc::Code;
 
+pub use bigquery::{BigQuery, BigQueryError, Job};
 pub use pubsub::Topic;
 pub use storage::Blobs;
 pub use tasks::{Enqueued, QueueTarget, TaskQueue, task_name};

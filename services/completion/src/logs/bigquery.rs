@@ -7,22 +7,19 @@
 
 use std::time::Duration;
 
-use google_cloud_auth::credentials::Credentials;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{DeliveryLog, LogError, LogSink, RequestLog};
-use haishin_shared::gcp::{GcpArgs, rest_credentials, rest_headers};
+use haishin_shared::gcp::{BigQuery, GcpArgs};
 
 /// The schema of the `deliveries` table, as Terraform creates it.
 pub const DELIVERIES_SCHEMA: &str = include_str!("../../../../terraform/schemas/deliveries.json");
 /// The schema of the `requests` table, as Terraform creates it.
 pub const REQUESTS_SCHEMA: &str = include_str!("../../../../terraform/schemas/requests.json");
 
-/// How long one query may run on BigQuery's side before its job is polled.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Polls of a query job that had not finished when its call returned.
-const MAX_POLLS: u32 = 10;
+/// How long a `MERGE` may run before the pass gives up on it (the next pass writes its rows).
+const MERGE_WAIT: Duration = Duration::from_secs(300);
 
 /// A column of a table schema file.
 #[derive(Debug, Clone, Deserialize)]
@@ -115,11 +112,7 @@ fn encode(kind: &str, value: &Value) -> Result<Option<String>, String> {
 /// Writes the logs to BigQuery (dataset `haishin` by default, tables `deliveries` and `requests`).
 #[derive(Debug, Clone)]
 pub struct BigQuerySink {
-    http: reqwest::Client,
-    credentials: Credentials,
-    /// `…/bigquery/v2/projects/<project>`.
-    base: String,
-    project: String,
+    bigquery: BigQuery,
     dataset: String,
     deliveries: Table,
     requests: Table,
@@ -127,13 +120,8 @@ pub struct BigQuerySink {
 
 impl BigQuerySink {
     pub fn new(gcp: &GcpArgs, dataset: &str) -> anyhow::Result<Self> {
-        let endpoint =
-            gcp.bigquery_endpoint.clone().unwrap_or_else(|| "https://bigquery.googleapis.com".to_owned());
         Ok(Self {
-            http: reqwest::Client::builder().timeout(QUERY_TIMEOUT + Duration::from_secs(30)).build()?,
-            credentials: rest_credentials(gcp.bigquery_endpoint.as_ref())?,
-            base: format!("{}/bigquery/v2/projects/{}", endpoint.trim_end_matches('/'), gcp.project),
-            project: gcp.project.clone(),
+            bigquery: BigQuery::new(gcp, None)?,
             dataset: dataset.to_owned(),
             deliveries: Table { name: "deliveries", key: "chunk_id", columns: columns(DELIVERIES_SCHEMA)? },
             requests: Table { name: "requests", key: "request_id", columns: columns(REQUESTS_SCHEMA)? },
@@ -144,73 +132,13 @@ impl BigQuerySink {
         if rows.is_empty() {
             return Ok(());
         }
-        let fail =
-            |detail: String| LogError(format!("BigQuery table {}.{}: {detail}", self.dataset, table.name));
-        let body = json!({
-            "query": table.merge(&self.project, &self.dataset),
-            "useLegacySql": false,
-            "parameterMode": "NAMED",
-            "queryParameters": [table.parameter(rows)?],
-            "timeoutMs": QUERY_TIMEOUT.as_millis() as u64,
-        });
-        let mut answer =
-            self.call(self.http.post(format!("{}/queries", self.base)).json(&body)).await.map_err(fail)?;
-        for _ in 0..MAX_POLLS {
-            if answer.job_complete {
-                return Ok(());
-            }
-            let Some(job) = &answer.job_reference else { break };
-            let mut url =
-                format!("{}/queries/{}?timeoutMs={}", self.base, job.job_id, QUERY_TIMEOUT.as_millis());
-            if let Some(location) = &job.location {
-                url.push_str(&format!("&location={location}"));
-            }
-            answer = self.call(self.http.get(url)).await.map_err(fail)?;
-        }
-        Err(fail("the MERGE did not finish in time; the next pass writes the rows again".into()))
+        let sql = table.merge(self.bigquery.project(), &self.dataset);
+        self.bigquery
+            .query(&sql, vec![table.parameter(rows)?], MERGE_WAIT)
+            .await
+            .map(drop)
+            .map_err(|e| LogError(format!("BigQuery table {}.{}: {e}", self.dataset, table.name)))
     }
-
-    /// One REST call; an error answer (HTTP, or `errors` in a finished job) becomes its message.
-    async fn call(&self, request: reqwest::RequestBuilder) -> Result<QueryAnswer, String> {
-        let headers = rest_headers(&self.credentials).await.map_err(|e| e.to_string())?;
-        let response = request.headers(headers).send().await.map_err(|e| e.to_string())?;
-        let status = response.status();
-        let text = response.text().await.map_err(|e| e.to_string())?;
-        let answer: QueryAnswer = serde_json::from_str(&text)
-            .map_err(|_| format!("{status}: {}", text.chars().take(300).collect::<String>()))?;
-        let message = answer
-            .error
-            .as_ref()
-            .map(|e| e.message.clone())
-            .or_else(|| answer.errors.first().map(|e| e.message.clone()));
-        match message {
-            Some(message) => Err(format!("{status}: {message}")),
-            None if !status.is_success() => Err(status.to_string()),
-            None => Ok(answer),
-        }
-    }
-}
-
-/// The parts of a `jobs.query` / `jobs.getQueryResults` answer (or an error body) used here.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-struct QueryAnswer {
-    job_complete: bool,
-    job_reference: Option<JobReference>,
-    errors: Vec<ErrorProto>,
-    error: Option<ErrorProto>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct JobReference {
-    job_id: String,
-    location: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorProto {
-    message: String,
 }
 
 #[async_trait::async_trait]
