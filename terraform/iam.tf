@@ -1,6 +1,7 @@
 # Identities and every role they hold. Each service runs as its own service account, and every
 # grant is on the one resource it concerns (a topic, a queue, a secret, the bucket) except the
-# two roles that exist only per project (the completion job's BigQuery jobs, build logs).
+# roles that exist only per project (BigQuery jobs of the trigger and the completion job, build
+# logs).
 # tests/tests/iam_parity.rs checks that the runtime grants are exactly what the code calls.
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +106,15 @@ resource "google_storage_bucket_iam_member" "trigger_objects" {
   bucket = google_storage_bucket.audiences.name
   role   = "roles/storage.objectUser"
   member = google_service_account.runtime["trigger"].member
+}
+
+# BigQuery audiences: the trigger runs one EXPORT DATA query job per request. Reading the
+# audience's own tables (roles/bigquery.dataViewer on their datasets) is granted by whoever owns
+# them, outside this configuration (docs/deploy.md); the export writes to the bucket above.
+resource "google_project_iam_member" "trigger_bigquery_jobs" {
+  project = var.project_id
+  role    = "roles/bigquery.jobUser"
+  member  = google_service_account.runtime["trigger"].member
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ data "google_project" "this" {
 locals {
   project_number = data.google_project.this.number
   data_location  = coalesce(var.data_location, var.region)
+  # BigQuery audiences are exported where their datasets live.
+  audience_bigquery_location = coalesce(var.audience_bigquery_location, local.data_location)
 
   # Cloud Run service names, and the job's.
   service_names = {

@@ -89,6 +89,8 @@ locals {
       DELIVERIES_TOPIC = google_pubsub_topic.topic["deliveries"].name
       BUCKET           = google_storage_bucket.audiences.name
       CHUNK_SIZE       = var.chunk_size
+      # Where the export jobs of BigQuery audiences run: the location of the audience datasets.
+      BIGQUERY_LOCATION = local.audience_bigquery_location
       # The chunks the trigger lets be in flight toward the provider's bottleneck API: for
       # list-send the upload slots (the least of the ESP's upload limit, the list-uploader's
       # capacity and the upload queue's dispatches), for smtp and ses the send slots (the

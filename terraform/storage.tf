@@ -1,6 +1,7 @@
 # The bucket for audience exports (BigQuery EXPORT DATA output) and chunk objects. Both hold
-# recipient addresses and are only working copies: everything is deleted after
-# chunk_retention_days, and nothing is kept once deleted.
+# recipient addresses and are only working copies: exports are deleted after
+# audience_export_retention_days, everything after chunk_retention_days, and nothing is kept once
+# deleted.
 
 resource "google_storage_bucket" "audiences" {
   #checkov:skip=CKV_GCP_62:Access is recorded by Cloud Audit Logs; usage-log buckets are a legacy mechanism and would hold a second copy of object names that include request ids.
@@ -19,6 +20,21 @@ resource "google_storage_bucket" "audiences" {
   lifecycle_rule {
     condition {
       age = var.chunk_retention_days
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  # BigQuery audience exports, requests/<id>/export/*.json, go sooner: they are read once, while
+  # their request is prepared. A prefix cannot hold a wildcard, so the rule takes everything under
+  # requests/ that ends .json: export shards alone, since chunk objects end .ndjson (a test in
+  # shared/src/domain/bigquery.rs keeps the two apart).
+  lifecycle_rule {
+    condition {
+      age            = var.audience_export_retention_days
+      matches_prefix = ["requests/"]
+      matches_suffix = [".json"]
     }
     action {
       type = "Delete"

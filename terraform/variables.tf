@@ -458,6 +458,23 @@ variable "chunk_retention_days" {
   }
 }
 
+variable "audience_export_retention_days" {
+  description = "Days after which the BigQuery exports of audiences (requests/<id>/export/*.json) are deleted from the bucket. An export is read once, while its request is prepared; chunks are kept for chunk_retention_days. Default: 2."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.audience_export_retention_days >= 1 && floor(var.audience_export_retention_days) == var.audience_export_retention_days
+    error_message = "audience_export_retention_days must be a whole number of at least 1."
+  }
+}
+
+variable "audience_bigquery_location" {
+  description = "BigQuery location of the datasets that bigquery audiences read (US, EU or a region): their export jobs run there, and the audience bucket must be in or within it. Default: data_location."
+  type        = string
+  default     = null
+}
+
 variable "sql" {
   description = "Cloud SQL for PostgreSQL (private IP only). Defaults: tier \"db-custom-2-8192\", availability_type \"REGIONAL\" (a standby in a second zone), disk_size_gb 20 (grows automatically), max_connections 200 (every service's max_instances × db_connections must fit, with 10 left for administration)."
   type = object({

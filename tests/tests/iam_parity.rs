@@ -4,7 +4,7 @@
 //!
 //! What each service calls is read from its code: the Pub/Sub topics it builds publishers for,
 //! the Cloud Tasks queues it creates tasks in, whether it reads or writes Cloud Storage, whether
-//! it writes BigQuery. Each client is built from a setting (`DELIVERIES_TOPIC`, `UPLOAD_QUEUE`,
+//! it writes BigQuery or runs BigQuery jobs. Each client is built from a setting (`DELIVERIES_TOPIC`, `UPLOAD_QUEUE`,
 //! …), and `terraform/run.tf` names the resource behind it. Secrets are granted from the same
 //! table that puts them in the environment (`local.secret_env`), and the database is reached
 //! over the private network with the URL from its secret, so neither needs more here.
@@ -133,6 +133,8 @@ fn needed<C: CommandFactory>(service: &str, dir: &str, run_tf: &str) -> BTreeSet
     }
     if source.contains("BigQuerySink::new(") {
         needs.insert(Access::WriteLogTables);
+    }
+    if source.contains("BigQuery::new(") {
         needs.insert(Access::RunBigQueryJobs);
     }
     needs

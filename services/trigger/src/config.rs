@@ -32,9 +32,13 @@ pub struct Config {
     /// The list-uploader's URL, where upload tasks are delivered.
     #[arg(long, env = "LIST_UPLOADER_URL")]
     pub list_uploader_url: String,
-    /// Bucket for chunk objects.
+    /// Bucket for chunk objects and the exports of BigQuery audiences.
     #[arg(long, env = "BUCKET")]
     pub bucket: String,
+    /// Where BigQuery runs the export jobs of BigQuery audiences: the location of the datasets
+    /// audiences are read from (`US`, `EU`, a region). BigQuery infers it when unset.
+    #[arg(long, env = "BIGQUERY_LOCATION")]
+    pub bigquery_location: Option<String>,
     /// Most recipients per chunk.
     #[arg(long, env = "CHUNK_SIZE", default_value_t = 10_000)]
     pub chunk_size: u32,

@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use haishin_shared::esp::Shape;
-use haishin_shared::gcp::{Blobs, QueueTarget, TaskQueue, Topic};
+use haishin_shared::gcp::{BigQuery, Blobs, QueueTarget, TaskQueue, Topic};
 use haishin_shared::server::PushService;
 use haishin_shared::store::Store;
 use haishin_shared::unsubscribe::TokenKey;
@@ -62,6 +62,8 @@ pub use config::Config;
 pub struct AppState {
     pub store: Store,
     pub blobs: Blobs,
+    /// Runs the export jobs of BigQuery audiences.
+    pub bigquery: BigQuery,
     pub prepare_queue: TaskQueue,
     pub dispatcher: Arc<dispatch::Dispatcher>,
     pub bucket: String,
@@ -147,6 +149,8 @@ impl Application {
             feedback,
             dispatcher: Arc::new(dispatch::Dispatcher::new(store.clone(), handoff, limits)),
             blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
+            bigquery: BigQuery::new(gcp, config.bigquery_location.as_deref())
+                .context("connecting to BigQuery")?,
             store,
             prepare_queue,
             bucket: config.bucket,

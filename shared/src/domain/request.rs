@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::bigquery::BigqueryAudience;
 use super::{Class, RequestId};
 
 /// Inline audiences are meant for realtime events; larger audiences belong in Cloud Storage.
@@ -79,14 +80,6 @@ pub struct GcsAudience {
 pub enum FileFormat {
     Csv,
     Ndjson,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BigqueryAudience {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub table: Option<String>,
 }
 
 /// A delivery request as the marketing platform sends it.
@@ -197,9 +190,7 @@ impl DeliveryRequest {
             )),
             Audience::Gcs(gcs) if gcs.uris.is_empty() => Err("gcs audience names no uris".into()),
             Audience::Gcs(gcs) => gcs.uris.iter().try_for_each(|uri| GcsUri::parse(uri).map(drop)),
-            Audience::Bigquery(_) => {
-                Err("bigquery audiences are not supported by this deployment: export to Cloud Storage and use a gcs audience".into())
-            }
+            Audience::Bigquery(bigquery) => bigquery.validate(),
             Audience::Inline(_) => Ok(()),
         }
     }

@@ -1,5 +1,5 @@
-//! Reading an audience: inline lists, and CSV or NDJSON files in Cloud Storage, streamed row by
-//! row into the [`Chunker`].
+//! Reading an audience: inline lists, CSV or NDJSON files in Cloud Storage, and BigQuery exports
+//! (see `bigquery`), streamed row by row into the [`Chunker`].
 //!
 //! Memory holds one chunk being filled plus eight bytes per kept recipient (the de-duplication
 //! set), never the audience itself. A bad row is skipped and counted by reason; it never fails the
@@ -7,12 +7,20 @@
 
 use futures::{Stream, TryStreamExt};
 use haishin_shared::domain::{Audience, DeliveryRequest, FileFormat, GcsUri};
-use haishin_shared::gcp::{Blobs, GcpError};
+use haishin_shared::gcp::{BigQuery, Blobs, GcpError};
 use haishin_shared::store::Store;
 
 use super::chunker::{AudienceSummary, Chunker};
 use super::rows::{self, RowAt};
 use super::{PrepareError, records};
+
+/// Where audiences are read from.
+pub(super) struct Sources<'a> {
+    pub blobs: &'a Blobs,
+    pub bigquery: &'a BigQuery,
+    /// How long a prepare step waits for a BigQuery export before leaving it to the next attempt.
+    pub export_wait: std::time::Duration,
+}
 
 /// Streams the request's audience into chunk objects under `gs://bucket/requests/<id>/chunks/`
 /// and chunk rows, and returns what was found. `on_chunk` runs after each chunk is stored: a
@@ -23,13 +31,14 @@ use super::{PrepareError, records};
 /// can be repeated safely.
 #[tracing::instrument(skip_all, fields(request_id = %request.id))]
 pub(super) async fn read_audience(
-    blobs: &Blobs,
+    source: &Sources<'_>,
     store: &Store,
     bucket: &str,
     request: &DeliveryRequest,
     chunk_size: usize,
     on_chunk: &(dyn Fn() + Sync),
 ) -> Result<AudienceSummary, PrepareError> {
+    let blobs = source.blobs;
     let handed_on = records::clear_chunks(store, &request.id).await?;
     let mut chunker = Chunker::new(blobs, store, bucket, request, chunk_size, on_chunk, handed_on);
     match &request.audience {
@@ -43,22 +52,24 @@ pub(super) async fn read_audience(
                 let uri = GcsUri::parse(uri).map_err(PrepareError::Unusable)?;
                 for object in expand(blobs, &uri).await? {
                     let format = gcs.format.or_else(|| guess_format(&object)).unwrap_or(FileFormat::Csv);
-                    let stream = blobs.read(&uri.bucket, &object).await.map_err(|e| match e {
-                        GcpError::Permanent { detail, .. } => PrepareError::Unusable(format!(
-                            "cannot read gs://{}/{object}: {detail}",
-                            uri.bucket
-                        )),
-                        other => other.into(),
-                    })?;
-                    let name = format!("gs://{}/{object}", uri.bucket);
-                    read_file(&mut chunker, stream, format, &name).await?;
+                    Box::pin(read_object(&mut chunker, blobs, &uri.bucket, &object, format)).await?;
                 }
             }
         }
-        Audience::Bigquery(_) => {
-            return Err(PrepareError::Unusable(
-                "bigquery audiences are not supported by this deployment".into(),
-            ));
+        Audience::Bigquery(audience) => {
+            // Boxed, as the files' reading: the step's future stays small on every caller's stack.
+            let shards = Box::pin(super::bigquery::export(
+                source.bigquery,
+                blobs,
+                bucket,
+                request,
+                audience,
+                source.export_wait,
+            ))
+            .await?;
+            for object in shards {
+                Box::pin(read_object(&mut chunker, blobs, bucket, &object, FileFormat::Ndjson)).await?;
+            }
         }
     }
     chunker.flush().await?;
@@ -95,6 +106,23 @@ pub(crate) fn guess_format(object: &str) -> Option<FileFormat> {
     } else {
         None
     }
+}
+
+/// Streams one object's rows into the chunker.
+async fn read_object(
+    chunker: &mut Chunker<'_>,
+    blobs: &Blobs,
+    bucket: &str,
+    object: &str,
+    format: FileFormat,
+) -> Result<(), PrepareError> {
+    let stream = blobs.read(bucket, object).await.map_err(|e| match e {
+        GcpError::Permanent { detail, .. } => {
+            PrepareError::Unusable(format!("cannot read gs://{bucket}/{object}: {detail}"))
+        }
+        other => other.into(),
+    })?;
+    read_file(chunker, stream, format, &format!("gs://{bucket}/{object}")).await
 }
 
 async fn read_file<S>(

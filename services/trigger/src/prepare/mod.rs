@@ -3,6 +3,7 @@
 //!
 //! - this module: [`run`], the step under its lease, returning a domain outcome;
 //! - `audience`: streaming inline lists and audience files from Cloud Storage;
+//! - `bigquery`: a BigQuery audience's `EXPORT DATA` job, run once per request, and its shards;
 //! - [`rows`]: reading a CSV or NDJSON file's rows;
 //! - `recipient`: checking one row (address, parameter size) and the reasons rows are skipped;
 //! - `chunker`: de-duplicating within the request, leaving out suppressed recipients (one query
@@ -10,6 +11,7 @@
 //! - [`records`]: what the step writes to the database.
 
 pub(crate) mod audience;
+mod bigquery;
 mod chunker;
 pub(crate) mod recipient;
 pub mod records;
@@ -71,14 +73,20 @@ pub async fn run(state: &AppState, id: &RequestId) -> Result<Prepared, Unavailab
         let dispatcher = dispatcher.clone();
         tokio::spawn(async move { dispatcher.run().await }.in_current_span());
     };
-    let prepared = audience::read_audience(
-        &state.blobs,
+    let sources = audience::Sources {
+        blobs: &state.blobs,
+        bigquery: &state.bigquery,
+        export_wait: state.prepare_lease / 2,
+    };
+    // Boxed: the reading's future is large, and every caller's stack would otherwise hold it.
+    let prepared = Box::pin(audience::read_audience(
+        &sources,
         &state.store,
         &state.bucket,
         &request,
         state.chunk_size,
         &dispatch_now,
-    )
+    ))
     .await;
     match prepared {
         Ok(summary) => {

@@ -163,8 +163,9 @@ where
                     };
                     Ok(Recipient { email, params })
                 }
+                // A NULL is a missing value (BigQuery's JSON exports write or omit it).
+                None | Some(Value::Null) => Err(Skip::MissingColumn),
                 Some(_) => Err(Skip::InvalidEmail),
-                None => Err(Skip::MissingColumn),
             },
         };
         chunker.row(row, at).await?;
