@@ -41,6 +41,8 @@ pub struct TestStack {
     pub triggers: u32,
     /// Who delivers the mail (the ESP simulator by default).
     pub provider: MailProvider,
+    /// The trigger's BigQuery (`BIGQUERY_ENDPOINT`), for BigQuery audiences.
+    pub bigquery_endpoint: Option<String>,
 }
 
 impl Default for TestStack {
@@ -52,6 +54,7 @@ impl Default for TestStack {
             realtime_reserved_slots: 0,
             triggers: 1,
             provider: MailProvider::Simulator,
+            bigquery_endpoint: None,
         }
     }
 }
@@ -76,6 +79,7 @@ impl TestStack {
             database_url: Some(url),
             task_name_ttl: haishin_local::stack::TASK_NAME_TTL,
             provider: self.provider,
+            bigquery_endpoint: self.bigquery_endpoint,
         })
         .await
         .expect("local stack starts")

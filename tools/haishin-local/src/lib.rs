@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`stack`]: starts PostgreSQL, the Google Cloud stand-ins, the ESP simulator and the four
 //!   services, wired as in production.
+//! - [`bigquery`]: bqemulator behind a front that copies its exports into the local Cloud Storage.
 //! - [`services`]: runs one service from this binary (`haishin-local service NAME`).
 //! - [`scenario`]: what a run publishes (batch campaigns, realtime events) and on what ESP.
 //! - [`run`]: runs a scenario in a fresh stack and reports.
@@ -14,6 +15,7 @@
 //! - [`picture`]: a report's SVG: the ESP's slots busy by class, and realtime latency.
 
 pub mod bench;
+pub mod bigquery;
 pub mod chaos;
 pub mod demo;
 pub mod mail_record;

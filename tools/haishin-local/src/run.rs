@@ -41,6 +41,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
         database_url: None,
         task_name_ttl: scenario.chaos.as_ref().and_then(|c| c.tasks_name_ttl).unwrap_or(TASK_NAME_TTL),
         provider: scenario.provider.clone(),
+        bigquery_endpoint: None,
     })
     .await?;
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);

@@ -87,6 +87,9 @@ pub struct StackConfig {
     pub task_name_ttl: Duration,
     /// Who delivers the mail.
     pub provider: MailProvider,
+    /// BigQuery for the trigger's BigQuery audiences (a [`crate::bigquery::LocalBigQuery`]'s
+    /// endpoint); none: such audiences fail.
+    pub bigquery_endpoint: Option<String>,
 }
 
 /// The provider the local services deliver through.
@@ -624,6 +627,7 @@ fn service_env(
             ("UPLOAD_TIMEOUT_SECS", "25".to_owned()),
             ("UNSUBSCRIBE_SECRET", UNSUBSCRIBE_SECRET.to_owned()),
         ]);
+        trigger.extend(config.bigquery_endpoint.iter().map(|url| ("BIGQUERY_ENDPOINT", url.clone())));
         pairs(&trigger)
     };
     let mut uploader = serving(Instance::first(Service::ListUploader), &endpoints.list_uploader);
