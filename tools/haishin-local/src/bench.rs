@@ -12,13 +12,20 @@ use crate::scenario::{Admission, Campaign, RealtimeEvents, Scenario};
 use crate::stack::ServiceMode;
 
 /// The scenarios `bench` knows, in the order it runs them.
-pub const SCENARIOS: [&str; 6] =
-    ["steady", "realtime-under-load", "fairness", "baseline-workflow", "rate-limited", "huge-audience"];
+pub const SCENARIOS: [&str; 7] = [
+    "steady",
+    "realtime-under-load",
+    "fairness",
+    "baseline-workflow",
+    "mixed",
+    "rate-limited",
+    "huge-audience",
+];
 
 /// The scenarios run when none is named: all but `huge-audience`, which takes a quarter of an hour
 /// and a few gigabytes of disk, and runs when asked for.
-pub const DEFAULT_SCENARIOS: [&str; 5] =
-    ["steady", "realtime-under-load", "fairness", "baseline-workflow", "rate-limited"];
+pub const DEFAULT_SCENARIOS: [&str; 6] =
+    ["steady", "realtime-under-load", "fairness", "baseline-workflow", "mixed", "rate-limited"];
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -77,9 +84,10 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
             s.campaigns = vec![now(1_000_000)];
             s.realtime = RealtimeEvents::Every(Duration::from_millis(200));
             if name == "baseline-workflow" {
-                s.admission = Admission::Waves;
+                s.admission = Admission::Scheduled { poll_every: crate::mixed::POLL_EVERY };
             }
         }
+        "mixed" => crate::mixed::configure(&mut s),
         "fairness" => {
             s.campaigns =
                 vec![now(1_000_000), Campaign { recipients: 1_000_000, start_after: Duration::from_secs(10) }]
@@ -114,7 +122,22 @@ pub async fn run(args: BenchArgs, mode: ServiceMode) -> anyhow::Result<Vec<Repor
     for name in &names {
         let scenario = scenario(name, &args);
         eprintln!("Running {name}…");
-        let report = run_scenario(&scenario, mode.clone()).await?;
+        let mut report = run_scenario(&scenario, mode.clone()).await?;
+        if name == "mixed" {
+            let workflow = crate::mixed::workflow(&scenario);
+            eprintln!(
+                "{}\nRunning {} (the same arrivals, taken by a scheduled workflow)…",
+                row(&report),
+                workflow.name
+            );
+            let baseline = run_scenario(&workflow, mode.clone()).await?;
+            eprintln!("{}", row(&baseline));
+            let picture = crate::picture::path_beside(&args.json, Some(&workflow.name));
+            std::fs::write(&picture, crate::picture::svg(&baseline))
+                .with_context(|| format!("writing {}", picture.display()))?;
+            report.workflow_baseline = Some(crate::mixed::WorkflowBaseline::new(&report, baseline));
+            report.targets = crate::targets::evaluate(&scenario, &report);
+        }
         eprintln!("{}", row(&report));
         eprintln!("  {}", report.invariants.summary());
         eprintln!("{}", target_lines(&report));
@@ -199,14 +222,14 @@ fn table(reports: &[Report]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use haishin_esp_sim::RateReport;
     use haishin_esp_sim::config::Api;
 
     use super::*;
     use crate::report::tests::sample_report;
 
-    fn args() -> BenchArgs {
+    pub(crate) fn args() -> BenchArgs {
         BenchArgs {
             scenarios: Vec::new(),
             triggers: 1,

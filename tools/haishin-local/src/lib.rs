@@ -9,6 +9,7 @@
 //! - [`run`]: runs a scenario in a fresh stack and reports.
 //! - [`demo`]: the demo scenario, with live progress.
 //! - [`bench`]: the named benchmark scenarios, a table and JSON of their figures.
+//! - [`mixed`]: Haishin against the scheduled workflow it replaces, on the same arrivals.
 //! - [`chaos`]: faults injected while a scenario runs.
 //! - [`report`]: a scenario's report, from the ESP simulator's ledger.
 //! - [`targets`]: the targets each report is held to, beside its figures.
@@ -20,6 +21,7 @@ pub mod chaos;
 pub mod demo;
 pub mod mail_record;
 pub mod memory;
+pub mod mixed;
 pub mod picture;
 pub mod report;
 pub mod run;

@@ -85,7 +85,7 @@ const WIDTH: f64 = 960.0;
 const PANEL: f64 = 210.0;
 const LEFT: f64 = 70.0;
 const RIGHT: f64 = 30.0;
-const TOP: f64 = 56.0;
+const TOP: f64 = 96.0;
 const GAP: f64 = 64.0;
 const BINS: usize = 480;
 const BATCH_COLOUR: &str = "#4c78a8";
@@ -231,13 +231,17 @@ fn latency_panel(out: &mut String, top: f64, sorted: &[f64], target: Option<&Tar
             top + PANEL
         );
         let mark = if t.met { "met" } else { "MISSED" };
-        text(out, x + 4.0, top + 14.0, "start", 11.0, &format!("p99 target {:.0} ms ({mark})", t.target));
+        let (lx, anchor) = if x + 180.0 > WIDTH - RIGHT { (x - 4.0, "end") } else { (x + 4.0, "start") };
+        text(out, lx, top + 14.0, anchor, 11.0, &format!("p99 target {:.0} ms ({mark})", t.target));
     }
     for (p, label) in [(0.5, "p50"), (0.99, "p99")] {
         let rank = ((p * n).ceil() as usize).clamp(1, sorted.len());
         let ms = sorted[rank - 1];
         let _ = writeln!(out, r#"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="black"/>"#, sx(ms), sy(p));
-        text(out, sx(ms) + 6.0, sy(p) + 12.0, "start", 11.0, &format!("{label} {ms:.0} ms"));
+        // Left of the point when the label would run past the frame.
+        let (x, anchor) =
+            if sx(ms) + 90.0 > WIDTH - RIGHT { (sx(ms) - 6.0, "end") } else { (sx(ms) + 6.0, "start") };
+        text(out, x, sy(p) + 14.0, anchor, 11.0, &format!("{label} {ms:.0} ms"));
     }
 }
 

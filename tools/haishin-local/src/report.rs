@@ -33,6 +33,9 @@ pub struct Report {
     pub esp: Esp,
     pub realtime_latency_ms: Latency,
     pub batch_makespan_s: f64,
+    /// From the first request's arrival, batch or realtime, to the last send accepted for any
+    /// of them: the time to get everything that arrived delivered.
+    pub makespan_s: f64,
     /// From the first batch's publication to the first upload at the ESP.
     pub first_upload_s: f64,
     /// From the last upload's end to the batch's last send.
@@ -59,6 +62,10 @@ pub struct Report {
     pub states: BTreeMap<String, String>,
     /// Whether every finished request's counts add up.
     pub invariants: Invariants,
+    /// In `mixed`: the same arrivals run by the scheduled workflow Haishin replaces, and the
+    /// ratio of the makespans.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflow_baseline: Option<crate::mixed::WorkflowBaseline>,
     /// The targets that apply to the scenario, each beside its figure (see [`crate::targets`]).
     pub targets: Vec<Target>,
     /// What the picture draws (see [`crate::picture`]); not in the JSON.
@@ -423,16 +430,19 @@ pub async fn build(
     }
     recipients.duplicates = mail.as_ref().map_or(sim.deliveries.duplicates, |m| m.duplicates);
 
+    let last_send = |id: &String| match &mail {
+        // A server that keeps no times (moto): until the request closed, a little later.
+        Some(mail) => mail.last_at.get(id).or(closed_at.get(id)).copied(),
+        None => sim.requests.get(id).map(|r| r.last_send_at),
+    };
     let batch_start = submitted.batch.iter().map(|b| b.2).min();
-    let batch_end = submitted
-        .batch
-        .iter()
-        .filter_map(|(id, _, _)| match &mail {
-            // A server that keeps no times (moto): until the request closed, a little later.
-            Some(mail) => mail.last_at.get(id).or(closed_at.get(id)).copied(),
-            None => sim.requests.get(id).map(|r| r.last_send_at),
-        })
-        .max();
+    let batch_end = submitted.batch.iter().filter_map(|(id, _, _)| last_send(id)).max();
+    let everything = || submitted.batch.iter().chain(&submitted.realtime);
+    let makespan_s =
+        match (everything().map(|r| r.2).min(), everything().filter_map(|r| last_send(&r.0)).max()) {
+            (Some(from), Some(to)) if to > from => (to - from).as_seconds_f64(),
+            _ => 0.0,
+        };
     let (makespan, upload_utilization, send_utilization) = match (batch_start, batch_end) {
         (Some(from), Some(to)) if to > from => (
             (to - from).as_seconds_f64(),
@@ -505,6 +515,7 @@ pub async fn build(
             samples: latencies.len() as u64,
         },
         batch_makespan_s: makespan,
+        makespan_s,
         first_upload_s,
         after_last_upload_s,
         wall_s: wall.as_secs_f64(),
@@ -516,6 +527,7 @@ pub async fn build(
         mail_server: mail,
         states,
         invariants: Invariants { hold: invariants.held(), ..invariants },
+        workflow_baseline: None,
         targets: Vec::new(),
         activity,
     })
@@ -579,6 +591,7 @@ pub(crate) mod tests {
             },
             realtime_latency_ms: Latency::default(),
             batch_makespan_s: 21.4,
+            makespan_s: 22.0,
             first_upload_s: 0.3,
             after_last_upload_s: 0.2,
             wall_s: 25.0,
@@ -590,6 +603,7 @@ pub(crate) mod tests {
             mail_server: None,
             states: Default::default(),
             invariants: Invariants { requests_checked: 2, hold: true, ..Invariants::default() },
+            workflow_baseline: None,
             targets: Vec::new(),
             activity: Activity::default(),
         }

@@ -127,6 +127,9 @@ async fn drive(
         RealtimeEvents::None => (Some(0), Duration::MAX),
         RealtimeEvents::Spread(n) => (Some(n), scenario.expected_makespan() / (n + 1)),
         RealtimeEvents::Every(every) => (None, every),
+        RealtimeEvents::Until { every, until } => {
+            (Some((until.as_nanos() / every.as_nanos().max(1)) as u32), every)
+        }
     };
 
     let style =
@@ -139,7 +142,11 @@ async fn drive(
 
     let mut next_event = start + gap.min(Duration::from_secs(3600));
     let mut events = 0u32;
-    let mut waiting: Vec<Pending> = Vec::new();
+    // Requests that arrived and are not published yet (realtime or not), oldest first.
+    let mut waiting: Vec<(bool, Pending)> = Vec::new();
+    // A scheduled admission's current run, and its next wake-up.
+    let mut run: Vec<(String, u64, DateTime<Utc>)> = Vec::new();
+    let mut next_wake = start;
     let mut pending_campaigns = campaigns.into_iter().peekable();
     let deadline = start + scenario.timeout;
     loop {
@@ -149,11 +156,11 @@ async fn drive(
         {
             let (_, mut campaign) = pending_campaigns.next().expect("peeked");
             campaign.arrived = Utc::now();
-            publish(stack, &campaign.body).await?;
-            submitted.batch.push((campaign.id, campaign.rows, campaign.arrived));
+            waiting.push((false, campaign));
         }
-        let batches_running =
-            !all_final(stack, &submitted.batch).await.unwrap_or(false) || pending_campaigns.peek().is_some();
+        let batches_running = pending_campaigns.peek().is_some()
+            || waiting.iter().any(|(realtime, _)| !realtime)
+            || !all_final(stack, &submitted.batch).await.unwrap_or(false);
         let more_events = match event_count {
             Some(n) => events < n,
             None => batches_running,
@@ -168,18 +175,30 @@ async fn drive(
                 "id": id, "class": "realtime", "priority": rng.random_range(1..=9), "template": template(),
                 "audience": { "inline": recipients }, "labels": { "event": "back-in-stock" },
             });
-            waiting.push(Pending { id, body, rows, arrived: Utc::now() });
+            waiting.push((true, Pending { id, body, rows, arrived: Utc::now() }));
             events += 1;
             next_event += gap;
             if event_count.is_none() {
                 realtime_bar.set_length(u64::from(events));
             }
         }
-        // A workflow engine admits realtime work only between waves.
-        if scenario.admission == Admission::Immediate || !batches_running {
-            for event in waiting.drain(..) {
-                publish(stack, &event.body).await?;
-                submitted.realtime.push((event.id, event.rows, event.arrived));
+        let admit = match scenario.admission {
+            Admission::Immediate => true,
+            Admission::Scheduled { poll_every } if now >= next_wake => {
+                while next_wake <= now {
+                    next_wake += poll_every;
+                }
+                all_final(stack, &run).await.unwrap_or(false)
+            }
+            Admission::Scheduled { .. } => false,
+        };
+        if admit && !waiting.is_empty() {
+            run.clear();
+            for (realtime, request) in waiting.drain(..) {
+                publish(stack, &request.body).await?;
+                let entry = (request.id, request.rows, request.arrived);
+                run.push(entry.clone());
+                if realtime { submitted.realtime.push(entry) } else { submitted.batch.push(entry) }
             }
         }
 

@@ -28,16 +28,24 @@ pub enum RealtimeEvents {
     Spread(u32),
     /// One every interval, for as long as a batch is running.
     Every(Duration),
+    /// One every `every`, from the start until `until`, whatever else is going on.
+    Until {
+        every: Duration,
+        until: Duration,
+    },
 }
 
-/// How requests reach the pipeline.
+/// How requests reach the pipeline once they arrive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// As soon as they arrive (Haishin).
+    /// As soon as they arrive (Haishin: every request is published when it comes).
     Immediate,
-    /// In waves, each processed to the end before the next starts, as a workflow engine does:
-    /// realtime events that arrive during a batch wait for it to finish.
-    Waves,
+    /// As the scheduled workflow Haishin replaces took them: a job wakes every `poll_every`
+    /// (from the start) and, unless its previous run is still going, takes every request that
+    /// arrived since as one run, which goes on to its end (its requests sharing the ESP's
+    /// limit) before a later wake-up starts the next one. A wake-up during a run does nothing;
+    /// requests that arrive meanwhile, realtime events too, wait for the next run.
+    Scheduled { poll_every: Duration },
 }
 
 #[derive(Debug, Clone)]

@@ -139,6 +139,12 @@ pub fn evaluate(scenario: &Scenario, report: &Report) -> Vec<Target> {
             Target::new("fairness_max_gap", report.fairness_max_gap, Cmp::AtMost, FAIRNESS_GAP_TARGET),
         ]),
         "huge-audience" => targets.extend([utilisation(UTILISATION_FLOOR), lower_bound()]),
+        "mixed" => targets.push(Target::new(
+            "workflow_baseline.makespan_ratio",
+            report.workflow_baseline.as_ref().and_then(|b| b.ratio()),
+            Cmp::AtMost,
+            MIXED_MAKESPAN_RATIO_TARGET,
+        )),
         // The demo is a batch with realtime events over it: held to what `realtime-under-load`
         // is, where the simulator delivers and no fault is injected.
         "demo" if simulator && scenario.chaos.is_none() => {
@@ -332,6 +338,22 @@ mod tests {
         assert!(!find(&evaluate(&s, &r), "peak_rss_mb (largest)").met);
         r.peak_rss_mb.clear();
         assert!(evaluate(&s, &r).iter().all(|t| t.name != "peak_rss_mb (largest)"));
+    }
+
+    #[test]
+    fn mixed_is_held_to_its_makespan_against_the_workflow() {
+        let s = scenario("mixed", &args());
+        let mut haishin = good("mixed");
+        assert_eq!(find(&evaluate(&s, &haishin), "workflow_baseline.makespan_ratio").figure, None);
+        haishin.makespan_s = 35.0;
+        let mut workflow = good("mixed-workflow");
+        workflow.makespan_s = 70.0;
+        haishin.workflow_baseline = Some(crate::mixed::WorkflowBaseline::new(&haishin, workflow.clone()));
+        let ratio = evaluate(&s, &haishin).into_iter().find(|t| t.name == "workflow_baseline.makespan_ratio");
+        assert_eq!(ratio.as_ref().map(|t| (t.figure, t.met)), Some((Some(0.5), true)));
+        workflow.makespan_s = 50.0;
+        haishin.workflow_baseline = Some(crate::mixed::WorkflowBaseline::new(&haishin, workflow));
+        assert!(!find(&evaluate(&s, &haishin), "workflow_baseline.makespan_ratio").met);
     }
 
     #[test]
