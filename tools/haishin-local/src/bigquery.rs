@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
@@ -96,7 +96,7 @@ impl LocalBigQuery {
             bail!("bqemulator did not start listening on {emulator}");
         }
         let exports =
-            Arc::new(Exports { root: root.0.clone(), storage: OnceLock::new(), copied: Mutex::default() });
+            Arc::new(Exports { root: root.0.clone(), storage: Mutex::default(), copied: Mutex::default() });
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let front = format!("http://{}", listener.local_addr()?);
         tokio::spawn(serve(listener, emulator.clone(), exports.clone()));
@@ -110,7 +110,7 @@ impl LocalBigQuery {
 
     /// Where exports are copied to: the local Cloud Storage's JSON API endpoint.
     pub fn copy_exports_to(&self, storage_endpoint: &str) {
-        let _ = self.exports.storage.set(storage_endpoint.trim_end_matches('/').to_owned());
+        *self.exports.storage.lock().expect("lock") = Some(storage_endpoint.trim_end_matches('/').to_owned());
     }
 
     /// A call to the emulator's REST API under the project (`datasets`, `queries`, …); an
@@ -170,10 +170,68 @@ impl LocalBigQuery {
     }
 }
 
+/// Where the demo's batch audiences come from (`haishin-local demo --audience`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AudienceSource {
+    /// A generated CSV file in the local Cloud Storage (a `gcs` audience).
+    #[default]
+    Gcs,
+    /// The same recipients loaded into a BigQuery table (a `bigquery` audience), exported by the
+    /// trigger; needs bqemulator.
+    Bigquery,
+}
+
+/// The BigQuery the demo's batch audiences are loaded into, while the demo runs.
+static BATCHES: Mutex<Option<Arc<LocalBigQuery>>> = Mutex::new(None);
+
+/// Keeps the demo's BigQuery running; dropping it stops the emulator.
+#[derive(Debug)]
+pub struct BatchesGuard(());
+
+impl Drop for BatchesGuard {
+    fn drop(&mut self) {
+        BATCHES.lock().expect("lock").take();
+    }
+}
+
+/// Starts BigQuery for the batch audiences when `source` asks for it (failing, with the reason,
+/// when bqemulator is not installed).
+pub async fn for_batches(source: AudienceSource) -> anyhow::Result<Option<BatchesGuard>> {
+    if source == AudienceSource::Gcs {
+        return Ok(None);
+    }
+    let bigquery = LocalBigQuery::start().await.context("--audience bigquery")?;
+    *BATCHES.lock().expect("lock") = Some(Arc::new(bigquery));
+    Ok(Some(BatchesGuard(())))
+}
+
+/// The trigger's `BIGQUERY_ENDPOINT` when batch audiences are in BigQuery.
+pub fn batch_endpoint() -> Option<String> {
+    BATCHES.lock().expect("lock").as_ref().map(|b| b.endpoint())
+}
+
+/// When batch audiences are in BigQuery: loads campaign `n`'s generated CSV (`email,…` header,
+/// no quoted fields) into the table `demo.campaign_n` and returns the request's audience for it.
+pub async fn batch_audience(
+    stack: &crate::stack::LocalStack,
+    n: usize,
+    csv: &[u8],
+) -> anyhow::Result<Option<Value>> {
+    let Some(bigquery) = BATCHES.lock().expect("lock").clone() else { return Ok(None) };
+    bigquery.copy_exports_to(&stack.endpoints.storage);
+    let text = std::str::from_utf8(csv).context("the generated audience is not UTF-8")?;
+    let mut lines = text.lines();
+    let columns: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let rows = lines.map(|line| line.split(',').map(|v| Some(v.to_owned())).collect::<Vec<_>>());
+    let table = format!("campaign_{n}");
+    bigquery.load_table("demo", &table, &columns, rows).await?;
+    Ok(Some(json!({ "bigquery": { "table": format!("demo.{table}") } })))
+}
+
 /// The emulator's export folder and what of it was copied (file → its size and time then).
 struct Exports {
     root: PathBuf,
-    storage: OnceLock<String>,
+    storage: Mutex<Option<String>>,
     copied: Mutex<HashMap<PathBuf, (u64, SystemTime)>>,
 }
 
@@ -181,7 +239,7 @@ impl Exports {
     /// Copies every file exported since the last copy into the local Cloud Storage, as the
     /// object `<path under the bucket's folder>` of the bucket the folder is named after.
     async fn copy(&self) -> anyhow::Result<()> {
-        let Some(storage) = self.storage.get() else { return Ok(()) };
+        let Some(storage) = self.storage.lock().expect("lock").clone() else { return Ok(()) };
         let mut files = Vec::new();
         walk(&self.root, &mut files)?;
         for file in files {

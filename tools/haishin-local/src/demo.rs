@@ -85,6 +85,10 @@ pub struct DemoArgs {
     /// The provider's limit on messages per second (SMTP, SES), held across the services.
     #[arg(long)]
     pub messages_per_second: Option<f64>,
+    /// Where the batch audiences are: a CSV file in Cloud Storage (`gcs`), or a BigQuery table
+    /// that the trigger exports (`bigquery`, with bqemulator installed).
+    #[arg(long, value_enum, default_value = "gcs")]
+    pub audience: crate::bigquery::AudienceSource,
 }
 
 /// The ESP model shared by the demo and the benchmarks: a fixed cost per call and, for uploads, a
@@ -161,7 +165,10 @@ impl DemoArgs {
 /// Runs the demo and writes its report, and its picture beside it (`demo.report.json` →
 /// `demo.report.svg`).
 pub async fn run(args: DemoArgs, mode: ServiceMode) -> anyhow::Result<Report> {
-    let report = run_scenario(&args.scenario(), mode).await?;
+    let bigquery = crate::bigquery::for_batches(args.audience).await?;
+    let report = run_scenario(&args.scenario(), mode).await;
+    drop(bigquery);
+    let report = report?;
     std::fs::write(&args.report, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", args.report.display()))?;
     let picture = crate::picture::path_beside(&args.report, None);

@@ -41,7 +41,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
         database_url: None,
         task_name_ttl: scenario.chaos.as_ref().and_then(|c| c.tasks_name_ttl).unwrap_or(TASK_NAME_TTL),
         provider: scenario.provider.clone(),
-        bigquery_endpoint: None,
+        bigquery_endpoint: crate::bigquery::batch_endpoint(),
     })
     .await?;
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);
@@ -106,13 +106,17 @@ async fn drive(
     for (n, campaign) in scenario.campaigns.iter().enumerate() {
         let audience = generate_audience(n, campaign.recipients, &mut rng);
         let object = format!("audiences/campaign-{n}.csv");
+        let in_bigquery = crate::bigquery::batch_audience(stack, n, &audience.csv).await?;
         stack.blobs.write(BUCKET, &object, audience.csv.into()).await?;
         let id = format!("campaign-{n}-{}", scenario.seed);
-        let body = json!({
+        let mut body = json!({
             "id": id, "class": "batch", "priority": 1, "template": template(),
             "audience": { "gcs": { "uris": [format!("gs://{BUCKET}/{object}")] } },
             "labels": { "campaign": format!("campaign-{n}") },
         });
+        if let Some(audience) = in_bigquery {
+            body["audience"] = audience;
+        }
         campaigns
             .push((campaign.start_after, Pending { id, body, rows: audience.rows, arrived: Utc::now() }));
     }
