@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use haishin_local::bigquery::{LocalBigQuery, missing};
+use haishin_local::bigquery::{Fault, LocalBigQuery, missing};
 use haishin_local::stack::{BUCKET, LocalStack};
 use haishin_shared::domain::{RequestId, RequestState, export_job_id};
 use haishin_tests::{TestStack, eventually, request_status};
@@ -109,6 +109,41 @@ async fn a_bigquery_table_of_100000_rows_is_delivered_exactly_once_and_its_bad_r
     assert_eq!(first_job["status"]["state"], "DONE", "{first_job}");
     assert_eq!(job(1).await.status(), 404);
 
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn transient_bigquery_failures_are_retried_and_the_next_export_job_delivers_once() {
+    let Some((bigquery, stack)) = start(100).await else { return };
+    let rows = (0..250).map(|i| person(Some(&format!("retry-{i}@example.com")), &format!("User {i}")));
+    bigquery.load_table("audiences", "retried", &["email", "name"], rows).await.unwrap();
+    // The first insert is refused as an outage; the job of the second fails with backendError.
+    bigquery.inject(&[Fault::Unavailable, Fault::JobFails]);
+
+    publish(&stack, &request("retried", &json!({ "table": "audiences.retried" }))).await;
+    let status = finished(&stack, "retried", Duration::from_secs(60)).await;
+
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["recipients"], 250);
+    assert_eq!(status["delivered"], 250);
+    let sim = stack.esp.report();
+    assert_eq!(sim.requests["retried"].counts.unique, 250);
+    assert_eq!(sim.deliveries.duplicates, 0);
+    // The failed job stays failed; the one after it, under the next id, exported the audience.
+    let id = RequestId::from("retried");
+    let job = |attempt| {
+        let url = format!(
+            "{}/bigquery/v2/projects/{}/jobs/{}",
+            bigquery.endpoint(),
+            haishin_local::bigquery::PROJECT,
+            export_job_id(BUCKET, &id, attempt)
+        );
+        async move { reqwest::get(url).await.unwrap().json::<Value>().await.unwrap() }
+    };
+    assert_eq!(job(0).await["status"]["errorResult"]["reason"], "backendError");
+    let second = job(1).await;
+    assert_eq!(second["status"]["state"], "DONE", "{second}");
+    assert!(second["status"].get("errorResult").is_none(), "{second}");
     stack.stop().await;
 }
 

@@ -9,7 +9,7 @@
 //! its job is done, then finds them where BigQuery would have put them. Every other call passes
 //! through unchanged.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -95,8 +95,13 @@ impl LocalBigQuery {
         if !ready {
             bail!("bqemulator did not start listening on {emulator}");
         }
-        let exports =
-            Arc::new(Exports { root: root.0.clone(), storage: Mutex::default(), copied: Mutex::default() });
+        let exports = Arc::new(Exports {
+            root: root.0.clone(),
+            storage: Mutex::default(),
+            copied: Mutex::default(),
+            faults: Mutex::default(),
+            failed_jobs: Mutex::default(),
+        });
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let front = format!("http://{}", listener.local_addr()?);
         tokio::spawn(serve(listener, emulator.clone(), exports.clone()));
@@ -111,6 +116,11 @@ impl LocalBigQuery {
     /// Where exports are copied to: the local Cloud Storage's JSON API endpoint.
     pub fn copy_exports_to(&self, storage_endpoint: &str) {
         *self.exports.storage.lock().expect("lock") = Some(storage_endpoint.trim_end_matches('/').to_owned());
+    }
+
+    /// Makes the next job inserts fail, one fault each, in order.
+    pub fn inject(&self, faults: &[Fault]) {
+        self.exports.faults.lock().expect("lock").extend(faults);
     }
 
     /// A call to the emulator's REST API under the project (`datasets`, `queries`, …); an
@@ -228,11 +238,23 @@ pub async fn batch_audience(
     Ok(Some(json!({ "bigquery": { "table": format!("demo.{table}") } })))
 }
 
-/// The emulator's export folder and what of it was copied (file → its size and time then).
+/// A failure the front gives a job insert instead of the emulator's answer (fault injection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The insert is answered 503 `backendError`, and no job is made.
+    Unavailable,
+    /// The job runs, but the front reports it failed with `backendError`, now and on every look.
+    JobFails,
+}
+
+/// The emulator's export folder and what of it was copied (file → its size and time then), and
+/// the faults to inject.
 struct Exports {
     root: PathBuf,
     storage: Mutex<Option<String>>,
     copied: Mutex<HashMap<PathBuf, (u64, SystemTime)>>,
+    faults: Mutex<VecDeque<Fault>>,
+    failed_jobs: Mutex<HashSet<String>>,
 }
 
 impl Exports {
@@ -330,6 +352,30 @@ async fn pass_on(
         }
         buffer.extend_from_slice(&chunk[..n]);
     }
+    let path = target.split('?').next().unwrap_or_default();
+    let mut job = path.split_once("/jobs/").map(|(_, id)| id.to_owned());
+    if method == "POST" && path.ends_with("/jobs") {
+        let sent: Value = serde_json::from_slice(&buffer[head_end..]).unwrap_or_default();
+        job = sent["jobReference"]["jobId"].as_str().map(str::to_owned);
+        let fault = exports.faults.lock().expect("lock").pop_front();
+        match (fault, &job) {
+            (Some(Fault::Unavailable), _) => {
+                let error = json!({ "reason": "backendError", "message": "Backend error (injected)." });
+                let body =
+                    json!({ "error": { "code": 503, "message": error["message"], "errors": [error] } });
+                return answer(
+                    &mut stream,
+                    reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                    body.to_string().as_bytes(),
+                )
+                .await;
+            }
+            (Some(Fault::JobFails), Some(id)) => {
+                exports.failed_jobs.lock().expect("lock").insert(id.clone());
+            }
+            _ => {}
+        }
+    }
     let mut request =
         http.request(method.parse()?, format!("{emulator}{target}")).body(buffer[head_end..].to_vec());
     if let Some(content_type) = content_type {
@@ -337,11 +383,22 @@ async fn pass_on(
     }
     let response = request.send().await?;
     let status = response.status();
-    let body = response.bytes().await?;
+    let mut body = response.bytes().await?.to_vec();
     // An export the emulator reports done is copied before the answer is handed on.
     if memchr_str(&body, b"\"EXPORT_DATA\"") {
         exports.copy().await?;
     }
+    if job.is_some_and(|id| exports.failed_jobs.lock().expect("lock").contains(&id)) {
+        let mut described: Value = serde_json::from_slice(&body)?;
+        let error = json!({ "reason": "backendError", "message": "Backend error (injected)." });
+        described["status"] = json!({ "state": "DONE", "errorResult": error, "errors": [error] });
+        body = serde_json::to_vec(&described)?;
+    }
+    answer(&mut stream, status, &body).await
+}
+
+/// Writes one HTTP/1.1 answer and closes the connection.
+async fn answer(stream: &mut TcpStream, status: reqwest::StatusCode, body: &[u8]) -> anyhow::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         status.as_u16(),
@@ -349,7 +406,7 @@ async fn pass_on(
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&body).await?;
+    stream.write_all(body).await?;
     stream.shutdown().await?;
     Ok(())
 }
