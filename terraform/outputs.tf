@@ -73,3 +73,8 @@ output "esp_capacity" {
     batch_size          = local.message_provider ? var.esp_batch_size : null
   }
 }
+
+output "dashboard" {
+  description = "The throughput dashboard in Cloud Monitoring."
+  value       = "https://console.cloud.google.com/monitoring/dashboards/builder/${element(split("/", google_monitoring_dashboard.throughput.id), 3)}?project=${var.project_id}"
+}

@@ -45,10 +45,10 @@ locals {
   # values, filtered of nulls. A secret is only listed for the provider that reads it, because
   # Cloud Run refuses to start a revision whose secret has no version.
   # ------------------------------------------------------------------------------------------
-  common_env = {
+  common_env = merge({
     GOOGLE_CLOUD_PROJECT = var.project_id
     RUST_LOG             = var.rust_log
-  }
+  }, local.telemetry_env)
 
   # Cloud Run's IAM invoker check (iam.tf) verifies each push's and task's token and forwards it
   # with the signature removed; the services check the forwarded claims (docs/deploy.md).

@@ -581,3 +581,21 @@ variable "feedback_webhooks" {
     error_message = "feedback_webhooks.sns_topic_arns must be SNS topic ARNs (arn:aws:sns:REGION:ACCOUNT:NAME)."
   }
 }
+
+variable "telemetry" {
+  description = "Traces and metrics exported to Cloud Trace and Cloud Monitoring: how often metrics are sent (ms), and the share of delivery requests traced (a request is traced whole or not at all)."
+  type = object({
+    metric_interval_ms = optional(number, 60000)
+    trace_sample_ratio = optional(number, 1)
+  })
+  default = {}
+
+  validation {
+    condition     = var.telemetry.metric_interval_ms >= 5000
+    error_message = "telemetry.metric_interval_ms must be at least 5000: Cloud Monitoring takes a point per series every 5 s at most."
+  }
+  validation {
+    condition     = var.telemetry.trace_sample_ratio >= 0 && var.telemetry.trace_sample_ratio <= 1
+    error_message = "telemetry.trace_sample_ratio must be between 0 and 1."
+  }
+}

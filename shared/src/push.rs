@@ -95,23 +95,42 @@ impl PushMessage {
     }
 }
 
-/// The `traceparent` attribute of the message in a Pub/Sub push body, read without decoding the
-/// rest; `None` for any other body (a task's, say) or a message without one.
-pub fn message_traceparent(body: &[u8]) -> Option<String> {
+/// What a Pub/Sub push body says of its message's trace, read without decoding the rest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageTrace {
+    /// The message's `traceparent` attribute, set by its publisher.
+    pub traceparent: Option<String>,
+    /// Pub/Sub's id of the message, the same on every delivery of it.
+    pub message_id: Option<String>,
+    /// Which delivery of the message this is (1 first), when the subscription counts them.
+    pub delivery_attempt: Option<u32>,
+}
+
+/// The trace facts of a Pub/Sub push body; `None` for any other body (a task's, say).
+pub fn message_trace(body: &[u8]) -> Option<MessageTrace> {
     #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
     struct Envelope {
         message: Message,
+        delivery_attempt: Option<u32>,
     }
     #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
     struct Message {
         #[serde(default)]
         attributes: Attributes,
+        message_id: Option<String>,
     }
     #[derive(Deserialize, Default)]
     struct Attributes {
         traceparent: Option<String>,
     }
-    serde_json::from_slice::<Envelope>(body).ok()?.message.attributes.traceparent
+    let envelope = serde_json::from_slice::<Envelope>(body).ok()?;
+    Some(MessageTrace {
+        traceparent: envelope.message.attributes.traceparent,
+        message_id: envelope.message.message_id,
+        delivery_attempt: envelope.delivery_attempt,
+    })
 }
 
 /// What a push or task handler tells Pub/Sub or Cloud Tasks.
@@ -181,15 +200,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_push_s_traceparent_attribute_is_read_from_its_body() {
+    fn a_push_s_trace_is_read_from_its_body() {
         let body = serde_json::json!({
             "message": {"data": "e30=", "messageId": "m-1",
                         "attributes": {"class": "batch", "traceparent": "00-a-b-01"}},
             "subscription": "s",
+            "deliveryAttempt": 3,
         });
         let body = serde_json::to_vec(&body).unwrap();
 
-        assert_eq!(message_traceparent(&body).as_deref(), Some("00-a-b-01"));
+        let trace = message_trace(&body).expect("a push body");
+        assert_eq!(trace.traceparent.as_deref(), Some("00-a-b-01"));
+        assert_eq!(trace.message_id.as_deref(), Some("m-1"));
+        assert_eq!(trace.delivery_attempt, Some(3));
         let envelope: PushEnvelope = serde_json::from_slice(&body).unwrap();
         assert_eq!(envelope.message.attributes["class"], "batch");
     }
@@ -199,11 +222,13 @@ mod tests {
         for body in [
             r#"{"message": {"data": "e30=", "attributes": {"class": "batch"}}}"#,
             r#"{"message": {"data": "e30="}}"#,
-            r#"{"message": {"attributes": {"traceparent": 7}}}"#,
-            r#"{"request_id": "r-1"}"#,
-            "not json",
         ] {
-            assert_eq!(message_traceparent(body.as_bytes()), None, "{body}");
+            assert_eq!(message_trace(body.as_bytes()).and_then(|t| t.traceparent), None, "{body}");
+        }
+        for body in
+            [r#"{"message": {"attributes": {"traceparent": 7}}}"#, r#"{"request_id": "r-1"}"#, "not json"]
+        {
+            assert_eq!(message_trace(body.as_bytes()), None, "{body}");
         }
     }
 }

@@ -26,8 +26,8 @@ use tracing::field::Empty;
 use crate::auth::{GOOGLE_JWKS_URL, PushAuth, PushAuthMode, require_token};
 use crate::config::CommonArgs;
 use crate::gcp::Topic;
-use crate::push::{MAX_PUSH_BYTES, message_traceparent};
-use crate::telemetry::{TRACEPARENT, join_trace, parse_cloud_trace, parse_traceparent};
+use crate::push::{MAX_PUSH_BYTES, MessageTrace, message_trace};
+use crate::telemetry::{TRACEPARENT, join_trace, message_trace_root, parse_cloud_trace, parse_traceparent};
 
 /// A push service bound to its port, not yet serving.
 pub struct PushService {
@@ -105,11 +105,7 @@ impl PushService {
     }
 }
 
-/// The `traceparent` attribute of the Pub/Sub message a request delivers.
-#[derive(Debug, Clone)]
-struct MessageTraceparent(String);
-
-/// Reads the body of an authenticated request for its message's `traceparent` attribute, and
+/// Reads the body of an authenticated request for its message's trace ([`MessageTrace`]), and
 /// hands the body on as it came: whole when it is within [`MAX_PUSH_BYTES`], otherwise what was
 /// read followed by the rest (or the error that cut it short), for the handler to refuse.
 async fn read_message_trace(request: Request<Body>, next: Next) -> Response {
@@ -138,8 +134,8 @@ async fn read_message_trace(request: Request<Body>, next: Next) -> Response {
             }
             None => {
                 let whole = Bytes::from(read.concat());
-                if let Some(traceparent) = message_traceparent(&whole) {
-                    parts.extensions.insert(MessageTraceparent(traceparent));
+                if let Some(trace) = message_trace(&whole) {
+                    parts.extensions.insert(trace);
                 }
                 break Body::from(whole);
             }
@@ -148,20 +144,35 @@ async fn read_message_trace(request: Request<Body>, next: Next) -> Response {
     next.run(Request::from_parts(parts, body)).await
 }
 
-/// A request's span, `http` with its method and route, in the trace of the message it delivers
-/// (its `traceparent` attribute), or else of its caller (the `traceparent` header, then Cloud
-/// Run's `X-Cloud-Trace-Context`), or else of a trace of its own. A malformed one counts as absent.
+/// A request's span, `http` with its method, route and attempt, in the trace of the message it
+/// delivers (its `traceparent` attribute), or else of its caller (the `traceparent` header), or
+/// else, for a message published without one, the trace its message id names (so that every
+/// delivery of it, redeliveries included, is one trace), or else Cloud Run's
+/// `X-Cloud-Trace-Context`, or else a trace of its own. A malformed one counts as absent.
 fn request_span(request: &Request<Body>) -> Span {
     let path = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or("unmatched");
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
-    let message = request.extensions().get::<MessageTraceparent>().map(|m| m.0.as_str());
-    let parent = [message, header(TRACEPARENT)]
+    let message = request.extensions().get::<MessageTrace>();
+    let parent = [message.and_then(|m| m.traceparent.as_deref()), header(TRACEPARENT)]
         .into_iter()
         .flatten()
         .find_map(parse_traceparent)
+        .or_else(|| message.and_then(|m| m.message_id.as_deref()).map(message_trace_root))
         .or_else(|| header("x-cloud-trace-context").and_then(parse_cloud_trace));
-    let span =
-        tracing::info_span!("http", method = %request.method(), path, trace_id = Empty, span_id = Empty);
+    // Cloud Tasks counts retries from 0; Pub/Sub counts deliveries from 1 (with a dead-letter
+    // policy).
+    let attempt = header("x-cloudtasks-taskretrycount")
+        .and_then(|n| n.parse::<u32>().ok())
+        .map(|retries| retries + 1)
+        .or_else(|| message.and_then(|m| m.delivery_attempt));
+    let span = tracing::info_span!(
+        "http",
+        method = %request.method(),
+        path,
+        attempt,
+        trace_id = Empty,
+        span_id = Empty
+    );
     join_trace(&span, parent.as_ref());
     span
 }
@@ -310,11 +321,31 @@ mod tests {
 
         let by_traceparent =
             push(envelope(&json!({"class": "batch"})), &[("traceparent", &caller)], Some(token())).await;
-        let by_cloud_run =
-            push(envelope(&json!({})), &[("x-cloud-trace-context", &cloud_run)], Some(token())).await;
+        let anonymous = json!({"message": {"data": "e30="}, "subscription": "projects/p/subscriptions/s"});
+        let by_cloud_run = push(
+            serde_json::to_vec(&anonymous).unwrap().into(),
+            &[("x-cloud-trace-context", &cloud_run)],
+            Some(token()),
+        )
+        .await;
 
         assert_eq!(trace_of(&by_traceparent), CALLER_TRACE);
         assert_eq!(trace_of(&by_cloud_run), CALLER_TRACE);
+    }
+
+    #[tokio::test]
+    async fn every_delivery_of_a_message_without_the_attribute_is_one_trace() {
+        let _traced = tracing::subscriber::set_default(json_logs("warn").0);
+        let cloud_run = |n: u64| format!("{CALLER_TRACE}/{n};o=1");
+
+        // Cloud Run gives each delivery a trace header of its own; the message id is the same.
+        let first =
+            push(envelope(&json!({})), &[("x-cloud-trace-context", &cloud_run(1))], Some(token())).await;
+        let again =
+            push(envelope(&json!({})), &[("x-cloud-trace-context", &cloud_run(2))], Some(token())).await;
+
+        assert_eq!(trace_of(&first), trace_of(&again));
+        assert_eq!(trace_of(&first), message_trace_root("m-1").trace_id().to_string());
     }
 
     #[tokio::test]

@@ -58,7 +58,11 @@ fn keys(text: &str) -> BTreeSet<String> {
 /// What Terraform sets for each service (plain and secret environment).
 fn terraform_env() -> BTreeMap<&'static str, BTreeSet<String>> {
     let run = std::fs::read_to_string(terraform_dir().join("run.tf")).unwrap();
-    let common = keys(block(&run, "common_env = {"));
+    let telemetry = std::fs::read_to_string(terraform_dir().join("telemetry.tf")).unwrap();
+    let mut common = keys(block(&run, "common_env = merge({"));
+    if block(&run, "common_env = merge(").contains("local.telemetry_env") {
+        common.extend(keys(block(&telemetry, "telemetry_env = {")));
+    }
     let push = keys(block(&run, "push_env = {"));
     let feedback = keys(block(&run, "feedback_env = {"));
     let env = block(&run, "\n  env = {");
@@ -84,11 +88,13 @@ fn terraform_env() -> BTreeMap<&'static str, BTreeSet<String>> {
 }
 
 fn read_by_services() -> BTreeMap<&'static str, BTreeSet<String>> {
-    // Every service also reads RUST_LOG, through its log filter rather than its arguments.
+    // Every service also reads RUST_LOG, through its log filter rather than its arguments, and
+    // the export settings of its traces and metrics.
     let read = |names: Vec<String>| -> BTreeSet<String> {
         names
             .into_iter()
             .chain(["RUST_LOG".to_owned()])
+            .chain(haishin_shared::telemetry::export::VARIABLES.map(str::to_owned))
             .filter(|n| !NOT_FROM_TERRAFORM.contains(&n.as_str()))
             .collect()
     };

@@ -14,7 +14,8 @@
 //!    cancelled one);
 //! 5. writes one delivery-log row per finished chunk and one summary row per finished request, and
 //!    publishes `request-completed`;
-//! 6. publishes a tick on `pipeline-events`, the scheduler's safety net.
+//! 6. records the backlog's gauges (chunks by state, the oldest waiting chunk's age);
+//! 7. publishes a tick on `pipeline-events`, the scheduler's safety net.
 //!
 //! Every step is a guarded state change, so two passes at once, or a pass killed half-way, leave
 //! nothing inconsistent.
@@ -26,9 +27,11 @@
 //! - `poll`: the ESP's delivery status of sent chunks;
 //! - [`kill_switch`]: pausing requests that bounce or draw complaints too much;
 //! - `reconcile`: stuck uploads and sends;
+//! - `gauges`: the backlog as metrics;
 //! - [`logs`]: the delivery and request log rows, their sinks (BigQuery, files), and writing them.
 
 pub mod close;
+mod gauges;
 pub mod kill_switch;
 pub mod logs;
 mod poll;
@@ -175,6 +178,7 @@ impl Job {
         report.cancelled_chunks = close::cancel_stragglers(&self.store).await?;
         report.closed_requests = close::close_finished_requests(&self.store).await?;
         logs::write::write_logs(&self.store, self.sink.as_ref(), &self.completed, &mut report).await?;
+        gauges::record(&self.store).await?;
         if let Err(err) = self.events.publish(&PipelineEvent::tick(), &[]).await {
             tracing::warn!(error = %err, "Tick not published.");
         }

@@ -4,7 +4,7 @@ use haishin_completion::{Config, Job};
 /// Runs one pass and exits, as a Cloud Run job does each time Cloud Scheduler starts it.
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    haishin_shared::telemetry::init("completion");
+    let _telemetry = haishin_shared::telemetry::init("completion")?;
     let job = Job::build(Config::parse()).await?;
     let report = job.run_once().await?;
     tracing::info!(report = %serde_json::to_string(&report)?, "Completion pass done.");

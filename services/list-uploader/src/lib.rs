@@ -30,6 +30,7 @@ use haishin_shared::push::{Delivered, Outcome, RetryReason};
 use haishin_shared::server::PushService;
 use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
 use haishin_shared::suppression::{address_key, email_of, suppressed_for_request};
+use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
 use serde_json::value::RawValue;
 
 #[derive(Debug, Clone, clap::Parser)]
@@ -172,7 +173,10 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         return release(state, &chunk.id, err.into()).await;
     }
     let upload_start = Instant::now();
-    match esp.upload_list(&list).await {
+    let call = metrics().esp_call(Api::Upload, chunk.class);
+    let result = esp.upload_list(&list).await;
+    call.finish(outcome(result.as_ref().map(drop)));
+    match result {
         Ok(list_id) => {
             let upload_ms = upload_start.elapsed().as_millis() as u64;
             tracing::info!(

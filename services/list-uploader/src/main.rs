@@ -3,7 +3,7 @@ use haishin_list_uploader::{Application, Config};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    haishin_shared::telemetry::init("list-uploader");
+    let _telemetry = haishin_shared::telemetry::init("list-uploader")?;
     let app = Application::build(Config::parse()).await?;
     app.run_until_stopped(haishin_shared::server::shutdown_signal()).await
 }

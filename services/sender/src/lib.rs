@@ -15,6 +15,7 @@
 pub mod list;
 pub mod messages;
 
+use haishin_shared::telemetry::metrics::{Api, metrics};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,6 +89,7 @@ impl Application {
         let store = config.common.store().await?;
         let gcp = &config.common.gcp;
         let concurrency = config.esp_send_concurrency.max(1);
+        metrics().esp_limit(Api::Send, concurrency as u32);
         let lease = Duration::from_secs(config.send_lease_secs.max(1));
         let provider = match config.esp.list_provider()? {
             Some(esp) => Provider::Lists { esp, calls: config.esp.calls_schedule(&store)? },

@@ -10,6 +10,7 @@ use haishin_shared::esp::{DeliveryId, EspError, EspProvider, ListId, SendRequest
 use haishin_shared::messages::EventKind;
 use haishin_shared::push::{Outcome, RetryReason};
 use haishin_shared::store::{ChunkRow, Claimed, RateSchedule, Step};
+use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
 
 use crate::{AppState, fail, give_back, publish_event, unknown};
 
@@ -69,7 +70,10 @@ pub(crate) async fn send(
         {
             return give_back(state, &chunk, err.into(), false).await;
         }
-        esp.send(&send).await
+        let call = metrics().esp_call(Api::Send, chunk.class);
+        let result = esp.send(&send).await;
+        call.finish(outcome(result.as_ref().map(drop)));
+        result
     };
     match result {
         Ok(delivery) => record_sent(state, &chunk, &delivery, "sent").await,

@@ -16,7 +16,10 @@ use haishin_shared::domain::ChunkId;
 use haishin_shared::gcp::{GcpError, TaskQueue, Topic};
 use haishin_shared::messages::{DeliveryMessage, UploadTask};
 use haishin_shared::store::{Store, StoreError};
+use haishin_shared::telemetry::{join_trace, parse_traceparent};
 use tokio::sync::Mutex;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::scheduling::{self, Dispatched, SlotLimits};
 
@@ -38,7 +41,23 @@ pub enum Handoff {
 }
 
 impl Handoff {
+    /// Hands the chunk on in a span of its request's trace, whatever event started the round, so
+    /// that the task or message carries that trace on.
     async fn hand_off(&self, chunk: &Dispatched) -> Result<(), GcpError> {
+        let span = tracing::info_span!(
+            "dispatch",
+            request_id = %chunk.request_id,
+            chunk = %chunk.chunk_id,
+            class = %chunk.class,
+            generation = chunk.generation,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        join_trace(&span, chunk.traceparent.as_deref().and_then(parse_traceparent).as_ref());
+        self.send(chunk).instrument(span).await
+    }
+
+    async fn send(&self, chunk: &Dispatched) -> Result<(), GcpError> {
         match self {
             Handoff::Upload(queue) => {
                 let task = UploadTask {

@@ -41,6 +41,7 @@ pub mod status;
 pub mod suppressions;
 pub mod unsubscribe;
 
+use haishin_shared::telemetry::metrics::{Api, metrics};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -120,6 +121,11 @@ impl Application {
         )
         .await
         .context("connecting to Cloud Tasks")?;
+        let slot_api = match config.esp_provider.shape() {
+            Shape::Lists => Api::Upload,
+            Shape::Messages => Api::Send,
+        };
+        metrics().esp_limit(slot_api, config.esp_slots);
         let limits = SlotLimits {
             shape: config.esp_provider.shape(),
             limit: config.esp_slots,

@@ -34,6 +34,8 @@ pub struct RequestRow {
     pub pause_reason: Option<String>,
     /// Set once by a cancel, never cleared: what was not handed to the send step ends `cancelled`.
     pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// The trace the request belongs to (the `traceparent` of the span that took it in).
+    pub traceparent: Option<String>,
 }
 
 impl RequestRow {
@@ -140,6 +142,7 @@ const REQUEST_COLUMNS: &[&str] = &[
     "paused_at",
     "pause_reason",
     "cancel_requested_at",
+    "traceparent",
 ];
 
 /// The select list of a [`ChunkRow`], each column prefixed with `table.` when one is given.

@@ -13,15 +13,19 @@
 //! - `propagation`: `traceparent` out ([`current_traceparent`], which `Topic::publish` and
 //!   `TaskQueue::enqueue` attach) and in ([`parse_traceparent`], [`parse_cloud_trace`],
 //!   [`join_trace`]);
-//! - `cloud_logging`: the JSON line format.
+//! - `cloud_logging`: the JSON line format;
+//! - [`export`]: spans and metrics out over OTLP, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set;
+//! - [`metrics`]: the instruments the services record.
 
 mod cloud_logging;
+pub mod export;
+pub mod metrics;
 mod propagation;
 #[cfg(test)]
 pub(crate) mod testing;
 
 use tracing::Subscriber;
-use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::filter::{FilterExt, LevelFilter};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::JsonFields;
 use tracing_subscriber::layer::SubscriberExt;
@@ -29,15 +33,21 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use cloud_logging::CloudLogging;
-pub use propagation::{TRACEPARENT, current_traceparent, join_trace, parse_cloud_trace, parse_traceparent};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+pub use propagation::{
+    TRACEPARENT, current_traceparent, join_trace, message_trace_root, parse_cloud_trace, parse_traceparent,
+};
 
-/// Installs the global subscriber. Call once, first thing in `main`.
-pub fn init(service: &str) {
-    init_with_default(service, "info");
+/// Installs the global subscriber and, when an OTLP endpoint is configured, the exporters of
+/// spans and metrics. Call once, first thing in `main`, and keep the guard until the end: dropping
+/// it sends what is still buffered.
+pub fn init(service: &str) -> anyhow::Result<Telemetry> {
+    init_with_default(service, "info")
 }
 
-/// Installs the global subscriber, with `default` as the filter when `RUST_LOG` is not set.
-pub fn init_with_default(service: &str, default: &str) {
+/// [`init`], with `default` as the filter when `RUST_LOG` is not set.
+pub fn init_with_default(service: &str, default: &str) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let output = if cloud_logging_wanted(|name| std::env::var(name).ok()) {
         let project = std::env::var("GOOGLE_CLOUD_PROJECT").ok();
@@ -45,14 +55,73 @@ pub fn init_with_default(service: &str, default: &str) {
     } else {
         Output::Text
     };
-    subscriber(output, filter, std::io::stdout).init();
+    let telemetry =
+        match export::ExportConfig::from_env(|name| std::env::var(name).ok()).map_err(anyhow::Error::msg)? {
+            Some(config) => Telemetry::exporting(service, &config)?,
+            None => Telemetry { tracer: SdkTracerProvider::builder().build(), meter: None },
+        };
+    subscriber(output, filter, std::io::stdout, &telemetry.tracer).init();
+    if let Some(meter) = &telemetry.meter {
+        opentelemetry::global::set_meter_provider(meter.clone());
+    }
+    Ok(telemetry)
+}
+
+/// The providers behind the global subscriber; dropping it flushes and stops the export.
+#[must_use = "dropping the guard stops the export of spans and metrics"]
+pub struct Telemetry {
+    tracer: SdkTracerProvider,
+    meter: Option<SdkMeterProvider>,
+}
+
+impl Telemetry {
+    /// Providers exporting to `config`'s endpoint as `service`, not installed yet.
+    pub fn exporting(service: &str, config: &export::ExportConfig) -> anyhow::Result<Self> {
+        let (tracer, meter) = export::providers(service, config)?;
+        propagation::set_new_trace_ratio(config.sample_ratio);
+        Ok(Self { tracer, meter: Some(meter) })
+    }
+
+    /// Installs these providers as the global ones, logging as text with `RUST_LOG` (`info` by
+    /// default) to the test harness: for tests that run services in their own process.
+    pub fn install_for_tests(&self) {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let _ = subscriber(Output::Text, filter, tracing_subscriber::fmt::TestWriter::new(), &self.tracer)
+            .try_init();
+        if let Some(meter) = &self.meter {
+            opentelemetry::global::set_meter_provider(meter.clone());
+        }
+    }
+
+    /// Sends what is buffered now.
+    pub fn flush(&self) {
+        let _ = self.tracer.force_flush();
+        if let Some(meter) = &self.meter {
+            let _ = meter.force_flush();
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Err(err) = self.tracer.shutdown() {
+            eprintln!("spans not all exported: {err}");
+        }
+        if let Some(meter) = &self.meter
+            && let Err(err) = meter.shutdown()
+        {
+            eprintln!("metrics not all exported: {err}");
+        }
+    }
 }
 
 /// Installs a subscriber for tests when `TEST_LOG` is set; otherwise does nothing.
 pub fn init_for_tests() {
     if std::env::var_os("TEST_LOG").is_some() {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-        let _ = subscriber(Output::Text, filter, tracing_subscriber::fmt::TestWriter::new()).try_init();
+        let tracer = SdkTracerProvider::builder().build();
+        let _ =
+            subscriber(Output::Text, filter, tracing_subscriber::fmt::TestWriter::new(), &tracer).try_init();
     }
 }
 
@@ -65,7 +134,12 @@ enum Output {
 
 /// Log lines as `output` to `writer`, for the events `filter` lets through; every span at `info`
 /// and above is traced (and its fields logged with the events inside it) whatever the filter says.
-fn subscriber<W>(output: Output, filter: EnvFilter, writer: W) -> impl Subscriber + Send + Sync
+fn subscriber<W>(
+    output: Output,
+    filter: EnvFilter,
+    writer: W,
+    tracer: &SdkTracerProvider,
+) -> impl Subscriber + Send + Sync + use<W>
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
@@ -79,9 +153,16 @@ where
             tracing_subscriber::fmt::layer().compact().with_target(false).with_writer(writer).boxed()
         }
     };
-    tracing_subscriber::registry()
-        .with(propagation::layer())
-        .with(logs.with_filter(filter.or(propagation::traced_spans())))
+    // At `info` or more the filter lets every traced span through to the logs by itself. Only a
+    // quieter one is widened to them, so that lines logged inside a span still carry its fields:
+    // under concurrent load, that combined filter has been seen to leave a span out of the trace
+    // layer now and then (its children then start a trace of their own).
+    let logs = if filter.max_level_hint().is_none_or(|level| level >= LevelFilter::INFO) {
+        logs.with_filter(filter).boxed()
+    } else {
+        logs.with_filter(filter.or(propagation::traced_spans())).boxed()
+    };
+    tracing_subscriber::registry().with(propagation::layer(tracer)).with(logs)
 }
 
 /// Whether to log Cloud Logging JSON: on Cloud Run (a service or a job), or when asked to.

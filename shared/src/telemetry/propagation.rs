@@ -4,8 +4,9 @@
 //! Spans at `info` and above are OpenTelemetry spans (the `tracing-opentelemetry` layer that
 //! [`init`](super::init) installs, whatever `RUST_LOG` says). A span started under a remote parent
 //! keeps the parent's trace id and gets a span id of its own; the spans inside it belong to the
-//! same trace. Nothing is exported yet: the ids travel in `traceparent` (a Pub/Sub attribute, a
-//! task header) and in the log fields that Cloud Logging links to traces.
+//! same trace. The ids travel in `traceparent` (a Pub/Sub attribute, a
+//! task header) and in the log fields that Cloud Logging links to traces; [`super::export`] sends
+//! the spans themselves when an endpoint is configured.
 
 use std::collections::HashMap;
 
@@ -26,14 +27,20 @@ use tracing_subscriber::registry::LookupSpan;
 /// The W3C header, and the Pub/Sub attribute, that carries the trace context.
 pub const TRACEPARENT: &str = "traceparent";
 
-/// The layer that makes the spans [`traced_spans`] picks OpenTelemetry spans. Their ids come from
-/// the SDK's random generator; the sampling decision follows the parent's (a new trace is sampled).
-pub(super) fn layer<S>() -> impl Layer<S> + Send + Sync
+/// The layer that makes the spans [`traced_spans`] picks OpenTelemetry spans of `provider`'s
+/// (which exports them when it has an exporter). Their ids come from the SDK's random generator;
+/// the sampling decision follows the parent's.
+pub(super) fn layer<S>(provider: &SdkTracerProvider) -> impl Layer<S> + Send + Sync + use<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
 {
-    let tracer = SdkTracerProvider::builder().build().tracer("haishin");
-    tracing_opentelemetry::layer().with_tracer(tracer).with_filter(traced_spans())
+    let tracer = provider.tracer("haishin");
+    // A span's parent is the traced span around it in `tracing`'s own context, never a
+    // thread-local OpenTelemetry context: tasks that share a worker thread would leak theirs.
+    tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_context_activation(false)
+        .with_filter(traced_spans())
 }
 
 /// Spans at `info` and above, and no events: what carries the trace context, independent of the
@@ -103,6 +110,33 @@ pub fn parse_cloud_trace(value: &str) -> Option<SpanContext> {
     let flags = if options == "o=1" { TraceFlags::SAMPLED } else { TraceFlags::default() };
     let remote = SpanContext::new(trace, span, flags, true, TraceState::default());
     remote.is_valid().then_some(remote)
+}
+
+/// The share of new traces kept, as the exporter's sampler keeps them (1 until it is set).
+static NEW_TRACE_RATIO: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Sets the share of new traces kept; the first call wins.
+pub(super) fn set_new_trace_ratio(ratio: f64) {
+    let _ = NEW_TRACE_RATIO.set(ratio);
+}
+
+/// The remote parent that every delivery of a message published without a `traceparent` shares:
+/// its trace and span ids are derived from the message id, so that a redelivered message joins
+/// the trace of its first delivery. Kept or dropped by the trace id, as a new trace is.
+pub fn message_trace_root(message_id: &str) -> SpanContext {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("haishin-message:{message_id}").as_bytes());
+    let mut trace = [0u8; 16];
+    trace.copy_from_slice(&digest[..16]);
+    let mut span = [0u8; 8];
+    span.copy_from_slice(&digest[16..24]);
+    // The ratio rule of OpenTelemetry's `TraceIdRatioBased`: the trace id's low 63 bits below
+    // ratio × 2⁶³.
+    let ratio = NEW_TRACE_RATIO.get().copied().unwrap_or(1.0);
+    let low = u64::from_be_bytes(trace[8..].try_into().expect("eight bytes")) >> 1;
+    let kept = ratio >= 1.0 || (low as f64) < ratio * (1u64 << 63) as f64;
+    let flags = if kept { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    SpanContext::new(TraceId::from_bytes(trace), SpanId::from_bytes(span), flags, true, TraceState::default())
 }
 
 /// Starts `span` as a child of `parent` (the publisher's or the caller's span), or as the root of
@@ -222,6 +256,16 @@ mod tests {
             let sent = span.in_scope(current_traceparent).and_then(|s| parse_traceparent(&s)).unwrap();
             assert_ne!(sent.trace_id().to_string(), TRACE);
         });
+    }
+
+    #[test]
+    fn every_delivery_of_a_message_shares_one_trace() {
+        let first = message_trace_root("1234567890");
+        let again = message_trace_root("1234567890");
+        let other = message_trace_root("1234567891");
+        assert_eq!(first, again);
+        assert_ne!(first.trace_id(), other.trace_id());
+        assert!(first.is_valid() && first.is_remote() && first.is_sampled());
     }
 
     #[test]

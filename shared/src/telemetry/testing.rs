@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use serde_json::Value;
 use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
@@ -23,7 +24,7 @@ pub(crate) fn traceparent() -> String {
 
 /// A subscriber that traces spans and logs nothing.
 pub(crate) fn traced() -> impl Subscriber + Send + Sync {
-    tracing_subscriber::registry().with(propagation::layer())
+    tracing_subscriber::registry().with(propagation::layer(&SdkTracerProvider::builder().build()))
 }
 
 /// A subscriber that traces spans and logs Cloud Logging JSON for project `p` into the returned
@@ -32,7 +33,9 @@ pub(crate) fn json_logs(filter: &str) -> (impl Subscriber + Send + Sync, Capture
     let captured = Captured::default();
     let format = CloudLogging { service: "sender".into(), project: Some("p".into()) };
     let writer = captured.clone();
-    let subscriber = subscriber(Output::CloudLogging(format), EnvFilter::new(filter), move || writer.clone());
+    let tracer = SdkTracerProvider::builder().build();
+    let subscriber =
+        subscriber(Output::CloudLogging(format), EnvFilter::new(filter), move || writer.clone(), &tracer);
     (subscriber, captured)
 }
 

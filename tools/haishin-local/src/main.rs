@@ -82,11 +82,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Service { name } => {
-            haishin_shared::telemetry::init(name.name());
+            let _telemetry = haishin_shared::telemetry::init(name.name())?;
             services::run(name).await
         }
         Command::Bench(args) => {
-            haishin_shared::telemetry::init_with_default("haishin-local", "warn");
+            let _telemetry = haishin_shared::telemetry::init_with_default("haishin-local", "warn")?;
             let path = args.json.clone();
             bench::run(args, ServiceMode::Processes { exe: std::env::current_exe()? }).await?;
             eprintln!(
@@ -97,11 +97,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Up(args) => {
-            haishin_shared::telemetry::init("haishin-local");
+            let _telemetry = haishin_shared::telemetry::init("haishin-local")?;
             up(args).await
         }
         Command::Demo(args) => {
-            haishin_shared::telemetry::init_with_default("haishin-local", "warn");
+            let _telemetry = haishin_shared::telemetry::init_with_default("haishin-local", "warn")?;
             let exe = std::env::current_exe()?;
             let (path, json) = (args.report.clone(), args.json);
             let report = demo::run(*args, ServiceMode::Processes { exe }).await?;

@@ -3,10 +3,15 @@
 
 use std::collections::HashMap;
 
-use haishin_shared::domain::{ChunkState, RequestId, RequestState};
+use chrono::{DateTime, Utc};
+use haishin_shared::domain::{ChunkState, Class, RequestId, RequestState};
 use haishin_shared::gcp::Topic;
 use haishin_shared::store::{ChunkRow, RequestRow, Result, Store, chunk_columns, request_columns};
+use haishin_shared::telemetry::metrics::{KeyValue, metrics};
+use haishin_shared::telemetry::{join_trace, parse_traceparent};
 use serde_json::Value;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use super::{DeliveryLog, LogSink, RequestCompleted, RequestLog};
 use crate::{BATCH, PassReport};
@@ -21,16 +26,19 @@ pub(crate) async fn write_logs(
     let chunks = unlogged_chunks(store, BATCH).await?;
     if !chunks.is_empty() {
         let mut rows = Vec::with_capacity(chunks.len());
-        let mut labels: HashMap<RequestId, Value> = HashMap::new();
+        let mut requests: HashMap<RequestId, (Value, Option<DateTime<Utc>>)> = HashMap::new();
         for chunk in &chunks {
-            if !labels.contains_key(&chunk.request_id) {
-                let request_labels =
-                    store.request(&chunk.request_id).await?.map(|r| r.labels).unwrap_or_default();
-                labels.insert(chunk.request_id.clone(), request_labels);
+            if !requests.contains_key(&chunk.request_id) {
+                let request = store.request(&chunk.request_id).await?;
+                let known = request.map(|r| (r.labels, Some(r.received_at))).unwrap_or_default();
+                requests.insert(chunk.request_id.clone(), known);
             }
-            rows.push(DeliveryLog::from_chunk(chunk, &labels[&chunk.request_id]));
+            rows.push(DeliveryLog::from_chunk(chunk, &requests[&chunk.request_id].0));
         }
         sink.write_deliveries(&rows).await?;
+        for chunk in &chunks {
+            count_outcomes(chunk, requests[&chunk.request_id].1);
+        }
         let ids: Vec<&str> = chunks.iter().map(|c| c.id.as_str()).collect();
         sqlx::query("UPDATE chunks SET logged_at = now() WHERE id = ANY($1)")
             .bind(&ids)
@@ -45,18 +53,23 @@ pub(crate) async fn write_logs(
         rows.push(RequestLog::new(request, &totals, store.feedback_counts(&request.id).await?));
     }
     if !rows.is_empty() {
+        // One span per request, in the request's own trace, from before its row is written until
+        // its completion is announced: the last hop of the request's trace.
+        let spans: Vec<Span> = requests.iter().map(logged_span).collect();
         sink.write_requests(&rows).await?;
-        for row in &rows {
+        for (row, span) in rows.iter().zip(&spans) {
             let message = RequestCompleted {
                 request_id: row.request_id.clone(),
                 state: row.state,
                 summary: row.clone(),
             };
-            if let Err(err) = completed.publish(&message, &[("state", row.state.as_str())]).await {
+            let announced =
+                completed.publish(&message, &[("state", row.state.as_str())]).instrument(span.clone()).await;
+            if let Err(err) = announced {
                 tracing::warn!(request_id = %row.request_id, error = %err, "Completion not announced.");
             }
             let skipped = row.skipped.values().sum::<i64>();
-            tracing::info!(request_id = %row.request_id, state = %row.state, sent = row.sent, skipped, "Request finished.");
+            span.in_scope(|| tracing::info!(request_id = %row.request_id, state = %row.state, sent = row.sent, skipped, "Request finished."));
         }
         let ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
         sqlx::query("UPDATE requests SET logged_at = now() WHERE id = ANY($1)")
@@ -66,6 +79,51 @@ pub(crate) async fn write_logs(
         report.request_rows = ids.len() as u64;
     }
     Ok(())
+}
+
+/// Adds a logged chunk's recipients to the outcome counters and, for a realtime chunk the ESP
+/// accepted, its request's wait from intake to that moment to the latency histogram.
+fn count_outcomes(chunk: &ChunkRow, received_at: Option<DateTime<Utc>>) {
+    let m = metrics();
+    let class = KeyValue::new("class", chunk.class.as_str());
+    let terminal = match chunk.state {
+        ChunkState::Expired => Some("expired"),
+        ChunkState::Cancelled => Some("cancelled"),
+        _ => None,
+    };
+    let counts: Vec<(&str, i64)> = match terminal {
+        // Nothing of these was handed over: every recipient ended the chunk's way.
+        Some(outcome) => vec![(outcome, i64::from(chunk.recipients))],
+        None => vec![
+            ("delivered", chunk.delivered.unwrap_or(0)),
+            ("bounced", chunk.bounced.unwrap_or(0)),
+            ("failed", chunk.failed.unwrap_or(0)),
+            ("unknown", chunk.unknown.unwrap_or(0)),
+            ("suppressed", chunk.suppressed.unwrap_or(0)),
+        ],
+    };
+    for (outcome, n) in counts.into_iter().filter(|(_, n)| *n > 0) {
+        m.recipients.add(n as u64, &[KeyValue::new("outcome", outcome), class.clone()]);
+    }
+    if chunk.class == Class::Realtime
+        && let (Some(sent), Some(received)) = (chunk.sent_at, received_at)
+    {
+        m.realtime_latency.record((sent - received).as_seconds_f64().max(0.0), &[]);
+    }
+}
+
+/// The span of a request's log row, in the request's trace.
+fn logged_span(request: &RequestRow) -> Span {
+    let span = tracing::info_span!(
+        "request_logged",
+        request_id = %request.id,
+        class = %request.class,
+        state = %request.state,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    join_trace(&span, request.traceparent.as_deref().and_then(parse_traceparent).as_ref());
+    span
 }
 
 /// Final chunks whose delivery-log row is not written yet.

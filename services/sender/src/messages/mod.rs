@@ -24,6 +24,7 @@
 //! chunk, written with the batch's place. Each message carries its recipient's signed unsubscribe
 //! token (`haishin_shared::unsubscribe`), scoped by the request's `UNSUBSCRIBE_SCOPE_LABEL`.
 
+use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,7 +215,12 @@ async fn hand_over(
                 None => Ok(Reservation::now()),
             };
             match pace {
-                Ok(pace) => path.provider.send_batch(&messages, &pace).await,
+                Ok(pace) => {
+                    let call = metrics().esp_call(Api::Send, fence.chunk.class);
+                    let result = path.provider.send_batch(&messages, &pace).await;
+                    call.finish(outcome(result.as_ref().map(drop)));
+                    result
+                }
                 Err(err) => Err(EspError::Transient(err.to_string())),
             }
         };

@@ -30,14 +30,14 @@ pub fn storable(text: &str) -> String {
     text.replace('\0', "\u{FFFD}")
 }
 
-/// Stores a new request in `received`. Returns false when the id was already taken:
-/// the same id is the same request, whatever its body.
+/// Stores a new request in `received`, in the trace of the span around the caller. Returns false
+/// when the id was already taken: the same id is the same request, whatever its body.
 pub async fn insert_request(store: &Store, request: &DeliveryRequest) -> Result<bool> {
     let body = serde_json::to_value(request).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let labels = serde_json::to_value(&request.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let done = sqlx::query(
-        "INSERT INTO requests (id, class, priority, state, body, labels, not_before, deadline)
-         VALUES ($1, $2, $3, 'received', $4, $5, $6, $7)
+        "INSERT INTO requests (id, class, priority, state, body, labels, not_before, deadline, traceparent)
+         VALUES ($1, $2, $3, 'received', $4, $5, $6, $7, $8)
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(&request.id)
@@ -47,6 +47,7 @@ pub async fn insert_request(store: &Store, request: &DeliveryRequest) -> Result<
     .bind(labels)
     .bind(request.not_before)
     .bind(request.deadline)
+    .bind(haishin_shared::telemetry::current_traceparent())
     .execute(store.pool())
     .await?;
     Ok(done.rows_affected() == 1)
@@ -99,8 +100,8 @@ pub struct DeadLettered<'a> {
 }
 
 /// Keeps a dead-lettered message against its request; the same message twice is kept once.
-pub async fn insert_dead_letter(store: &Store, letter: &DeadLettered<'_>) -> Result<()> {
-    sqlx::query(
+pub async fn insert_dead_letter(store: &Store, letter: &DeadLettered<'_>) -> Result<bool> {
+    let done = sqlx::query(
         "INSERT INTO dead_letters (message_id, source, request_id, chunk_id, excerpt) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (message_id) DO NOTHING",
     )
@@ -111,7 +112,7 @@ pub async fn insert_dead_letter(store: &Store, letter: &DeadLettered<'_>) -> Res
     .bind(excerpt(letter.body))
     .execute(store.pool())
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// Requests still in `received` after `age`: their start may have been lost.

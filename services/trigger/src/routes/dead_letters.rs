@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::routing::post;
 use haishin_shared::domain::DeliveryRequest;
 use haishin_shared::push::{Delivered, Outcome, PushEnvelope};
+use haishin_shared::telemetry::metrics::{KeyValue, metrics};
 use serde_json::Value;
 
 use crate::AppState;
@@ -51,8 +52,11 @@ async fn dead_letter(State(state): State<AppState>, Delivered(envelope): Deliver
     };
     let request_id = letter.request_id.as_ref().map_or("-", |id| id.as_str());
     tracing::warn!(%source, request_id, "Message dead-lettered.");
-    if let Err(err) = records::insert_dead_letter(&state.store, &letter).await {
-        return err.into();
+    match records::insert_dead_letter(&state.store, &letter).await {
+        // Counted once, however often the dead letter itself is delivered.
+        Ok(true) => metrics().dead_letters.add(1, &[KeyValue::new("subscription", source.clone())]),
+        Ok(false) => {}
+        Err(err) => return err.into(),
     }
     if DeliveryRequest::parse(&body).is_ok()
         && let Err(retry) = intake::take(&state, &body, Some(&message.message_id)).await

@@ -92,6 +92,8 @@ pub struct Dispatched {
     pub request_id: RequestId,
     pub generation: i32,
     pub class: Class,
+    /// The trace of the chunk's request, which its hand-off joins.
+    pub traceparent: Option<String>,
 }
 
 /// The outcome of one dispatch round.
@@ -169,7 +171,8 @@ async fn take_pending(
              UPDATE requests SET dispatched_chunks = dispatched_chunks + 1, last_dispatched_at = clock_timestamp()
              FROM moved WHERE requests.id = moved.request_id
          )
-         SELECT id, request_id, generation FROM moved",
+         SELECT moved.id, moved.request_id, moved.generation, requests.traceparent
+         FROM moved JOIN requests ON requests.id = moved.request_id",
         *NEXT_PENDING
     );
     let mut taken = Vec::new();
@@ -177,11 +180,11 @@ async fn take_pending(
         if let Some(split) = split {
             tail::cut_next(tx, class, split).await?;
         }
-        let row: Option<(ChunkId, RequestId, i32)> =
+        let row: Option<(ChunkId, RequestId, i32, Option<String>)> =
             sqlx::query_as(&sql).bind(class).bind(dispatched_state(shape)).fetch_optional(&mut **tx).await?;
         match row {
-            Some((chunk_id, request_id, generation)) => {
-                taken.push(Dispatched { chunk_id, request_id, generation, class })
+            Some((chunk_id, request_id, generation, traceparent)) => {
+                taken.push(Dispatched { chunk_id, request_id, generation, class, traceparent })
             }
             None => break,
         }
