@@ -23,7 +23,8 @@ pub const SCENARIOS: [&str; 7] = [
 ];
 
 /// The scenarios run when none is named: all but `huge-audience`, which takes a quarter of an hour
-/// and a few gigabytes of disk, and runs when asked for.
+/// and a few gigabytes of disk, and `realtime-flood`, a minute per rate step: they run when asked
+/// for.
 pub const DEFAULT_SCENARIOS: [&str; 6] =
     ["steady", "realtime-under-load", "fairness", "baseline-workflow", "mixed", "rate-limited"];
 
@@ -47,6 +48,9 @@ pub struct BenchArgs {
     /// Recipients of the `huge-audience` campaign (a file audience).
     #[arg(long, default_value_t = 10_000_000)]
     pub huge_recipients: u64,
+    /// How long `realtime-flood` holds each rate, in seconds (its target is judged over 60).
+    #[arg(long, default_value_t = 60)]
+    pub flood_step_secs: u64,
 }
 
 /// The ESP's rate in the `rate-limited` scenario, in calls per second.
@@ -101,6 +105,21 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
             s.chunk_size = 1_000;
             s.campaigns = vec![now(100_000); 2];
         }
+        // Realtime events only, open-loop, 25 a second and doubling each step. The ESP answers a
+        // call in 50 ms, with 64 slots per API: about 1,280 small events a second could pass.
+        "realtime-flood" => {
+            s.esp = esp_model(64, Duration::from_millis(50), Duration::from_micros(150), args.seed);
+            s.realtime = RealtimeEvents::Flood(crate::flood::FloodPlan {
+                first_rate: 25.0,
+                factor: 2.0,
+                steps: 7,
+                step: Duration::from_secs(args.flood_step_secs),
+                fanout_every: 200,
+                fanout_recipients: 10_000,
+                drain: Duration::from_secs(120),
+            });
+            s.timeout = Duration::from_secs(3_600);
+        }
         // One file audience of tens of millions: every service's memory must stay flat.
         "huge-audience" => {
             s.campaigns = vec![now(args.huge_recipients)];
@@ -125,11 +144,7 @@ pub async fn run(args: BenchArgs, mode: ServiceMode) -> anyhow::Result<Vec<Repor
         let mut report = run_scenario(&scenario, mode.clone()).await?;
         if name == "mixed" {
             let workflow = crate::mixed::workflow(&scenario);
-            eprintln!(
-                "{}\nRunning {} (the same arrivals, taken by a scheduled workflow)…",
-                row(&report),
-                workflow.name
-            );
+            eprintln!("Running {} (the same arrivals, taken by a scheduled workflow)…", workflow.name);
             let baseline = run_scenario(&workflow, mode.clone()).await?;
             eprintln!("{}", row(&baseline));
             let picture = crate::picture::path_beside(&args.json, Some(&workflow.name));
@@ -237,6 +252,7 @@ pub(crate) mod tests {
             json: "bench.json".into(),
             seed: 1,
             huge_recipients: 10_000_000,
+            flood_step_secs: 60,
         }
     }
 

@@ -9,6 +9,7 @@
 //! - [`run`]: runs a scenario in a fresh stack and reports.
 //! - [`demo`]: the demo scenario, with live progress.
 //! - [`bench`]: the named benchmark scenarios, a table and JSON of their figures.
+//! - [`flood`]: an open-loop realtime load, stepped up until the pipeline no longer keeps up.
 //! - [`mixed`]: Haishin against the scheduled workflow it replaces, on the same arrivals.
 //! - [`chaos`]: faults injected while a scenario runs.
 //! - [`report`]: a scenario's report, from the ESP simulator's ledger.
@@ -19,6 +20,7 @@ pub mod bench;
 pub mod bigquery;
 pub mod chaos;
 pub mod demo;
+pub mod flood;
 pub mod mail_record;
 pub mod memory;
 pub mod mixed;

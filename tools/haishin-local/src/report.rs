@@ -23,6 +23,8 @@ pub struct Submitted {
     pub batch: Vec<(String, u64, DateTime<Utc>)>,
     pub realtime: Vec<(String, u64, DateTime<Utc>)>,
     pub samples: Vec<(DateTime<Utc>, Vec<u64>)>,
+    /// The figures of an open-loop flood, when the scenario was one.
+    pub flood: Option<crate::flood::FloodReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -66,6 +68,9 @@ pub struct Report {
     /// ratio of the makespans.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workflow_baseline: Option<crate::mixed::WorkflowBaseline>,
+    /// In `realtime-flood`: each rate step's figures and the highest rate sustained.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub realtime_flood: Option<crate::flood::FloodReport>,
     /// The targets that apply to the scenario, each beside its figure (see [`crate::targets`]).
     pub targets: Vec<Target>,
     /// What the picture draws (see [`crate::picture`]); not in the JSON.
@@ -367,6 +372,8 @@ pub async fn build(
     let mut closed_at: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
     let mut realtime_uploads = Vec::new();
 
+    let realtime_ids: std::collections::HashSet<&str> =
+        submitted.realtime.iter().map(|(id, _, _)| id.as_str()).collect();
     for (id, rows, _) in submitted.batch.iter().chain(&submitted.realtime) {
         let status: serde_json::Value = api
             .get(format!("{}/v1/requests/{id}", stack.endpoints.trigger))
@@ -419,7 +426,7 @@ pub async fn build(
         if !kept.is_multiple_of(size) {
             service += scenario.upload_time(kept % size);
         }
-        if submitted.realtime.iter().any(|(r, _, _)| r == id) {
+        if realtime_ids.contains(id.as_str()) {
             if let Some(sent) = sim.requests.get(id) {
                 realtime_uploads.push((sent.first_send_at, service));
             }
@@ -528,6 +535,7 @@ pub async fn build(
         states,
         invariants: Invariants { hold: invariants.held(), ..invariants },
         workflow_baseline: None,
+        realtime_flood: submitted.flood.clone(),
         targets: Vec::new(),
         activity,
     })
@@ -604,6 +612,7 @@ pub(crate) mod tests {
             states: Default::default(),
             invariants: Invariants { requests_checked: 2, hold: true, ..Invariants::default() },
             workflow_baseline: None,
+            realtime_flood: None,
             targets: Vec::new(),
             activity: Activity::default(),
         }

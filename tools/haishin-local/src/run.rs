@@ -47,7 +47,10 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);
     let memory = crate::memory::PeakRss::watch(&stack, chaos_stopped.clone());
     let driving = async {
-        let result = drive(&stack, scenario, &progress).await;
+        let result = match scenario.realtime {
+            RealtimeEvents::Flood(plan) => crate::flood::drive(&stack, scenario, plan).await,
+            _ => drive(&stack, scenario, &progress).await,
+        };
         let _ = stop_chaos.send(true);
         result
     };
@@ -68,6 +71,10 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
     stack.stop().await;
     let mut report = report?;
     report.set_service_cpu(cpu);
+    if let Some(flood) = &mut report.realtime_flood {
+        let events: u64 = flood.steps.iter().map(|s| s.due).sum();
+        flood.cpu_ms_per_event = if events > 0 { cpu * 1000.0 / events as f64 } else { 0.0 };
+    }
     report.peak_rss_mb = memory.megabytes();
     report.chaos = chaos;
     report.targets = crate::targets::evaluate(scenario, &report);
@@ -131,6 +138,7 @@ async fn drive(
         RealtimeEvents::None => (Some(0), Duration::MAX),
         RealtimeEvents::Spread(n) => (Some(n), scenario.expected_makespan() / (n + 1)),
         RealtimeEvents::Every(every) => (None, every),
+        RealtimeEvents::Flood(_) => unreachable!("a flood has its own driver"),
         RealtimeEvents::Until { every, until } => {
             (Some((until.as_nanos() / every.as_nanos().max(1)) as u32), every)
         }

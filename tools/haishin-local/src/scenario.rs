@@ -33,6 +33,8 @@ pub enum RealtimeEvents {
         every: Duration,
         until: Duration,
     },
+    /// Open-loop, at rates stepped up (see [`crate::flood`]).
+    Flood(crate::flood::FloodPlan),
 }
 
 /// How requests reach the pipeline once they arrive.

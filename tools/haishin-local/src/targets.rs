@@ -168,6 +168,9 @@ pub fn evaluate(scenario: &Scenario, report: &Report) -> Vec<Target> {
             Target::at_least("esp.rate.utilisation", rate.utilisation, RATE_UTILISATION_TARGET),
         ]);
     }
+    if let Some(flood) = &report.realtime_flood {
+        targets.extend(flood.targets());
+    }
     targets
 }
 
@@ -240,6 +243,7 @@ mod tests {
             json: "bench.json".into(),
             seed: 1,
             huge_recipients: 10_000_000,
+            flood_step_secs: 60,
         }
     }
 
