@@ -12,6 +12,8 @@
 //! - [`flood`]: an open-loop realtime load, stepped up until the pipeline no longer keeps up.
 //! - [`mixed`]: Haishin against the scheduled workflow it replaces, on the same arrivals.
 //! - [`chaos`]: faults injected while a scenario runs.
+//! - [`collector`]: the OTLP collector the services export spans and metrics to, and the report's
+//!   `traces` section.
 //! - [`report`]: a scenario's report, from the ESP simulator's ledger.
 //! - [`targets`]: the targets each report is held to, beside its figures.
 //! - [`picture`]: a report's SVG: the ESP's slots busy by class, and realtime latency.
@@ -19,6 +21,7 @@
 pub mod bench;
 pub mod bigquery;
 pub mod chaos;
+pub mod collector;
 pub mod demo;
 pub mod flood;
 pub mod mail_record;

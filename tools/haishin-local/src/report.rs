@@ -73,6 +73,9 @@ pub struct Report {
     pub realtime_flood: Option<crate::flood::FloodReport>,
     /// The targets that apply to the scenario, each beside its figure (see [`crate::targets`]).
     pub targets: Vec<Target>,
+    /// What the collector received of the services' traces (see [`crate::collector`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traces: Option<crate::collector::TracesReport>,
     /// What the picture draws (see [`crate::picture`]); not in the JSON.
     #[serde(skip)]
     pub activity: Activity,
@@ -127,7 +130,11 @@ impl Report {
         } else {
             "Realtime:   not measured (no realtime event, or a server record without times)".to_owned()
         };
-        lines.extend([realtime, self.invariants.summary()]);
+        lines.push(realtime);
+        if let Some(traces) = &self.traces {
+            lines.push(traces.summary());
+        }
+        lines.push(self.invariants.summary());
         if !self.targets.is_empty() {
             lines.push(format!("Targets:    {}", crate::targets::tally(&self.targets)));
             lines.extend(self.targets.iter().map(|t| format!("  {}", t.line())));
@@ -537,6 +544,7 @@ pub async fn build(
         workflow_baseline: None,
         realtime_flood: submitted.flood.clone(),
         targets: Vec::new(),
+        traces: None,
         activity,
     })
 }
@@ -614,6 +622,7 @@ pub(crate) mod tests {
             workflow_baseline: None,
             realtime_flood: None,
             targets: Vec::new(),
+            traces: None,
             activity: Activity::default(),
         }
     }

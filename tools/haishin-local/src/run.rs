@@ -68,6 +68,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
     // Once the services are stopped and waited for, their CPU time is this process's children's.
     stack.stop_services().await;
     let cpu = children_cpu_seconds() - cpu_before;
+    let traces = crate::collector::traces(&stack).await;
     stack.stop().await;
     let mut report = report?;
     report.set_service_cpu(cpu);
@@ -77,6 +78,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
     }
     report.peak_rss_mb = memory.megabytes();
     report.chaos = chaos;
+    report.traces = traces?;
     report.targets = crate::targets::evaluate(scenario, &report);
     Ok(report)
 }

@@ -14,6 +14,7 @@
 //! demo, so that one can be killed) or inside this process (the tests). Both read the same
 //! environment-variable configuration.
 
+use crate::collector::Collector;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -147,6 +148,8 @@ pub struct Endpoints {
     pub storage: String,
     pub jwks: String,
     pub database_url: String,
+    /// The collector's OTLP endpoint.
+    pub otlp: String,
 }
 
 /// One running copy of a service: the trigger may run several.
@@ -185,6 +188,8 @@ pub struct LocalStack {
     scheduler: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     /// Process id of the completion pass running now (0: none).
     completion_pid: Arc<AtomicU32>,
+    /// Where the services export their spans and metrics.
+    pub collector: Collector,
 }
 
 /// A port that was free a moment ago.
@@ -227,6 +232,7 @@ impl LocalStack {
             verify_ses_sender(endpoint).await?;
         }
         let stand_ins = StandIns::start(StandInsConfig::default()).await.context("starting the stand-ins")?;
+        let collector = Collector::start().await.context("starting the trace collector")?;
         let mut esp_config = config.esp.clone();
         esp_config.api_key = Some(ESP_API_KEY.to_owned());
         let esp = EspSim::start(esp_config).await.context("starting the ESP simulator")?;
@@ -262,6 +268,7 @@ impl LocalStack {
             storage: stand_ins.storage_endpoint(),
             jwks: stand_ins.jwks_url(),
             database_url: database_url.clone(),
+            otlp: collector.endpoint().to_owned(),
         };
         let gcp = GcpArgs {
             project: PROJECT.into(),
@@ -290,6 +297,7 @@ impl LocalStack {
             env,
             scheduler: None,
             completion_pid: Arc::new(AtomicU32::new(0)),
+            collector,
         };
         let instances: Vec<Instance> =
             stack.env.keys().copied().filter(|i| i.service != Service::Completion).collect();
@@ -565,6 +573,12 @@ pub fn env_names<C: CommandFactory>() -> Vec<String> {
         .collect()
 }
 
+/// Whether the services export spans and metrics to the collector: unless
+/// `HAISHIN_LOCAL_TELEMETRY=off`, which leaves the export out to measure what it costs.
+pub fn telemetry_exported() -> bool {
+    std::env::var("HAISHIN_LOCAL_TELEMETRY").map_or(true, |v| v != "off")
+}
+
 fn service_env(
     config: &StackConfig,
     endpoints: &Endpoints,
@@ -584,6 +598,15 @@ fn service_env(
         ("DATABASE_URL", endpoints.database_url.clone()),
         ("RUST_LOG", config.service_log.clone()),
     ];
+    // Spans and metrics go to the local collector, as they go to Google's Telemetry API in
+    // production; metrics every second, so that a short run still exports several times.
+    let exporting = telemetry_exported();
+    let telemetry = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoints.otlp.clone()),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "1000".to_owned()),
+    ];
+    let gcp: Vec<(&str, String)> =
+        gcp.into_iter().chain(telemetry.into_iter().filter(|_| exporting)).collect();
     // A service listens behind its front door; its URL (the tokens' audience) is the door's.
     let serving = |instance: Instance, url: &String| {
         let mut list = gcp.to_vec();

@@ -1,0 +1,131 @@
+//! One delivery request, one trace: the services (in this process) export their spans over OTLP
+//! to the local collector, and every completed request's trace holds spans of the trigger, the
+//! list-uploader, the sender and the completion job, with the request's ids and never a
+//! recipient's address.
+//!
+//! This binary installs the process's global subscriber, so it holds this one test.
+
+use std::time::Duration;
+
+use haishin_local::collector::{self, Collector};
+use haishin_local::stack::{BUCKET, LocalStack};
+use haishin_shared::telemetry::Telemetry;
+use haishin_shared::telemetry::export::ExportConfig;
+use haishin_tests::{TestStack, eventually, finished};
+use serde_json::{Value, json};
+
+fn template() -> Value {
+    json!({ "subject": "Hi {{name}}", "text": "Hello {{name}}" })
+}
+
+async fn logged(stack: &LocalStack, id: &str) -> bool {
+    let logged: Option<bool> = sqlx::query_scalar("SELECT logged_at IS NOT NULL FROM requests WHERE id = $1")
+        .bind(id)
+        .fetch_optional(stack.store.pool())
+        .await
+        .expect("query");
+    logged == Some(true)
+}
+
+#[tokio::test]
+async fn every_completed_request_is_one_trace_through_the_four_services() {
+    let collector = Collector::start().await.expect("collector starts");
+    let config = ExportConfig {
+        endpoint: collector.endpoint().to_owned(),
+        metric_interval: Duration::from_millis(200),
+        sample_ratio: 1.0,
+        project: None,
+    };
+    let telemetry = Telemetry::exporting("haishin-tests", &config).expect("exporters built");
+    telemetry.install_for_tests();
+
+    let stack = TestStack { chunk_size: 50, ..TestStack::default() }.start().await;
+    let mut csv = String::from("email,name\n");
+    for i in 0..230 {
+        csv.push_str(&format!("traced-{i}@example.com,User {i}\n"));
+    }
+    stack.blobs.write(BUCKET, "audiences/traced.csv", csv.into_bytes().into()).await.expect("written");
+    let mut ids = vec!["traced-batch".to_owned()];
+    stack
+        .requests_topic
+        .publish(
+            &json!({"id": "traced-batch", "class": "batch", "template": template(),
+                "audience": {"gcs": {"uris": [format!("gs://{BUCKET}/audiences/traced.csv")]}}}),
+            &[],
+        )
+        .await
+        .expect("published");
+    for i in 0..3 {
+        let id = format!("traced-event-{i}");
+        stack
+            .requests_topic
+            .publish(
+                &json!({"id": id, "class": "realtime", "template": template(),
+                    "audience": {"inline": [{"email": format!("event-{i}@example.com"), "params": {"name": "R"}}]}}),
+                &[],
+            )
+            .await
+            .expect("published");
+        ids.push(id);
+    }
+    for id in &ids {
+        assert_eq!(finished(&stack, id).await["state"], "completed", "{id}");
+        eventually(&format!("{id} logged"), Duration::from_secs(30), || async {
+            logged(&stack, id).await.then_some(())
+        })
+        .await;
+    }
+    // The completion pass that logged the last request may still be announcing it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A flush waits for the collector's answers, which this runtime serves: off its thread.
+    let telemetry = tokio::task::spawn_blocking(move || {
+        telemetry.flush();
+        telemetry
+    })
+    .await
+    .expect("flushed");
+
+    let spans = collector.spans();
+    let completed: Vec<(String, String)> = ids
+        .iter()
+        .map(|id| (id.clone(), if id.contains("event") { "realtime" } else { "batch" }.to_owned()))
+        .collect();
+    let report = collector::report(
+        &spans,
+        collector.metric_names(),
+        &completed,
+        &["trigger", "list-uploader", "sender", "completion"],
+    );
+    assert_eq!(
+        report.requests_with_complete_trace, 4,
+        "every request in one trace through the four services: {:?}",
+        report.incomplete
+    );
+    // The batch's trace holds the upload of each of its chunks.
+    let batch_trace = spans
+        .iter()
+        .find(|s| s.attributes.get("request_id").map(String::as_str) == Some("traced-batch"))
+        .map(|s| s.trace_id.clone())
+        .expect("a span of the batch");
+    let chunks_uploaded: std::collections::BTreeSet<&str> = spans
+        .iter()
+        .filter(|s| s.trace_id == batch_trace && s.service == "list-uploader")
+        .filter_map(|s| s.attributes.get("chunk").map(String::as_str))
+        .collect();
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE request_id = 'traced-batch'")
+        .fetch_one(stack.store.pool())
+        .await
+        .expect("query");
+    assert!(chunks >= 5, "230 recipients in chunks of 50");
+    assert_eq!(chunks_uploaded.len() as i64, chunks, "{chunks_uploaded:?}");
+    let slowest = report.slowest_realtime.expect("the slowest realtime request's spans");
+    assert!(slowest.spans.iter().any(|s| s.service == "sender"), "{slowest:?}");
+    // Spans name requests and chunks, never a recipient.
+    for span in &spans {
+        for (key, value) in &span.attributes {
+            assert!(!value.contains("@example.com"), "span {} carries an address in {key}", span.name);
+        }
+    }
+    stack.stop().await;
+    tokio::task::spawn_blocking(move || drop(telemetry)).await.expect("exporters stopped");
+}
