@@ -12,13 +12,14 @@ use crate::scenario::{Admission, Campaign, RealtimeEvents, Scenario};
 use crate::stack::ServiceMode;
 
 /// The scenarios `bench` knows, in the order it runs them.
-pub const SCENARIOS: [&str; 7] = [
+pub const SCENARIOS: [&str; 8] = [
     "steady",
     "realtime-under-load",
     "fairness",
     "baseline-workflow",
     "mixed",
     "rate-limited",
+    "realtime-flood",
     "huge-audience",
 ];
 
@@ -254,6 +255,19 @@ pub(crate) mod tests {
             huge_recipients: 10_000_000,
             flood_step_secs: 60,
         }
+    }
+
+    #[test]
+    fn every_scenario_bench_names_is_one_it_can_build() {
+        for name in SCENARIOS {
+            assert_eq!(scenario(name, &args()).name, name);
+        }
+        assert!(DEFAULT_SCENARIOS.iter().all(|name| SCENARIOS.contains(name)));
+        let flood = scenario("realtime-flood", &args());
+        assert!(
+            matches!(flood.realtime, RealtimeEvents::Flood(plan) if plan.step == Duration::from_secs(60))
+        );
+        assert!(flood.campaigns.is_empty());
     }
 
     #[test]

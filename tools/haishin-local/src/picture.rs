@@ -108,21 +108,14 @@ pub fn svg(report: &Report) -> String {
         (n, 0) => format!(" · targets {n}/{n} met"),
         (n, m) => format!(" · targets {}/{n} met, {m} MISSED", n - m),
     };
-    text(
-        &mut out,
-        LEFT,
-        24.0,
-        "start",
-        16.0,
-        &format!(
-            "{}: {} recipients delivered, upload utilisation {:.3}, realtime p99 {:.0} ms{verdict}",
-            report.scenario,
-            report.recipients.delivered,
-            report.esp.upload_utilization,
-            report.realtime_latency_ms.p99
-        ),
+    let title = format!("{}: {} recipients delivered", report.scenario, report.recipients.delivered);
+    text(&mut out, LEFT, 24.0, "start", 16.0, &title);
+    let figures = format!(
+        "upload utilisation {:.3} · realtime p99 {:.0} ms · makespan {:.1} s{verdict}",
+        report.esp.upload_utilization, report.realtime_latency_ms.p99, report.makespan_s
     );
-    legend(&mut out, TOP - 18.0);
+    text(&mut out, LEFT, 44.0, "start", 12.0, &figures);
+    legend(&mut out, 66.0);
     let seconds = ((a.end_ms - a.start_ms) / 1000.0).max(0.0);
     let mut y = TOP;
     for (name, spans, limit) in [("upload", &a.upload, a.upload_limit), ("send", &a.send, a.send_limit)] {
