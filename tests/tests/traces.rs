@@ -118,6 +118,15 @@ async fn every_completed_request_is_one_trace_through_the_four_services() {
         .expect("query");
     assert!(chunks >= 5, "230 recipients in chunks of 50");
     assert_eq!(chunks_uploaded.len() as i64, chunks, "{chunks_uploaded:?}");
+    // Each hop's span names the chunk's class.
+    for hop in ["dispatch", "upload_chunk", "send_chunk"] {
+        let classes: std::collections::BTreeSet<&str> = spans
+            .iter()
+            .filter(|s| s.trace_id == batch_trace && s.name == hop)
+            .filter_map(|s| s.attributes.get("class").map(String::as_str))
+            .collect();
+        assert_eq!(classes, ["batch"].into(), "{hop}");
+    }
     let slowest = report.slowest_realtime.expect("the slowest realtime request's spans");
     assert!(slowest.spans.iter().any(|s| s.service == "sender"), "{slowest:?}");
     // Spans name requests and chunks, never a recipient.

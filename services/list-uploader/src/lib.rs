@@ -127,7 +127,7 @@ async fn upload(State(state): State<AppState>, Delivered(task): Delivered<Upload
     upload_chunk(&state, &task).await
 }
 
-#[tracing::instrument(skip_all, fields(request_id = %task.request_id, chunk = %task.chunk_id))]
+#[tracing::instrument(skip_all, fields(request_id = %task.request_id, chunk = %task.chunk_id, class = tracing::field::Empty))]
 async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
     let claimed = match state.store.claim(&task.chunk_id, Step::Upload, state.lease).await {
         Ok(Claim::Claimed(claimed)) => claimed,
@@ -144,6 +144,7 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         Err(err) => return err.into(),
     };
     let chunk = claimed.chunk;
+    tracing::Span::current().record("class", chunk.class.as_str());
     let Some(esp) = &state.esp else {
         // A message-based provider has no list: the chunk object is the list, and the sender
         // reads it. (Its chunks normally go straight to the sender; this covers tasks created

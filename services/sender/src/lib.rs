@@ -158,7 +158,7 @@ async fn deliver(State(state): State<AppState>, Delivered(envelope): Delivered<P
     }
 }
 
-#[tracing::instrument(skip_all, fields(request_id = %message.request_id, chunk = %message.chunk_id))]
+#[tracing::instrument(skip_all, fields(request_id = %message.request_id, chunk = %message.chunk_id, class = %message.class))]
 async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
     let claimed = match state.store.claim(&message.chunk_id, Step::Send, state.lease).await {
         Ok(Claim::Claimed(claimed)) => claimed,

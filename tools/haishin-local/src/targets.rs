@@ -194,6 +194,14 @@ fn correctness(scenario: &Scenario, report: &Report) -> Vec<Target> {
         ]);
     }
     targets.push(Target::at_least("invariants.hold", f64::from(u8::from(report.invariants.hold)), 1.0));
+    // Every completed request is one trace through the services on its path (when exported).
+    if let Some(traces) = &report.traces {
+        targets.push(Target::at_least(
+            "traces.requests_with_complete_trace",
+            traces.requests_with_complete_trace as f64,
+            traces.requests_completed as f64,
+        ));
+    }
     if let Some(rss) = report.peak_rss_mb.values().copied().reduce(f64::max) {
         targets.push(Target::at_most("peak_rss_mb (largest)", rss, PEAK_RSS_TARGET_MB));
     }
@@ -282,6 +290,20 @@ mod tests {
         );
         assert_eq!(find(&targets, "esp.upload_utilization").target, 0.97);
         assert_eq!(find(&targets, "peak_rss_mb (largest)").figure, Some(61.0));
+    }
+
+    #[test]
+    fn a_completed_request_without_its_whole_trace_misses_the_traces_target() {
+        let mut r = good("steady");
+        r.traces = Some(crate::collector::TracesReport {
+            requests_completed: 4,
+            requests_with_complete_trace: 3,
+            ..Default::default()
+        });
+        let targets = evaluate(&scenario("steady", &args()), &r);
+        let traces = find(&targets, "traces.requests_with_complete_trace");
+        assert!(!traces.met);
+        assert_eq!((traces.figure, traces.target), (Some(3.0), 4.0));
     }
 
     #[test]
