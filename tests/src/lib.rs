@@ -120,7 +120,12 @@ pub async fn request_status(stack: &LocalStack, id: &str) -> Option<serde_json::
 /// Waits until a request reaches a final state and returns its status, once its counts are
 /// checked to add up (`rows = recipients + Σ skipped`, `recipients` = those of its final chunks).
 pub async fn finished(stack: &LocalStack, id: &str) -> serde_json::Value {
-    let status = eventually(&format!("request {id} to finish"), Duration::from_secs(60), || async {
+    finished_within(stack, id, Duration::from_secs(60)).await
+}
+
+/// [`finished`], waiting up to `within`.
+pub async fn finished_within(stack: &LocalStack, id: &str, within: Duration) -> serde_json::Value {
+    let status = eventually(&format!("request {id} to finish"), within, || async {
         let status = request_status(stack, id).await?;
         let state: RequestState = status["state"].as_str()?.parse().ok()?;
         state.is_final().then_some(status)

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use haishin_local::bigquery::{Fault, LocalBigQuery, missing};
 use haishin_local::stack::{BUCKET, LocalStack};
-use haishin_shared::domain::{RequestId, RequestState, export_job_id};
-use haishin_tests::{TestStack, eventually, request_status};
+use haishin_shared::domain::{RequestId, export_job_id};
+use haishin_tests::{TestStack, finished_within};
 use serde_json::{Value, json};
 
 /// The emulator and a stack whose trigger uses it; `None` (with the reason printed) when
@@ -41,20 +41,6 @@ async fn publish(stack: &LocalStack, body: &Value) {
     stack.requests_topic.publish(body, &[]).await.expect("published");
 }
 
-/// Waits until the request is final and returns its status, its counts checked to add up.
-async fn finished(stack: &LocalStack, id: &str, within: Duration) -> Value {
-    let status = eventually(&format!("request {id} to finish"), within, || async {
-        let status = request_status(stack, id).await?;
-        let state: RequestState = status["state"].as_str()?.parse().ok()?;
-        state.is_final().then_some(status)
-    })
-    .await;
-    let mut invariants = haishin_local::report::Invariants::default();
-    invariants.check(id, &status);
-    assert!(invariants.violations.is_empty(), "{}", invariants.summary());
-    status
-}
-
 fn person(email: Option<&str>, name: &str) -> Vec<Option<String>> {
     vec![email.map(str::to_owned), Some(name.to_owned())]
 }
@@ -73,7 +59,7 @@ async fn a_bigquery_table_of_100000_rows_is_delivered_exactly_once_and_its_bad_r
     bigquery.load_table("audiences", "people", &["email", "name"], rows).await.unwrap();
 
     publish(&stack, &request("spring-sale", &json!({ "table": "audiences.people" }))).await;
-    let status = finished(&stack, "spring-sale", Duration::from_secs(240)).await;
+    let status = finished_within(&stack, "spring-sale", Duration::from_secs(240)).await;
 
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(status["audience"]["rows"], 100_000);
@@ -121,7 +107,7 @@ async fn transient_bigquery_failures_are_retried_and_the_next_export_job_deliver
     bigquery.inject(&[Fault::Unavailable, Fault::JobFails]);
 
     publish(&stack, &request("retried", &json!({ "table": "audiences.retried" }))).await;
-    let status = finished(&stack, "retried", Duration::from_secs(60)).await;
+    let status = finished_within(&stack, "retried", Duration::from_secs(60)).await;
 
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(status["audience"]["recipients"], 250);
@@ -161,7 +147,7 @@ async fn query_params_reach_bigquery_as_parameters_never_as_sql() {
 
     let query = "SELECT email, name FROM `haishin-local.audiences.named` WHERE name = @name";
     publish(&stack, &request("params", &json!({ "query": query, "params": { "name": tricky } }))).await;
-    let status = finished(&stack, "params", Duration::from_secs(60)).await;
+    let status = finished_within(&stack, "params", Duration::from_secs(60)).await;
 
     assert_eq!(status["state"], "completed", "{status}");
     assert_eq!(status["audience"]["rows"], 2);
@@ -180,8 +166,8 @@ async fn a_query_bigquery_refuses_fails_the_request_with_bigquerys_reason() {
 
     publish(&stack, &request("syntax", &json!({ "query": "SELEC email FROM audiences.people" }))).await;
     publish(&stack, &request("no-table", &json!({ "table": "audiences.nowhere" }))).await;
-    let syntax = finished(&stack, "syntax", Duration::from_secs(60)).await;
-    let no_table = finished(&stack, "no-table", Duration::from_secs(60)).await;
+    let syntax = finished_within(&stack, "syntax", Duration::from_secs(60)).await;
+    let no_table = finished_within(&stack, "no-table", Duration::from_secs(60)).await;
 
     assert_eq!(syntax["state"], "failed", "{syntax}");
     let reason = syntax["reason"].as_str().unwrap();
