@@ -69,16 +69,12 @@ mod tests {
     use tracing::field::Empty;
 
     use super::*;
-    use crate::telemetry::testing::{TRACE, traced, traceparent};
+    use crate::telemetry::testing::{TRACE, in_remote_trace, traced, traceparent};
     use crate::telemetry::{join_trace, parse_traceparent};
 
     #[test]
     fn a_message_carries_the_trace_of_the_span_that_publishes_it() {
-        let attributes = tracing::subscriber::with_default(traced(), || {
-            let span = tracing::info_span!("chunk", trace_id = Empty, span_id = Empty);
-            join_trace(&span, parse_traceparent(&traceparent()).as_ref());
-            span.in_scope(|| message_attributes(&[("class", "batch")]))
-        });
+        let attributes = in_remote_trace(|| message_attributes(&[("class", "batch")]));
 
         assert_eq!(attributes["class"], "batch");
         let sent = parse_traceparent(&attributes[TRACEPARENT]).expect("a valid traceparent");

@@ -126,19 +126,13 @@ fn task_headers() -> Vec<(&'static str, String)> {
 
 #[cfg(test)]
 mod tests {
-    use tracing::field::Empty;
-
     use super::*;
-    use crate::telemetry::testing::{TRACE, traced, traceparent};
-    use crate::telemetry::{join_trace, parse_traceparent};
+    use crate::telemetry::parse_traceparent;
+    use crate::telemetry::testing::{TRACE, in_remote_trace};
 
     #[test]
     fn a_task_carries_the_trace_of_the_span_that_enqueues_it() {
-        let headers = tracing::subscriber::with_default(traced(), || {
-            let span = tracing::info_span!("dispatch", trace_id = Empty, span_id = Empty);
-            join_trace(&span, parse_traceparent(&traceparent()).as_ref());
-            span.in_scope(task_headers)
-        });
+        let headers = in_remote_trace(task_headers);
 
         let (_, sent) = headers.iter().find(|(name, _)| *name == TRACEPARENT).expect("a traceparent header");
         let sent = parse_traceparent(sent).expect("a valid traceparent");

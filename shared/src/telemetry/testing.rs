@@ -22,6 +22,16 @@ pub(crate) fn traceparent() -> String {
     format!("00-{TRACE}-{PARENT_SPAN}-01")
 }
 
+/// What `f` returns when run in a span that joined the remote parent's trace, under [`traced`].
+pub(crate) fn in_remote_trace<T>(f: impl FnOnce() -> T) -> T {
+    tracing::subscriber::with_default(traced(), || {
+        let span =
+            tracing::info_span!("hop", trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
+        super::join_trace(&span, super::parse_traceparent(&traceparent()).as_ref());
+        span.in_scope(f)
+    })
+}
+
 /// A subscriber that traces spans and logs nothing.
 pub(crate) fn traced() -> impl Subscriber + Send + Sync {
     tracing_subscriber::registry().with(propagation::layer(&SdkTracerProvider::builder().build()))

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 const SERVICES: [&str; 4] = ["trigger", "list-uploader", "sender", "completion"];
 
 /// The span each hop of a request opens, in the order of the pipeline.
-const HOPS: [&str; 6] = ["take", "dispatch", "upload_chunk", "send_chunk", "request_logged", "run"];
+const HOPS: [&str; 6] = ["take", "run", "dispatch", "upload_chunk", "send_chunk", "request_logged"];
 
 /// One span as received.
 #[derive(Debug, Clone)]

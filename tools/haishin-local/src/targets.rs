@@ -240,20 +240,9 @@ pub fn limit_drop(over_limit_attempts: u64, accepted_calls: u64, utilisation_aft
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::{BenchArgs, scenario};
+    use crate::bench::scenario;
+    use crate::bench::tests::args;
     use crate::report::tests::sample_report;
-
-    fn args() -> BenchArgs {
-        BenchArgs {
-            scenarios: Vec::new(),
-            triggers: 1,
-            prefetch: 0,
-            json: "bench.json".into(),
-            seed: 1,
-            huge_recipients: 10_000_000,
-            flood_step_secs: 60,
-        }
-    }
 
     /// A run that did everything right: the ESP busy, the makespan near its bound.
     fn good(name: &str) -> Report {
