@@ -99,6 +99,8 @@ locals {
       REALTIME_RESERVED_SLOTS = module.capacity.realtime_reserved_slots
       DISPATCH_PREFETCH       = var.dispatch_prefetch
       INLINE_PREPARE_MAX      = var.inline_prepare_max
+      PREPARE_PARTITION_BYTES = var.prepare_partition_bytes
+      PREPARE_PARTS_AT_ONCE   = var.prepare_parts_at_once
       # A prepare step may run as long as the request that runs it; each task's dispatch deadline
       # is the timeout of the service it targets.
       PREPARE_LEASE_SECS  = trimsuffix(var.trigger.timeout, "s")

@@ -26,10 +26,11 @@ resource "google_storage_bucket" "audiences" {
     }
   }
 
-  # BigQuery audience exports, requests/<id>/export/*.json, go sooner: they are read once, while
-  # their request is prepared. A prefix cannot hold a wildcard, so the rule takes everything under
-  # requests/ that ends .json: export shards alone, since chunk objects end .ndjson (a test in
-  # shared/src/domain/bigquery.rs keeps the two apart).
+  # BigQuery audience exports, requests/<id>/export/*.json, and the partitions of audiences
+  # prepared in parts, requests/<id>/parts/*/*.json, go sooner: they are read once, while their
+  # request is prepared. A prefix cannot hold a wildcard, so the rule takes everything under
+  # requests/ that ends .json: those alone, since chunk objects end .ndjson (tests in
+  # shared/src/domain/bigquery.rs and the trigger's prepare/parts keep them apart).
   lifecycle_rule {
     condition {
       age            = var.audience_export_retention_days

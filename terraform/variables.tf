@@ -238,6 +238,28 @@ variable "inline_prepare_max" {
   default     = 1000
 }
 
+variable "prepare_partition_bytes" {
+  description = "Audiences larger than this (bytes of their files; compressed files count four times) are prepared in parts: a task per file, then a task per partition of about this size, spread over the trigger's instances. One part holds about 70 bytes of memory per 40-byte row, so this bounds a trigger instance's memory together with prepare_parts_at_once."
+  type        = number
+  default     = 8388608
+
+  validation {
+    condition     = var.prepare_partition_bytes >= 1048576
+    error_message = "prepare_partition_bytes must be at least 1 MiB (1048576)."
+  }
+}
+
+variable "prepare_parts_at_once" {
+  description = "Parts of large audiences one trigger instance prepares at once; further part tasks wait. Memory for parts is about prepare_parts_at_once × 9 × prepare_partition_bytes."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.prepare_parts_at_once >= 1
+    error_message = "prepare_parts_at_once must be at least 1."
+  }
+}
+
 variable "esp_timeout_secs" {
   description = "Longest wait for one provider request, in seconds. A request that times out may still have been accepted: for list-send the sender then asks the ESP's history before anything is sent again; for smtp and ses a message that may have reached the provider is never sent again blindly (its outcome is unknown). Default: 30."
   type        = number

@@ -5,10 +5,45 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{ChunkId, Class, RequestId};
 use crate::store::ChunkRow;
 
-/// Cloud Tasks payload for the trigger's prepare step.
+/// Cloud Tasks payload for the trigger's prepare step: the whole request, or one part of a large
+/// audience's preparation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PrepareTask {
     pub request_id: RequestId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PreparePart>,
+}
+
+/// One part of a large audience's preparation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum PreparePart {
+    /// Reading one audience file and spreading its recipients over the partitions.
+    Shard(u32),
+    /// De-duplicating one partition and cutting it into chunks.
+    Partition(u32),
+}
+
+impl PreparePart {
+    /// The part's kind, as the store names it.
+    pub fn kind(self) -> &'static str {
+        match self {
+            PreparePart::Shard(_) => "shard",
+            PreparePart::Partition(_) => "partition",
+        }
+    }
+
+    pub fn index(self) -> u32 {
+        match self {
+            PreparePart::Shard(i) | PreparePart::Partition(i) => i,
+        }
+    }
+}
+
+impl std::fmt::Display for PreparePart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.kind(), self.index())
+    }
 }
 
 /// Cloud Tasks payload for the list-uploader: one chunk to upload.

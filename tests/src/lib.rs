@@ -3,6 +3,8 @@
 //! One throwaway PostgreSQL cluster per test binary (started on first use, stopped when the binary
 //! exits) and a fresh database per test.
 
+pub mod dispatchable;
+
 use std::time::Duration;
 
 use haishin_esp_sim::EspSimConfig;
@@ -43,6 +45,8 @@ pub struct TestStack {
     pub provider: MailProvider,
     /// The trigger's BigQuery (`BIGQUERY_ENDPOINT`), for BigQuery audiences.
     pub bigquery_endpoint: Option<String>,
+    /// Audience bytes per prepare partition; larger audiences are prepared in parts.
+    pub prepare_partition_bytes: Option<u64>,
 }
 
 impl Default for TestStack {
@@ -55,6 +59,7 @@ impl Default for TestStack {
             triggers: 1,
             provider: MailProvider::Simulator,
             bigquery_endpoint: None,
+            prepare_partition_bytes: None,
         }
     }
 }
@@ -80,6 +85,7 @@ impl TestStack {
             task_name_ttl: haishin_local::stack::TASK_NAME_TTL,
             provider: self.provider,
             bigquery_endpoint: self.bigquery_endpoint,
+            prepare_partition_bytes: self.prepare_partition_bytes,
         })
         .await
         .expect("local stack starts")

@@ -3,15 +3,13 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use haishin_shared::domain::{
-    Audience, ChunkId, ChunkState, Class, DeliveryRequest, Recipient, RequestId, Template,
-};
+use haishin_shared::domain::{ChunkId, ChunkState, Class, RequestId};
 use haishin_shared::esp::Shape;
 use haishin_shared::store::{Claim, Step, Store};
+use haishin_tests::dispatchable::{ready, request};
 use haishin_tests::fresh_database;
 use haishin_trigger::intake::records::insert_request;
-use haishin_trigger::prepare::AudienceSummary;
-use haishin_trigger::prepare::records::{NewChunk, claim_prepare, finish_prepare, insert_chunks};
+use haishin_trigger::prepare::records::{NewChunk, claim_prepare, insert_chunks};
 use haishin_trigger::scheduling::{SlotLimits, dispatch_round, undo_dispatch};
 use haishin_trigger::status::request_status;
 
@@ -25,41 +23,6 @@ fn chunk_id(request: &str, seq: u32) -> ChunkId {
 
 const LIMITS: SlotLimits =
     SlotLimits { shape: Shape::Lists, limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
-
-fn request(id: &str, class: Class, priority: i32) -> DeliveryRequest {
-    DeliveryRequest {
-        id: rid(id),
-        class,
-        priority,
-        template: Template::Stored { id: "t".into() },
-        audience: Audience::Inline(vec![Recipient {
-            email: "a@example.com".into(),
-            params: Default::default(),
-        }]),
-        not_before: None,
-        deadline: None,
-        labels: Default::default(),
-    }
-}
-
-/// Stores a request with `chunks` pending chunks, ready for dispatch.
-async fn ready(store: &Store, request: &DeliveryRequest, chunks: u32) {
-    assert!(insert_request(store, request).await.unwrap());
-    let Claim::Claimed(_) = claim_prepare(store, &request.id, Duration::from_secs(60)).await.unwrap() else {
-        panic!("prepare not claimed")
-    };
-    let rows: Vec<NewChunk> = (0..chunks)
-        .map(|seq| NewChunk {
-            id: ChunkId::new(&request.id, seq),
-            seq,
-            object: format!("o/{seq}"),
-            recipients: 10,
-        })
-        .collect();
-    insert_chunks(store, request, &rows).await.unwrap();
-    let summary = AudienceSummary { chunks, recipients: 10 * chunks as u64, ..Default::default() };
-    assert!(finish_prepare(store, &request.id, &summary).await.unwrap());
-}
 
 async fn dispatched_requests(store: &Store, limits: SlotLimits) -> Vec<String> {
     dispatch_round(store, limits)

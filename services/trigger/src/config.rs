@@ -67,6 +67,17 @@ pub struct Config {
     /// trigger's request timeout, and so the prepare tasks' dispatch deadline.
     #[arg(long, env = "PREPARE_LEASE_SECS", default_value_t = 900)]
     pub prepare_lease_secs: u64,
+    /// Audiences larger than this, in bytes of their files (compressed files counted at four
+    /// times their size), are prepared in parts: a task per file spreads its recipients over
+    /// partitions of about this size, and a task per partition de-duplicates it and cuts its
+    /// chunks, on whichever trigger instances take them. An instance holds one part's recipients
+    /// at a time, so this bounds a prepare step's memory, about 70 bytes per 40-byte row.
+    #[arg(long, env = "PREPARE_PARTITION_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub prepare_partition_bytes: u64,
+    /// Parts of large audiences one instance prepares at once; further part tasks wait for one to
+    /// end. With the partition size, this bounds an instance's memory.
+    #[arg(long, env = "PREPARE_PARTS_AT_ONCE", default_value_t = 2)]
+    pub prepare_parts_at_once: usize,
     /// The list-uploader's request timeout, in seconds: the upload tasks' dispatch deadline.
     #[arg(long, env = "UPLOAD_TIMEOUT_SECS", default_value_t = 300)]
     pub upload_timeout_secs: u64,

@@ -71,6 +71,8 @@ pub struct AppState {
     pub chunk_size: usize,
     pub inline_prepare_max: usize,
     pub prepare_lease: Duration,
+    /// How large audiences are prepared in parts.
+    pub parts: prepare::Parts,
     /// Checks unsubscribe tokens; `None` when `UNSUBSCRIBE_SECRET` is not set.
     pub unsubscribe: Option<TokenKey>,
     /// Checks and keeps the provider's bounce and complaint reports.
@@ -163,6 +165,7 @@ impl Application {
             chunk_size: config.chunk_size.max(1) as usize,
             inline_prepare_max: config.inline_prepare_max,
             prepare_lease: Duration::from_secs(config.prepare_lease_secs),
+            parts: prepare::Parts::new(config.prepare_partition_bytes, config.prepare_parts_at_once),
         };
         Ok(Self { service, state })
     }

@@ -105,6 +105,11 @@ impl Blobs {
 
     /// Names of the objects under `prefix`, in name order.
     pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, GcpError> {
+        Ok(self.list_sized(bucket, prefix).await?.into_iter().map(|(name, _)| name).collect())
+    }
+
+    /// Names and sizes (bytes, as stored) of the objects under `prefix`, in name order.
+    pub async fn list_sized(&self, bucket: &str, prefix: &str) -> Result<Vec<(String, u64)>, GcpError> {
         #[derive(serde::Deserialize)]
         struct Page {
             #[serde(default)]
@@ -115,8 +120,11 @@ impl Blobs {
         #[derive(serde::Deserialize)]
         struct Item {
             name: String,
+            /// The JSON API writes sizes as decimal strings.
+            #[serde(default)]
+            size: Option<String>,
         }
-        let mut names = Vec::new();
+        let mut objects = Vec::new();
         let mut page_token: Option<String> = None;
         loop {
             let mut request = self
@@ -135,13 +143,16 @@ impl Blobs {
                 .json()
                 .await
                 .map_err(|e| GcpError::from_reqwest("listing objects", &e))?;
-            names.extend(page.items.into_iter().map(|i| i.name));
+            objects.extend(page.items.into_iter().map(|i| {
+                let size = i.size.and_then(|s| s.parse().ok()).unwrap_or(0);
+                (i.name, size)
+            }));
             match page.next_page_token {
                 Some(token) if !token.is_empty() => page_token = Some(token),
                 _ => break,
             }
         }
-        names.sort();
-        Ok(names)
+        objects.sort();
+        Ok(objects)
     }
 }

@@ -64,6 +64,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         task_name_ttl: haishin_local::stack::TASK_NAME_TTL,
         provider: Default::default(),
         bigquery_endpoint: None,
+        prepare_partition_bytes: None,
     })
     .await?;
     std::fs::write(&args.endpoints, serde_json::to_vec_pretty(&stack.endpoints)?)?;

@@ -40,6 +40,9 @@ pub struct Report {
     pub makespan_s: f64,
     /// From the first batch's publication to the first upload at the ESP.
     pub first_upload_s: f64,
+    /// The longest a batch request took from its arrival to its whole audience being in chunks
+    /// (its chunks are dispatched as they are stored, long before).
+    pub prepare_s: f64,
     /// From the last upload's end to the batch's last send.
     pub after_last_upload_s: f64,
     pub wall_s: f64,
@@ -131,6 +134,15 @@ impl Report {
             "Realtime:   not measured (no realtime event, or a server record without times)".to_owned()
         };
         lines.push(realtime);
+        if !self.peak_rss_mb.is_empty() {
+            let peaks: Vec<String> =
+                self.peak_rss_mb.iter().map(|(service, mb)| format!("{service} {mb:.0}")).collect();
+            lines.push(format!(
+                "Memory:     peak MB {}; longest batch prepare {:.1} s",
+                peaks.join(", "),
+                self.prepare_s
+            ));
+        }
         if let Some(traces) = &self.traces {
             lines.push(traces.summary());
         }
@@ -531,6 +543,7 @@ pub async fn build(
         batch_makespan_s: makespan,
         makespan_s,
         first_upload_s,
+        prepare_s: longest_prepare(stack).await?,
         after_last_upload_s,
         wall_s: wall.as_secs_f64(),
         service_cpu_s: 0.0,
@@ -547,6 +560,17 @@ pub async fn build(
         traces: None,
         activity,
     })
+}
+
+/// The longest a batch request took to be prepared, in seconds.
+async fn longest_prepare(stack: &LocalStack) -> anyhow::Result<f64> {
+    let longest: Option<f64> = sqlx::query_scalar(
+        "SELECT max(extract(epoch FROM prepared_at - received_at))::float8 FROM requests
+         WHERE class = 'batch' AND prepared_at IS NOT NULL",
+    )
+    .fetch_one(stack.store.pool())
+    .await?;
+    Ok(longest.unwrap_or(0.0))
 }
 
 /// The ESP's calls by class over the run, for the picture: from the first arrival to the last
@@ -609,6 +633,7 @@ pub(crate) mod tests {
             batch_makespan_s: 21.4,
             makespan_s: 22.0,
             first_upload_s: 0.3,
+            prepare_s: 1.5,
             after_last_upload_s: 0.2,
             wall_s: 25.0,
             service_cpu_s: 3.0,

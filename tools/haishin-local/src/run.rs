@@ -42,6 +42,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
         task_name_ttl: scenario.chaos.as_ref().and_then(|c| c.tasks_name_ttl).unwrap_or(TASK_NAME_TTL),
         provider: scenario.provider.clone(),
         bigquery_endpoint: crate::bigquery::batch_endpoint(),
+        prepare_partition_bytes: None,
     })
     .await?;
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);
@@ -102,6 +103,43 @@ struct Pending {
     arrived: DateTime<Utc>,
 }
 
+/// Rows per audience file: a larger audience is written as several files (`campaign-N-K.csv`,
+/// named by one wildcard URI), as a platform's exports are, so that its files can be prepared in
+/// parallel.
+const ROWS_PER_FILE: usize = 1_000_000;
+
+/// Writes a campaign's audience to the bucket and returns its URI.
+async fn write_audience(stack: &LocalStack, campaign: usize, csv: Vec<u8>) -> anyhow::Result<String> {
+    let header_end = csv.iter().position(|b| *b == b'\n').map_or(csv.len(), |i| i + 1);
+    let (header, rows) = csv.split_at(header_end);
+    if bytecount_lines(rows) <= ROWS_PER_FILE {
+        let object = format!("audiences/campaign-{campaign}.csv");
+        stack.blobs.write(BUCKET, &object, csv.into()).await?;
+        return Ok(format!("gs://{BUCKET}/{object}"));
+    }
+    let mut rest = rows;
+    let mut file = 0;
+    while !rest.is_empty() {
+        let end = rest
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(ROWS_PER_FILE - 1)
+            .map_or(rest.len(), |(i, _)| i + 1);
+        let mut data = header.to_vec();
+        data.extend_from_slice(&rest[..end]);
+        let object = format!("audiences/campaign-{campaign}-{file:03}.csv");
+        stack.blobs.write(BUCKET, &object, data.into()).await?;
+        rest = &rest[end..];
+        file += 1;
+    }
+    Ok(format!("gs://{BUCKET}/audiences/campaign-{campaign}-*.csv"))
+}
+
+fn bytecount_lines(data: &[u8]) -> usize {
+    data.iter().filter(|b| **b == b'\n').count()
+}
+
 async fn drive(
     stack: &LocalStack,
     scenario: &Scenario,
@@ -114,13 +152,12 @@ async fn drive(
     let mut campaigns = Vec::new();
     for (n, campaign) in scenario.campaigns.iter().enumerate() {
         let audience = generate_audience(n, campaign.recipients, &mut rng);
-        let object = format!("audiences/campaign-{n}.csv");
         let in_bigquery = crate::bigquery::batch_audience(stack, n, &audience.csv).await?;
-        stack.blobs.write(BUCKET, &object, audience.csv.into()).await?;
+        let uri = write_audience(stack, n, audience.csv).await?;
         let id = format!("campaign-{n}-{}", scenario.seed);
         let mut body = json!({
             "id": id, "class": "batch", "priority": 1, "template": template(),
-            "audience": { "gcs": { "uris": [format!("gs://{BUCKET}/{object}")] } },
+            "audience": { "gcs": { "uris": [uri] } },
             "labels": { "campaign": format!("campaign-{n}") },
         });
         if let Some(audience) = in_bigquery {

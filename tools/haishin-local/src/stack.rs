@@ -91,6 +91,9 @@ pub struct StackConfig {
     /// BigQuery for the trigger's BigQuery audiences (a [`crate::bigquery::LocalBigQuery`]'s
     /// endpoint); none: such audiences fail.
     pub bigquery_endpoint: Option<String>,
+    /// Audience bytes per prepare partition (`PREPARE_PARTITION_BYTES`); none: the trigger's
+    /// default. Audiences larger than one partition are prepared in parts.
+    pub prepare_partition_bytes: Option<u64>,
 }
 
 /// The provider the local services deliver through.
@@ -242,11 +245,31 @@ impl LocalStack {
         let mut instances = vec![Instance::first(Service::ListUploader), Instance::first(Service::Sender)];
         instances
             .extend((0..config.triggers.max(1)).map(|index| Instance { service: Service::Trigger, index }));
+        let backend_urls: BTreeMap<Instance, String> = instances
+            .iter()
+            .map(|&i| Ok((i, format!("http://127.0.0.1:{}", free_port()?))))
+            .collect::<anyhow::Result<_>>()?;
+        // The trigger's URL is one door in front of all its instances, which takes them in turn,
+        // as Cloud Run spreads a service's requests; each further instance also has a door of its
+        // own, so that every instance can be pushed every pipeline event. Tokens for the
+        // service's URL pass every door of it, as all instances are one service.
+        let mut trigger_url = None;
         for instance in instances {
-            let backend = format!("http://127.0.0.1:{}", free_port()?);
-            let door = FrontDoor::start(front_door(instance.service, &backend), &stand_ins.signer)
-                .await
-                .context("starting a front door")?;
+            let backend = backend_urls[&instance].clone();
+            let mut config = front_door(instance.service, &backend);
+            if instance == Instance::first(Service::Trigger) {
+                config.more_backends = backend_urls
+                    .iter()
+                    .filter(|(i, _)| i.service == Service::Trigger && i.index > 0)
+                    .map(|(_, url)| url.clone())
+                    .collect();
+            } else if instance.service == Service::Trigger {
+                config.audiences.extend(trigger_url.clone());
+            }
+            let door = FrontDoor::start(config, &stand_ins.signer).await.context("starting a front door")?;
+            if instance == Instance::first(Service::Trigger) {
+                trigger_url = Some(door.url());
+            }
             backends.insert(instance, (door.url(), backend));
             front_doors.push(door);
         }
@@ -633,7 +656,9 @@ fn service_env(
         MailProvider::Simulator => config.esp.upload_limit,
         _ => send_limit,
     };
-    let trigger_env = |index: u32, url: &String| {
+    // Every trigger instance is the one service at the trigger's URL.
+    let trigger_env = |index: u32| {
+        let url = &endpoints.trigger;
         let mut trigger = serving(Instance { service: Service::Trigger, index }, url);
         trigger.extend([
             ("TASKS_LOCATION", LOCATION.to_owned()),
@@ -651,6 +676,7 @@ fn service_env(
             ("UNSUBSCRIBE_SECRET", UNSUBSCRIBE_SECRET.to_owned()),
         ]);
         trigger.extend(config.bigquery_endpoint.iter().map(|url| ("BIGQUERY_ENDPOINT", url.clone())));
+        trigger.extend(config.prepare_partition_bytes.map(|b| ("PREPARE_PARTITION_BYTES", b.to_string())));
         pairs(&trigger)
     };
     let mut uploader = serving(Instance::first(Service::ListUploader), &endpoints.list_uploader);
@@ -677,14 +703,13 @@ fn service_env(
         ("KILL_SWITCH_COMPLAINT_RATE", KILL_SWITCH_COMPLAINT_RATE.to_string()),
     ]);
     let mut env = BTreeMap::from([
-        (Instance::first(Service::Trigger), trigger_env(0, &endpoints.trigger)),
+        (Instance::first(Service::Trigger), trigger_env(0)),
         (Instance::first(Service::ListUploader), pairs(&uploader)),
         (Instance::first(Service::Sender), pairs(&sender)),
         (Instance::first(Service::Completion), pairs(&completion)),
     ]);
-    for (i, url) in endpoints.more_triggers.iter().enumerate() {
-        let index = i as u32 + 1;
-        env.insert(Instance { service: Service::Trigger, index }, trigger_env(index, url));
+    for index in 1..=endpoints.more_triggers.len() as u32 {
+        env.insert(Instance { service: Service::Trigger, index }, trigger_env(index));
     }
     env
 }
@@ -857,9 +882,13 @@ fn subscribe(stand_ins: &StandIns, endpoints: &Endpoints) -> anyhow::Result<Vec<
             Some(r#"attributes.class != "realtime""#),
         ),
     ]);
-    // Audience must match the pushed service's URL, as Terraform sets it.
+    // Audience must match the pushed service's URL, as Terraform sets it (the trigger's, for an
+    // instance's own door).
     for sub in &mut subs {
-        let base = sub.push_endpoint.rsplit_once("/push/").map(|(b, _)| b.to_owned()).unwrap_or_default();
+        let mut base = sub.push_endpoint.rsplit_once("/push/").map(|(b, _)| b.to_owned()).unwrap_or_default();
+        if endpoints.more_triggers.contains(&base) {
+            base = endpoints.trigger.clone();
+        }
         if let Some(auth) = &mut sub.oidc {
             auth.audience = Some(base);
         }

@@ -82,11 +82,14 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
 pub async fn start(state: &AppState, request: &DeliveryRequest) -> Result<(), Unavailable> {
     match &request.audience {
         Audience::Inline(list) if list.len() <= state.inline_prepare_max => {
-            Box::pin(prepare::run(state, &request.id)).await.map(drop)
+            Box::pin(prepare::run(state, &request.id, None)).await.map(drop)
         }
         _ => {
             let name = prepare_task_name(&request.id);
-            state.prepare_queue.enqueue(Some(&name), &PrepareTask { request_id: request.id.clone() }).await?;
+            state
+                .prepare_queue
+                .enqueue(Some(&name), &PrepareTask { request_id: request.id.clone(), part: None })
+                .await?;
             Ok(())
         }
     }

@@ -1,17 +1,18 @@
 //! Reading an audience: inline lists, CSV or NDJSON files in Cloud Storage, and BigQuery exports
 //! (see `bigquery`), streamed row by row into the [`Chunker`].
 //!
-//! Memory holds one chunk being filled plus eight bytes per kept recipient (the de-duplication
-//! set), never the audience itself. A bad row is skipped and counted by reason; it never fails the
-//! request. A source that cannot be read at all (missing object, no `email` column) does.
+//! An audience small enough ([`worth_parts`]) is read here in one pass, in memory that holds one
+//! chunk being filled plus the address keys kept; a larger one is prepared in parts (see
+//! `parts`), so that no instance holds more than a partition's keys. A bad row is skipped and
+//! counted by reason; it never fails the request. A source that cannot be read at all (missing
+//! object, no `email` column) does.
 
 use futures::{Stream, TryStreamExt};
-use haishin_shared::domain::{Audience, DeliveryRequest, FileFormat, GcsUri};
+use haishin_shared::domain::{Audience, FileFormat, GcsUri};
 use haishin_shared::gcp::{BigQuery, Blobs, GcpError};
-use haishin_shared::store::Store;
 
-use super::chunker::{AudienceSummary, Chunker};
-use super::rows::{self, RowAt};
+use super::chunker::{AudienceSummary, ChunkTarget, Chunker};
+use super::rows::{self, RowAt, RowSink};
 use super::{PrepareError, records};
 
 /// Where audiences are read from.
@@ -22,42 +23,51 @@ pub(super) struct Sources<'a> {
     pub export_wait: std::time::Duration,
 }
 
-/// Streams the request's audience into chunk objects under `gs://bucket/requests/<id>/chunks/`
-/// and chunk rows, and returns what was found. `on_chunk` runs after each chunk is stored: a
-/// stored chunk may be dispatched at once, while the rest of the audience is still being read.
-///
-/// Preparing the same request again produces the same chunks (ids, objects and contents are
-/// derived from the audience), so a prepare step interrupted after some chunks were dispatched
-/// can be repeated safely.
-#[tracing::instrument(skip_all, fields(request_id = %request.id))]
-pub(super) async fn read_audience(
+/// One file of an audience: a Cloud Storage object and how to read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AudienceFile {
+    pub(crate) bucket: String,
+    pub(crate) object: String,
+    pub(crate) format: FileFormat,
+    /// Its size as stored, in bytes.
+    pub(crate) size: u64,
+}
+
+impl AudienceFile {
+    pub(crate) fn name(&self) -> String {
+        format!("gs://{}/{}", self.bucket, self.object)
+    }
+
+    /// About how many bytes of rows the file holds: a compressed file counts four times its size.
+    pub(crate) fn row_bytes(&self) -> u64 {
+        let compressed = self.object.to_ascii_lowercase().ends_with(".gz");
+        if compressed { self.size.saturating_mul(4) } else { self.size }
+    }
+}
+
+/// The files of a `gcs` or `bigquery` audience, in the order they are read (a BigQuery audience is
+/// exported first); `None` for an inline one.
+pub(super) async fn files(
     source: &Sources<'_>,
-    store: &Store,
     bucket: &str,
-    request: &DeliveryRequest,
-    chunk_size: usize,
-    on_chunk: &(dyn Fn() + Sync),
-) -> Result<AudienceSummary, PrepareError> {
+    request: &haishin_shared::domain::DeliveryRequest,
+) -> Result<Option<Vec<AudienceFile>>, PrepareError> {
     let blobs = source.blobs;
-    let handed_on = records::clear_chunks(store, &request.id).await?;
-    let mut chunker = Chunker::new(blobs, store, bucket, request, chunk_size, on_chunk, handed_on);
     match &request.audience {
-        Audience::Inline(list) => {
-            for (i, recipient) in list.iter().enumerate() {
-                chunker.push(Ok(recipient.clone()), RowAt { source: "inline", line: i as u64 + 1 }).await?;
-            }
-        }
+        Audience::Inline(_) => Ok(None),
         Audience::Gcs(gcs) => {
+            let mut files = Vec::new();
             for uri in &gcs.uris {
                 let uri = GcsUri::parse(uri).map_err(PrepareError::Unusable)?;
-                for object in expand(blobs, &uri).await? {
+                for (object, size) in expand_sized(blobs, &uri).await? {
                     let format = gcs.format.or_else(|| guess_format(&object)).unwrap_or(FileFormat::Csv);
-                    Box::pin(read_object(&mut chunker, blobs, &uri.bucket, &object, format)).await?;
+                    files.push(AudienceFile { bucket: uri.bucket.clone(), object, format, size });
                 }
             }
+            Ok(Some(files))
         }
         Audience::Bigquery(audience) => {
-            // Boxed, as the files' reading: the step's future stays small on every caller's stack.
+            // Boxed: the export's future is large, and every caller's stack would otherwise hold it.
             let shards = Box::pin(super::bigquery::export(
                 source.bigquery,
                 blobs,
@@ -67,10 +77,54 @@ pub(super) async fn read_audience(
                 source.export_wait,
             ))
             .await?;
-            for object in shards {
-                Box::pin(read_object(&mut chunker, blobs, bucket, &object, FileFormat::Ndjson)).await?;
+            Ok(Some(
+                shards
+                    .into_iter()
+                    .map(|(object, size)| AudienceFile {
+                        bucket: bucket.to_owned(),
+                        object,
+                        format: FileFormat::Ndjson,
+                        size,
+                    })
+                    .collect(),
+            ))
+        }
+    }
+}
+
+/// Whether an audience of these files is prepared in parts: when it holds more than one
+/// partition's worth of rows.
+pub(super) fn worth_parts(files: &[AudienceFile], partition_bytes: u64) -> bool {
+    files.iter().map(AudienceFile::row_bytes).sum::<u64>() > partition_bytes
+}
+
+/// Streams a whole audience (inline, or `files`) into chunk objects under
+/// `gs://bucket/requests/<id>/chunks/` and chunk rows, and returns what was found. A stored chunk
+/// may be dispatched at once (`target.on_chunk`), while the rest is still being read.
+///
+/// Preparing the same request again produces the same chunks (ids, objects and contents are
+/// derived from the audience), so a prepare step interrupted after some chunks were dispatched
+/// can be repeated safely.
+#[tracing::instrument(skip_all, fields(request_id = %target.request.id))]
+pub(super) async fn read_whole(
+    target: ChunkTarget<'_>,
+    files: Option<&[AudienceFile]>,
+) -> Result<AudienceSummary, PrepareError> {
+    let request = target.request;
+    let handed_on = records::clear_chunks(target.store, &request.id, 0..u32::MAX).await?;
+    let mut chunker = Chunker::new(target, 0, handed_on);
+    match (files, &request.audience) {
+        (Some(files), _) => {
+            for file in files {
+                Box::pin(read_object(&mut chunker, target.blobs, file)).await?;
             }
         }
+        (None, Audience::Inline(list)) => {
+            for (i, recipient) in list.iter().enumerate() {
+                chunker.push(Ok(recipient.clone()), RowAt { source: "inline", line: i as u64 + 1 }).await?;
+            }
+        }
+        (None, _) => return Err(PrepareError::Unusable("the audience lists no file".into())),
     }
     chunker.flush().await?;
     tracing::info!(
@@ -84,11 +138,19 @@ pub(super) async fn read_audience(
 
 /// Expands a `*` in the object name (as BigQuery exports write) into the matching objects.
 pub(crate) async fn expand(blobs: &Blobs, uri: &GcsUri) -> Result<Vec<String>, PrepareError> {
+    Ok(expand_sized(blobs, uri).await?.into_iter().map(|(name, _)| name).collect())
+}
+
+/// [`expand`], with each object's size (0 for a named object the listing does not show: reading
+/// it then says why).
+async fn expand_sized(blobs: &Blobs, uri: &GcsUri) -> Result<Vec<(String, u64)>, PrepareError> {
     let Some((prefix, suffix)) = uri.object.split_once('*') else {
-        return Ok(vec![uri.object.clone()]);
+        let listed = blobs.list_sized(&uri.bucket, &uri.object).await?;
+        let size = listed.into_iter().find(|(name, _)| *name == uri.object).map_or(0, |(_, size)| size);
+        return Ok(vec![(uri.object.clone(), size)]);
     };
-    let names = blobs.list(&uri.bucket, prefix).await?;
-    let matched: Vec<String> = names.into_iter().filter(|n| n.ends_with(suffix)).collect();
+    let objects = blobs.list_sized(&uri.bucket, prefix).await?;
+    let matched: Vec<(String, u64)> = objects.into_iter().filter(|(n, _)| n.ends_with(suffix)).collect();
     if matched.is_empty() {
         return Err(PrepareError::Unusable(format!("{uri} matches no object")));
     }
@@ -108,30 +170,25 @@ pub(crate) fn guess_format(object: &str) -> Option<FileFormat> {
     }
 }
 
-/// Streams one object's rows into the chunker.
-async fn read_object(
-    chunker: &mut Chunker<'_>,
+/// Streams one file's rows into `sink`.
+pub(super) async fn read_object<S: RowSink>(
+    sink: &mut S,
     blobs: &Blobs,
-    bucket: &str,
-    object: &str,
-    format: FileFormat,
+    file: &AudienceFile,
 ) -> Result<(), PrepareError> {
+    let (bucket, object) = (&file.bucket, &file.object);
     let stream = blobs.read(bucket, object).await.map_err(|e| match e {
         GcpError::Permanent { detail, .. } => {
             PrepareError::Unusable(format!("cannot read gs://{bucket}/{object}: {detail}"))
         }
         other => other.into(),
     })?;
-    read_file(chunker, stream, format, &format!("gs://{bucket}/{object}")).await
+    read_file(sink, stream, file.format, &file.name()).await
 }
 
-async fn read_file<S>(
-    chunker: &mut Chunker<'_>,
-    stream: S,
-    format: FileFormat,
-    name: &str,
-) -> Result<(), PrepareError>
+async fn read_file<K, S>(sink: &mut K, stream: S, format: FileFormat, name: &str) -> Result<(), PrepareError>
 where
+    K: RowSink,
     S: Stream<Item = Result<bytes::Bytes, GcpError>> + Send + Unpin,
 {
     let failure = std::sync::Arc::new(std::sync::Mutex::new(None::<GcpError>));
@@ -141,7 +198,7 @@ where
         *keep.lock().expect("lock") = Some(e);
         std::io::Error::other(text)
     }));
-    let result = rows::read_rows(chunker, reader, format, name).await;
+    let result = rows::read_rows(sink, reader, format, name).await;
     if let Some(err) = failure.lock().expect("lock").take() {
         return Err(err.into());
     }

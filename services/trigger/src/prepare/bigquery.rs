@@ -45,7 +45,8 @@ fn string_literal(text: &str) -> String {
     format!("'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// Exports the audience (or finds its export done) and returns the shards' object names in order.
+/// Exports the audience (or finds its export done) and returns the shards' object names, in
+/// order, with their sizes.
 #[tracing::instrument(skip_all, fields(request_id = %request.id))]
 pub(super) async fn export(
     bigquery: &BigQuery,
@@ -54,7 +55,7 @@ pub(super) async fn export(
     request: &DeliveryRequest,
     audience: &BigqueryAudience,
     wait: Duration,
-) -> Result<Vec<String>, PrepareError> {
+) -> Result<Vec<(String, u64)>, PrepareError> {
     let prefix = export_prefix(&request.id);
     let uri = format!("gs://{bucket}/{prefix}*{EXPORT_SUFFIX}");
     let sql = statement(audience, &uri, bigquery.project()).map_err(PrepareError::Unusable)?;
@@ -100,10 +101,18 @@ fn failed(err: BigQueryError) -> PrepareError {
 }
 
 /// The export's shards, once all the files the job reports are there.
-async fn shards(blobs: &Blobs, bucket: &str, prefix: &str, job: &Job) -> Result<Vec<String>, PrepareError> {
-    let mut names: Vec<String> =
-        blobs.list(bucket, prefix).await?.into_iter().filter(|n| n.ends_with(EXPORT_SUFFIX)).collect();
-    names.sort();
+async fn shards(
+    blobs: &Blobs,
+    bucket: &str,
+    prefix: &str,
+    job: &Job,
+) -> Result<Vec<(String, u64)>, PrepareError> {
+    let names: Vec<(String, u64)> = blobs
+        .list_sized(bucket, prefix)
+        .await?
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(EXPORT_SUFFIX))
+        .collect();
     let reported = job.statistics["query"]["exportDataStatistics"]["fileCount"]
         .as_str()
         .and_then(|n| n.parse::<usize>().ok());

@@ -1,20 +1,20 @@
-//! Filling chunks: recipients are de-duplicated within the request, checked against the
+//! Filling chunks: recipients are de-duplicated exactly (by their address key), checked against the
 //! suppressions (one query per chunk), written to Cloud Storage `chunk_size` candidates at a
 //! time, and each chunk is recorded as it is written, so that it can be dispatched while the rest
 //! of the audience is still being read.
 //!
-//! A chunk's candidates are the de-duplicated recipients `[seq × chunk_size, (seq + 1) ×
-//! chunk_size)`, whatever the suppressions say, so the chunks of a prepare step repeated after an
-//! interruption line up with the first attempt's. A chunk the first attempt already handed on
-//! keeps its object and row (suppressions may have changed since); the summary counts what it
-//! holds. A chunk whose candidates are all suppressed is not written.
+//! A chunk's candidates are the de-duplicated recipients from `(seq - first) × chunk_size` on,
+//! `chunk_size` of them, where `first` is the chunker's first chunk number (0, or a partition's
+//! `first_seq`: see `parts`), whatever the suppressions say, so the chunks of a prepare step
+//! repeated after an interruption line up with the first attempt's. A chunk the first attempt
+//! already handed on keeps its object and row (suppressions may have changed since); the summary
+//! counts what it holds. A chunk whose candidates are all suppressed is not written.
 //!
 //! A request cancelled while it is prepared is read to its end all the same, so that its summary
 //! counts the whole audience, but its chunks from then on are recorded `cancelled` and their
 //! objects, which nothing will read, are not written.
 
 use std::collections::{BTreeMap, HashSet};
-use std::hash::{BuildHasher, Hasher};
 use std::ops::Range;
 
 use haishin_shared::domain::{ChunkId, ChunkState, DeliveryRequest, Recipient, chunk_object, template};
@@ -29,7 +29,7 @@ use super::records::{self, NewChunk};
 use super::rows::{RowAt, RowSink};
 
 /// What the prepare step found in an audience.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct AudienceSummary {
     /// Rows read, valid or not.
     pub rows: u64,
@@ -43,23 +43,64 @@ pub struct AudienceSummary {
     pub chunks: u32,
 }
 
+impl AudienceSummary {
+    /// Counts a row skipped, and points at it if it is among the first of its reason.
+    pub(super) fn skip(&mut self, reason: Skip, source: &str, line: u64) {
+        self.skip_many(reason, 1);
+        let examples = self.skipped_at.entry(reason.as_str().to_owned()).or_default();
+        if examples.len() < EXAMPLES_PER_REASON {
+            examples.push(format!("{source}:{line}"));
+        }
+    }
+
+    pub(super) fn skip_many(&mut self, reason: Skip, count: u64) {
+        if count > 0 {
+            *self.skipped.entry(reason.as_str().to_owned()).or_default() += count;
+        }
+    }
+
+    /// Adds another part's findings to these: counts summed, examples kept up to the limit in the
+    /// order the parts are added.
+    pub(super) fn add(&mut self, other: AudienceSummary) {
+        self.rows += other.rows;
+        self.recipients += other.recipients;
+        self.chunks += other.chunks;
+        for (reason, count) in other.skipped {
+            *self.skipped.entry(reason).or_default() += count;
+        }
+        for (reason, at) in other.skipped_at {
+            let examples = self.skipped_at.entry(reason).or_default();
+            let room = EXAMPLES_PER_REASON.saturating_sub(examples.len());
+            examples.extend(at.into_iter().take(room));
+        }
+    }
+}
+
 /// How many skipped rows of each reason the summary points at.
 pub(super) const EXAMPLES_PER_REASON: usize = 5;
 
+/// A file whose columns leave a placeholder of the template without a value fails before any of
+/// its rows becomes a chunk.
+pub(super) fn check_columns(
+    request: &DeliveryRequest,
+    source: &str,
+    columns: &[&str],
+) -> Result<(), PrepareError> {
+    let needed = template::placeholders(&request.template).map_err(PrepareError::Unusable)?;
+    let given: serde_json::Map<String, serde_json::Value> =
+        columns.iter().map(|c| ((*c).to_owned(), serde_json::Value::String(String::new()))).collect();
+    match template::missing_value(&request.template, &needed, &given) {
+        Some(name) => Err(PrepareError::Unusable(format!(
+            "{source}: the template uses `{name}`, which the file has no column for (its columns: {})",
+            columns.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
 impl RowSink for Chunker<'_> {
-    /// A file whose columns leave a placeholder of the template without a value fails before
-    /// any of its rows becomes a chunk.
     fn columns(&mut self, source: &str, columns: &[&str]) -> Result<(), PrepareError> {
-        let needed = template::placeholders(&self.request.template).map_err(PrepareError::Unusable)?;
-        let given: serde_json::Map<String, serde_json::Value> =
-            columns.iter().map(|c| ((*c).to_owned(), serde_json::Value::String(String::new()))).collect();
-        match template::missing_value(&self.request.template, &needed, &given) {
-            Some(name) => Err(PrepareError::Unusable(format!(
-                "{source}: the template uses `{name}`, which the file has no column for (its columns: {})",
-                columns.join(", ")
-            ))),
-            None => Ok(()),
-        }
+        check_columns(self.target.request, source, columns)
     }
 
     async fn row(&mut self, row: Result<Recipient, Skip>, at: RowAt<'_>) -> Result<(), PrepareError> {
@@ -75,16 +116,25 @@ struct Candidate {
     at_line: u64,
 }
 
+/// Where chunks go, and how large they are.
+#[derive(Clone, Copy)]
+pub(super) struct ChunkTarget<'a> {
+    pub blobs: &'a Blobs,
+    pub store: &'a Store,
+    pub bucket: &'a str,
+    pub request: &'a DeliveryRequest,
+    pub chunk_size: usize,
+    /// Runs after each chunk is stored.
+    pub on_chunk: &'a (dyn Fn() + Sync),
+}
+
 /// Fills chunks and writes them.
 pub(super) struct Chunker<'a> {
-    blobs: &'a Blobs,
-    store: &'a Store,
-    bucket: &'a str,
-    request: &'a DeliveryRequest,
-    chunk_size: usize,
-    on_chunk: &'a (dyn Fn() + Sync),
-    seen: HashSet<u64, std::hash::RandomState>,
-    hasher: std::hash::RandomState,
+    target: ChunkTarget<'a>,
+    /// The address keys kept so far. Exact: two addresses are one recipient only when their keys
+    /// are equal. Its size is what bounds the memory of a prepare step, which is why a large
+    /// audience is prepared a partition at a time.
+    seen: HashSet<Box<str>>,
     /// The scopes of suppressions that hold for this request.
     scopes: Vec<String>,
     /// The recipients of the chunk being filled, as NDJSON lines, and who they are.
@@ -103,29 +153,16 @@ pub(super) struct Chunker<'a> {
 }
 
 impl<'a> Chunker<'a> {
-    pub(super) fn new(
-        blobs: &'a Blobs,
-        store: &'a Store,
-        bucket: &'a str,
-        request: &'a DeliveryRequest,
-        chunk_size: usize,
-        on_chunk: &'a (dyn Fn() + Sync),
-        handed_on: BTreeMap<u32, i32>,
-    ) -> Self {
+    /// A chunker whose first chunk is number `first_seq`.
+    pub(super) fn new(target: ChunkTarget<'a>, first_seq: u32, handed_on: BTreeMap<u32, i32>) -> Self {
         Self {
-            blobs,
-            store,
-            bucket,
-            request,
-            chunk_size: chunk_size.max(1),
-            on_chunk,
+            target: ChunkTarget { chunk_size: target.chunk_size.max(1), ..target },
             seen: HashSet::default(),
-            hasher: std::hash::RandomState::new(),
-            scopes: scopes_of(&request.labels),
+            scopes: scopes_of(&target.request.labels),
             buffer: Vec::new(),
             candidates: Vec::new(),
             sources: Vec::new(),
-            seq: 0,
+            seq: first_seq,
             handed_on,
             cancelled: false,
             summary: AudienceSummary::default(),
@@ -133,17 +170,11 @@ impl<'a> Chunker<'a> {
     }
 
     fn skip(&mut self, reason: Skip, source: &str, line: u64) {
-        self.skip_many(reason, 1);
-        let examples = self.summary.skipped_at.entry(reason.as_str().to_owned()).or_default();
-        if examples.len() < EXAMPLES_PER_REASON {
-            examples.push(format!("{source}:{line}"));
-        }
+        self.summary.skip(reason, source, line);
     }
 
     fn skip_many(&mut self, reason: Skip, count: u64) {
-        if count > 0 {
-            *self.summary.skipped.entry(reason.as_str().to_owned()).or_default() += count;
-        }
+        self.summary.skip_many(reason, count);
     }
 
     pub(super) async fn push(
@@ -160,22 +191,43 @@ impl<'a> Chunker<'a> {
             }
         };
         let key = address_key(&recipient.email);
-        let mut hasher = self.hasher.build_hasher();
-        hasher.write(key.as_bytes());
-        if !self.seen.insert(hasher.finish()) {
+        if self.seen.contains(key.as_str()) {
             self.skip(Skip::Duplicate, at.source, at.line);
             return Ok(());
-        }
-        if self.sources.last().is_none_or(|last| last != at.source) {
-            self.sources.push(at.source.to_owned());
         }
         let start = self.buffer.len();
         serde_json::to_writer(&mut self.buffer, &recipient)
             .map_err(|e| PrepareError::Unusable(e.to_string()))?;
+        self.keep(key, start, at).await
+    }
+
+    /// Takes a recipient checked already (a partition's, written by a shard step): its address
+    /// key and its line as the chunk object holds it. The row was counted where it was read.
+    pub(super) async fn push_checked(
+        &mut self,
+        key: String,
+        line: &[u8],
+        at: RowAt<'_>,
+    ) -> Result<(), PrepareError> {
+        if self.seen.contains(key.as_str()) {
+            self.skip(Skip::Duplicate, at.source, at.line);
+            return Ok(());
+        }
+        let start = self.buffer.len();
+        self.buffer.extend_from_slice(line);
+        self.keep(key, start, at).await
+    }
+
+    /// Keeps a new recipient whose line starts at `start` in the buffer.
+    async fn keep(&mut self, key: String, start: usize, at: RowAt<'_>) -> Result<(), PrepareError> {
         self.buffer.push(b'\n');
+        if self.sources.last().is_none_or(|last| last != at.source) {
+            self.sources.push(at.source.to_owned());
+        }
+        self.seen.insert(key.as_str().into());
         let line = start..self.buffer.len();
         self.candidates.push(Candidate { key, line, source: self.sources.len() - 1, at_line: at.line });
-        if self.candidates.len() >= self.chunk_size {
+        if self.candidates.len() >= self.target.chunk_size {
             self.flush().await?;
         }
         Ok(())
@@ -199,7 +251,8 @@ impl<'a> Chunker<'a> {
             return Ok(());
         }
         let keys: Vec<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
-        let suppressed = suppressed_among(self.store, &keys, &self.scopes).await?;
+        let ChunkTarget { blobs, store, bucket, request, on_chunk, .. } = self.target;
+        let suppressed = suppressed_among(store, &keys, &self.scopes).await?;
         let data = if suppressed.is_empty() {
             buffer
         } else {
@@ -219,12 +272,12 @@ impl<'a> Chunker<'a> {
         if recipients == 0 {
             return Ok(());
         }
-        let object = chunk_object(&self.request.id, seq);
+        let object = chunk_object(&request.id, seq);
         if !self.cancelled {
-            self.blobs.write(self.bucket, &object, bytes::Bytes::from(data)).await?;
+            blobs.write(bucket, &object, bytes::Bytes::from(data)).await?;
         }
-        let chunk = NewChunk { id: ChunkId::new(&self.request.id, seq), seq, object, recipients };
-        let stored = records::insert_chunks(self.store, self.request, &[chunk]).await?;
+        let chunk = NewChunk { id: ChunkId::new(&request.id, seq), seq, object, recipients };
+        let stored = records::insert_chunks(store, request, &[chunk]).await?;
         if stored == ChunkState::Cancelled && !self.cancelled {
             tracing::info!(
                 chunk = seq,
@@ -233,7 +286,7 @@ impl<'a> Chunker<'a> {
             self.cancelled = true;
         }
         self.summary.chunks += 1;
-        (self.on_chunk)();
+        on_chunk();
         Ok(())
     }
 }

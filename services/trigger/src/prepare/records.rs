@@ -1,6 +1,7 @@
 //! What the prepare step writes: its claim on the request, the chunk rows, and its end.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::time::Duration;
 
 use haishin_shared::domain::{ChunkId, ChunkState, DeliveryRequest, RequestId, RequestState};
@@ -26,7 +27,8 @@ pub async fn claim_prepare(
 ) -> Result<Claim<RequestRow, RequestState>> {
     let claimed = sqlx::query_as::<_, RequestRow>(&format!(
         "UPDATE requests SET state = 'preparing', lease_until = now() + $2
-         WHERE id = $1 AND (state = 'received' OR (state = 'preparing' AND lease_until < now()))
+         WHERE id = $1 AND (state = 'received'
+                          OR (state = 'preparing' AND partitions IS NULL AND lease_until < now()))
          RETURNING {}",
         request_columns(None)
     ))
@@ -47,18 +49,32 @@ pub async fn claim_prepare(
     })
 }
 
-/// Drops what an earlier, interrupted prepare of this request wrote and nothing has taken up
-/// since (pending chunks none of whose messages were tried), and returns the chunks it handed on,
-/// by `seq`, with their recipients: those stay as they are.
-pub async fn clear_chunks(store: &Store, request: &RequestId) -> Result<BTreeMap<u32, i32>> {
-    sqlx::query("DELETE FROM chunks WHERE request_id = $1 AND state = 'pending' AND progress = 0")
-        .bind(request)
-        .execute(store.pool())
-        .await?;
-    let kept: Vec<(i32, i32)> = sqlx::query_as("SELECT seq, recipients FROM chunks WHERE request_id = $1")
-        .bind(request)
-        .fetch_all(store.pool())
-        .await?;
+/// Drops what an earlier, interrupted prepare of this request (or of the partition whose chunk
+/// numbers are `seqs`) wrote and nothing has taken up since (pending chunks none of whose messages
+/// were tried), and returns the chunks it handed on, by `seq`, with their recipients: those stay
+/// as they are.
+pub async fn clear_chunks(
+    store: &Store,
+    request: &RequestId,
+    seqs: Range<u32>,
+) -> Result<BTreeMap<u32, i32>> {
+    let (first, end) = (i64::from(seqs.start), i64::from(seqs.end));
+    sqlx::query(
+        "DELETE FROM chunks WHERE request_id = $1 AND state = 'pending' AND progress = 0
+             AND seq >= $2 AND seq < $3",
+    )
+    .bind(request)
+    .bind(first)
+    .bind(end)
+    .execute(store.pool())
+    .await?;
+    let kept: Vec<(i32, i32)> =
+        sqlx::query_as("SELECT seq, recipients FROM chunks WHERE request_id = $1 AND seq >= $2 AND seq < $3")
+            .bind(request)
+            .bind(first)
+            .bind(end)
+            .fetch_all(store.pool())
+            .await?;
     Ok(kept.into_iter().map(|(seq, recipients)| (seq.max(0) as u32, recipients)).collect())
 }
 

@@ -1,4 +1,5 @@
-//! `POST /tasks/prepare`: Cloud Tasks asks for a request's audience to be prepared.
+//! `POST /tasks/prepare`: Cloud Tasks asks for a request's audience to be prepared, or one part of
+//! a large audience's preparation to be done.
 
 use axum::Router;
 use axum::extract::State;
@@ -23,8 +24,12 @@ async fn prepare(State(state): State<AppState>, Delivered(task): Delivered<Prepa
         }
     };
     let id = &task.request_id;
-    match prepare::run(&state, id).await {
+    match Box::pin(prepare::run(&state, id, task.part)).await {
         Ok(Prepared::Chunks(chunks)) => Outcome::done(format!("request {id} prepared: {chunks} chunks")),
+        Ok(Prepared::InParts) => match task.part {
+            Some(part) => Outcome::done(format!("{part} of request {id} prepared")),
+            None => Outcome::done(format!("request {id} is being prepared in parts")),
+        },
         Ok(Prepared::Past(past)) => {
             Outcome::done(format!("request {id} is {}", past.map_or("unknown", |s| s.as_str())))
         }

@@ -58,6 +58,9 @@ pub struct FrontDoorConfig {
     /// The service, `http://127.0.0.1:PORT`: accepted requests go there with their path and
     /// query.
     pub backend: String,
+    /// Further instances of the same service (default none): requests go to each instance in
+    /// turn, as Cloud Run spreads a service's requests over its instances.
+    pub more_backends: Vec<String>,
     /// The port to listen on (0, the default: any free port).
     pub port: u16,
     /// Custom audiences accepted besides the front door's own URL (default none).
@@ -78,6 +81,7 @@ impl FrontDoorConfig {
     pub fn new(backend: impl Into<String>) -> Self {
         Self {
             backend: backend.into(),
+            more_backends: Vec::new(),
             port: 0,
             audiences: Vec::new(),
             invokers: Vec::new(),
@@ -113,12 +117,16 @@ pub struct FrontDoor {
 impl FrontDoor {
     /// Starts a front door that trusts the tokens of `signer` (the key its key set publishes).
     pub async fn start(config: FrontDoorConfig, signer: &TokenSigner) -> Result<Self, Error> {
-        let backend = Backend::new(&config.backend, config.request_timeout)?;
+        let backends = std::iter::once(&config.backend)
+            .chain(&config.more_backends)
+            .map(|url| Backend::new(url, config.request_timeout))
+            .collect::<Result<Vec<_>, _>>()?;
         let listener = Served::bind(config.port).await?;
         let own_url = format!("http://{}", listener.local_addr()?);
         let audiences: Vec<String> = std::iter::once(own_url).chain(config.audiences).collect();
         let door = Arc::new(Door {
-            backend,
+            backends,
+            next_backend: std::sync::atomic::AtomicUsize::new(0),
             verifier: Verifier::new(&signer.jwks(), &audiences)?,
             invokers: RwLock::new(config.invokers.iter().map(|m| member(m)).collect()),
             public_paths: config.public_paths,
@@ -163,7 +171,9 @@ impl FrontDoor {
 /// State of the proxy handler.
 #[derive(Debug)]
 struct Door {
-    backend: Backend,
+    /// The service's instances, taken in turn.
+    backends: Vec<Backend>,
+    next_backend: std::sync::atomic::AtomicUsize,
     verifier: Verifier,
     /// Lower-case emails, and `allauthenticatedusers`.
     invokers: RwLock<HashSet<String>>,
@@ -202,7 +212,8 @@ impl Door {
     /// Sends the request to the service and streams its answer back.
     async fn forward(&self, request: Request) -> Response {
         self.count(|s| s.forwarded += 1);
-        self.backend.send(request).await.unwrap_or_else(|status| {
+        let turn = self.next_backend.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.backends[turn % self.backends.len()].send(request).await.unwrap_or_else(|status| {
             self.count(|s| s.backend_failures += 1);
             error_page(status, "The service did not answer the request.")
         })

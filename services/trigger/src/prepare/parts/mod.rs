@@ -1,0 +1,214 @@
+//! A large audience prepared in parts, each its own prepare task, so that the work spreads over
+//! trigger instances and no instance holds more than one partition's recipients.
+//!
+//! 1. **Plan** (the request's prepare task): the audience's files are listed (a BigQuery audience
+//!    exported first), a `shard` part is recorded for each, with the number of partitions (about
+//!    [`Parts::partition_bytes`] of rows each), and a task is created for each shard.
+//! 2. **Shards** (`shard`): a shard reads its file, checks each row (bad rows are skipped and
+//!    counted there), and appends each valid one to its partition, chosen by a hash of the
+//!    address key, as objects `requests/<id>/parts/<partition>/<shard>-<n>.json`. The last shard
+//!    to end records the partitions and creates their tasks.
+//! 3. **Partitions** (`partition`): a partition reads its objects in order (shard by shard, each
+//!    in file order), keeps the first row of each address (exact: every copy of an address is in
+//!    the same partition), and cuts chunks as a whole audience's are, numbered from its
+//!    `first_seq`. The last partition to end sums the parts into the request's summary and hands
+//!    the request to dispatch; its chunks were dispatched as they were stored.
+//!
+//! Every step is idempotent: a part's objects, chunks and numbers are derived from the audience,
+//! so a part redone after a crash or a redelivery writes the same again, and a part done already
+//! only checks that what follows it has started.
+
+mod partition;
+pub(super) mod records;
+mod shard;
+
+use std::sync::Arc;
+
+use haishin_shared::domain::{DeliveryRequest, RequestId};
+use haishin_shared::messages::{PreparePart, PrepareTask};
+use tokio::sync::Semaphore;
+
+use super::Prepared;
+use super::audience::AudienceFile;
+use crate::AppState;
+use crate::error::Unavailable;
+use records::{Finished, PartClaim};
+
+/// Most partitions an audience is spread over.
+const MAX_PARTITIONS: u64 = 4_096;
+
+/// How large audiences are prepared in parts.
+#[derive(Clone, Debug)]
+pub struct Parts {
+    /// Rows (bytes of files) per partition.
+    pub partition_bytes: u64,
+    /// Parts this instance prepares at once.
+    at_once: Arc<Semaphore>,
+}
+
+impl Parts {
+    pub fn new(partition_bytes: u64, at_once: usize) -> Self {
+        Self { partition_bytes: partition_bytes.max(1), at_once: Arc::new(Semaphore::new(at_once.max(1))) }
+    }
+
+    /// Partitions for an audience of these files.
+    pub(super) fn partitions(&self, files: &[AudienceFile]) -> u32 {
+        let bytes: u64 = files.iter().map(AudienceFile::row_bytes).sum();
+        bytes.div_ceil(self.partition_bytes).clamp(1, MAX_PARTITIONS) as u32
+    }
+}
+
+/// The partition of an address key among `partitions`: a hash that is the same in every trigger
+/// instance and every release (FNV-1a, then mixed so that every bit counts in the modulo).
+pub(super) fn partition_of(key: &str, partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    (hash % u64::from(partitions.max(1))) as u32
+}
+
+/// Where a shard's `n`th piece of a partition is written. Zero-padded, so that listing a
+/// partition's objects gives them in shard order, and each shard's in the order written.
+pub(super) fn part_object(request: &RequestId, partition: u32, shard: u32, n: u32) -> String {
+    format!("{}{shard:05}-{n:06}.json", partition_prefix(request, partition))
+}
+
+/// The prefix of a partition's objects.
+pub(super) fn partition_prefix(request: &RequestId, partition: u32) -> String {
+    format!("requests/{request}/parts/{partition:05}/")
+}
+
+/// Records the shards of a request's files and creates their tasks.
+pub(super) async fn plan(
+    state: &AppState,
+    request: &DeliveryRequest,
+    files: &[AudienceFile],
+) -> Result<Prepared, Unavailable> {
+    let partitions = state.parts.partitions(files);
+    records::plan(&state.store, &request.id, files, partitions).await?;
+    tracing::info!(files = files.len(), partitions, "Audience prepared in parts.");
+    start_shards(state, &request.id).await
+}
+
+/// Creates the tasks of the request's shards not done yet (again, for a plan that was
+/// interrupted: a task of the same name is created once).
+pub(super) async fn start_shards(state: &AppState, id: &RequestId) -> Result<Prepared, Unavailable> {
+    let shards = records::unfinished(&state.store, id, "shard").await?;
+    if shards.is_empty() {
+        // Every shard is done: what follows them is checked as a shard's end checks it.
+        return Box::pin(run(state, id, PreparePart::Shard(0))).await;
+    }
+    start(state, id, shards.iter().map(|&s| PreparePart::Shard(s))).await?;
+    Ok(Prepared::InParts)
+}
+
+async fn start(
+    state: &AppState,
+    id: &RequestId,
+    parts: impl Iterator<Item = PreparePart>,
+) -> Result<(), Unavailable> {
+    for part in parts {
+        let task = PrepareTask { request_id: id.clone(), part: Some(part) };
+        let name = haishin_shared::gcp::task_name(&format!("prepare:{id}:{}:{}", part.kind(), part.index()));
+        state.prepare_queue.enqueue(Some(&name), &task).await?;
+    }
+    Ok(())
+}
+
+/// Runs one part of a request's preparation, and whatever its end starts.
+#[tracing::instrument(skip_all, fields(request_id = %id, part = %part))]
+pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<Prepared, Unavailable> {
+    let _permit = state.parts.at_once.acquire().await.expect("the semaphore is never closed");
+    let row = match records::claim(&state.store, id, part, state.prepare_lease).await? {
+        PartClaim::Claimed(row) => Some(row),
+        PartClaim::Done => None,
+        PartClaim::Busy => {
+            return Err(Unavailable::Busy(format!("{part} of request {id} is being prepared")));
+        }
+        PartClaim::Past(past) => return Ok(Prepared::Past(past)),
+    };
+    let Some(request) = state.store.request(id).await? else { return Ok(Prepared::Past(None)) };
+    let request = match request.request() {
+        Ok(request) => request,
+        Err(err) => return super::fail(state, id, &err.to_string()).await,
+    };
+    let found = match row {
+        None => None,
+        Some(row) => {
+            let done = match part {
+                PreparePart::Shard(shard) => Box::pin(shard::run(state, &request, shard, &row)).await,
+                PreparePart::Partition(p) => Box::pin(partition::run(state, &request, p, &row)).await,
+            };
+            match done {
+                Ok(found) => Some(found),
+                Err(err) if err.is_permanent() => return super::fail(state, id, &err.to_string()).await,
+                Err(err) => {
+                    let _ = records::drop_lease(&state.store, id, part).await;
+                    return Err(Unavailable::Dependency(err.to_string()));
+                }
+            }
+        }
+    };
+    let found = found.as_ref().map(|(summary, rows)| records::Found { summary, partition_rows: rows });
+    match records::finish(&state.store, id, part, found, state.chunk_size).await? {
+        Finished::Partitions(open) => {
+            start(state, id, open.into_iter().map(PreparePart::Partition)).await?;
+            Ok(Prepared::InParts)
+        }
+        Finished::Request(None) => Ok(Prepared::InParts),
+        Finished::Request(Some(summary)) => {
+            super::records::finish_prepare(&state.store, id, &summary).await?;
+            tracing::info!(
+                rows = summary.rows,
+                recipients = summary.recipients,
+                chunks = summary.chunks,
+                "Audience prepared."
+            );
+            super::dispatch_after_prepare(state).await;
+            Ok(Prepared::Chunks(summary.chunks))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_stable_and_spread_evenly() {
+        assert_eq!(partition_of("someone@example.com", 64), partition_of("someone@example.com", 64));
+        let mut counts = [0u32; 16];
+        for i in 0..16_000 {
+            counts[partition_of(&format!("user{i}@example.com"), 16) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| (850..1150).contains(&c)), "{counts:?}");
+    }
+
+    #[test]
+    fn partition_objects_list_in_shard_order() {
+        let id = RequestId::from("r-1");
+        let a = part_object(&id, 3, 2, 10);
+        let b = part_object(&id, 3, 10, 0);
+        assert!(a < b && a.starts_with(&partition_prefix(&id, 3)), "{a} {b}");
+        assert!(a.ends_with(".json"), "the export lifecycle rule covers parts");
+    }
+
+    #[test]
+    fn an_audience_gets_one_partition_per_partition_size() {
+        let parts = Parts::new(100, 1);
+        let file = |size| AudienceFile {
+            bucket: "b".into(),
+            object: "o.csv".into(),
+            format: haishin_shared::domain::FileFormat::Csv,
+            size,
+        };
+        assert_eq!(parts.partitions(&[file(250)]), 3);
+        assert_eq!(parts.partitions(&[file(50), file(50)]), 1);
+        assert_eq!(Parts::new(1, 1).partitions(&[file(u64::MAX)]), MAX_PARTITIONS as u32);
+    }
+}

@@ -1,0 +1,324 @@
+//! What the parts of a large audience's preparation write: the parts themselves, their claims,
+//! what each found, and the hand-over from shards to partitions.
+
+use std::time::Duration;
+
+use haishin_shared::domain::{FileFormat, RequestId, RequestState};
+use haishin_shared::messages::PreparePart;
+use haishin_shared::store::{Result, Store};
+
+use super::super::audience::AudienceFile;
+use super::super::chunker::AudienceSummary;
+
+/// A part taken by this worker.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct PartRow {
+    pub(crate) bucket: Option<String>,
+    pub(crate) object: Option<String>,
+    pub(crate) format: Option<String>,
+    pub(crate) first_seq: Option<i32>,
+    /// Rows the shards wrote to this partition (partitions), 0 for a shard.
+    pub(crate) rows: i64,
+    pub(crate) partitions: Option<i32>,
+}
+
+impl PartRow {
+    /// A shard's file.
+    pub(crate) fn file(&self) -> Option<AudienceFile> {
+        let format = match self.format.as_deref()? {
+            "ndjson" => FileFormat::Ndjson,
+            _ => FileFormat::Csv,
+        };
+        Some(AudienceFile { bucket: self.bucket.clone()?, object: self.object.clone()?, format, size: 0 })
+    }
+}
+
+/// What taking a part came to.
+#[derive(Debug)]
+pub(crate) enum PartClaim {
+    Claimed(PartRow),
+    /// Another worker holds it.
+    Busy,
+    /// Done already.
+    Done,
+    /// The request is no longer being prepared (failed, say), or the part is unknown.
+    Past(Option<RequestState>),
+}
+
+/// The request's partition count, once its shards are planned and it is still being prepared.
+pub(crate) async fn planned(store: &Store, id: &RequestId) -> Result<Option<u32>> {
+    let partitions: Option<Option<i32>> =
+        sqlx::query_scalar("SELECT partitions FROM requests WHERE id = $1 AND state = 'preparing'")
+            .bind(id)
+            .fetch_optional(store.pool())
+            .await?;
+    Ok(partitions.flatten().map(|p| p.max(1) as u32))
+}
+
+/// Records a request's shards, one per file, and how many partitions they spread over. Done
+/// once: a second plan of the same request changes nothing.
+pub(crate) async fn plan(
+    store: &Store,
+    id: &RequestId,
+    files: &[AudienceFile],
+    partitions: u32,
+) -> Result<()> {
+    let mut tx = store.pool().begin().await?;
+    let buckets: Vec<&str> = files.iter().map(|f| f.bucket.as_str()).collect();
+    let objects: Vec<&str> = files.iter().map(|f| f.object.as_str()).collect();
+    let formats: Vec<&str> = files
+        .iter()
+        .map(|f| match f.format {
+            FileFormat::Ndjson => "ndjson",
+            FileFormat::Csv => "csv",
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO prepare_parts (request_id, kind, index, bucket, object, format)
+         SELECT $1, 'shard', n - 1, b, o, f FROM unnest($2::text[], $3::text[], $4::text[])
+             WITH ORDINALITY AS t(b, o, f, n)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .bind(&buckets)
+    .bind(&objects)
+    .bind(&formats)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE requests SET partitions = COALESCE(partitions, $2) WHERE id = $1")
+        .bind(id)
+        .bind(partitions as i32)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The parts of a kind not done yet.
+pub(crate) async fn unfinished(store: &Store, id: &RequestId, kind: &str) -> Result<Vec<u32>> {
+    let indexes: Vec<i32> = sqlx::query_scalar(
+        "SELECT index FROM prepare_parts WHERE request_id = $1 AND kind = $2 AND NOT done ORDER BY index",
+    )
+    .bind(id)
+    .bind(kind)
+    .fetch_all(store.pool())
+    .await?;
+    Ok(indexes.into_iter().map(|i| i.max(0) as u32).collect())
+}
+
+/// Takes a part for `lease`: one not done, whose request is being prepared, that no other worker
+/// holds.
+pub(crate) async fn claim(
+    store: &Store,
+    id: &RequestId,
+    part: PreparePart,
+    lease: Duration,
+) -> Result<PartClaim> {
+    let claimed = sqlx::query_as::<_, PartRow>(
+        "UPDATE prepare_parts p SET lease_until = now() + $4
+         FROM requests r
+         WHERE p.request_id = $1 AND p.kind = $2 AND p.index = $3 AND NOT p.done
+           AND (p.lease_until IS NULL OR p.lease_until < now())
+           AND r.id = p.request_id AND r.state = 'preparing'
+         RETURNING p.bucket, p.object, p.format, p.first_seq, p.rows, r.partitions",
+    )
+    .bind(id)
+    .bind(part.kind())
+    .bind(part.index() as i32)
+    .bind(lease)
+    .fetch_optional(store.pool())
+    .await?;
+    if let Some(row) = claimed {
+        return Ok(PartClaim::Claimed(row));
+    }
+    let found: Option<(RequestState, Option<bool>)> = sqlx::query_as(
+        "SELECT r.state, p.done FROM requests r
+         LEFT JOIN prepare_parts p ON p.request_id = r.id AND p.kind = $2 AND p.index = $3
+         WHERE r.id = $1",
+    )
+    .bind(id)
+    .bind(part.kind())
+    .bind(part.index() as i32)
+    .fetch_optional(store.pool())
+    .await?;
+    Ok(match found {
+        Some((RequestState::Preparing, Some(true))) => PartClaim::Done,
+        Some((RequestState::Preparing, Some(false))) => PartClaim::Busy,
+        Some((state, _)) => PartClaim::Past(Some(state)),
+        None => PartClaim::Past(None),
+    })
+}
+
+/// Lets the next attempt at a part start at once.
+pub(crate) async fn drop_lease(store: &Store, id: &RequestId, part: PreparePart) -> Result<()> {
+    sqlx::query(
+        "UPDATE prepare_parts SET lease_until = NULL
+         WHERE request_id = $1 AND kind = $2 AND index = $3 AND NOT done",
+    )
+    .bind(id)
+    .bind(part.kind())
+    .bind(part.index() as i32)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}
+
+/// The files of the request's shards, by shard.
+pub(crate) async fn shard_names(store: &Store, id: &RequestId) -> Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT 'gs://' || bucket || '/' || object FROM prepare_parts
+         WHERE request_id = $1 AND kind = 'shard' ORDER BY index",
+    )
+    .bind(id)
+    .fetch_all(store.pool())
+    .await
+    .map_err(Into::into)
+}
+
+/// What a part found: its summary and, for a shard, its valid rows written to each partition.
+pub(crate) struct Found<'a> {
+    pub(crate) summary: &'a AudienceSummary,
+    pub(crate) partition_rows: &'a [i64],
+}
+
+/// Ends a part with what it `found` (`None`: it was done already). Returns the partitions to start
+/// when every shard is done (see [`open_partitions`]), or the request's whole summary when every
+/// partition is. The request's row is locked meanwhile, so that of two parts ending together,
+/// one sees the other's end.
+pub(crate) async fn finish(
+    store: &Store,
+    id: &RequestId,
+    part: PreparePart,
+    found: Option<Found<'_>>,
+    chunk_size: usize,
+) -> Result<Finished> {
+    let mut tx = store.pool().begin().await?;
+    sqlx::query("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await?;
+    if let Some(Found { summary: found, partition_rows }) = found {
+        record(&mut tx, id, part, found, partition_rows).await?;
+    }
+    let finished = match part {
+        PreparePart::Shard(_) => Finished::Partitions(open_partitions(&mut tx, id, chunk_size).await?),
+        PreparePart::Partition(_) => Finished::Request(summary_when_done(&mut tx, id).await?),
+    };
+    tx.commit().await?;
+    Ok(finished)
+}
+
+async fn record(
+    tx: &mut sqlx::PgConnection,
+    id: &RequestId,
+    part: PreparePart,
+    found: &AudienceSummary,
+    partition_rows: &[i64],
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE prepare_parts SET done = true, lease_until = NULL, rows = CASE WHEN kind = 'shard'
+             THEN $4 ELSE rows END, recipients = $5, chunks = $6, skipped = $7, skipped_at = $8,
+             partition_rows = $9
+         WHERE request_id = $1 AND kind = $2 AND index = $3 AND NOT done",
+    )
+    .bind(id)
+    .bind(part.kind())
+    .bind(part.index() as i32)
+    .bind(found.rows as i64)
+    .bind(found.recipients as i64)
+    .bind(found.chunks as i32)
+    .bind(serde_json::to_value(&found.skipped).unwrap_or_default())
+    .bind(serde_json::to_value(&found.skipped_at).unwrap_or_default())
+    .bind(partition_rows)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// What ending a part led to.
+#[derive(Debug)]
+pub(crate) enum Finished {
+    /// The partitions not done yet, when every shard is (none while a shard is not).
+    Partitions(Vec<u32>),
+    /// The request's summary, when every partition is done.
+    Request(Option<AudienceSummary>),
+}
+
+/// Once every shard is done: records the partitions, each with its rows and first chunk number
+/// (partition `p` starts after room for every row of the partitions before it), and returns
+/// those not done yet.
+async fn open_partitions(tx: &mut sqlx::PgConnection, id: &RequestId, chunk_size: usize) -> Result<Vec<u32>> {
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM prepare_parts WHERE request_id = $1 AND kind = 'shard' AND NOT done",
+    )
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if waiting > 0 {
+        return Ok(Vec::new());
+    }
+    let partitions: i32 = sqlx::query_scalar("SELECT COALESCE(partitions, 1) FROM requests WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let spread: Vec<Vec<i64>> = sqlx::query_scalar(
+        "SELECT partition_rows FROM prepare_parts WHERE request_id = $1 AND kind = 'shard'",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let chunk = chunk_size.max(1) as i64;
+    let mut first = 0i64;
+    let (mut indexes, mut rows, mut firsts) = (Vec::new(), Vec::new(), Vec::new());
+    for p in 0..partitions.max(1) as usize {
+        let count: i64 = spread.iter().map(|s| s.get(p).copied().unwrap_or(0)).sum();
+        indexes.push(p as i32);
+        rows.push(count);
+        firsts.push(first as i32);
+        first += (count + chunk - 1) / chunk;
+    }
+    sqlx::query(
+        "INSERT INTO prepare_parts (request_id, kind, index, rows, first_seq)
+         SELECT $1, 'partition', i, r, f FROM unnest($2::int[], $3::bigint[], $4::int[]) AS t(i, r, f)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(id)
+    .bind(&indexes)
+    .bind(&rows)
+    .bind(&firsts)
+    .execute(&mut *tx)
+    .await?;
+    let open: Vec<i32> = sqlx::query_scalar(
+        "SELECT index FROM prepare_parts WHERE request_id = $1 AND kind = 'partition' AND NOT done
+         ORDER BY index",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(open.into_iter().map(|i| i.max(0) as u32).collect())
+}
+
+/// The request's summary, the sum of its parts', once every part is done.
+async fn summary_when_done(tx: &mut sqlx::PgConnection, id: &RequestId) -> Result<Option<AudienceSummary>> {
+    type Found = (String, bool, i64, i64, i32, serde_json::Value, serde_json::Value);
+    let parts: Vec<Found> = sqlx::query_as(
+        "SELECT kind, done, rows, recipients, chunks, skipped, skipped_at FROM prepare_parts
+         WHERE request_id = $1 ORDER BY kind DESC, index",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let partitions = parts.iter().filter(|p| p.0 == "partition").count();
+    if partitions == 0 || parts.iter().any(|p| !p.1) {
+        return Ok(None);
+    }
+    let mut summary = AudienceSummary::default();
+    for (kind, _, rows, recipients, chunks, skipped, skipped_at) in parts {
+        summary.add(AudienceSummary {
+            // A partition's rows are the shards' rows again.
+            rows: if kind == "shard" { rows.max(0) as u64 } else { 0 },
+            recipients: recipients.max(0) as u64,
+            chunks: chunks.max(0) as u32,
+            skipped: serde_json::from_value(skipped).unwrap_or_default(),
+            skipped_at: serde_json::from_value(skipped_at).unwrap_or_default(),
+        });
+    }
+    Ok(Some(summary))
+}

@@ -1,0 +1,144 @@
+//! A large audience prepared in parts: each file by its own shard task, each partition of the
+//! addresses by its own partition task, spread over two trigger instances, with every task
+//! delivered again after it was acknowledged. The counts are exact, every address is kept once
+//! (the first of its rows), across files, and no recipient is sent twice.
+
+use std::time::Duration;
+
+use haishin_local::stack::{BUCKET, LocalStack};
+use haishin_stand_ins::Redelivery;
+use haishin_tests::{TestStack, finished_within};
+use serde_json::{Value, json};
+
+/// Writes a CSV file of the rows given to the local Cloud Storage and returns its URI.
+async fn csv_file(stack: &LocalStack, object: &str, rows: &[String]) -> String {
+    let mut csv = String::from("email,name\n");
+    for row in rows {
+        csv.push_str(row);
+        csv.push('\n');
+    }
+    stack.blobs.write(BUCKET, object, csv.into_bytes().into()).await.expect("audience written");
+    format!("gs://{BUCKET}/{object}")
+}
+
+async fn parts_stack() -> LocalStack {
+    let stack = TestStack {
+        chunk_size: 50,
+        triggers: 2,
+        // About 2 KB of rows a partition: the 40 KB audience below spreads over many.
+        prepare_partition_bytes: Some(2_000),
+        ..TestStack::default()
+    }
+    .start()
+    .await;
+    stack.stand_ins.set_redelivery(Redelivery::with_probability(1.0)).expect("redelivery set");
+    stack
+}
+
+fn batch(id: &str, uris: &[String]) -> Value {
+    json!({"id": id, "class": "batch",
+           "template": { "subject": "Hi {{name}}", "text": "Hello {{name}}" },
+           "audience": {"gcs": {"uris": uris}}})
+}
+
+#[tokio::test]
+async fn files_prepared_in_parts_are_deduplicated_across_files_and_counted_exactly() {
+    let stack = parts_stack().await;
+    // Three files of 400 rows; the second repeats 100 of the first's addresses (one in capitals),
+    // the third 50 of the second's; a few bad rows in each.
+    let people = |from: usize, to: usize| -> Vec<String> {
+        (from..to).map(|i| format!("part-{i}@example.com,User {i}")).collect()
+    };
+    let mut first = people(0, 400);
+    first.push("not-an-address,Bad".into());
+    let mut second = people(300, 700);
+    second[0] = "PART-300@Example.com,Shouted".into();
+    second.push("short-row@example.com".into());
+    let mut third = people(650, 1_050);
+    third.push("two@@example.com,Bad".into());
+    third.push("ünïcode@exämple.com,Fine".into());
+    let uris = vec![
+        csv_file(&stack, "audiences/parts/a.csv", &first).await,
+        csv_file(&stack, "audiences/parts/b.csv", &second).await,
+        csv_file(&stack, "audiences/parts/c.csv", &third).await,
+    ];
+    stack.requests_topic.publish(&batch("in-parts", &uris), &[]).await.expect("published");
+
+    let status = finished_within(&stack, "in-parts", Duration::from_secs(120)).await;
+    let rows = first.len() + second.len() + third.len();
+    let recipients = 1_050 + 1;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["rows"], rows);
+    assert_eq!(status["audience"]["recipients"], recipients);
+    assert_eq!(
+        status["audience"]["skipped"],
+        json!({"invalid_email": 2, "missing_column": 1, "duplicate": 150}),
+        "{status}"
+    );
+    assert_eq!(status["delivered"], recipients);
+
+    // Several partitions, each a part of its own, all done.
+    let (shards, partitions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE kind = 'shard' AND done),
+                count(*) FILTER (WHERE kind = 'partition' AND done)
+           FROM prepare_parts WHERE request_id = 'in-parts'",
+    )
+    .fetch_one(stack.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(shards, 3);
+    assert!(partitions >= 10, "{partitions} partitions");
+
+    let sim = stack.esp.report();
+    assert_eq!(sim.requests["in-parts"].counts.unique, recipients as u64);
+    assert_eq!(sim.deliveries.duplicates, 0);
+    let (_, tasks_redelivered) = stack.redelivered();
+    assert!(tasks_redelivered > 0, "no task was delivered again");
+    // The chunk objects hold each address once (a tail piece shares its chunk's object).
+    let mut addresses = std::collections::BTreeSet::new();
+    let mut lines = 0;
+    for object in stack.blobs.list(BUCKET, "requests/in-parts/chunks/").await.unwrap() {
+        let data = stack.blobs.read_all(BUCKET, &object).await.unwrap();
+        for line in data.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let recipient: Value = serde_json::from_slice(line).unwrap();
+            addresses.insert(recipient["email"].as_str().unwrap().to_lowercase());
+            lines += 1;
+        }
+    }
+    assert_eq!((lines, addresses.len()), (recipients, recipients));
+    assert!(addresses.contains("part-300@example.com") && addresses.contains("ünïcode@exämple.com"));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn an_address_repeated_across_files_keeps_the_parameters_of_its_first_row() {
+    let stack = parts_stack().await;
+    let mut first: Vec<String> = (0..200).map(|i| format!("keep-{i}@example.com,First {i}")).collect();
+    first.push("Shared@Example.com,From the first file".into());
+    let mut second: Vec<String> = (200..400).map(|i| format!("keep-{i}@example.com,Second {i}")).collect();
+    second.insert(0, "shared@example.com,From the second file".into());
+    let uris = vec![
+        csv_file(&stack, "audiences/keep/1.csv", &first).await,
+        csv_file(&stack, "audiences/keep/2.csv", &second).await,
+    ];
+    stack.requests_topic.publish(&batch("keep-first", &uris), &[]).await.expect("published");
+
+    let status = finished_within(&stack, "keep-first", Duration::from_secs(120)).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["recipients"], 401);
+    assert_eq!(status["audience"]["skipped"], json!({"duplicate": 1}), "{status}");
+
+    // The shared address is in one chunk, with the first file's parameters.
+    let mut found = Vec::new();
+    for object in stack.blobs.list(BUCKET, "requests/keep-first/chunks/").await.unwrap() {
+        let data = stack.blobs.read_all(BUCKET, &object).await.unwrap();
+        let text = String::from_utf8_lossy(&data).to_lowercase();
+        for line in text.lines().filter(|l| l.contains("shared@example.com")) {
+            found.push(line.to_owned());
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("from the first file"), "{found:?}");
+    assert_eq!(stack.esp.report().deliveries.duplicates, 0);
+    stack.stop().await;
+}
