@@ -11,8 +11,11 @@
 //! without calling the ESP.
 //!
 //! `POST /tasks/upload` answers 2xx when the chunk is uploaded, was already past this step, or can
-//! never be uploaded (recorded as failed with the reason), and 429/503 when a retry can help; the
-//! chunk then stays `queued`, so it keeps its slot while Cloud Tasks backs off.
+//! never be uploaded (recorded as failed with the reason), and 503 when a retry can help; the
+//! chunk then stays `queued`, so it keeps its slot while Cloud Tasks backs off. An upload the ESP
+//! refused for its limit (429) is the exception ([`refused`]): the chunk goes back in line and
+//! gives its slot up, and the trigger lowers the slots it grants when the ESP's real limit is
+//! lower than the configured one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +35,8 @@ use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
 use haishin_shared::suppression::{address_key, email_of, suppressed_for_request};
 use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
 use serde_json::value::RawValue;
+
+pub mod refused;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "list-uploader", about = "Uploads chunks to the ESP, one per task.")]
@@ -189,20 +194,28 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
             );
             uploaded(state, &chunk, list_id, Some(suppressed), "uploaded").await
         }
-        Err(err) if err.is_retryable() => {
-            let outcome = match &err {
-                EspError::RateLimited { .. } => {
-                    tracing::warn!(api = "upload", "ESP rate limited the call.");
-                    Outcome::Retry(RetryReason::Throttled(err.to_string()))
-                }
-                _ => Outcome::unavailable(&err),
-            };
-            release(state, &chunk.id, outcome).await
-        }
+        Err(EspError::RateLimited { .. }) => refused_for_the_limit(state, &chunk).await,
+        Err(err) if err.is_retryable() => release(state, &chunk.id, Outcome::unavailable(&err)).await,
         Err(err) => {
             tracing::warn!(error = %err, "Chunk cannot be uploaded.");
             fail(state, &chunk, &format!("upload refused by the ESP: {err}")).await
         }
+    }
+}
+
+/// Ends an upload the ESP refused (429): the chunk back in line, the refusal reported to the
+/// trigger's slot accounting.
+async fn refused_for_the_limit(state: &AppState, chunk: &ChunkRow) -> Outcome {
+    match refused::back_in_line(&state.store, chunk).await {
+        Ok(Some(others)) => {
+            tracing::warn!(api = "upload", in_progress = others, "ESP refused the call; chunk back in line.");
+            if let Err(err) = state.events.publish(&refused::slot_freed(chunk), &[]).await {
+                tracing::warn!(error = %err, "Pipeline event not published; the scheduler tick will cover it.");
+            }
+            Outcome::done("refused by the esp; back in line")
+        }
+        Ok(None) => Outcome::done("chunk was taken over while uploading"),
+        Err(err) => err.into(),
     }
 }
 

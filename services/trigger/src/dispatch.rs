@@ -8,14 +8,19 @@
 //! A chunk dispatched is handed on ([`Handoff`]): as an upload task to the list-uploader for a
 //! list-based ESP, or published to the sender for a message-based provider. One that cannot be
 //! handed on goes back in line.
+//!
+//! Each round reports the slots it granted against ([`scheduling::adaptive`]) as the
+//! `esp_limit` gauge, so that a lowered limit shows beside the configured one.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use futures::future::join_all;
 use haishin_shared::domain::ChunkId;
+use haishin_shared::esp::Shape;
 use haishin_shared::gcp::{GcpError, TaskQueue, Topic};
 use haishin_shared::messages::{DeliveryMessage, UploadTask};
 use haishin_shared::store::{Store, StoreError};
+use haishin_shared::telemetry::metrics::{Api, metrics};
 use haishin_shared::telemetry::{join_trace, parse_traceparent};
 use tokio::sync::Mutex;
 use tracing::Instrument;
@@ -29,6 +34,8 @@ pub struct Dispatcher {
     limits: SlotLimits,
     running: Mutex<()>,
     wanted: AtomicBool,
+    /// The slots the last round granted against, as the gauge last showed them.
+    slots: AtomicU32,
 }
 
 /// Where a dispatched chunk goes next.
@@ -89,7 +96,14 @@ pub fn upload_task_name(chunk_id: &ChunkId, generation: i32) -> String {
 
 impl Dispatcher {
     pub fn new(store: Store, handoff: Handoff, limits: SlotLimits) -> Self {
-        Self { store, handoff, limits, running: Mutex::new(()), wanted: AtomicBool::new(false) }
+        Self {
+            store,
+            handoff,
+            limits,
+            running: Mutex::new(()),
+            wanted: AtomicBool::new(false),
+            slots: AtomicU32::new(limits.limit),
+        }
     }
 
     /// The topic chunks are published to, when they go straight to the sender.
@@ -120,6 +134,13 @@ impl Dispatcher {
 
     async fn round(&self) -> Result<Vec<Dispatched>, StoreError> {
         let round = scheduling::dispatch_round(&self.store, self.limits).await?;
+        if self.slots.swap(round.slots.effective, Ordering::Relaxed) != round.slots.effective {
+            let api = match self.limits.shape {
+                Shape::Lists => Api::Upload,
+                Shape::Messages => Api::Send,
+            };
+            metrics().esp_limit(api, round.slots.effective);
+        }
         if round.expired > 0 {
             tracing::info!(chunks = round.expired, "Chunks expired before dispatch.");
         }

@@ -6,7 +6,9 @@
 //! documented shape) and is what the local stack, the tests and the benchmarks deliver to:
 //! - **concurrency limits** per API (list upload, send): a call that arrives while `limit`
 //!   calls of its API are in progress gets 429 with `Retry-After`, does nothing, and is
-//!   counted as an over-limit attempt. Lookups and status reads are not limited;
+//!   counted as an over-limit attempt. Lookups and status reads are not limited. A limit can
+//!   be changed while the simulator runs ([`EspSimHandle::set_limit`]), as an ESP's real limit
+//!   drops when another system shares it;
 //! - **a calls-per-second limit** (`calls_per_second`, optional) over uploads and sends
 //!   together: a call arriving when the last second (sliding) already holds `floor(rate)`
 //!   accepted calls gets 429 with `Retry-After` and is counted as an over-rate attempt. It is
@@ -82,8 +84,8 @@ use tokio::task::JoinHandle;
 pub use client::SimClient;
 pub use config::{Api, EspSimConfig, FaultRates, Faults};
 pub use report::{
-    ApiReport, CallSpan, DeliveredRecipient, DeliveryCounts, FaultCounts, RateReport, RequestDeliveries,
-    RequestReport, SimReport, TimelinePoint,
+    ApiReport, CallSpan, DeliveredRecipient, DeliveryCounts, FaultCounts, LimitChange, RateReport,
+    RequestDeliveries, RequestReport, SimReport, TimelinePoint,
 };
 
 use state::SimState;
@@ -172,6 +174,13 @@ impl EspSimHandle {
     /// Replaces the faults in effect, from the next call on.
     pub fn set_faults(&self, faults: Faults) -> anyhow::Result<()> {
         self.state.set_faults(faults).map_err(|e| anyhow::anyhow!("invalid faults: {e}"))
+    }
+
+    /// Changes the calls of `api` allowed in progress at once, as an ESP whose limit is lowered
+    /// (or shared with another system) mid-run: calls in progress finish, and a call that
+    /// arrives while `limit` or more are in progress gets 429.
+    pub fn set_limit(&self, api: Api, limit: u32) -> anyhow::Result<()> {
+        self.state.set_limit(api, limit).map_err(|e| anyhow::anyhow!("invalid limit: {e}"))
     }
 
     /// Stops serving: withheld answers are dropped, calls in progress get up to 10 s to

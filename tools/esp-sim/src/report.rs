@@ -113,8 +113,11 @@ impl RateReport {
 /// What one API (upload or send) did.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ApiReport {
-    /// Calls allowed in progress at once.
+    /// Calls allowed in progress at once, at start.
     pub limit: u32,
+    /// Every change of the limit after start, oldest first (see `EspSimHandle::set_limit`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limit_changes: Vec<LimitChange>,
     /// Calls that got a slot and did (or are doing) their work.
     pub calls_accepted: u64,
     /// Accepted calls whose work is finished.
@@ -151,6 +154,14 @@ pub struct CallSpan {
     pub start_ms: f64,
     /// When it gave the slot back; `None` while it is still in progress.
     pub end_ms: Option<f64>,
+}
+
+/// The limit of an API changed while the simulator ran.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LimitChange {
+    /// Unix time in milliseconds (with microsecond fractions).
+    pub at_ms: f64,
+    pub limit: u32,
 }
 
 /// Injected faults by kind.

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Api, EspSimConfig, FaultRates, Faults};
 use crate::ledger::Ledger;
 use crate::rate::RateLimiter;
-use crate::report::{ApiReport, CallSpan, FaultCounts, SimReport, TimelinePoint};
+use crate::report::{ApiReport, CallSpan, FaultCounts, LimitChange, SimReport, TimelinePoint};
 
 /// Unix time from a monotonic clock, so that the timeline never goes backwards.
 #[derive(Debug)]
@@ -67,6 +67,10 @@ struct ApiState {
     service: Duration,
     timeline: Vec<TimelinePoint>,
     calls: Vec<CallSpan>,
+    /// Every change of `limit` after start.
+    limit_changes: Vec<LimitChange>,
+    /// The limit at start, which the report gives as `limit`.
+    initial_limit: u32,
 }
 
 impl ApiState {
@@ -86,6 +90,8 @@ impl ApiState {
             service: Duration::ZERO,
             timeline: Vec::new(),
             calls: Vec::new(),
+            limit_changes: Vec::new(),
+            initial_limit: limit,
         }
     }
 
@@ -106,7 +112,8 @@ impl ApiState {
         let elapsed = u128::try_from(now_us - self.last_change_us).unwrap_or(0);
         let busy_us = self.busy_slot_us + u128::from(self.in_progress) * elapsed;
         ApiReport {
-            limit: self.limit,
+            limit: self.initial_limit,
+            limit_changes: self.limit_changes.clone(),
             calls_accepted: self.accepted,
             calls_completed: self.completed,
             over_limit_attempts: self.over_limit,
@@ -199,6 +206,20 @@ impl SimState {
     pub(crate) fn set_faults(&self, faults: Faults) -> Result<(), String> {
         faults.validate()?;
         *lock(&self.faults) = faults;
+        Ok(())
+    }
+
+    /// Changes the number of calls of `api` allowed in progress at once, from the next call on:
+    /// calls already in progress above a lowered limit finish, and new ones are refused until
+    /// fewer than `limit` are left. The report keeps the limit at start and every change.
+    pub(crate) fn set_limit(&self, api: Api, limit: u32) -> Result<(), String> {
+        if limit == 0 {
+            return Err("a limit must be at least 1".into());
+        }
+        let now_us = self.clock.now_us();
+        let mut state = self.api(api);
+        state.limit = limit;
+        state.limit_changes.push(LimitChange { at_ms: now_us as f64 / 1000.0, limit });
         Ok(())
     }
 

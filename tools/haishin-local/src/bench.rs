@@ -12,13 +12,14 @@ use crate::scenario::{Admission, Campaign, RealtimeEvents, Scenario};
 use crate::stack::ServiceMode;
 
 /// The scenarios `bench` knows, in the order it runs them.
-pub const SCENARIOS: [&str; 8] = [
+pub const SCENARIOS: [&str; 9] = [
     "steady",
     "realtime-under-load",
     "fairness",
     "baseline-workflow",
     "mixed",
     "rate-limited",
+    "esp-limit-drop",
     "realtime-flood",
     "huge-audience",
 ];
@@ -26,8 +27,15 @@ pub const SCENARIOS: [&str; 8] = [
 /// The scenarios run when none is named: all but `huge-audience`, which takes a quarter of an hour
 /// and a few gigabytes of disk, and `realtime-flood`, a minute per rate step: they run when asked
 /// for.
-pub const DEFAULT_SCENARIOS: [&str; 6] =
-    ["steady", "realtime-under-load", "fairness", "baseline-workflow", "mixed", "rate-limited"];
+pub const DEFAULT_SCENARIOS: [&str; 7] = [
+    "steady",
+    "realtime-under-load",
+    "fairness",
+    "baseline-workflow",
+    "mixed",
+    "rate-limited",
+    "esp-limit-drop",
+];
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -53,6 +61,9 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 60)]
     pub flood_step_secs: u64,
 }
+
+/// In `esp-limit-drop`: the ESP's real limit drops from 8 to this, 10 s after the start.
+pub const LIMIT_DROP: &str = "esp-limit-drop=5@10s";
 
 /// The ESP's rate in the `rate-limited` scenario, in calls per second.
 pub const RATE_LIMITED_CALLS_PER_SECOND: f64 = 20.0;
@@ -105,6 +116,13 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
             s.esp.calls_per_second = Some(RATE_LIMITED_CALLS_PER_SECOND);
             s.chunk_size = 1_000;
             s.campaigns = vec![now(100_000); 2];
+        }
+        // The ESP's real limit drops from 8 to 5 calls at once 10 s in, the services still
+        // configured for 8: 200 chunks, about 45 uploaded before the drop and 50 s of uploads
+        // after it.
+        "esp-limit-drop" => {
+            s.campaigns = vec![now(2_000_000)];
+            s.chaos = Some(LIMIT_DROP.parse().expect("the scenario's chaos spec parses"));
         }
         // Realtime events only, open-loop, 25 a second and doubling each step. The ESP answers a
         // call in 50 ms, with 64 slots per API: about 1,280 small events a second could pass.

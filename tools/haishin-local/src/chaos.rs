@@ -12,7 +12,11 @@
 //! - `redeliver=P`: the share of acknowledged Pub/Sub pushes and completed Cloud Tasks tasks
 //!   delivered once more, at a random later time (both services are at-least-once);
 //! - `tasks-name-ttl=DUR`: how long a done task's name stays taken (Cloud Tasks: about an hour),
-//!   so that a re-dispatch under a reused name is created again once it has expired.
+//!   so that a re-dispatch under a reused name is created again once it has expired;
+//! - `esp-limit-drop=N@DUR`: DUR after the start, the simulator's real limit of both APIs drops
+//!   to N calls at once, while the services stay configured for the limit at start (an ESP
+//!   shared with another system). The log then says how many calls were refused for the limit
+//!   and how busy the new limit was kept ([`LimitDropLog`]).
 //!
 //! Durations are written `500ms`, `5s`, `2m`.
 
@@ -20,7 +24,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use haishin_esp_sim::{FaultRates, Faults};
+use haishin_esp_sim::{Api, ApiReport, FaultRates, Faults, SimReport};
 use haishin_stand_ins::Redelivery;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -37,7 +41,31 @@ pub struct ChaosSpec {
     pub esp: FaultRates,
     pub redeliver: Option<f64>,
     pub tasks_name_ttl: Option<Duration>,
+    pub limit_drop: Option<LimitDrop>,
     pub text: String,
+}
+
+/// The ESP's real limit dropping mid-run (`esp-limit-drop=N@DUR`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitDrop {
+    /// Calls allowed in progress at once after the drop, per API.
+    pub to: u32,
+    /// When, from the start.
+    pub at: Duration,
+}
+
+impl FromStr for LimitDrop {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (to, at) =
+            text.split_once('@').ok_or_else(|| format!("esp-limit-drop: `{text}` is not N@DURATION"))?;
+        let to: u32 = to.parse().map_err(|_| format!("esp-limit-drop: `{to}` is not a number of calls"))?;
+        if to == 0 {
+            return Err("esp-limit-drop: the limit must be at least 1".into());
+        }
+        Ok(Self { to, at: duration(at)? })
+    }
 }
 
 impl FromStr for ChaosSpec {
@@ -64,6 +92,7 @@ impl FromStr for ChaosSpec {
                 "esp-spike" => spec.esp.latency_spike = share()?,
                 "redeliver" => spec.redeliver = Some(share()?),
                 "tasks-name-ttl" => spec.tasks_name_ttl = Some(duration(value)?),
+                "esp-limit-drop" => spec.limit_drop = Some(value.parse()?),
                 other => return Err(format!("unknown chaos setting `{other}`")),
             }
         }
@@ -98,8 +127,68 @@ pub struct ChaosLog {
     pub redelivered: BTreeMap<String, u64>,
     /// Faults the ESP injected, by kind, over both APIs.
     pub esp_injected: BTreeMap<String, u64>,
+    /// The ESP's limit dropping mid-run, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_drop: Option<LimitDropLog>,
     /// Chaos actions that failed (a restart that did not come back, say).
     pub errors: Vec<String>,
+}
+
+/// What a drop of the ESP's limit cost: calls refused for the limit, and how busy the new limit
+/// was kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LimitDropLog {
+    pub from: u32,
+    pub to: u32,
+    /// Seconds from the start.
+    pub at_s: f64,
+    /// Calls the ESP refused for its limit, uploads and sends, over the whole run.
+    pub over_limit_attempts: u64,
+    /// Calls the ESP accepted, uploads and sends, over the whole run.
+    pub accepted_calls: u64,
+    /// Upload slots busy from the drop to the last upload's end, each moment counted up to the
+    /// new limit, over the new limit times that span.
+    pub upload_utilization_after_drop: f64,
+}
+
+impl LimitDropLog {
+    /// The figures of a drop to `to` at `at_ms` (unix milliseconds), from the simulator's report.
+    fn new(report: &SimReport, to: u32, at_ms: f64, at: Duration) -> Self {
+        let apis = [&report.upload, &report.send];
+        let end_ms = report.upload.calls.iter().filter_map(|c| c.end_ms).fold(at_ms, f64::max);
+        Self {
+            from: report.upload.limit,
+            to,
+            at_s: at.as_secs_f64(),
+            over_limit_attempts: apis.iter().map(|a| a.over_limit_attempts).sum(),
+            accepted_calls: apis.iter().map(|a| a.calls_accepted).sum(),
+            upload_utilization_after_drop: capped_utilisation(&report.upload, to, at_ms, end_ms),
+        }
+    }
+}
+
+/// The share of `limit` slots busy between `from_ms` and `to_ms`, calls in progress beyond the
+/// limit not counted.
+fn capped_utilisation(api: &ApiReport, limit: u32, from_ms: f64, to_ms: f64) -> f64 {
+    if to_ms <= from_ms || limit == 0 {
+        return 0.0;
+    }
+    let mut busy_ms = 0.0;
+    let mut in_progress = 0;
+    let mut at = from_ms;
+    for point in &api.timeline {
+        if point.at_ms > at {
+            let until = point.at_ms.min(to_ms);
+            busy_ms += f64::from(in_progress.min(limit)) * (until - at).max(0.0);
+            at = until;
+        }
+        if point.at_ms >= to_ms {
+            break;
+        }
+        in_progress = point.in_progress;
+    }
+    busy_ms += f64::from(in_progress.min(limit)) * (to_ms - at).max(0.0);
+    busy_ms / (f64::from(limit) * (to_ms - from_ms))
 }
 
 /// Turns the ESP's faults on and runs kills and restarts until `stop` turns true.
@@ -125,6 +214,8 @@ pub async fn run(
     let far = Duration::from_secs(24 * 3600);
     let mut next_kill = tokio::time::Instant::now() + spec.kill_every.unwrap_or(far);
     let mut next_pg = tokio::time::Instant::now() + spec.pg_restart_every.unwrap_or(far);
+    let mut drop_at =
+        spec.limit_drop.map_or(tokio::time::Instant::now() + far, |d| tokio::time::Instant::now() + d.at);
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -151,11 +242,25 @@ pub async fn run(
                     Err(err) => log.errors.push(format!("postgres: {err}")),
                 }
             }
+            () = tokio::time::sleep_until(drop_at) => {
+                drop_at += far;
+                let to = spec.limit_drop.map_or(0, |d| d.to);
+                for api in Api::ALL {
+                    if let Err(err) = stack.esp.set_limit(api, to) {
+                        log.errors.push(format!("lowering the ESP's {api} limit: {err}"));
+                    }
+                }
+            }
         }
     }
     let (pushes, tasks) = stack.redelivered();
     log.redelivered = BTreeMap::from([("pubsub".to_owned(), pushes), ("tasks".to_owned(), tasks)]);
     let report = stack.esp.report();
+    if let Some(drop) = spec.limit_drop
+        && let Some(change) = report.upload.limit_changes.first()
+    {
+        log.limit_drop = Some(LimitDropLog::new(&report, drop.to, change.at_ms, drop.at));
+    }
     for api in [&report.upload, &report.send] {
         for (kind, n) in [
             ("500", api.injected.error),
@@ -225,6 +330,29 @@ mod tests {
         assert_eq!(spec.redeliver, Some(0.1));
         assert_eq!(spec.tasks_name_ttl, Some(Duration::from_secs(30)));
         assert!("redeliver=1.5".parse::<ChaosSpec>().is_err());
+    }
+
+    #[test]
+    fn a_limit_drop_is_a_limit_and_a_time() {
+        let spec: ChaosSpec = "esp-limit-drop=5@10s".parse().unwrap();
+        assert_eq!(spec.limit_drop, Some(LimitDrop { to: 5, at: Duration::from_secs(10) }));
+        assert!("esp-limit-drop=5".parse::<ChaosSpec>().unwrap_err().contains("N@DURATION"));
+        assert!("esp-limit-drop=0@1s".parse::<ChaosSpec>().unwrap_err().contains("at least 1"));
+    }
+
+    #[test]
+    fn utilisation_after_a_drop_counts_calls_up_to_the_new_limit() {
+        use haishin_esp_sim::TimelinePoint;
+        let point = |at_ms: f64, in_progress: u32| TimelinePoint { at_ms, in_progress };
+        // 8 calls until 1 s, then 5 until 3 s, then 2 until 4 s.
+        let api = ApiReport {
+            timeline: vec![point(0.0, 8), point(1000.0, 5), point(3000.0, 2), point(4000.0, 0)],
+            ..ApiReport::default()
+        };
+        // From the drop at 0.5 s to 4 s: 0.5 s at 5 (8 capped), 2 s at 5, 1 s at 2, of 3.5 s × 5.
+        let share = capped_utilisation(&api, 5, 500.0, 4000.0);
+        assert!((share - (2.5 * 5.0 + 2.0) / (3.5 * 5.0)).abs() < 1e-9, "{share}");
+        assert_eq!(capped_utilisation(&api, 5, 4000.0, 4000.0), 0.0);
     }
 
     #[test]

@@ -171,6 +171,16 @@ pub fn evaluate(scenario: &Scenario, report: &Report) -> Vec<Target> {
     if let Some(flood) = &report.realtime_flood {
         targets.extend(flood.targets());
     }
+    if scenario.chaos.as_ref().is_some_and(|c| c.limit_drop.is_some()) {
+        targets.extend(match report.chaos.as_ref().and_then(|c| c.limit_drop.as_ref()) {
+            Some(d) => limit_drop(d.over_limit_attempts, d.accepted_calls, d.upload_utilization_after_drop),
+            // The run ended before the drop: nothing measured.
+            None => limit_drop(0, 0, 0.0)
+                .into_iter()
+                .map(|t| Target::new(&t.name, None, t.cmp, t.target))
+                .collect(),
+        });
+    }
     targets
 }
 
@@ -188,10 +198,12 @@ fn correctness(scenario: &Scenario, report: &Report) -> Vec<Target> {
         let e = &report.esp;
         let peak = f64::from(e.upload_peak_concurrency.max(e.send_peak_concurrency));
         let limit = f64::from(e.upload_limit.min(e.send_limit).max(1));
-        targets.extend([
-            Target::at_most("esp.over_limit_attempts", e.over_limit_attempts as f64, 0.0),
-            Target::at_most("esp.peak_concurrency / limit", peak / limit, 1.0),
-        ]);
+        // When the ESP's limit drops mid-run, a few refusals are how the services learn of it:
+        // they are judged as a share of the calls instead (see `limit_drop`).
+        if scenario.chaos.as_ref().is_none_or(|c| c.limit_drop.is_none()) {
+            targets.push(Target::at_most("esp.over_limit_attempts", e.over_limit_attempts as f64, 0.0));
+        }
+        targets.push(Target::at_most("esp.peak_concurrency / limit", peak / limit, 1.0));
     }
     targets.push(Target::at_least("invariants.hold", f64::from(u8::from(report.invariants.hold)), 1.0));
     // Every completed request is one trace through the services on its path (when exported).
@@ -408,5 +420,34 @@ mod tests {
         let refused = limit_drop(20, 980, 0.95);
         assert!(!refused[0].met && refused[1].met);
         assert_eq!(limit_drop(0, 0, 0.0)[0].figure, None);
+    }
+
+    #[test]
+    fn the_limit_drop_scenario_judges_refusals_as_a_share_and_the_new_limit_s_use() {
+        let s = scenario("esp-limit-drop", &args());
+        let mut r = good("esp-limit-drop");
+        r.esp.over_limit_attempts = 3;
+        let unmeasured = evaluate(&s, &r);
+        assert!(unmeasured.iter().all(|t| t.name != "esp.over_limit_attempts"), "{unmeasured:?}");
+        assert_eq!(find(&unmeasured, "esp.upload_utilization_after_drop").figure, None);
+
+        r.chaos = Some(crate::chaos::ChaosLog {
+            limit_drop: Some(crate::chaos::LimitDropLog {
+                from: 8,
+                to: 5,
+                at_s: 10.0,
+                over_limit_attempts: 3,
+                accepted_calls: 417,
+                upload_utilization_after_drop: 0.94,
+            }),
+            ..Default::default()
+        });
+        let targets = evaluate(&s, &r);
+        assert!(find(&targets, "esp.over_limit_attempts / attempts").met);
+        assert!(find(&targets, "esp.upload_utilization_after_drop").met);
+        assert!(targets.iter().all(|t| t.met), "{targets:?}");
+        assert!(
+            find(&evaluate(&scenario("steady", &args()), &r), "esp.over_limit_attempts").figure == Some(3.0)
+        );
     }
 }

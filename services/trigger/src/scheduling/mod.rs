@@ -8,9 +8,12 @@
 //! same rank.
 //!
 //! - this module: one dispatch round, in one transaction;
+//! - [`adaptive`]: the slots granted, lowered when the provider's real limit is lower than the
+//!   configured one and probed back up slowly;
 //! - [`tail`]: cutting the last batch chunks smaller so that the slots finish together;
 //! - [`forecast`]: when a request's uploads should end at the current pace.
 
+pub mod adaptive;
 pub mod forecast;
 mod tail;
 
@@ -19,6 +22,7 @@ use haishin_shared::esp::Shape;
 use haishin_shared::store::{Result, Store, expire_overdue_chunks};
 use sqlx::{Postgres, Transaction};
 
+pub use adaptive::AdaptiveLimit;
 pub use forecast::Forecast;
 
 /// A chunk's (or a request's) rank as a row that sorts most urgent first: realtime before batch,
@@ -53,7 +57,8 @@ static NEXT_PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 pub struct SlotLimits {
     /// Which API the slots are of: uploads for a list-based ESP, sends for a message-based one.
     pub shape: Shape,
-    /// Chunks that may be in flight toward that API (see [`holding_a_slot`]).
+    /// Chunks that may be in flight toward that API (see [`holding_a_slot`]): the configured
+    /// limit, which the slots granted never exceed ([`adaptive`]).
     pub limit: u32,
     /// Of those, slots that only realtime chunks may take.
     pub realtime_reserved: u32,
@@ -97,23 +102,27 @@ pub struct Dispatched {
 }
 
 /// The outcome of one dispatch round.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DispatchRound {
     pub dispatched: Vec<Dispatched>,
     pub expired: u64,
     pub in_flight: u32,
+    /// The slots the round granted against: the configured limit, or lower ([`adaptive`]).
+    pub slots: AdaptiveLimit,
 }
 
-/// One round of the scheduling rule: expire what is overdue, count chunks in flight toward the
-/// bottleneck API, and move the best pending chunks on (to `queued`, or to `uploaded` when there is
-/// nothing to upload) to fill the free slots.
+/// One round of the scheduling rule: settle the slots granted ([`adaptive`]), expire what is
+/// overdue, count chunks in flight toward the bottleneck API, and move the best pending chunks on
+/// (to `queued`, or to `uploaded` when there is nothing to upload) to fill the free slots.
+/// Below the configured limit nothing is prefetched: the upload queue's own cap is the configured
+/// limit, so a prefetched chunk could start an upload the ESP refuses.
 ///
 /// Batch chunks never take the slots reserved for realtime. The slot row is locked for the round,
 /// so concurrent rounds (several trigger instances) see each other's work and never over-commit.
 /// At the tail of the batch work, chunks are cut smaller as they are dispatched (see [`tail`]).
 pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<DispatchRound> {
     let mut tx = store.pool().begin().await?;
-    hold_dispatch(&mut tx).await?;
+    let slots = adaptive::hold_slots(&mut tx, limits.limit).await?;
     let expired = expire_overdue_chunks(&mut *tx).await?;
     let (realtime, batch): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE class = 'realtime'), count(*) FILTER (WHERE class = 'batch')
@@ -123,7 +132,8 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
     .fetch_one(&mut *tx)
     .await?;
     let in_flight = (realtime + batch) as u32;
-    let capacity = limits.limit + limits.prefetch;
+    let prefetch = if slots.effective < slots.configured { 0 } else { limits.prefetch };
+    let capacity = slots.effective + prefetch;
     let free = capacity.saturating_sub(in_flight);
     let batch_capacity = capacity.saturating_sub(limits.realtime_reserved);
     let free_batch = batch_capacity.saturating_sub(batch as u32).min(free);
@@ -135,13 +145,13 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
     let free_batch = free_batch.min(free - dispatched.len() as u32);
     if free_batch > 0 {
         let split = tail::TailSplit {
-            slots: limits.limit.saturating_sub(limits.realtime_reserved),
+            slots: slots.effective.saturating_sub(limits.realtime_reserved),
             min_part: limits.min_part,
         };
         dispatched.extend(take_pending(&mut tx, limits.shape, Class::Batch, free_batch, Some(split)).await?);
     }
     tx.commit().await?;
-    Ok(DispatchRound { in_flight: in_flight + dispatched.len() as u32, dispatched, expired })
+    Ok(DispatchRound { in_flight: in_flight + dispatched.len() as u32, dispatched, expired, slots })
 }
 
 /// Takes the lock every dispatch round holds, until `tx` ends: no round runs meanwhile, and every
