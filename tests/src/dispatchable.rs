@@ -26,21 +26,30 @@ pub fn request(id: &str, class: Class, priority: i32) -> DeliveryRequest {
     }
 }
 
+/// Pending chunk rows `seqs` of the request, 10 recipients each.
+pub fn new_chunks(request: &DeliveryRequest, seqs: std::ops::Range<u32>) -> Vec<NewChunk> {
+    seqs.map(|seq| NewChunk {
+        id: ChunkId::new(&request.id, seq),
+        seq,
+        object: format!("o/{seq}"),
+        recipients: 10,
+    })
+    .collect()
+}
+
+/// Ends the request's prepare step with this summary, a row read for each recipient.
+pub async fn finish(store: &Store, id: &RequestId, summary: &AudienceSummary) {
+    let summary = AudienceSummary { rows: summary.recipients, ..summary.clone() };
+    assert!(finish_prepare(store, id, &summary).await.unwrap());
+}
+
 /// Stores the request, prepared into `chunks` pending chunks of 10 recipients.
 pub async fn ready(store: &Store, request: &DeliveryRequest, chunks: u32) {
     assert!(insert_request(store, request).await.unwrap());
     let Claim::Claimed(_) = claim_prepare(store, &request.id, Duration::from_secs(60)).await.unwrap() else {
         panic!("prepare not claimed")
     };
-    let rows: Vec<NewChunk> = (0..chunks)
-        .map(|seq| NewChunk {
-            id: ChunkId::new(&request.id, seq),
-            seq,
-            object: format!("o/{seq}"),
-            recipients: 10,
-        })
-        .collect();
-    insert_chunks(store, request, &rows).await.unwrap();
+    insert_chunks(store, request, &new_chunks(request, 0..chunks)).await.unwrap();
     let summary = AudienceSummary { chunks, recipients: 10 * u64::from(chunks), ..Default::default() };
-    assert!(finish_prepare(store, &request.id, &summary).await.unwrap());
+    finish(store, &request.id, &summary).await;
 }

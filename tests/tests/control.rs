@@ -5,17 +5,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use haishin_local::stack::{BUCKET, LocalStack};
-use haishin_shared::domain::{
-    Audience, ChunkId, ChunkState, Class, DeliveryRequest, Recipient, RequestId, RequestState, Template,
-};
+use haishin_shared::domain::{ChunkId, ChunkState, Class, DeliveryRequest, RequestId, RequestState};
 use haishin_shared::esp::Shape;
 use haishin_shared::store::{Claim, Step, Store};
+use haishin_tests::dispatchable::{self, finish, new_chunks, ready};
 use haishin_tests::{TestStack, eventually, finished, fresh_database, request_status};
 use haishin_trigger::control::{self, Control};
 use haishin_trigger::intake::records::{insert_rejected, insert_request};
 use haishin_trigger::listing::{self, Cursor, Filter};
 use haishin_trigger::prepare::AudienceSummary;
-use haishin_trigger::prepare::records::{NewChunk, claim_prepare, finish_prepare, insert_chunks};
+use haishin_trigger::prepare::records::{claim_prepare, insert_chunks};
 use haishin_trigger::scheduling::{SlotLimits, dispatch_round};
 use haishin_trigger::status::request_status as status_of;
 use serde_json::{Value, json};
@@ -28,45 +27,8 @@ fn rid(id: &str) -> RequestId {
 }
 
 fn request(id: &str, class: Class, labels: &[(&str, &str)]) -> DeliveryRequest {
-    DeliveryRequest {
-        id: rid(id),
-        class,
-        priority: 0,
-        template: Template::Stored { id: "t".into() },
-        audience: Audience::Inline(vec![Recipient {
-            email: "a@example.com".into(),
-            params: Default::default(),
-        }]),
-        not_before: None,
-        deadline: None,
-        labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-    }
-}
-
-fn new_chunks(request: &DeliveryRequest, seqs: std::ops::Range<u32>) -> Vec<NewChunk> {
-    seqs.map(|seq| NewChunk {
-        id: ChunkId::new(&request.id, seq),
-        seq,
-        object: format!("o/{seq}"),
-        recipients: 10,
-    })
-    .collect()
-}
-
-/// Stores a request with `chunks` pending chunks of 10 recipients, ready for dispatch.
-async fn ready(store: &Store, request: &DeliveryRequest, chunks: u32) {
-    assert!(insert_request(store, request).await.unwrap());
-    let Claim::Claimed(_) = claim_prepare(store, &request.id, Duration::from_secs(60)).await.unwrap() else {
-        panic!("prepare not claimed")
-    };
-    insert_chunks(store, request, &new_chunks(request, 0..chunks)).await.unwrap();
-    let summary = AudienceSummary { chunks, recipients: 10 * u64::from(chunks), ..Default::default() };
-    summary_rows(store, &request.id, &summary).await;
-}
-
-async fn summary_rows(store: &Store, id: &RequestId, summary: &AudienceSummary) {
-    let summary = AudienceSummary { rows: summary.recipients, ..summary.clone() };
-    assert!(finish_prepare(store, id, &summary).await.unwrap());
+    let labels = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    DeliveryRequest { labels, ..dispatchable::request(id, class, 0) }
 }
 
 async fn dispatched(store: &Store) -> Vec<String> {
@@ -217,8 +179,7 @@ async fn chunks_prepared_after_a_cancel_are_stored_cancelled_and_a_request_not_y
         insert_chunks(&store, &preparing, &new_chunks(&preparing, 2..4)).await.unwrap(),
         ChunkState::Cancelled
     );
-    summary_rows(&store, &preparing.id, &AudienceSummary { chunks: 4, recipients: 40, ..Default::default() })
-        .await;
+    finish(&store, &preparing.id, &AudienceSummary { chunks: 4, recipients: 40, ..Default::default() }).await;
     assert!(dispatch_round(&store, LIMITS).await.unwrap().dispatched.is_empty());
     let status = status_of(&store, &preparing.id).await.unwrap().unwrap();
     assert_eq!(status.state, RequestState::Dispatching, "the completion job closes it");

@@ -24,18 +24,9 @@ pub const SCENARIOS: [&str; 9] = [
     "huge-audience",
 ];
 
-/// The scenarios run when none is named: all but `huge-audience`, which takes a quarter of an hour
-/// and a few gigabytes of disk, and `realtime-flood`, a minute per rate step: they run when asked
-/// for.
-pub const DEFAULT_SCENARIOS: [&str; 7] = [
-    "steady",
-    "realtime-under-load",
-    "fairness",
-    "baseline-workflow",
-    "mixed",
-    "rate-limited",
-    "esp-limit-drop",
-];
+/// The scenarios run only when named: `huge-audience` takes a quarter of an hour and a few
+/// gigabytes of disk, `realtime-flood` a minute per rate step. The others run when none is named.
+pub const ON_REQUEST: [&str; 2] = ["realtime-flood", "huge-audience"];
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -152,7 +143,7 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
 /// Runs the chosen scenarios, prints the table, writes the JSON.
 pub async fn run(args: BenchArgs, mode: ServiceMode) -> anyhow::Result<Vec<Report>> {
     let names: Vec<String> = if args.scenarios.is_empty() {
-        DEFAULT_SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
+        SCENARIOS.iter().filter(|s| !ON_REQUEST.contains(s)).map(|s| (*s).to_owned()).collect()
     } else {
         args.scenarios.clone()
     };
@@ -280,7 +271,7 @@ pub(crate) mod tests {
         for name in SCENARIOS {
             assert_eq!(scenario(name, &args()).name, name);
         }
-        assert!(DEFAULT_SCENARIOS.iter().all(|name| SCENARIOS.contains(name)));
+        assert!(ON_REQUEST.iter().all(|name| SCENARIOS.contains(name)));
         let flood = scenario("realtime-flood", &args());
         assert!(
             matches!(flood.realtime, RealtimeEvents::Flood(plan) if plan.step == Duration::from_secs(60))
