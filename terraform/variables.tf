@@ -239,7 +239,7 @@ variable "inline_prepare_max" {
 }
 
 variable "prepare_partition_bytes" {
-  description = "Audiences larger than this (bytes of their files; compressed files count four times) are prepared in parts: a task per file, then a task per partition of about this size, spread over the trigger's instances. One part holds about 70 bytes of memory per 40-byte row, so this bounds a trigger instance's memory together with prepare_parts_at_once."
+  description = "Audiences larger than this (bytes of their files; compressed files count four times) are prepared in parts: a task per file or byte range of a large file (up to this size), then tasks that cut the partitions of the addresses, of about this size each, spread over the trigger's instances. One part holds about 70 bytes of memory per 40-byte row, so this bounds a trigger instance's memory together with prepare_parts_at_once."
   type        = number
   default     = 8388608
 

@@ -1,5 +1,5 @@
-//! A large audience prepared in parts: each file by its own shard task, each partition of the
-//! addresses by its own partition task, spread over two trigger instances, with every task
+//! A large audience prepared in parts: each byte range of a file by its own shard task, the
+//! partitions of the addresses cut by tasks of their own, spread over two trigger instances, with every task
 //! delivered again after it was acknowledged. The counts are exact, every address is kept once
 //! (the first of its rows), across files, and no recipient is sent twice.
 
@@ -77,17 +77,20 @@ async fn files_prepared_in_parts_are_deduplicated_across_files_and_counted_exact
     );
     assert_eq!(status["delivered"], recipients);
 
-    // Several partitions, each a part of its own, all done.
-    let (shards, partitions): (i64, i64) = sqlx::query_as(
+    // Each file read in byte ranges, each range a shard, and the shards cut in several groups,
+    // every part done.
+    let (shards, ranged, groups, cuts): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE kind = 'shard' AND done),
+                count(*) FILTER (WHERE kind = 'shard' AND start_byte > 0),
+                count(DISTINCT index >> 16) FILTER (WHERE kind = 'partition' AND done),
                 count(*) FILTER (WHERE kind = 'partition' AND done)
            FROM prepare_parts WHERE request_id = 'in-parts'",
     )
     .fetch_one(stack.store.pool())
     .await
     .unwrap();
-    assert_eq!(shards, 3);
-    assert!(partitions >= 10, "{partitions} partitions");
+    assert!(shards > 3 && ranged > 0, "{shards} shards, {ranged} not at a file's start");
+    assert!(groups >= 3 && cuts > groups, "{groups} groups, {cuts} cuts");
 
     let sim = stack.esp.report();
     assert_eq!(sim.requests["in-parts"].counts.unique, recipients as u64);
@@ -140,5 +143,113 @@ async fn an_address_repeated_across_files_keeps_the_parameters_of_its_first_row(
     assert_eq!(found.len(), 1, "{found:?}");
     assert!(found[0].contains("from the first file"), "{found:?}");
     assert_eq!(stack.esp.report().deliveries.duplicates, 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_csv_file_read_in_ranges_keeps_quoted_line_breaks_and_the_file_s_line_numbers() {
+    let stack = parts_stack().await;
+    // Every fifth address has a quoted field over two lines, with doubled quotes in it; one row
+    // in the second half has a bad address.
+    let mut csv = String::from("email,address\n");
+    let mut bad_line = 0;
+    for i in 0..600 {
+        if i == 450 {
+            bad_line = csv.matches('\n').count() + 1;
+            csv.push_str("not-an-address-450,Nowhere\n");
+        } else if i % 5 == 0 {
+            csv.push_str(&format!("q-{i}@example.com,\"{i} Main St\nFlat \"\"{i}\"\"\"\n"));
+        } else {
+            csv.push_str(&format!("q-{i}@example.com,{i} Plain Road\n"));
+        }
+    }
+    let object = "audiences/quoted.csv";
+    stack.blobs.write(BUCKET, object, csv.into_bytes().into()).await.expect("audience written");
+    let uri = format!("gs://{BUCKET}/{object}");
+    let request = json!({"id": "quoted", "class": "batch",
+        "template": { "subject": "Hi", "text": "To {{address}}" },
+        "audience": {"gcs": {"uris": [uri.clone()]}}});
+    stack.requests_topic.publish(&request, &[]).await.expect("published");
+
+    let status = finished_within(&stack, "quoted", Duration::from_secs(120)).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["rows"], 600);
+    assert_eq!(status["audience"]["recipients"], 599);
+    assert_eq!(status["audience"]["skipped"], json!({"invalid_email": 1}), "{status}");
+    assert_eq!(status["audience"]["skipped_at"]["invalid_email"], json!([format!("{uri}:{bad_line}")]));
+    let ranges: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM prepare_parts WHERE request_id = 'quoted' AND kind = 'shard' AND start_byte > 0",
+    )
+    .fetch_one(stack.store.pool())
+    .await
+    .unwrap();
+    assert!(ranges > 2, "the file was read in {ranges} ranges after its first");
+
+    let mut addresses = std::collections::BTreeMap::new();
+    for object in stack.blobs.list(BUCKET, "requests/quoted/chunks/").await.unwrap() {
+        let data = stack.blobs.read_all(BUCKET, &object).await.unwrap();
+        for line in data.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let recipient: Value = serde_json::from_slice(line).unwrap();
+            let email = recipient["email"].as_str().unwrap().to_owned();
+            addresses.insert(email, recipient["params"]["address"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(addresses.len(), 599);
+    for i in (0..600).step_by(5).filter(|&i| i != 450) {
+        assert_eq!(addresses[&format!("q-{i}@example.com")], format!("{i} Main St\nFlat \"{i}\""));
+    }
+    assert_eq!(stack.esp.report().deliveries.duplicates, 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_shard_whose_worker_died_halfway_is_taken_over_and_done_again() {
+    use haishin_shared::domain::RequestId;
+    use haishin_shared::suppression::address_key;
+    use haishin_trigger::prepare::parts::{part_object, partition_of};
+
+    let stack = parts_stack().await;
+    let people: Vec<String> = (0..1_400).map(|i| format!("taken-{i}@example.com,Person {i}")).collect();
+    let uri = csv_file(&stack, "audiences/taken.csv", &people).await;
+    stack.requests_topic.publish(&batch("taken-over", &[uri]), &[]).await.expect("published");
+
+    // A worker takes the last shard (whose task waits behind the first shards') and dies after it
+    // wrote part of a partition object: what it wrote holds an address the file does not.
+    let pool = stack.store.pool();
+    let (last, partitions) =
+        haishin_tests::eventually("the shards to be planned", Duration::from_secs(30), || async {
+            sqlx::query_as::<_, (i32, i32)>(
+                "UPDATE prepare_parts p SET lease_until = now() + interval '3 seconds'
+             FROM requests r
+             WHERE p.request_id = 'taken-over' AND p.kind = 'shard' AND r.id = p.request_id
+               AND p.index = (SELECT max(index) FROM prepare_parts
+                              WHERE request_id = 'taken-over' AND kind = 'shard')
+               AND NOT p.done AND p.lease_until IS NULL
+             RETURNING p.index, r.partitions",
+            )
+            .fetch_optional(pool)
+            .await
+            .unwrap()
+        })
+        .await;
+    assert!(last >= 8, "the last shard, {last}, is queued behind the first ones");
+    let id = RequestId::from("taken-over");
+    let partition = partition_of(&address_key("taken-1399@example.com"), partitions as u32);
+    let torn = r#"{"k":"ghost@example.com","s":0,"l":1,"r":{"email":"ghost@example.com","params":{"name":"Ghost"}}}"#;
+    let object = part_object(&id, partition, last as u32, 0);
+    stack.blobs.write(BUCKET, &object, format!("{torn}\n").into_bytes().into()).await.unwrap();
+
+    let status = finished_within(&stack, "taken-over", Duration::from_secs(120)).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["recipients"], 1_400, "{status}");
+    assert_eq!(status["audience"]["skipped"], json!({}), "{status}");
+    let sim = stack.esp.report();
+    assert_eq!(sim.requests["taken-over"].counts.unique, 1_400);
+    assert_eq!(sim.deliveries.duplicates, 0);
+    let chunks = stack.blobs.list(BUCKET, "requests/taken-over/chunks/").await.unwrap();
+    for object in chunks {
+        let data = stack.blobs.read_all(BUCKET, &object).await.unwrap();
+        assert!(!String::from_utf8_lossy(&data).contains("ghost@"), "{object} holds the torn write");
+    }
     stack.stop().await;
 }

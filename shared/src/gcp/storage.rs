@@ -62,6 +62,30 @@ impl Blobs {
         .boxed())
     }
 
+    /// Streams `length` bytes of an object from byte `offset` on (fewer where the object ends).
+    pub async fn read_range(
+        &self,
+        bucket: &str,
+        object: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<futures::stream::BoxStream<'static, Result<bytes::Bytes, GcpError>>, GcpError> {
+        use futures::StreamExt;
+        use google_cloud_storage::model_ext::ReadRange;
+        let response = self
+            .storage
+            .read_object(Self::bucket_path(bucket), object)
+            .set_read_range(ReadRange::segment(offset, length))
+            .send()
+            .await
+            .map_err(|e| GcpError::from_gax("reading part of an object", &e))?;
+        Ok(futures::stream::unfold(response, |mut response| async move {
+            let item = response.next().await?;
+            Some((item.map_err(|e| GcpError::from_gax("reading part of an object", &e)), response))
+        })
+        .boxed())
+    }
+
     /// Reads a whole (small) object.
     pub async fn read_all(&self, bucket: &str, object: &str) -> Result<Vec<u8>, GcpError> {
         use futures::TryStreamExt;

@@ -82,7 +82,11 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
 pub async fn start(state: &AppState, request: &DeliveryRequest) -> Result<(), Unavailable> {
     match &request.audience {
         Audience::Inline(list) if list.len() <= state.inline_prepare_max => {
-            Box::pin(prepare::run(state, &request.id, None)).await.map(drop)
+            // Type-erased: the prepare step's future is too deep a type for the compiler to
+            // prove the handler's future `Send` through it.
+            let prepared: futures::future::BoxFuture<'_, _> =
+                Box::pin(prepare::run(state, &request.id, None));
+            prepared.await.map(drop)
         }
         _ => {
             let name = prepare_task_name(&request.id);

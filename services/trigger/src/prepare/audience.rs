@@ -186,7 +186,13 @@ pub(super) async fn read_object<S: RowSink>(
     read_file(sink, stream, file.format, &file.name()).await
 }
 
-async fn read_file<K, S>(sink: &mut K, stream: S, format: FileFormat, name: &str) -> Result<(), PrepareError>
+/// Streams the rows of a file's bytes, `stream`, into `sink`.
+pub(super) async fn read_file<K, S>(
+    sink: &mut K,
+    stream: S,
+    format: FileFormat,
+    name: &str,
+) -> Result<(), PrepareError>
 where
     K: RowSink,
     S: Stream<Item = Result<bytes::Bytes, GcpError>> + Send + Unpin,

@@ -201,6 +201,20 @@ impl<'a> Chunker<'a> {
         self.keep(key, start, at).await
     }
 
+    /// Keeps an address out: a row of it seen from now on is a duplicate (an earlier part kept
+    /// its first row).
+    pub(super) fn keep_out(&mut self, key: &str) {
+        if !self.seen.contains(key) {
+            self.seen.insert(key.into());
+        }
+    }
+
+    /// Forgets the address keys kept so far, for rows none of which can share an address with
+    /// those before (another partition's).
+    pub(super) fn forget_keys(&mut self) {
+        self.seen = HashSet::default();
+    }
+
     /// Takes a recipient checked already (a partition's, written by a shard step): its address
     /// key and its line as the chunk object holds it. The row was counted where it was read.
     pub(super) async fn push_checked(

@@ -1,27 +1,37 @@
 //! A large audience prepared in parts, each its own prepare task, so that the work spreads over
-//! trigger instances and no instance holds more than one partition's recipients.
+//! trigger instances, no instance holds more than about one partition's recipients, and the
+//! first chunks are stored while most of the audience is still being read.
 //!
 //! 1. **Plan** (the request's prepare task): the audience's files are listed (a BigQuery audience
-//!    exported first), a `shard` part is recorded for each, with the number of partitions (about
-//!    [`Parts::partition_bytes`] of rows each), and a task is created for each shard.
-//! 2. **Shards** (`shard`): a shard reads its file, checks each row (bad rows are skipped and
+//!    exported first) and cut into shards: a large file is read in byte ranges, each ending
+//!    where a row does, the first small and each next one twice as large up to a partition's
+//!    size (see `ranges`). A `shard` part is recorded for each, with the number of partitions
+//!    (a power of two, about [`Parts::partition_bytes`] of rows each), and the first
+//!    [`SHARDS_AHEAD`] shards' tasks are created; each shard's end creates the next ones'.
+//! 2. **Shards** (`shard`): a shard reads its range, checks each row (bad rows are skipped and
 //!    counted there), and appends each valid one to its partition, chosen by a hash of the
-//!    address key, as objects `requests/<id>/parts/<partition>/<shard>-<n>.json`. The last shard
-//!    to end records the partitions and creates their tasks.
-//! 3. **Partitions** (`partition`): a partition reads its objects in order (shard by shard, each
-//!    in file order), keeps the first row of each address (exact: every copy of an address is in
-//!    the same partition), and cuts chunks as a whole audience's are, numbered from its
-//!    `first_seq`. The last partition to end sums the parts into the request's summary and hands
-//!    the request to dispatch; its chunks were dispatched as they were stored.
+//!    address key, as objects `requests/<id>/parts/<partition>/<shard>-<n>.json`.
+//! 3. **Cuts** (`partition` parts): the shards fall in groups, shard 0 alone, then each group as
+//!    few shards as hold the bytes of all before it (see [`groups`]). Once a group's shards and
+//!    all before them are done, its rows are cut: each cut takes the group's rows of some
+//!    partitions, keeps the first row of each address unless a shard before the group holds it
+//!    (exact: every copy of an address is in the same partition, and the earlier shards' keys
+//!    are read back), and cuts chunks numbered from its `first_seq`. The last part to end sums the parts into the request's
+//!    summary and hands the request to dispatch; its chunks were dispatched as they were stored.
+//!
+//! The groups double in bytes, so the earlier shards' keys are read back about once in all, and
+//! the first chunks wait only for the first, small shard.
 //!
 //! Every step is idempotent: a part's objects, chunks and numbers are derived from the audience,
 //! so a part redone after a crash or a redelivery writes the same again, and a part done already
 //! only checks that what follows it has started.
 
 mod partition;
+mod ranges;
 pub(super) mod records;
 mod shard;
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use haishin_shared::domain::{DeliveryRequest, RequestId};
@@ -36,6 +46,9 @@ use records::{Finished, PartClaim};
 
 /// Most partitions an audience is spread over.
 const MAX_PARTITIONS: u64 = 4_096;
+/// Shard tasks waiting in the queue at once, so that the cuts of the shards done are not queued
+/// behind all the others.
+const SHARDS_AHEAD: usize = 4;
 
 /// How large audiences are prepared in parts.
 #[derive(Clone, Debug)]
@@ -44,23 +57,69 @@ pub struct Parts {
     pub partition_bytes: u64,
     /// Parts this instance prepares at once.
     at_once: Arc<Semaphore>,
+    /// Shards among them: one less, so that a cut never waits for the shards queued before it.
+    shards_at_once: Arc<Semaphore>,
 }
 
 impl Parts {
     pub fn new(partition_bytes: u64, at_once: usize) -> Self {
-        Self { partition_bytes: partition_bytes.max(1), at_once: Arc::new(Semaphore::new(at_once.max(1))) }
+        let at_once = at_once.max(1);
+        Self {
+            partition_bytes: partition_bytes.max(1),
+            at_once: Arc::new(Semaphore::new(at_once)),
+            shards_at_once: Arc::new(Semaphore::new((at_once - 1).max(1))),
+        }
     }
 
-    /// Partitions for an audience of these files.
+    /// Partitions for an audience of these files: a power of two, so that a group's cuts can
+    /// take every second, fourth, ... partition.
     pub(super) fn partitions(&self, files: &[AudienceFile]) -> u32 {
         let bytes: u64 = files.iter().map(AudienceFile::row_bytes).sum();
-        bytes.div_ceil(self.partition_bytes).clamp(1, MAX_PARTITIONS) as u32
+        let partitions = bytes.div_ceil(self.partition_bytes).clamp(1, MAX_PARTITIONS) as u32;
+        partitions.next_power_of_two().min(MAX_PARTITIONS as u32)
+    }
+}
+
+/// The groups of shards whose rows are cut together, given each shard's bytes: shard 0 alone,
+/// then each group as few shards as hold at least the bytes of all the groups before it. The
+/// groups double in bytes, so each group's cuts read back about as many earlier keys as its own
+/// rows, and each waits for about as much spreading as the groups before it take to send.
+pub(super) fn groups(bytes: &[u64]) -> Vec<Range<u32>> {
+    let (mut groups, mut start, mut before, mut current) = (Vec::new(), 0, 0u64, 0u64);
+    for (i, &b) in bytes.iter().enumerate() {
+        current += b.max(1);
+        if current >= before {
+            groups.push(start..i as u32 + 1);
+            (start, before, current) = (i as u32 + 1, before + current, 0);
+        }
+    }
+    if (start as usize) < bytes.len() {
+        groups.push(start..bytes.len() as u32);
+    }
+    groups
+}
+
+/// A cut: the rows of a group of shards in the partitions whose number is `residue` modulo the
+/// cut's stride. As a part, its index is `group << 16 | residue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Cut {
+    pub(super) group: u32,
+    pub(super) residue: u32,
+}
+
+impl Cut {
+    pub(super) fn index(self) -> u32 {
+        self.group << 16 | self.residue
+    }
+
+    pub(super) fn of_index(index: u32) -> Self {
+        Self { group: index >> 16, residue: index & 0xffff }
     }
 }
 
 /// The partition of an address key among `partitions`: a hash that is the same in every trigger
 /// instance and every release (FNV-1a, then mixed so that every bit counts in the modulo).
-pub(super) fn partition_of(key: &str, partitions: u32) -> u32 {
+pub fn partition_of(key: &str, partitions: u32) -> u32 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in key.bytes() {
         hash ^= u64::from(byte);
@@ -74,7 +133,7 @@ pub(super) fn partition_of(key: &str, partitions: u32) -> u32 {
 
 /// Where a shard's `n`th piece of a partition is written. Zero-padded, so that listing a
 /// partition's objects gives them in shard order, and each shard's in the order written.
-pub(super) fn part_object(request: &RequestId, partition: u32, shard: u32, n: u32) -> String {
+pub fn part_object(request: &RequestId, partition: u32, shard: u32, n: u32) -> String {
     format!("{}{shard:05}-{n:06}.json", partition_prefix(request, partition))
 }
 
@@ -90,21 +149,32 @@ pub(super) async fn plan(
     files: &[AudienceFile],
 ) -> Result<Prepared, Unavailable> {
     let partitions = state.parts.partitions(files);
-    records::plan(&state.store, &request.id, files, partitions).await?;
-    tracing::info!(files = files.len(), partitions, "Audience prepared in parts.");
+    let shards = match ranges::shards(&state.blobs, files, state.parts.partition_bytes).await {
+        Ok(shards) => shards,
+        Err(err) if err.is_permanent() => return super::fail(state, &request.id, &err.to_string()).await,
+        Err(err) => return Err(Unavailable::Dependency(err.to_string())),
+    };
+    records::plan(&state.store, &request.id, &shards, partitions).await?;
+    tracing::info!(files = files.len(), shards = shards.len(), partitions, "Audience prepared in parts.");
     start_shards(state, &request.id).await
 }
 
-/// Creates the tasks of the request's shards not done yet (again, for a plan that was
-/// interrupted: a task of the same name is created once).
+/// Creates the tasks of the first [`SHARDS_AHEAD`] shards not done yet (again, for a plan that
+/// was interrupted: a task of the same name is created once).
 pub(super) async fn start_shards(state: &AppState, id: &RequestId) -> Result<Prepared, Unavailable> {
-    let shards = records::unfinished(&state.store, id, "shard").await?;
-    if shards.is_empty() {
+    let shards = queue_shards(state, id).await?;
+    if shards == 0 {
         // Every shard is done: what follows them is checked as a shard's end checks it.
         return Box::pin(run(state, id, PreparePart::Shard(0))).await;
     }
-    start(state, id, shards.iter().map(|&s| PreparePart::Shard(s))).await?;
     Ok(Prepared::InParts)
+}
+
+/// Creates the tasks of the next shards not done; returns how many shards are not done.
+async fn queue_shards(state: &AppState, id: &RequestId) -> Result<usize, Unavailable> {
+    let shards = records::unfinished(&state.store, id, "shard").await?;
+    start(state, id, shards.iter().take(SHARDS_AHEAD).map(|&s| PreparePart::Shard(s))).await?;
+    Ok(shards.len())
 }
 
 async fn start(
@@ -123,6 +193,10 @@ async fn start(
 /// Runs one part of a request's preparation, and whatever its end starts.
 #[tracing::instrument(skip_all, fields(request_id = %id, part = %part))]
 pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<Prepared, Unavailable> {
+    let _shard_permit = match part {
+        PreparePart::Shard(_) => Some(state.parts.shards_at_once.acquire().await.expect("never closed")),
+        PreparePart::Partition(_) => None,
+    };
     let _permit = state.parts.at_once.acquire().await.expect("the semaphore is never closed");
     let row = match records::claim(&state.store, id, part, state.prepare_lease).await? {
         PartClaim::Claimed(row) => Some(row),
@@ -155,9 +229,12 @@ pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<
         }
     };
     let found = found.as_ref().map(|(summary, rows)| records::Found { summary, partition_rows: rows });
-    match records::finish(&state.store, id, part, found, state.chunk_size).await? {
+    let finished =
+        records::finish(&state.store, id, part, found, state.chunk_size, state.parts.partition_bytes);
+    match finished.await? {
         Finished::Partitions(open) => {
             start(state, id, open.into_iter().map(PreparePart::Partition)).await?;
+            queue_shards(state, id).await?;
             Ok(Prepared::InParts)
         }
         Finished::Request(None) => Ok(Prepared::InParts),
@@ -199,6 +276,22 @@ mod tests {
     }
 
     #[test]
+    fn groups_of_shards_double_in_bytes_and_cover_every_shard_once() {
+        // Shards doubling up to a most of 8, then 8 each.
+        let bytes = [1, 2, 4, 8, 8, 8, 8, 8, 8, 8, 8, 3];
+        assert_eq!(groups(&bytes), vec![0..1, 1..2, 2..3, 3..4, 4..6, 6..10, 10..12]);
+        assert_eq!(groups(&[5]), vec![0..1]);
+        assert!(groups(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_cut_is_its_group_and_residue() {
+        let cut = Cut { group: 5, residue: 4_095 };
+        assert_eq!(Cut::of_index(cut.index()), cut);
+        assert_eq!(Cut::of_index(3), Cut { group: 0, residue: 3 });
+    }
+
+    #[test]
     fn an_audience_gets_one_partition_per_partition_size() {
         let parts = Parts::new(100, 1);
         let file = |size| AudienceFile {
@@ -207,7 +300,8 @@ mod tests {
             format: haishin_shared::domain::FileFormat::Csv,
             size,
         };
-        assert_eq!(parts.partitions(&[file(250)]), 3);
+        assert_eq!(parts.partitions(&[file(250)]), 4, "a power of two");
+        assert_eq!(parts.partitions(&[file(200)]), 2);
         assert_eq!(parts.partitions(&[file(50), file(50)]), 1);
         assert_eq!(Parts::new(1, 1).partitions(&[file(u64::MAX)]), MAX_PARTITIONS as u32);
     }

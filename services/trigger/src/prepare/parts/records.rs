@@ -9,6 +9,8 @@ use haishin_shared::store::{Result, Store};
 
 use super::super::audience::AudienceFile;
 use super::super::chunker::AudienceSummary;
+use super::ranges::Shard;
+use super::{Cut, groups};
 
 /// A part taken by this worker.
 #[derive(Debug, sqlx::FromRow)]
@@ -20,16 +22,27 @@ pub(crate) struct PartRow {
     /// Rows the shards wrote to this partition (partitions), 0 for a shard.
     pub(crate) rows: i64,
     pub(crate) partitions: Option<i32>,
+    pub(crate) start_byte: Option<i64>,
+    pub(crate) end_byte: Option<i64>,
+    pub(crate) first_line: Option<i64>,
+    /// A cut's partitions: those whose number is its own modulo this.
+    pub(crate) stride: Option<i32>,
 }
 
 impl PartRow {
-    /// A shard's file.
-    pub(crate) fn file(&self) -> Option<AudienceFile> {
+    /// A shard's file, or range of it.
+    pub(crate) fn shard(&self) -> Option<Shard> {
         let format = match self.format.as_deref()? {
             "ndjson" => FileFormat::Ndjson,
             _ => FileFormat::Csv,
         };
-        Some(AudienceFile { bucket: self.bucket.clone()?, object: self.object.clone()?, format, size: 0 })
+        let file =
+            AudienceFile { bucket: self.bucket.clone()?, object: self.object.clone()?, format, size: 0 };
+        let range = match (self.start_byte, self.end_byte) {
+            (Some(start), Some(end)) => Some(start.max(0) as u64..end.max(0) as u64),
+            _ => None,
+        };
+        Some(Shard { file, range, first_line: self.first_line.unwrap_or(1).max(1) as u64, bytes: 0 })
     }
 }
 
@@ -55,34 +68,41 @@ pub(crate) async fn planned(store: &Store, id: &RequestId) -> Result<Option<u32>
     Ok(partitions.flatten().map(|p| p.max(1) as u32))
 }
 
-/// Records a request's shards, one per file, and how many partitions they spread over. Done
-/// once: a second plan of the same request changes nothing.
-pub(crate) async fn plan(
-    store: &Store,
-    id: &RequestId,
-    files: &[AudienceFile],
-    partitions: u32,
-) -> Result<()> {
+/// Records a request's shards and how many partitions they spread over. Done once: a second
+/// plan of the same request changes nothing.
+pub(crate) async fn plan(store: &Store, id: &RequestId, shards: &[Shard], partitions: u32) -> Result<()> {
     let mut tx = store.pool().begin().await?;
-    let buckets: Vec<&str> = files.iter().map(|f| f.bucket.as_str()).collect();
-    let objects: Vec<&str> = files.iter().map(|f| f.object.as_str()).collect();
-    let formats: Vec<&str> = files
+    let buckets: Vec<&str> = shards.iter().map(|s| s.file.bucket.as_str()).collect();
+    let objects: Vec<&str> = shards.iter().map(|s| s.file.object.as_str()).collect();
+    let formats: Vec<&str> = shards
         .iter()
-        .map(|f| match f.format {
+        .map(|s| match s.file.format {
             FileFormat::Ndjson => "ndjson",
             FileFormat::Csv => "csv",
         })
         .collect();
+    let range = |end: bool| -> Vec<Option<i64>> {
+        let at = |r: &std::ops::Range<u64>| if end { r.end } else { r.start };
+        shards.iter().map(|s| s.range.as_ref().map(|r| at(r) as i64)).collect()
+    };
+    let first_lines: Vec<i64> = shards.iter().map(|s| s.first_line as i64).collect();
+    let bytes: Vec<i64> = shards.iter().map(|s| s.bytes as i64).collect();
     sqlx::query(
-        "INSERT INTO prepare_parts (request_id, kind, index, bucket, object, format)
-         SELECT $1, 'shard', n - 1, b, o, f FROM unnest($2::text[], $3::text[], $4::text[])
-             WITH ORDINALITY AS t(b, o, f, n)
+        "INSERT INTO prepare_parts
+             (request_id, kind, index, bucket, object, format, start_byte, end_byte, first_line, bytes)
+         SELECT $1, 'shard', n - 1, b, o, f, s, e, l, y
+         FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
+                     $8::bigint[]) WITH ORDINALITY AS t(b, o, f, s, e, l, y, n)
          ON CONFLICT DO NOTHING",
     )
     .bind(id)
     .bind(&buckets)
     .bind(&objects)
     .bind(&formats)
+    .bind(range(false))
+    .bind(range(true))
+    .bind(&first_lines)
+    .bind(&bytes)
     .execute(&mut *tx)
     .await?;
     sqlx::query("UPDATE requests SET partitions = COALESCE(partitions, $2) WHERE id = $1")
@@ -120,7 +140,8 @@ pub(crate) async fn claim(
          WHERE p.request_id = $1 AND p.kind = $2 AND p.index = $3 AND NOT p.done
            AND (p.lease_until IS NULL OR p.lease_until < now())
            AND r.id = p.request_id AND r.state = 'preparing'
-         RETURNING p.bucket, p.object, p.format, p.first_seq, p.rows, r.partitions",
+         RETURNING p.bucket, p.object, p.format, p.first_seq, p.rows, r.partitions, p.start_byte,
+             p.end_byte, p.first_line, p.stride",
     )
     .bind(id)
     .bind(part.kind())
@@ -163,16 +184,17 @@ pub(crate) async fn drop_lease(store: &Store, id: &RequestId, part: PreparePart)
     Ok(())
 }
 
-/// The files of the request's shards, by shard.
-pub(crate) async fn shard_names(store: &Store, id: &RequestId) -> Result<Vec<String>> {
-    sqlx::query_scalar(
-        "SELECT 'gs://' || bucket || '/' || object FROM prepare_parts
+/// The request's shards, in order: each one's file (a file read in ranges once for each) and
+/// about how many bytes of rows it holds.
+pub(crate) async fn shards(store: &Store, id: &RequestId) -> Result<Vec<(String, u64)>> {
+    let shards: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT 'gs://' || bucket || '/' || object, bytes FROM prepare_parts
          WHERE request_id = $1 AND kind = 'shard' ORDER BY index",
     )
     .bind(id)
     .fetch_all(store.pool())
-    .await
-    .map_err(Into::into)
+    .await?;
+    Ok(shards.into_iter().map(|(name, bytes)| (name, bytes.unwrap_or(0).max(0) as u64)).collect())
 }
 
 /// What a part found: its summary and, for a shard, its valid rows written to each partition.
@@ -181,9 +203,9 @@ pub(crate) struct Found<'a> {
     pub(crate) partition_rows: &'a [i64],
 }
 
-/// Ends a part with what it `found` (`None`: it was done already). Returns the partitions to start
-/// when every shard is done (see [`open_partitions`]), or the request's whole summary when every
-/// partition is. The request's row is locked meanwhile, so that of two parts ending together,
+/// Ends a part with what it `found` (`None`: it was done already). Returns the cuts to start
+/// once their shards are done (see [`open_cuts`]), or the request's whole summary when every
+/// part is. The request's row is locked meanwhile, so that of two parts ending together,
 /// one sees the other's end.
 pub(crate) async fn finish(
     store: &Store,
@@ -191,6 +213,7 @@ pub(crate) async fn finish(
     part: PreparePart,
     found: Option<Found<'_>>,
     chunk_size: usize,
+    partition_bytes: u64,
 ) -> Result<Finished> {
     let mut tx = store.pool().begin().await?;
     sqlx::query("SELECT 1 FROM requests WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await?;
@@ -198,7 +221,9 @@ pub(crate) async fn finish(
         record(&mut tx, id, part, found, partition_rows).await?;
     }
     let finished = match part {
-        PreparePart::Shard(_) => Finished::Partitions(open_partitions(&mut tx, id, chunk_size).await?),
+        PreparePart::Shard(_) => {
+            Finished::Partitions(open_cuts(&mut tx, id, chunk_size, partition_bytes).await?)
+        }
         PreparePart::Partition(_) => Finished::Request(summary_when_done(&mut tx, id).await?),
     };
     tx.commit().await?;
@@ -235,54 +260,92 @@ async fn record(
 /// What ending a part led to.
 #[derive(Debug)]
 pub(crate) enum Finished {
-    /// The partitions not done yet, when every shard is (none while a shard is not).
+    /// The cuts not done yet whose shards are.
     Partitions(Vec<u32>),
     /// The request's summary, when every partition is done.
     Request(Option<AudienceSummary>),
 }
 
-/// Once every shard is done: records the partitions, each with its rows and first chunk number
-/// (partition `p` starts after room for every row of the partitions before it), and returns
-/// those not done yet.
-async fn open_partitions(tx: &mut sqlx::PgConnection, id: &RequestId, chunk_size: usize) -> Result<Vec<u32>> {
-    let waiting: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM prepare_parts WHERE request_id = $1 AND kind = 'shard' AND NOT done",
-    )
-    .bind(id)
-    .fetch_one(&mut *tx)
-    .await?;
-    if waiting > 0 {
-        return Ok(Vec::new());
-    }
+/// Records the cuts of each group of shards whose shards are done, and of every group before
+/// it (the cuts of group `g` de-duplicate against the rows of every shard before the group),
+/// and returns the cuts not done yet. A group's partitions are cut `stride` at a time, about a
+/// partition's bytes of rows each, and each cut's first chunk number leaves room for every row
+/// of the cuts recorded before it.
+async fn open_cuts(
+    tx: &mut sqlx::PgConnection,
+    id: &RequestId,
+    chunk_size: usize,
+    partition_bytes: u64,
+) -> Result<Vec<u32>> {
     let partitions: i32 = sqlx::query_scalar("SELECT COALESCE(partitions, 1) FROM requests WHERE id = $1")
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
-    let spread: Vec<Vec<i64>> = sqlx::query_scalar(
-        "SELECT partition_rows FROM prepare_parts WHERE request_id = $1 AND kind = 'shard'",
+    let partitions = partitions.max(1) as u32;
+    type ShardDone = (bool, Vec<i64>, Option<i64>);
+    let shards: Vec<ShardDone> = sqlx::query_as(
+        "SELECT done, partition_rows, bytes FROM prepare_parts
+         WHERE request_id = $1 AND kind = 'shard' ORDER BY index",
     )
     .bind(id)
     .fetch_all(&mut *tx)
     .await?;
+    // A partition recorded without a stride was recorded before cuts were: it covers every
+    // shard, and its request's partitions are all recorded already.
+    let opened: Vec<(i32, bool)> = sqlx::query_as(
+        "SELECT DISTINCT index >> 16, stride IS NULL FROM prepare_parts
+         WHERE request_id = $1 AND kind = 'partition'",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let legacy = opened.iter().any(|o| o.1);
+    let opened: Vec<i32> = opened.into_iter().map(|o| o.0).collect();
     let chunk = chunk_size.max(1) as i64;
-    let mut first = 0i64;
-    let (mut indexes, mut rows, mut firsts) = (Vec::new(), Vec::new(), Vec::new());
-    for p in 0..partitions.max(1) as usize {
-        let count: i64 = spread.iter().map(|s| s.get(p).copied().unwrap_or(0)).sum();
-        indexes.push(p as i32);
-        rows.push(count);
-        firsts.push(first as i32);
-        first += (count + chunk - 1) / chunk;
+    let mut next_seq: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(max(first_seq + (rows + $2 - 1) / $2), 0)::bigint FROM prepare_parts
+         WHERE request_id = $1 AND kind = 'partition'",
+    )
+    .bind(id)
+    .bind(chunk)
+    .fetch_one(&mut *tx)
+    .await?;
+    let bytes: Vec<u64> = shards.iter().map(|s| s.2.unwrap_or(0).max(0) as u64).collect();
+    let (mut indexes, mut rows, mut firsts, mut strides) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (group, members) in groups(&bytes).into_iter().enumerate() {
+        let group = group as u32;
+        if legacy || !shards[..members.end as usize].iter().all(|s| s.0) {
+            break;
+        }
+        if !opened.contains(&(group as i32)) {
+            let of_group = &shards[members.start as usize..members.end as usize];
+            let bytes: u64 = of_group.iter().map(|s| s.2.unwrap_or(0).max(0) as u64).sum();
+            let stride = bytes.div_ceil(partition_bytes.max(1)).clamp(1, u64::from(partitions));
+            let stride = (stride as u32).next_power_of_two().min(partitions);
+            for residue in 0..stride {
+                let count: i64 = (residue..partitions)
+                    .step_by(stride as usize)
+                    .map(|p| of_group.iter().map(|s| s.1.get(p as usize).copied().unwrap_or(0)).sum::<i64>())
+                    .sum();
+                indexes.push(Cut { group, residue }.index() as i32);
+                rows.push(count);
+                firsts.push(next_seq as i32);
+                strides.push(stride as i32);
+                next_seq += (count + chunk - 1) / chunk;
+            }
+        }
     }
     sqlx::query(
-        "INSERT INTO prepare_parts (request_id, kind, index, rows, first_seq)
-         SELECT $1, 'partition', i, r, f FROM unnest($2::int[], $3::bigint[], $4::int[]) AS t(i, r, f)
+        "INSERT INTO prepare_parts (request_id, kind, index, rows, first_seq, stride)
+         SELECT $1, 'partition', i, r, f, s FROM unnest($2::int[], $3::bigint[], $4::int[], $5::int[])
+             AS t(i, r, f, s)
          ON CONFLICT DO NOTHING",
     )
     .bind(id)
     .bind(&indexes)
     .bind(&rows)
     .bind(&firsts)
+    .bind(&strides)
     .execute(&mut *tx)
     .await?;
     let open: Vec<i32> = sqlx::query_scalar(

@@ -6,8 +6,11 @@
 //! the largest one is: a shard holds at most that much, whatever the file's size. Which buffer is
 //! written when depends on the rows alone, so a shard read again writes the same objects.
 
-use haishin_shared::domain::{DeliveryRequest, Recipient};
-use haishin_shared::gcp::Blobs;
+use std::ops::Range;
+
+use futures::{StreamExt, TryStreamExt};
+use haishin_shared::domain::{DeliveryRequest, FileFormat, Recipient};
+use haishin_shared::gcp::{Blobs, GcpError};
 use haishin_shared::suppression::address_key;
 use serde::Serialize;
 
@@ -15,6 +18,7 @@ use super::super::chunker::{AudienceSummary, check_columns};
 use super::super::recipient::{Skip, check};
 use super::super::rows::{RowAt, RowSink};
 use super::super::{PrepareError, audience};
+use super::ranges::{self, Shard};
 use super::records::PartRow;
 use super::{part_object, partition_of};
 use crate::AppState;
@@ -23,6 +27,8 @@ use crate::AppState;
 const PIECE_BYTES: usize = 1024 * 1024;
 /// What a shard holds at most before it writes its largest buffer.
 const BUFFERED_BYTES: usize = 8 * 1024 * 1024;
+/// How far into a CSV file its header row may end.
+const HEADER_BYTES: u64 = 64 * 1024;
 
 /// A valid row as a partition object holds it: the address key, where the row was (shard, line),
 /// and the recipient as its chunk will hold it.
@@ -34,15 +40,15 @@ pub(super) struct PartLine<R> {
     pub r: R,
 }
 
-/// Reads the shard's file into its partitions; returns what it found and its valid rows by
-/// partition.
+/// Reads the shard's file (or its range of it) into its partitions; returns what it found and
+/// its valid rows by partition.
 pub(super) async fn run(
     state: &AppState,
     request: &DeliveryRequest,
     shard: u32,
     row: &PartRow,
 ) -> Result<(AudienceSummary, Vec<i64>), PrepareError> {
-    let file = row.file().ok_or_else(|| PrepareError::Unusable(format!("shard {shard} names no file")))?;
+    let part = row.shard().ok_or_else(|| PrepareError::Unusable(format!("shard {shard} names no file")))?;
     let partitions = row.partitions.unwrap_or(1).max(1) as u32;
     let mut spread = Spreader {
         blobs: &state.blobs,
@@ -53,14 +59,60 @@ pub(super) async fn run(
         written: vec![0; partitions as usize],
         rows: vec![0; partitions as usize],
         buffered: 0,
+        line_offset: 0,
         summary: AudienceSummary::default(),
     };
-    audience::read_object(&mut spread, &state.blobs, &file).await?;
+    match &part.range {
+        None => audience::read_object(&mut spread, &state.blobs, &part.file).await?,
+        Some(range) => read_range(&mut spread, &state.blobs, &part, range.clone()).await?,
+    }
     for p in 0..partitions {
         spread.write(p).await?;
     }
-    tracing::info!(rows = spread.summary.rows, file = %file.name(), "Shard spread over its partitions.");
+    tracing::info!(
+        rows = spread.summary.rows,
+        file = %part.file.name(),
+        first_line = part.first_line,
+        "Shard spread over its partitions."
+    );
     Ok((spread.summary, spread.rows))
+}
+
+/// Reads a range of a file: a CSV file's header row first, unless the range starts with it.
+async fn read_range(
+    spread: &mut Spreader<'_>,
+    blobs: &Blobs,
+    shard: &Shard,
+    range: Range<u64>,
+) -> Result<(), PrepareError> {
+    let file = &shard.file;
+    let unreadable = |e: GcpError| match e {
+        GcpError::Permanent { detail, .. } => {
+            PrepareError::Unusable(format!("cannot read {}: {detail}", file.name()))
+        }
+        other => other.into(),
+    };
+    let body = blobs.read_range(&file.bucket, &file.object, range.start, range.end - range.start).await;
+    let body = body.map_err(unreadable)?;
+    // The line the reader numbers 1 is the file's `first_line`, or the header's line.
+    let mut given_first_line = 1;
+    let stream = if range.start == 0 || file.format == FileFormat::Ndjson {
+        body
+    } else {
+        let head = blobs.read_range(&file.bucket, &file.object, 0, HEADER_BYTES).await.map_err(unreadable)?;
+        let head: Vec<u8> = head.map_ok(|b| b.to_vec()).try_concat().await?;
+        let header = ranges::header_of(&head).ok_or_else(|| {
+            PrepareError::Unusable(format!(
+                "{}: no header row ends in its first {HEADER_BYTES} bytes",
+                file.name()
+            ))
+        })?;
+        given_first_line += header.iter().filter(|&&b| b == b'\n').count() as u64;
+        let header = bytes::Bytes::copy_from_slice(header);
+        futures::stream::once(async move { Ok(header) }).chain(body).boxed()
+    };
+    spread.line_offset = shard.first_line.saturating_sub(given_first_line);
+    audience::read_file(spread, stream, file.format, &file.name()).await
 }
 
 struct Spreader<'a> {
@@ -76,6 +128,8 @@ struct Spreader<'a> {
     rows: Vec<i64>,
     /// The buffers' bytes together.
     buffered: usize,
+    /// How many lines of the file precede the first the reader numbers as its own.
+    line_offset: u64,
     summary: AudienceSummary,
 }
 
@@ -86,6 +140,7 @@ impl RowSink for Spreader<'_> {
 
     async fn row(&mut self, row: Result<Recipient, Skip>, at: RowAt<'_>) -> Result<(), PrepareError> {
         self.summary.rows += 1;
+        let at = RowAt { line: at.line + self.line_offset, ..at };
         let recipient = match row.and_then(check) {
             Ok(r) => r,
             Err(reason) => {
