@@ -97,10 +97,12 @@ locals {
       # least of the send limit and the sender's capacity). See modules/capacity.
       ESP_SLOTS               = module.capacity.dispatch_slots
       REALTIME_RESERVED_SLOTS = module.capacity.realtime_reserved_slots
-      DISPATCH_PREFETCH       = var.dispatch_prefetch
-      INLINE_PREPARE_MAX      = var.inline_prepare_max
-      PREPARE_PARTITION_BYTES = var.prepare_partition_bytes
-      PREPARE_PARTS_AT_ONCE   = var.prepare_parts_at_once
+      # Small realtime chunks skip the list upload (list-send only); the sender reads the same.
+      ESP_INLINE_RECIPIENTS_MAX = local.message_provider ? 0 : var.esp_inline_recipients_max
+      DISPATCH_PREFETCH         = var.dispatch_prefetch
+      INLINE_PREPARE_MAX        = var.inline_prepare_max
+      PREPARE_PARTITION_BYTES   = var.prepare_partition_bytes
+      PREPARE_PARTS_AT_ONCE     = var.prepare_parts_at_once
       # A prepare step may run as long as the request that runs it; each task's dispatch deadline
       # is the timeout of the service it targets.
       PREPARE_LEASE_SECS  = trimsuffix(var.trigger.timeout, "s")
@@ -134,6 +136,8 @@ locals {
       # renders their messages, handing them over esp_batch_size at a time.
       BUCKET         = google_storage_bucket.audiences.name
       ESP_BATCH_SIZE = var.esp_batch_size
+      # list-send: small realtime chunks are sent with their recipients, read from the chunk object.
+      ESP_INLINE_RECIPIENTS_MAX = local.message_provider ? 0 : var.esp_inline_recipients_max
       }, {
       for name, value in {
         ESP_URL                 = local.esp_url

@@ -214,6 +214,17 @@ variable "realtime_reserved_slots" {
   default     = 0
 }
 
+variable "esp_inline_recipients_max" {
+  description = "list-send only: realtime chunks of at most this many recipients are sent with their recipients in the send call, without a list upload, so realtime mail never waits for an upload slot behind a campaign. Set it only when the ESP takes recipients in a send (the list-send protocol's inline send), and no higher than the ESP's cap per call. 0: every chunk is uploaded as a list. Default: 0."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.esp_inline_recipients_max >= 0 && var.esp_inline_recipients_max <= 10000 && floor(var.esp_inline_recipients_max) == var.esp_inline_recipients_max
+    error_message = "esp_inline_recipients_max must be a whole number from 0 to 10000."
+  }
+}
+
 variable "dispatch_prefetch" {
   description = "Chunks the trigger may queue beyond the free dispatch slots, so a freed slot is refilled without waiting for the trigger. Keep it small: queued work cannot be reordered. Default: 1."
   type        = number

@@ -80,6 +80,30 @@ pub async fn suppressed_for_request(
     Ok(found.into_iter().collect())
 }
 
+/// The recipients (chunk object lines) not suppressed for `request`, and how many were left out:
+/// the check made just before a chunk's recipients go to the provider, one query for them all.
+pub async fn leave_out_suppressed(
+    store: &Store,
+    request: &RequestId,
+    recipients: Vec<Box<serde_json::value::RawValue>>,
+) -> Result<(Vec<Box<serde_json::value::RawValue>>, i64)> {
+    let keys: Vec<Option<String>> = recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
+    let asked: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+    let suppressed = suppressed_for_request(store, request, &asked).await?;
+    if suppressed.is_empty() {
+        return Ok((recipients, 0));
+    }
+    let before = recipients.len();
+    let kept: Vec<_> = recipients
+        .into_iter()
+        .zip(keys)
+        .filter(|(_, key)| key.as_ref().is_none_or(|k| !suppressed.contains(k)))
+        .map(|(recipient, _)| recipient)
+        .collect();
+    let left_out = (before - kept.len()) as i64;
+    Ok((kept, left_out))
+}
+
 /// The address of a recipient as a chunk object holds it (`{"email": …, "params": …}`), without
 /// reading the rest; `None` for a line that is not one.
 pub fn email_of(line: &serde_json::value::RawValue) -> Option<String> {

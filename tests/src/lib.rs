@@ -39,6 +39,8 @@ pub struct TestStack {
     pub call_latency: Duration,
     pub chunk_size: u32,
     pub realtime_reserved_slots: u32,
+    /// Realtime chunks of at most this many recipients skip the list upload (0: none do).
+    pub inline_recipients_max: u32,
     /// Trigger instances sharing the database.
     pub triggers: u32,
     /// Who delivers the mail (the ESP simulator by default).
@@ -56,6 +58,7 @@ impl Default for TestStack {
             call_latency: Duration::from_millis(5),
             chunk_size: 100,
             realtime_reserved_slots: 0,
+            inline_recipients_max: 0,
             triggers: 1,
             provider: MailProvider::Simulator,
             bigquery_endpoint: None,
@@ -75,6 +78,7 @@ impl TestStack {
             esp,
             chunk_size: self.chunk_size,
             realtime_reserved_slots: self.realtime_reserved_slots,
+            inline_recipients_max: self.inline_recipients_max,
             triggers: self.triggers,
             prefetch: 0,
             mode: ServiceMode::InProcess,

@@ -14,8 +14,14 @@ use haishin_tests::{TestStack, finished, fresh_database};
 use haishin_trigger::scheduling::{SlotLimits, dispatch_round};
 use serde_json::json;
 
-const LIMITS: SlotLimits =
-    SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 0, prefetch: 2, min_part: 0 };
+const LIMITS: SlotLimits = SlotLimits {
+    shape: Shape::Lists,
+    limit: 8,
+    realtime_reserved: 0,
+    prefetch: 2,
+    min_part: 0,
+    inline_max: 0,
+};
 
 async fn report_refusal(store: &Store, others: i32) {
     sqlx::query("UPDATE dispatch_slots SET refused_in_flight = $1 WHERE api = 'upload'")

@@ -19,8 +19,14 @@ use haishin_trigger::scheduling::{SlotLimits, dispatch_round};
 use haishin_trigger::status::request_status as status_of;
 use serde_json::{Value, json};
 
-const LIMITS: SlotLimits =
-    SlotLimits { shape: Shape::Lists, limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+const LIMITS: SlotLimits = SlotLimits {
+    shape: Shape::Lists,
+    limit: 3,
+    realtime_reserved: 0,
+    prefetch: 0,
+    min_part: 0,
+    inline_max: 0,
+};
 
 fn rid(id: &str) -> RequestId {
     RequestId::from(id)

@@ -116,7 +116,7 @@ async fn a_send_taken_over_after_a_crash_is_found_in_the_esp_history_not_repeate
     esp.send(&SendRequest {
         idempotency_key: haishin_sender::send_key(&ChunkId::from(CHUNK)),
         request_id: "manual".into(),
-        list_id: haishin_shared::esp::ListId(list),
+        to: haishin_shared::esp::SendTo::List { list_id: haishin_shared::esp::ListId(list) },
         template: Template::Stored { id: "t-1".into() },
         class: Class::Batch,
     })

@@ -8,7 +8,7 @@ use haishin_esp_sim::{Api, EspSim, EspSimConfig, EspSimHandle, FaultRates, Fault
 use haishin_shared::domain::{Class, Recipient, Template};
 use haishin_shared::esp::{
     DeliveryId, DeliveryStatus, EspError, EspProvider, ListId, ListSendConfig, ListSendEsp, ListUpload,
-    SendRequest,
+    SendRequest, SendTo,
 };
 use serde_json::json;
 
@@ -30,7 +30,7 @@ fn send_of(key: &str, request_id: &str, list_id: &ListId) -> SendRequest {
     SendRequest {
         idempotency_key: key.to_owned(),
         request_id: request_id.into(),
-        list_id: list_id.clone(),
+        to: SendTo::List { list_id: list_id.clone() },
         template: Template::Inline { subject: "Hello {{name}}".into(), text: Some("Hi".into()), html: None },
         class: Class::Batch,
     }
@@ -182,6 +182,30 @@ async fn an_unknown_list_is_a_permanent_error_that_delivers_nothing() {
     assert_eq!(report.send.invalid_calls, 1);
     assert_eq!(report.send.calls_accepted, 0);
     assert_eq!(report.deliveries.total, 0);
+}
+
+#[tokio::test]
+async fn a_send_may_carry_its_recipients_in_place_of_a_list_up_to_the_esp_s_cap() {
+    let config = EspSimConfig { inline_recipients_max: 3, ..EspSimConfig::fast(4, Duration::ZERO) };
+    let sim = start(config).await;
+    let esp = esp(&sim);
+    let inline = |key: &str, emails: &[&str]| SendRequest {
+        to: SendTo::Recipients { recipients: recipients(emails) },
+        ..send_of(key, "event", &ListId(String::new()))
+    };
+
+    let delivery = esp.send(&inline("event~1:send", &["a@x.com", "b@bounce.invalid"])).await.unwrap();
+    let too_many = esp.send(&inline("event~2:send", &["c@x.com", "d@x.com", "e@x.com", "f@x.com"])).await;
+
+    assert_eq!(esp.find_delivery("event~1:send").await.unwrap(), Some(delivery));
+    let err = too_many.unwrap_err();
+    assert!(matches!(err, EspError::Permanent(ref m) if m.contains("at most 3 recipients")), "{err}");
+    let report = sim.report();
+    assert_eq!((report.upload.calls_accepted, report.send.calls_accepted), (0, 1), "no list was uploaded");
+    assert_eq!((report.deliveries.total, report.deliveries.bounced), (2, 1));
+    let sent: Vec<String> =
+        sim.deliveries("event").unwrap().recipients.into_iter().map(|r| r.email).collect();
+    assert_eq!(sent, ["a@x.com", "b@bounce.invalid"]);
 }
 
 #[tokio::test]

@@ -270,6 +270,55 @@ async fn behind_its_front_door_a_service_accepts_forwarded_tokens_and_still_chec
 }
 
 #[tokio::test]
+async fn small_realtime_events_are_sent_with_their_recipients_and_never_wait_for_a_list_upload() {
+    let stack = TestStack { inline_recipients_max: 5, ..TestStack::default() }.start().await;
+    let uri = csv_audience(&stack, "campaign", 400, "").await;
+    publish(
+        &stack,
+        &json!({"id": "campaign", "class": "batch", "template": template(),
+        "audience": {"gcs": {"uris": [uri]}}}),
+    )
+    .await;
+    let event = |id: &str, n: usize| {
+        let recipients: Vec<Value> = (0..n)
+            .map(|i| json!({"email": format!("{id}-{i}@example.com"), "params": {"name": format!("{id} {i}")}}))
+            .collect();
+        json!({"id": id, "class": "realtime", "template": template(), "audience": {"inline": recipients}})
+    };
+    for i in 0..3 {
+        publish(&stack, &event(&format!("restock-{i}"), 2)).await;
+    }
+    // More recipients than one send may carry: uploaded as a list, as a batch chunk is.
+    publish(&stack, &event("fan-out", 8)).await;
+
+    assert_eq!(finished(&stack, "campaign").await["delivered"], 400);
+    for (id, n) in [("restock-0", 2), ("restock-1", 2), ("restock-2", 2), ("fan-out", 8)] {
+        let status = finished(&stack, id).await;
+        assert_eq!((&status["state"], &status["delivered"]), (&json!("completed"), &json!(n)), "{status}");
+        assert_eq!(stack.esp.report().requests[id].counts.unique, n, "{id}");
+    }
+    let sent: Vec<String> =
+        stack.esp.deliveries("restock-1").unwrap().recipients.into_iter().map(|r| r.email).collect();
+    assert_eq!(sent, ["restock-1-0@example.com", "restock-1-1@example.com"]);
+    let sim = stack.esp.report();
+    assert_eq!(sim.deliveries.duplicates, 0);
+    assert_eq!(sim.upload.over_limit_attempts + sim.send.over_limit_attempts, 0);
+    let listed = sqlx_count(
+        &stack,
+        "SELECT count(*) FROM chunks WHERE list_id IS NOT NULL AND request_id IN ('campaign', 'fan-out')",
+    )
+    .await;
+    assert_eq!(sim.upload.calls_accepted as i64, listed, "only the campaign and the fan-out were uploaded");
+    let inline = sqlx_count(
+        &stack,
+        "SELECT count(*) FROM chunks WHERE request_id LIKE 'restock-%' AND list_id IS NULL AND state = 'completed'",
+    )
+    .await;
+    assert_eq!(inline, 3, "each small event sent without a list");
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn two_triggers_on_one_database_never_dispatch_a_chunk_twice_or_exceed_the_limit() {
     let stack = TestStack { triggers: 2, chunk_size: 20, ..TestStack::default() }.start().await;
     let uri = csv_audience(&stack, "shared", 400, "").await;

@@ -21,8 +21,14 @@ fn chunk_id(request: &str, seq: u32) -> ChunkId {
     ChunkId::new(&rid(request), seq)
 }
 
-const LIMITS: SlotLimits =
-    SlotLimits { shape: Shape::Lists, limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+const LIMITS: SlotLimits = SlotLimits {
+    shape: Shape::Lists,
+    limit: 3,
+    realtime_reserved: 0,
+    prefetch: 0,
+    min_part: 0,
+    inline_max: 0,
+};
 
 async fn dispatched_requests(store: &Store, limits: SlotLimits) -> Vec<String> {
     dispatch_round(store, limits)
@@ -81,6 +87,28 @@ async fn chunks_in_flight_never_exceed_the_limit() {
 }
 
 #[tokio::test]
+async fn a_small_realtime_chunk_goes_on_without_a_list_while_every_upload_slot_is_taken() {
+    let (store, _) = fresh_database().await;
+    ready(&store, &request("big", Class::Batch, 0), 10).await;
+    assert_eq!(dispatched_requests(&store, LIMITS).await.len(), 3, "the batch takes every slot");
+    ready(&store, &request("event", Class::Realtime, 0), 1).await;
+
+    // Its 10 recipients are more than one send may carry: it waits for an upload slot.
+    let round = dispatch_round(&store, SlotLimits { inline_max: 9, ..LIMITS }).await.unwrap();
+    assert!(round.dispatched.is_empty());
+    let round = dispatch_round(&store, SlotLimits { inline_max: 10, ..LIMITS }).await.unwrap();
+
+    let event: Vec<_> = round.dispatched.iter().map(|d| (d.request_id.to_string(), d.inline)).collect();
+    assert_eq!(event, [("event".to_owned(), true)]);
+    assert_eq!(round.in_flight, 3, "it holds no upload slot");
+    let chunk = store.chunk(&chunk_id("event", 0)).await.unwrap().unwrap();
+    assert_eq!((chunk.state, chunk.list_id), (ChunkState::Uploaded, None), "straight to the sender");
+    assert!(undo_dispatch(&store, &round.dispatched[0], Shape::Lists).await.unwrap());
+    let chunk = store.chunk(&chunk_id("event", 0)).await.unwrap().unwrap();
+    assert_eq!(chunk.state, ChunkState::Pending, "not handed on: back in line");
+}
+
+#[tokio::test]
 async fn a_message_based_providers_chunks_hold_their_slot_until_sent() {
     let (store, _) = fresh_database().await;
     let limits = SlotLimits { shape: Shape::Messages, ..LIMITS };
@@ -101,7 +129,7 @@ async fn a_message_based_providers_chunks_hold_their_slot_until_sent() {
 #[tokio::test]
 async fn batch_work_never_takes_the_slots_reserved_for_realtime() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { shape: Shape::Lists, limit: 3, realtime_reserved: 1, prefetch: 0, min_part: 0 };
+    let limits = SlotLimits { limit: 3, realtime_reserved: 1, ..LIMITS };
     ready(&store, &request("campaign", Class::Batch, 9), 10).await;
 
     assert_eq!(dispatched_requests(&store, limits).await.len(), 2);
@@ -112,7 +140,7 @@ async fn batch_work_never_takes_the_slots_reserved_for_realtime() {
 #[tokio::test]
 async fn equal_requests_take_turns() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { shape: Shape::Lists, limit: 4, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let limits = SlotLimits { limit: 4, ..LIMITS };
     ready(&store, &request("a", Class::Batch, 0), 10).await;
     ready(&store, &request("b", Class::Batch, 0), 10).await;
 
@@ -141,7 +169,7 @@ async fn concurrent_rounds_from_two_pools_never_over_commit() {
     let (store, url) = fresh_database().await;
     let other = Store::connect(&url, 10).await.unwrap();
     ready(&store, &request("big", Class::Batch, 0), 50).await;
-    let limits = SlotLimits { shape: Shape::Lists, limit: 5, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let limits = SlotLimits { limit: 5, ..LIMITS };
 
     let rounds = (0..20).map(|i| {
         let store = if i % 2 == 0 { store.clone() } else { other.clone() };
@@ -188,7 +216,7 @@ async fn a_claimed_chunk_is_busy_until_its_lease_runs_out_then_taken_over() {
 #[tokio::test]
 async fn a_later_campaign_takes_turns_with_a_running_one_instead_of_waiting_or_catching_up() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { shape: Shape::Lists, limit: 3, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let limits = SlotLimits { limit: 3, ..LIMITS };
     ready(&store, &request("first", Class::Batch, 0), 20).await;
     assert_eq!(dispatched_requests(&store, limits).await, ["first"; 3]);
     ready(&store, &request("second", Class::Batch, 0), 20).await;
@@ -271,7 +299,7 @@ fn assert_covered_once(ranges: &[(String, i32, i32)], objects: u32) {
 #[tokio::test]
 async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 1, prefetch: 0, min_part: 2 };
+    let limits = SlotLimits { limit: 8, realtime_reserved: 1, min_part: 2, ..LIMITS };
     // 3 chunks of 10 for 7 batch slots: whole, they would leave 4 slots idle.
     ready(&store, &request("tail", Class::Batch, 0), 3).await;
 
@@ -299,7 +327,7 @@ async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
 #[tokio::test]
 async fn the_tail_is_not_cut_while_more_batch_work_may_come() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 2 };
+    let limits = SlotLimits { limit: 8, min_part: 2, ..LIMITS };
     ready(&store, &request("prepared", Class::Batch, 0), 2).await;
     let preparing = request("preparing", Class::Batch, 0);
     assert!(insert_request(&store, &preparing).await.unwrap());
@@ -317,13 +345,13 @@ async fn a_chunk_dispatched_before_is_never_cut_and_pieces_stay_above_the_minimu
     ready(&store, &request("r", Class::Batch, 0), 2).await;
     // Chunk 0 goes out and comes back to pending, as after a lost task: the ESP may hold a list
     // under its key, so its range must stay whole.
-    let one = SlotLimits { shape: Shape::Lists, limit: 1, realtime_reserved: 0, prefetch: 0, min_part: 0 };
+    let one = SlotLimits { limit: 1, ..LIMITS };
     let first = dispatch_round(&store, one).await.unwrap().dispatched.remove(0);
-    assert!(undo_dispatch(&store, &first.chunk_id, first.generation, Shape::Lists).await.unwrap());
+    assert!(undo_dispatch(&store, &first, Shape::Lists).await.unwrap());
 
     // 20 pending over 8 slots would make pieces of 3; the minimum is 4, and a rest of 6 is not
     // cut again (it would leave a piece under 4).
-    let limits = SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 4 };
+    let limits = SlotLimits { limit: 8, min_part: 4, ..LIMITS };
     dispatch_round(&store, limits).await.unwrap();
 
     let ranges = line_ranges(&store, "r").await;
@@ -334,7 +362,7 @@ async fn a_chunk_dispatched_before_is_never_cut_and_pieces_stay_above_the_minimu
 #[tokio::test]
 async fn realtime_chunks_are_never_cut() {
     let (store, _) = fresh_database().await;
-    let limits = SlotLimits { shape: Shape::Lists, limit: 8, realtime_reserved: 0, prefetch: 0, min_part: 1 };
+    let limits = SlotLimits { limit: 8, min_part: 1, ..LIMITS };
     ready(&store, &request("event", Class::Realtime, 0), 1).await;
 
     dispatch_round(&store, limits).await.unwrap();

@@ -274,6 +274,44 @@ fn assert_outcomes_add_up(summary: &Value) {
 }
 
 #[tokio::test]
+async fn a_realtime_event_sent_without_a_list_leaves_out_an_address_suppressed_after_preparation() {
+    let stack = TestStack { inline_recipients_max: 10, ..TestStack::default() }.start().await;
+    let not_before = chrono::Utc::now() + chrono::Duration::hours(1);
+    let addresses = ["r-1@example.com", "r-2@example.com", "r-3@example.com"];
+    let request = json!({"id": "restock", "class": "realtime", "template": template(),
+                         "audience": audience(&addresses), "not_before": not_before});
+    publish(&stack, &request).await;
+    let everyone = json!({"id": "restock-all", "class": "realtime", "template": template(),
+                          "audience": audience(&["r-2@example.com"]), "not_before": not_before});
+    publish(&stack, &everyone).await;
+    for id in ["restock", "restock-all"] {
+        eventually(&format!("{id} to be prepared"), Duration::from_secs(20), || async {
+            request_status(&stack, id).await.filter(|s| s["chunks"]["pending"].as_i64() == Some(1))
+        })
+        .await;
+    }
+    assert_eq!(
+        put(&stack, "R-2@example.com", json!({"reason": "unsubscribed"})).await.0,
+        StatusCode::CREATED
+    );
+    sqlx::query("UPDATE requests SET not_before = now()").execute(stack.store.pool()).await.unwrap();
+
+    let status = finished(&stack, "restock").await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!((&status["delivered"], &status["suppressed"]), (&json!(2), &json!(1)), "{status}");
+    let sent: Vec<String> =
+        stack.esp.deliveries("restock").unwrap().recipients.into_iter().map(|r| r.email).collect();
+    assert_eq!(sent, ["r-1@example.com", "r-3@example.com"]);
+    let status = finished(&stack, "restock-all").await;
+    assert_eq!((&status["state"], &status["suppressed"]), (&json!("completed"), &json!(1)), "{status}");
+    assert!(stack.esp.deliveries("restock-all").is_none(), "nothing sent");
+    assert_outcomes_add_up(&listed(&stack, "restock").await);
+    let report = stack.esp.report();
+    assert_eq!((report.upload.calls_accepted, report.send.calls_accepted), (0, 1), "no list uploaded");
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn an_address_suppressed_after_preparation_is_not_sent_through_smtp_and_the_counts_add_up() {
     let Some(smtp) = SmtpRecorder::start(SmtpBehaviour::default()).await else { return };
     let stack = TestStack {

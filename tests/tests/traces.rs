@@ -86,16 +86,11 @@ async fn every_completed_request_is_one_trace_through_the_four_services() {
     .expect("flushed");
 
     let spans = collector.spans();
-    let completed: Vec<(String, String)> = ids
+    let completed: Vec<collector::Completed> = ids
         .iter()
-        .map(|id| (id.clone(), if id.contains("event") { "realtime" } else { "batch" }.to_owned()))
+        .map(|id| collector::Completed::uploaded(id, if id.contains("event") { "realtime" } else { "batch" }))
         .collect();
-    let report = collector::report(
-        &spans,
-        collector.metric_names(),
-        &completed,
-        &["trigger", "list-uploader", "sender", "completion"],
-    );
+    let report = collector::report(&spans, collector.metric_names(), &completed);
     assert_eq!(
         report.requests_with_complete_trace, 4,
         "every request in one trace through the four services: {:?}",

@@ -32,9 +32,8 @@ use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, Upload
 use haishin_shared::push::{Delivered, Outcome, RetryReason};
 use haishin_shared::server::PushService;
 use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
-use haishin_shared::suppression::{address_key, email_of, suppressed_for_request};
+use haishin_shared::suppression::leave_out_suppressed;
 use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
-use serde_json::value::RawValue;
 
 pub mod refused;
 
@@ -164,10 +163,11 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         Err(err) => return release(state, &chunk.id, Outcome::unavailable(err)).await,
     };
     let read_ms = read_start.elapsed().as_millis() as u64;
-    let (recipients, suppressed) = match leave_out_suppressed(&state.store, &chunk, recipients).await {
-        Ok(kept) => kept,
-        Err(err) => return release(state, &chunk.id, err.into()).await,
-    };
+    let (recipients, suppressed) =
+        match leave_out_suppressed(&state.store, &chunk.request_id, recipients).await {
+            Ok(kept) => kept,
+            Err(err) => return release(state, &chunk.id, err.into()).await,
+        };
     if recipients.is_empty() {
         return all_suppressed(state, &chunk, suppressed).await;
     }
@@ -217,29 +217,6 @@ async fn refused_for_the_limit(state: &AppState, chunk: &ChunkRow) -> Outcome {
         Ok(None) => Outcome::done("chunk was taken over while uploading"),
         Err(err) => err.into(),
     }
-}
-
-/// The recipients not suppressed for the chunk's request, and how many were left out.
-async fn leave_out_suppressed(
-    store: &Store,
-    chunk: &ChunkRow,
-    recipients: Vec<Box<RawValue>>,
-) -> haishin_shared::store::Result<(Vec<Box<RawValue>>, i64)> {
-    let keys: Vec<Option<String>> = recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
-    let asked: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
-    let suppressed = suppressed_for_request(store, &chunk.request_id, &asked).await?;
-    if suppressed.is_empty() {
-        return Ok((recipients, 0));
-    }
-    let before = recipients.len();
-    let kept: Vec<Box<RawValue>> = recipients
-        .into_iter()
-        .zip(keys)
-        .filter(|(_, key)| key.as_ref().is_none_or(|k| !suppressed.contains(k)))
-        .map(|(recipient, _)| recipient)
-        .collect();
-    let left_out = (before - kept.len()) as i64;
-    Ok((kept, left_out))
 }
 
 /// Ends a chunk whose recipients are all suppressed: `completed`, with nothing sent.

@@ -46,9 +46,15 @@ pub struct Config {
     pub esp: EspArgs,
     #[command(flatten)]
     pub messages: MessageArgs,
-    /// Bucket holding the chunk objects (read for message-based providers).
+    /// Bucket holding the chunk objects (read for message-based providers, and for chunks sent
+    /// to a list-based ESP with their recipients in the call).
     #[arg(long, env = "BUCKET")]
     pub bucket: Option<String>,
+    /// Realtime chunks of at most this many recipients reach a list-based ESP without a list: the
+    /// trigger (which reads the same setting) hands them on unuploaded, and the send carries
+    /// their recipients (the list-send protocol's inline send). 0: every chunk has a list.
+    #[arg(long, env = "ESP_INLINE_RECIPIENTS_MAX", default_value_t = 0)]
+    pub esp_inline_recipients_max: u32,
     /// Topic of pipeline events (slots freed).
     #[arg(long, env = "EVENTS_TOPIC", default_value = "pipeline-events")]
     pub events_topic: String,
@@ -63,8 +69,9 @@ pub struct Config {
 /// The provider, in its shape.
 #[derive(Clone)]
 pub enum Provider {
-    /// A list-based ESP, and its calls per second when it declares a limit.
-    Lists { esp: Arc<dyn EspProvider>, calls: Option<RateSchedule> },
+    /// A list-based ESP, its calls per second when it declares a limit, and where the
+    /// recipients of chunks sent without a list are read from.
+    Lists { esp: Arc<dyn EspProvider>, calls: Option<RateSchedule>, inline: Option<Arc<list::InlineSends>> },
     /// A message-based provider.
     Messages(Arc<MessagePath>),
 }
@@ -92,7 +99,20 @@ impl Application {
         metrics().esp_limit(Api::Send, concurrency as u32);
         let lease = Duration::from_secs(config.send_lease_secs.max(1));
         let provider = match config.esp.list_provider()? {
-            Some(esp) => Provider::Lists { esp, calls: config.esp.calls_schedule(&store)? },
+            Some(esp) => {
+                let inline = match config.esp_inline_recipients_max {
+                    0 => None,
+                    max => Some(Arc::new(list::InlineSends {
+                        max,
+                        blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
+                        bucket: config
+                            .bucket
+                            .clone()
+                            .context("BUCKET: required when ESP_INLINE_RECIPIENTS_MAX is set")?,
+                    })),
+                };
+                Provider::Lists { esp, calls: config.esp.calls_schedule(&store)?, inline }
+            }
             None => {
                 // A call must end well inside the lease, or another attempt would take the
                 // chunk over while it runs (and count its messages unknown).
@@ -175,7 +195,9 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
         Err(err) => return err.into(),
     };
     match &state.provider {
-        Provider::Lists { esp, calls } => list::send(state, esp.as_ref(), calls.as_ref(), claimed).await,
+        Provider::Lists { esp, calls, inline } => {
+            list::send(state, esp.as_ref(), calls.as_ref(), inline.as_deref(), claimed).await
+        }
         Provider::Messages(path) => messages::send(state, path, claimed).await,
     }
 }

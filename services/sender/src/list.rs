@@ -1,18 +1,31 @@
-//! Sending through a list-based ESP: one call sends the template to the chunk's uploaded list.
+//! Sending through a list-based ESP: one call sends the template to the chunk's uploaded list,
+//! or, for a small realtime chunk the trigger sent on without a list, to its recipients given in
+//! the call (read from the chunk object and checked against the suppressions, as an upload is).
 //!
 //! The send carries an idempotency key derived from the chunk, and the ESP's delivery history is
 //! checked under that key before any chunk whose earlier attempt has no recorded outcome is sent
 //! again. When the history cannot tell, the chunk ends `unknown`: never re-sent blindly. The
 //! ESP's counts arrive later, when the completion job polls the delivery.
 
-use haishin_shared::domain::ChunkId;
-use haishin_shared::esp::{DeliveryId, EspError, EspProvider, ListId, SendRequest};
+use haishin_shared::domain::{ChunkId, Recipient};
+use haishin_shared::esp::{DeliveryId, EspError, EspProvider, ListId, SendRequest, SendTo};
+use haishin_shared::gcp::{Blobs, GcpError};
 use haishin_shared::messages::EventKind;
 use haishin_shared::push::{Outcome, RetryReason};
 use haishin_shared::store::{ChunkRow, Claimed, RateSchedule, Step};
+use haishin_shared::suppression::leave_out_suppressed;
 use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
 
 use crate::{AppState, fail, give_back, publish_event, unknown};
+
+/// Where the recipients of chunks sent without a list come from.
+#[derive(Clone)]
+pub struct InlineSends {
+    /// Most recipients one send carries (`ESP_INLINE_RECIPIENTS_MAX`).
+    pub max: u32,
+    pub blobs: Blobs,
+    pub bucket: String,
+}
 
 /// The ESP's idempotency key for a chunk's send: the same for every attempt.
 pub fn send_key(chunk_id: &ChunkId) -> String {
@@ -24,6 +37,7 @@ pub(crate) async fn send(
     state: &AppState,
     esp: &dyn EspProvider,
     calls: Option<&RateSchedule>,
+    inline: Option<&InlineSends>,
     claimed: Claimed,
 ) -> Outcome {
     let chunk = claimed.chunk;
@@ -53,13 +67,20 @@ pub(crate) async fn send(
         Ok(_) => return unknown(state, &chunk, "the chunk's request is missing").await,
         Err(err) => return give_back(state, &chunk, err.into(), false).await,
     };
-    let Some(list_id) = chunk.list_id.clone() else {
-        return fail(state, &chunk, "chunk has no uploaded list").await;
+    let to = match (chunk.list_id.clone(), inline) {
+        (Some(list_id), _) => SendTo::List { list_id: ListId(list_id) },
+        (None, Some(inline)) if u32::try_from(chunk.recipients).is_ok_and(|n| n <= inline.max) => {
+            match inline_recipients(state, inline, &chunk).await {
+                Ok(recipients) => SendTo::Recipients { recipients },
+                Err(outcome) => return outcome,
+            }
+        }
+        (None, _) => return fail(state, &chunk, "chunk has no uploaded list").await,
     };
     let send = SendRequest {
         idempotency_key: key.clone(),
         request_id: chunk.request_id.clone(),
-        list_id: ListId(list_id),
+        to,
         template: request.template,
         class: chunk.class,
     };
@@ -94,6 +115,85 @@ pub(crate) async fn send(
         Err(err) if err.is_retryable() => give_back(state, &chunk, Outcome::unavailable(&err), false).await,
         Err(err) => fail(state, &chunk, &format!("send refused by the ESP: {err}")).await,
     }
+}
+
+/// The recipients of a chunk sent without a list: its lines of the chunk object, less those
+/// suppressed since it was prepared (recorded on the chunk). `Err` is the push's outcome when
+/// there is nothing to send (every recipient suppressed) or the recipients cannot be read now.
+async fn inline_recipients(
+    state: &AppState,
+    inline: &InlineSends,
+    chunk: &ChunkRow,
+) -> Result<Vec<Recipient>, Outcome> {
+    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
+    let lines = match inline.blobs.read_lines(&inline.bucket, &chunk.object, first, count).await {
+        Ok(lines) => lines,
+        Err(err @ GcpError::Permanent { .. }) => return Err(fail(state, chunk, &err.to_string()).await),
+        Err(err) => return Err(give_back(state, chunk, Outcome::unavailable(err), false).await),
+    };
+    let (lines, suppressed) = match leave_out_suppressed(&state.store, &chunk.request_id, lines).await {
+        Ok(kept) => kept,
+        Err(err) => return Err(give_back(state, chunk, err.into(), false).await),
+    };
+    if lines.is_empty() {
+        return Err(match record_suppressed(state, chunk, suppressed, true).await {
+            Ok(true) => {
+                tracing::info!(suppressed, "Every recipient of the chunk is suppressed: nothing to send.");
+                publish_event(state, chunk, EventKind::ChunkFinished).await;
+                Outcome::done("every recipient suppressed")
+            }
+            Ok(false) => Outcome::done("chunk was taken over while sending"),
+            Err(err) => give_back(state, chunk, err.into(), false).await,
+        });
+    }
+    if suppressed > 0 {
+        match record_suppressed(state, chunk, suppressed, false).await {
+            Ok(true) => {}
+            Ok(false) => return Err(Outcome::done("chunk was taken over while sending")),
+            Err(err) => return Err(give_back(state, chunk, err.into(), false).await),
+        }
+    }
+    parse(state, chunk, &lines).await
+}
+
+/// The chunk object's lines as recipients; a line that is not one fails the chunk (the trigger
+/// wrote it, so it cannot get better).
+async fn parse(
+    state: &AppState,
+    chunk: &ChunkRow,
+    lines: &[Box<serde_json::value::RawValue>],
+) -> Result<Vec<Recipient>, Outcome> {
+    let mut recipients = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str(line.get()) {
+            Ok(recipient) => recipients.push(recipient),
+            Err(err) => {
+                let line = chunk.first_line.max(0) as usize + i;
+                let reason = format!("line {line} of the chunk object is not a recipient: {err}");
+                return Err(fail(state, chunk, &reason).await);
+            }
+        }
+    }
+    Ok(recipients)
+}
+
+/// Records the recipients left out as suppressed; when none is left, the chunk ends `completed`
+/// with nothing sent. False when the chunk is no longer this attempt's.
+async fn record_suppressed(
+    state: &AppState,
+    chunk: &ChunkRow,
+    suppressed: i64,
+    none_left: bool,
+) -> haishin_shared::store::Result<bool> {
+    let sql = if none_left {
+        "UPDATE chunks SET state = 'completed', suppressed = $2, delivered = 0, bounced = 0, failed = 0,
+             reason = 'every recipient was suppressed before the send', lease_until = NULL, finished_at = now()
+         WHERE id = $1 AND state = 'sending'"
+    } else {
+        "UPDATE chunks SET suppressed = $2 WHERE id = $1 AND state = 'sending'"
+    };
+    let done = sqlx::query(sql).bind(&chunk.id).bind(suppressed).execute(state.store.pool()).await?;
+    Ok(done.rows_affected() == 1)
 }
 
 async fn record_sent(state: &AppState, chunk: &ChunkRow, delivery: &DeliveryId, how: &str) -> Outcome {

@@ -57,6 +57,12 @@ pub struct Config {
     /// Upload slots that batch chunks never take, kept free for realtime events.
     #[arg(long, env = "REALTIME_RESERVED_SLOTS", default_value_t = 0)]
     pub realtime_reserved_slots: u32,
+    /// Realtime chunks of at most this many recipients go to a list-based ESP's send with their
+    /// recipients in the call, without a list upload: they never wait for an upload slot. The
+    /// ESP must take recipients in a send (the list-send protocol's inline send); the sender
+    /// reads the same setting. 0: every chunk is uploaded as a list.
+    #[arg(long, env = "ESP_INLINE_RECIPIENTS_MAX", default_value_t = 0)]
+    pub esp_inline_recipients_max: u32,
     /// Upload tasks allowed to wait in the queue beyond the limit.
     #[arg(long, env = "DISPATCH_PREFETCH", default_value_t = 0)]
     pub dispatch_prefetch: u32,

@@ -6,8 +6,8 @@
 //! each. Across instances, the store's slot lock keeps rounds consistent.
 //!
 //! A chunk dispatched is handed on ([`Handoff`]): as an upload task to the list-uploader for a
-//! list-based ESP, or published to the sender for a message-based provider. One that cannot be
-//! handed on goes back in line.
+//! list-based ESP, or published to the sender for a message-based provider and for a small
+//! realtime chunk sent without a list. One that cannot be handed on goes back in line.
 //!
 //! Each round reports the slots it granted against ([`scheduling::adaptive`]) as the
 //! `esp_limit` gauge, so that a lowered limit shows beside the configured one.
@@ -40,8 +40,9 @@ pub struct Dispatcher {
 
 /// Where a dispatched chunk goes next.
 pub enum Handoff {
-    /// A list-based ESP: an upload task for the list-uploader, which holds the upload slot.
-    Upload(TaskQueue),
+    /// A list-based ESP: an upload task for the list-uploader, which holds the upload slot; a
+    /// chunk sent with its recipients in the call (`inline`) goes to the sender's topic.
+    Upload { queue: TaskQueue, deliveries: Topic },
     /// A message-based provider: a delivery message for the sender, which holds the send slot
     /// (the chunk object in Cloud Storage is the list).
     Deliveries(Topic),
@@ -66,7 +67,8 @@ impl Handoff {
 
     async fn send(&self, chunk: &Dispatched) -> Result<(), GcpError> {
         match self {
-            Handoff::Upload(queue) => {
+            Handoff::Upload { deliveries, .. } if chunk.inline => publish(deliveries, chunk).await,
+            Handoff::Upload { queue, .. } => {
                 let task = UploadTask {
                     chunk_id: chunk.chunk_id.clone(),
                     request_id: chunk.request_id.clone(),
@@ -75,16 +77,19 @@ impl Handoff {
                 let name = upload_task_name(&chunk.chunk_id, chunk.generation);
                 queue.enqueue(Some(&name), &task).await.map(drop)
             }
-            Handoff::Deliveries(topic) => {
-                let message = DeliveryMessage {
-                    chunk_id: chunk.chunk_id.clone(),
-                    request_id: chunk.request_id.clone(),
-                    class: chunk.class,
-                };
-                topic.publish(&message, &message.attributes()).await.map(drop)
-            }
+            Handoff::Deliveries(topic) => publish(topic, chunk).await,
         }
     }
+}
+
+/// Publishes a chunk's delivery message for the sender.
+async fn publish(topic: &Topic, chunk: &Dispatched) -> Result<(), GcpError> {
+    let message = DeliveryMessage {
+        chunk_id: chunk.chunk_id.clone(),
+        request_id: chunk.request_id.clone(),
+        class: chunk.class,
+    };
+    topic.publish(&message, &message.attributes()).await.map(drop)
 }
 
 /// The Cloud Tasks name of a chunk's upload task for one dispatch. Hashed, because Cloud Tasks
@@ -106,11 +111,10 @@ impl Dispatcher {
         }
     }
 
-    /// The topic chunks are published to, when they go straight to the sender.
-    pub fn deliveries(&self) -> Option<&Topic> {
+    /// The topic chunks that go straight to the sender are published to.
+    pub fn deliveries(&self) -> &Topic {
         match &self.handoff {
-            Handoff::Deliveries(topic) => Some(topic),
-            Handoff::Upload(_) => None,
+            Handoff::Deliveries(topic) | Handoff::Upload { deliveries: topic, .. } => topic,
         }
     }
 
@@ -134,6 +138,10 @@ impl Dispatcher {
 
     async fn round(&self) -> Result<Vec<Dispatched>, StoreError> {
         let round = scheduling::dispatch_round(&self.store, self.limits).await?;
+        if round.more {
+            // The round took as many chunks as one round may: another follows at once.
+            self.wanted.store(true, Ordering::SeqCst);
+        }
         if self.slots.swap(round.slots.effective, Ordering::Relaxed) != round.slots.effective {
             let api = match self.limits.shape {
                 Shape::Lists => Api::Upload,
@@ -157,13 +165,7 @@ impl Dispatcher {
                 }
                 Err(err) => {
                     tracing::warn!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, error = %err, "Chunk not handed on; back in line.");
-                    scheduling::undo_dispatch(
-                        &self.store,
-                        &chunk.chunk_id,
-                        chunk.generation,
-                        self.limits.shape,
-                    )
-                    .await?;
+                    scheduling::undo_dispatch(&self.store, chunk, self.limits.shape).await?;
                 }
             }
         }

@@ -135,14 +135,19 @@ impl Application {
             prefetch: config.dispatch_prefetch,
             // Tail pieces stay large enough that the ESP's per-call cost remains a small share.
             min_part: (config.chunk_size / TAIL_PIECES_PER_CHUNK).max(1),
+            inline_max: match config.esp_provider.shape() {
+                Shape::Lists => config.esp_inline_recipients_max,
+                Shape::Messages => 0,
+            },
         };
-        // A list-based ESP's chunks are uploaded first; a message-based provider's go straight
-        // to the sender, whose sends are then the bottleneck the slots count.
+        // A list-based ESP's chunks are uploaded first (but for small realtime ones, sent with
+        // their recipients); a message-based provider's go straight to the sender, whose sends
+        // are then the bottleneck the slots count.
+        let deliveries =
+            Topic::connect(gcp, &config.deliveries_topic).await.context("connecting to Pub/Sub")?;
         let handoff = match limits.shape {
-            Shape::Lists => Handoff::Upload(upload_queue),
-            Shape::Messages => Handoff::Deliveries(
-                Topic::connect(gcp, &config.deliveries_topic).await.context("connecting to Pub/Sub")?,
-            ),
+            Shape::Lists => Handoff::Upload { queue: upload_queue, deliveries },
+            Shape::Messages => Handoff::Deliveries(deliveries),
         };
         let unsubscribe = match &config.unsubscribe_secret {
             Some(secret) => Some(
@@ -179,9 +184,8 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let deliveries = self.state.dispatcher.deliveries().cloned();
+        let deliveries = self.state.dispatcher.deliveries().clone();
         let router = routes::router(&self.service, self.state);
-        let publishers: Vec<&Topic> = deliveries.iter().collect();
-        self.service.run(router, shutdown, &publishers).await
+        self.service.run(router, shutdown, &[&deliveries]).await
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! Services hold an `Arc<dyn EspProvider>` and never speak to an ESP directly. A provider
 //! does four things: upload one chunk's recipients as a list, send a template to an
-//! uploaded list, look a send up in the ESP's delivery history by its idempotency key,
-//! and read a delivery's status.
+//! uploaded list (or, for a few recipients, to the recipients themselves), look a send up in
+//! the ESP's delivery history by its idempotency key, and read a delivery's status.
 //!
 //! # Errors decide what happens next
 //! Every failure is an [`EspError`] classified by what a caller may do about it:
@@ -102,7 +102,7 @@ impl ListUpload {
     }
 }
 
-/// A send of a template to an uploaded list.
+/// A send of a template to an uploaded list, or to a few recipients given in the call.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SendRequest {
     /// Recorded by the ESP with the delivery, so that [`EspProvider::find_delivery`] can find it.
@@ -110,9 +110,33 @@ pub struct SendRequest {
     pub idempotency_key: String,
     /// The delivery request the chunk belongs to.
     pub request_id: RequestId,
-    pub list_id: ListId,
+    /// Who the send goes to: `list_id` or `recipients` on the wire.
+    #[serde(flatten)]
+    pub to: SendTo,
     pub template: Template,
     pub class: Class,
+}
+
+/// Who a send goes to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SendTo {
+    /// Every recipient of an uploaded list.
+    List { list_id: ListId },
+    /// The recipients given in the call, with their parameters, as a transactional API takes
+    /// them: a small realtime chunk goes out without waiting for a list upload. The ESP caps
+    /// how many one call may carry (`ESP_INLINE_RECIPIENTS_MAX`).
+    Recipients { recipients: Vec<Recipient> },
+}
+
+impl SendTo {
+    /// How the send names its recipients in logs: the list's id, or how many were given.
+    pub fn describe(&self) -> String {
+        match self {
+            SendTo::List { list_id } => list_id.to_string(),
+            SendTo::Recipients { recipients } => format!("{} inline", recipients.len()),
+        }
+    }
 }
 
 /// The ESP's id of an uploaded list.
@@ -241,7 +265,7 @@ mod tests {
         let send = SendRequest {
             idempotency_key: "r-1~000001:send".into(),
             request_id: "r-1".into(),
-            list_id: ListId("lst-1".into()),
+            to: SendTo::List { list_id: ListId("lst-1".into()) },
             template: Template::Stored { id: "welcome".into() },
             class: Class::Batch,
         };
@@ -256,6 +280,22 @@ mod tests {
                 "class": "batch",
             })
         );
+        assert_eq!(serde_json::from_value::<SendRequest>(json).unwrap(), send);
+    }
+
+    #[test]
+    fn an_inline_send_carries_its_recipients_in_place_of_a_list() {
+        let recipient = Recipient { email: "a@example.com".into(), params: Default::default() };
+        let send = SendRequest {
+            idempotency_key: "send:r-1~000001".into(),
+            request_id: "r-1".into(),
+            to: SendTo::Recipients { recipients: vec![recipient] },
+            template: Template::Stored { id: "restock".into() },
+            class: Class::Realtime,
+        };
+        let json = serde_json::to_value(&send).unwrap();
+        assert_eq!(json["recipients"][0]["email"], "a@example.com");
+        assert!(json.get("list_id").is_none());
         assert_eq!(serde_json::from_value::<SendRequest>(json).unwrap(), send);
     }
 }

@@ -71,6 +71,9 @@ pub struct Cli {
     /// Distinct addresses kept per request for `/_sim/deliveries`.
     #[arg(long, env = "ESP_SIM_KEEP_ADDRESSES_MAX", default_value_t = 1_000)]
     pub keep_addresses_max: usize,
+    /// Most recipients one send may carry in place of a list.
+    #[arg(long, env = "ESP_SIM_INLINE_RECIPIENTS_MAX", default_value_t = crate::config::DEFAULT_INLINE_RECIPIENTS_MAX)]
+    pub inline_recipients_max: usize,
     /// Writes the final report (JSON) here on shutdown.
     #[arg(long, env = "ESP_SIM_REPORT_OUT")]
     pub report_out: Option<PathBuf>,
@@ -106,6 +109,7 @@ impl Cli {
             seed: self.seed,
             bounce_domain: Some(self.bounce_domain.clone()).filter(|d| !d.is_empty()),
             keep_addresses_max: self.keep_addresses_max,
+            inline_recipients_max: self.inline_recipients_max,
         }
     }
 }

@@ -81,6 +81,9 @@ pub struct EspSimConfig {
     /// at most this many recipients keep their addresses). Beyond it only address hashes are
     /// kept, which is what keeps the ledger small for tens of millions of recipients.
     pub keep_addresses_max: usize,
+    /// Most recipients one send may carry in place of a list (`POST /v1/sends` with
+    /// `recipients`); a send with more is refused (400).
+    pub inline_recipients_max: usize,
 }
 
 impl Default for EspSimConfig {
@@ -101,9 +104,13 @@ impl Default for EspSimConfig {
             seed: 0,
             bounce_domain: Some(DEFAULT_BOUNCE_DOMAIN.to_owned()),
             keep_addresses_max: 1_000,
+            inline_recipients_max: DEFAULT_INLINE_RECIPIENTS_MAX,
         }
     }
 }
+
+/// Most recipients a send may carry in place of a list, unless configured otherwise.
+pub const DEFAULT_INLINE_RECIPIENTS_MAX: usize = 1_000;
 
 /// Where recipients bounce unless configured otherwise.
 pub const DEFAULT_BOUNCE_DOMAIN: &str = "bounce.invalid";

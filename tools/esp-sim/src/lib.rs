@@ -41,8 +41,10 @@
 //!   `{list_id}`; the same key again returns the same list. Latency
 //!   `upload_call_latency + upload_per_recipient × n`.
 //! - `POST /v1/sends` `{idempotency_key, request_id, list_id, template, class}` → 202
-//!   `{delivery_id}`, 404 `list_not_found`. Latency `send_call_latency + send_per_recipient × n`.
-//!   Recipients at the bounce domain (`bounce.invalid`) bounce.
+//!   `{delivery_id}`, 404 `list_not_found`; or with `recipients` (as in a list upload) in place of
+//!   `list_id`, a send to the recipients given, at most `inline_recipients_max` (400 beyond it).
+//!   Latency `send_call_latency + send_per_recipient × n`. Recipients at the bounce domain
+//!   (`bounce.invalid`) bounce.
 //! - `GET /v1/sends?idempotency_key=K` → 200 `{delivery_id, accepted_at}` (the first send
 //!   accepted with that key) or 404 `delivery_not_found`. A send enters the history when its
 //!   work completes, so a send still in progress is not found yet.

@@ -105,12 +105,15 @@ struct RecipientBody<'a> {
     email: Cow<'a, str>,
 }
 
-/// A send as the simulator reads it: the template and the class must be there, and are not used.
+/// A send as the simulator reads it: to a list, or to the recipients it carries. The template
+/// and the class must be there, and are not used.
 #[derive(Deserialize)]
-struct SendBody {
+struct SendBody<'a> {
     idempotency_key: String,
     request_id: String,
-    list_id: String,
+    list_id: Option<String>,
+    #[serde(borrow)]
+    recipients: Option<Vec<RecipientBody<'a>>>,
     #[serde(rename = "template")]
     _template: serde::de::IgnoredAny,
     #[serde(rename = "class")]
@@ -126,11 +129,17 @@ fn parse_list(state: &SimState, body: &[u8]) -> Result<(String, String, ListData
     if list.recipients.is_empty() {
         return Err("the list has no recipients".into());
     }
-    let keep = list.recipients.len() <= state.config.keep_addresses_max;
+    let list_data = list_data(state, list.recipients)?;
+    Ok((list.idempotency_key.into_owned(), list.request_id.into_owned(), list_data))
+}
+
+/// Recipients reduced to what a send needs: their hashes, who bounces, and (for a few) the addresses.
+fn list_data(state: &SimState, recipients: Vec<RecipientBody<'_>>) -> Result<ListData, String> {
+    let keep = recipients.len() <= state.config.keep_addresses_max;
     let bounce_domain = state.config.bounce_domain.as_deref();
-    let mut hashes = Vec::with_capacity(list.recipients.len());
+    let mut hashes = Vec::with_capacity(recipients.len());
     let mut bounced = Vec::new();
-    for (i, r) in list.recipients.iter().enumerate() {
+    for (i, r) in recipients.iter().enumerate() {
         if !r.email.contains('@') {
             return Err(format!("recipient {i} has no valid address"));
         }
@@ -139,12 +148,37 @@ fn parse_list(state: &SimState, body: &[u8]) -> Result<(String, String, ListData
             bounced.push(u32::try_from(i).map_err(|_| "the list is too long")?);
         }
     }
-    let addresses = keep.then(|| list.recipients.into_iter().map(|r| Box::from(r.email.as_ref())).collect());
-    Ok((
-        list.idempotency_key.into_owned(),
-        list.request_id.into_owned(),
-        ListData { hashes, bounced, addresses },
-    ))
+    let addresses = keep.then(|| recipients.into_iter().map(|r| Box::from(r.email.as_ref())).collect());
+    Ok(ListData { hashes, bounced, addresses })
+}
+
+/// A call refused before any work: its status, error code and message.
+type Refused = (StatusCode, &'static str, String);
+
+/// Who a send goes to: its list, or the recipients it carries (at most `inline_recipients_max`).
+fn send_audience(state: &SimState, send: SendBody<'_>) -> Result<Arc<ListData>, Refused> {
+    let invalid = |message: String| (StatusCode::BAD_REQUEST, "invalid_request", message);
+    match (send.list_id, send.recipients) {
+        (Some(list_id), None) => state
+            .ledger()
+            .list(&list_id)
+            .ok_or_else(|| (StatusCode::NOT_FOUND, "list_not_found", format!("no list `{list_id}`"))),
+        (None, Some(recipients)) => {
+            let max = state.config.inline_recipients_max;
+            if recipients.is_empty() {
+                return Err(invalid("the send has no recipients".into()));
+            }
+            if recipients.len() > max {
+                return Err(invalid(format!(
+                    "a send carries at most {max} recipients; {} given: upload them as a list",
+                    recipients.len()
+                )));
+            }
+            list_data(state, recipients).map(Arc::new).map_err(invalid)
+        }
+        (Some(_), Some(_)) => Err(invalid("a send has a list_id or recipients, not both".into())),
+        (None, None) => Err(invalid("a send needs a list_id or recipients".into())),
+    }
 }
 
 /// `POST /v1/lists`: stores a list (idempotent by key) → 201 `{list_id}`.
@@ -182,13 +216,14 @@ async fn upload_list(State(state): State<Arc<SimState>>, headers: HeaderMap, bod
     answer(&state, plan, StatusCode::CREATED, json!({ "list_id": list_id })).await
 }
 
-/// `POST /v1/sends`: delivers to every recipient of a list → 202 `{delivery_id}`.
+/// `POST /v1/sends`: delivers to every recipient of a list, or to the recipients the send
+/// carries → 202 `{delivery_id}`.
 async fn send(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(refused) = unauthorized(&state, &headers) {
         state.invalid_call(Api::Send);
         return refused;
     }
-    let send: SendBody = match serde_json::from_slice(&body) {
+    let send: SendBody<'_> = match serde_json::from_slice(&body) {
         Ok(send) => send,
         Err(e) => {
             state.invalid_call(Api::Send);
@@ -203,17 +238,21 @@ async fn send(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Byte
             "idempotency_key and request_id are required",
         );
     }
-    let Some(list) = state.ledger().list(&send.list_id) else {
-        state.invalid_call(Api::Send);
-        return error(StatusCode::NOT_FOUND, "list_not_found", format!("no list `{}`", send.list_id));
+    let (key, request_id) = (send.idempotency_key.clone(), send.request_id.clone());
+    let list = match send_audience(&state, send) {
+        Ok(list) => list,
+        Err((status, code, message)) => {
+            state.invalid_call(Api::Send);
+            return error(status, code, message);
+        }
     };
-    let (slot, plan) = match state.admit(Api::Send, &send.request_id, list.len()) {
+    drop(body);
+    let (slot, plan) = match state.admit(Api::Send, &request_id, list.len()) {
         Ok(admitted) => admitted,
         Err(refused) => return refusal(&state, refused),
     };
     let (done, result) = oneshot::channel();
     let worker = Arc::clone(&state);
-    let (key, request_id) = (send.idempotency_key, send.request_id);
     tokio::spawn(async move {
         tokio::time::sleep(plan.latency).await;
         let now = worker.clock.now();

@@ -70,6 +70,7 @@ fn base(name: &str, args: &BenchArgs) -> Scenario {
         esp: esp_model(8, Duration::from_millis(150), Duration::from_micros(150), args.seed),
         chunk_size: 10_000,
         realtime_reserved_slots: 0,
+        inline_recipients_max: crate::demo::INLINE_RECIPIENTS_MAX,
         triggers: args.triggers,
         prefetch: args.prefetch,
         seed: args.seed,

@@ -187,7 +187,8 @@ pub struct TracesReport {
     pub requests_completed: u64,
     /// Completed requests with exactly one trace, holding spans of every service on their path.
     pub requests_with_complete_trace: u64,
-    /// The services every complete trace holds spans of.
+    /// The services every complete trace holds spans of (the list-uploader only for a request
+    /// with a list uploaded: a small realtime one sent without a list never reaches it).
     pub services_required: Vec<String>,
     pub spans_per_request: SpansPerRequest,
     /// Up to five completed requests whose trace is not complete, and why.
@@ -266,27 +267,43 @@ pub async fn traces(stack: &crate::stack::LocalStack) -> anyhow::Result<Option<T
     if !crate::stack::telemetry_exported() {
         return Ok(None);
     }
-    let completed: Vec<(String, String)> =
-        sqlx::query_as("SELECT id, class FROM requests WHERE state = 'completed' ORDER BY id")
-            .fetch_all(stack.store.pool())
-            .await?;
-    // A list-based ESP's uploads hold the slots in the list-uploader; a message-based
-    // provider's sends hold them in the sender.
-    let required: &[&str] = match stack.config.provider {
-        crate::stack::MailProvider::Simulator => &SERVICES,
-        _ => &["trigger", "sender", "completion"],
-    };
-    Ok(Some(report(&stack.collector.spans(), stack.collector.metric_names(), &completed, required)))
+    // A request whose chunks were uploaded as lists went through the list-uploader; one sent
+    // without a list (or through a message-based provider) did not.
+    let completed: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT r.id, r.class, EXISTS (SELECT 1 FROM chunks c WHERE c.request_id = r.id AND c.list_id IS NOT NULL)
+         FROM requests r WHERE r.state = 'completed' ORDER BY r.id",
+    )
+    .fetch_all(stack.store.pool())
+    .await?;
+    let completed: Vec<Completed> =
+        completed.into_iter().map(|(id, class, uploaded)| Completed { id, class, uploaded }).collect();
+    Ok(Some(report(&stack.collector.spans(), stack.collector.metric_names(), &completed)))
 }
 
-/// The `traces` section for `completed` requests (id and class): `required` names the services
-/// each request's trace must reach.
-pub fn report(
-    spans: &[SpanRecord],
-    metrics_received: Vec<String>,
-    completed: &[(String, String)],
-    required: &[&str],
-) -> TracesReport {
+/// A completed request, as the traces report judges it.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    pub id: String,
+    pub class: String,
+    /// Its chunks were uploaded as lists: its trace must reach the list-uploader too.
+    pub uploaded: bool,
+}
+
+impl Completed {
+    /// A request of `class` whose chunks were uploaded as lists.
+    pub fn uploaded(id: &str, class: &str) -> Self {
+        Self { id: id.to_owned(), class: class.to_owned(), uploaded: true }
+    }
+
+    /// The services its trace must reach.
+    fn required(&self) -> &'static [&'static str] {
+        if self.uploaded { &SERVICES } else { &["trigger", "sender", "completion"] }
+    }
+}
+
+/// The `traces` section for `completed` requests: each request's trace must be one, and reach
+/// every service on its path.
+pub fn report(spans: &[SpanRecord], metrics_received: Vec<String>, completed: &[Completed]) -> TracesReport {
     // The traces a request's spans name, and every span of each trace.
     let mut traces_of: HashMap<&str, BTreeSet<&str>> = HashMap::new();
     let mut by_trace: HashMap<&str, Vec<&SpanRecord>> = HashMap::new();
@@ -299,17 +316,18 @@ pub fn report(
     let mut out = TracesReport {
         spans_received: spans.len() as u64,
         requests_completed: completed.len() as u64,
-        services_required: required.iter().map(|s| (*s).to_owned()).collect(),
+        services_required: SERVICES.iter().map(|s| (*s).to_owned()).collect(),
         metrics_received,
         ..TracesReport::default()
     };
     let (mut total_spans, mut slowest): (u64, Option<RequestTrace>) = (0, None);
-    for (id, class) in completed {
+    for request in completed {
+        let (id, class) = (&request.id, &request.class);
         let traces = traces_of.get(id.as_str()).cloned().unwrap_or_default();
         let trace_spans: Vec<&SpanRecord> =
             traces.iter().flat_map(|t| by_trace.get(t).into_iter().flatten().copied()).collect();
         let services: BTreeSet<&str> = trace_spans.iter().map(|s| s.service.as_str()).collect();
-        let complete = traces.len() == 1 && required.iter().all(|s| services.contains(s));
+        let complete = traces.len() == 1 && request.required().iter().all(|s| services.contains(s));
         if complete {
             out.requests_with_complete_trace += 1;
             total_spans += trace_spans.len() as u64;
@@ -379,8 +397,6 @@ mod tests {
         }
     }
 
-    const REQUIRED: [&str; 3] = ["trigger", "sender", "completion"];
-
     #[test]
     fn a_request_in_one_trace_through_every_service_is_complete() {
         let spans = vec![
@@ -389,7 +405,8 @@ mod tests {
             span("t1", "sender", Some("r1"), 10_000_000, 20_000_000),
             span("t1", "completion", Some("r1"), 30_000_000, 31_000_000),
         ];
-        let report = report(&spans, vec![], &[("r1".into(), "realtime".into())], &REQUIRED);
+        let sent_without_a_list = Completed { uploaded: false, ..Completed::uploaded("r1", "realtime") };
+        let report = report(&spans, vec![], &[sent_without_a_list]);
         assert_eq!(report.requests_with_complete_trace, 1);
         assert_eq!(report.spans_per_request.max, 4);
         let slowest = report.slowest_realtime.expect("the realtime request's timing");
@@ -408,8 +425,8 @@ mod tests {
             span("t3", "trigger", Some("r2"), 0, 1),
             span("t3", "completion", Some("r2"), 4, 5),
         ];
-        let completed = [("r1".into(), "batch".into()), ("r2".into(), "batch".into())];
-        let report = report(&spans, vec![], &completed, &REQUIRED);
+        let completed = [Completed::uploaded("r1", "batch"), Completed::uploaded("r2", "batch")];
+        let report = report(&spans, vec![], &completed);
         assert_eq!(report.requests_with_complete_trace, 0);
         assert_eq!(report.incomplete.len(), 2);
         assert_eq!(report.incomplete[0].traces, 2);

@@ -48,6 +48,10 @@ pub struct DemoArgs {
     /// Upload slots kept for realtime events.
     #[arg(long, default_value_t = 0)]
     pub realtime_reserved_slots: u32,
+    /// Realtime chunks of at most this many recipients are sent with their recipients in the
+    /// send call, without a list upload (0: every chunk is uploaded).
+    #[arg(long, default_value_t = INLINE_RECIPIENTS_MAX)]
+    pub inline_recipients_max: u32,
     /// Trigger instances running at once.
     #[arg(long, default_value_t = 1)]
     pub triggers: u32,
@@ -91,6 +95,10 @@ pub struct DemoArgs {
     pub audience: crate::bigquery::AudienceSource,
 }
 
+/// Realtime chunks of at most this many recipients skip the list upload, locally: the ESP
+/// simulator takes up to 1,000 recipients in a send.
+pub const INLINE_RECIPIENTS_MAX: u32 = 100;
+
 /// The ESP model shared by the demo and the benchmarks: a fixed cost per call and, for uploads, a
 /// cost per recipient (sends to an uploaded list cost little per recipient).
 pub fn esp_model(limit: u32, call: Duration, per_recipient: Duration, seed: u64) -> EspSimConfig {
@@ -127,6 +135,7 @@ impl DemoArgs {
             },
             chunk_size: self.chunk_size,
             realtime_reserved_slots: self.realtime_reserved_slots,
+            inline_recipients_max: self.inline_recipients_max,
             triggers: self.triggers,
             prefetch: 0,
             seed: self.seed,

@@ -54,6 +54,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         esp,
         chunk_size: args.chunk_size,
         realtime_reserved_slots: 0,
+        inline_recipients_max: demo::INLINE_RECIPIENTS_MAX,
         triggers: 1,
         prefetch: 0,
         mode: ServiceMode::Processes { exe: std::env::current_exe()? },

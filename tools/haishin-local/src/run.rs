@@ -32,6 +32,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
         esp: scenario.esp.clone(),
         chunk_size: scenario.chunk_size,
         realtime_reserved_slots: scenario.realtime_reserved_slots,
+        inline_recipients_max: scenario.inline_recipients_max,
         triggers: scenario.triggers,
         prefetch: scenario.prefetch,
         mode,

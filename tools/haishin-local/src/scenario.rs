@@ -61,6 +61,8 @@ pub struct Scenario {
     pub esp: EspSimConfig,
     pub chunk_size: u32,
     pub realtime_reserved_slots: u32,
+    /// Realtime chunks of at most this many recipients skip the list upload (0: none do).
+    pub inline_recipients_max: u32,
     /// Trigger instances running at once.
     pub triggers: u32,
     /// Upload tasks allowed to wait in the queue beyond the ESP's limit.

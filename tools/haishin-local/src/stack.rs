@@ -71,6 +71,9 @@ pub struct StackConfig {
     pub esp: EspSimConfig,
     pub chunk_size: u32,
     pub realtime_reserved_slots: u32,
+    /// Realtime chunks of at most this many recipients are sent with their recipients in the
+    /// call, without a list upload (`ESP_INLINE_RECIPIENTS_MAX`, list-send only); 0: none.
+    pub inline_recipients_max: u32,
     /// Trigger instances; each gets every pipeline event, so they race to dispatch.
     pub triggers: u32,
     /// Upload tasks allowed to wait in the queue beyond the ESP's limit (`DISPATCH_PREFETCH`).
@@ -670,6 +673,7 @@ fn service_env(
             ("ESP_PROVIDER", config.provider.kind().to_owned()),
             ("ESP_SLOTS", slots.to_string()),
             ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
+            ("ESP_INLINE_RECIPIENTS_MAX", config.inline_recipients_max.to_string()),
             ("DISPATCH_PREFETCH", config.prefetch.to_string()),
             ("PREPARE_LEASE_SECS", "30".to_owned()),
             ("UPLOAD_TIMEOUT_SECS", "25".to_owned()),
@@ -684,7 +688,13 @@ fn service_env(
     uploader.extend([("BUCKET", BUCKET.to_owned()), ("UPLOAD_LEASE_SECS", "25".to_owned())]);
     let mut sender = serving(Instance::first(Service::Sender), &endpoints.sender);
     sender.extend(esp.clone());
-    sender.extend([("ESP_SEND_CONCURRENCY", send_limit.to_string()), ("SEND_LEASE_SECS", "25".to_owned())]);
+    sender.extend([
+        // Chunk objects: read for message-based providers and for chunks sent without a list.
+        ("BUCKET", BUCKET.to_owned()),
+        ("ESP_SEND_CONCURRENCY", send_limit.to_string()),
+        ("SEND_LEASE_SECS", "25".to_owned()),
+        ("ESP_INLINE_RECIPIENTS_MAX", config.inline_recipients_max.to_string()),
+    ]);
     sender.extend(message_provider_env(&config.provider));
     // The ESP's calls-per-second limit, over uploads and sends together: both pace their calls to it.
     if let Some(rate) = config.esp.calls_per_second {
@@ -768,7 +778,6 @@ fn message_provider_env(provider: &MailProvider) -> Vec<(&'static str, String)> 
         env.push(("ESP_MESSAGES_PER_SECOND", rate.to_string()));
     }
     env.extend([
-        ("BUCKET", BUCKET.to_owned()),
         ("MAIL_FROM", MAIL_FROM.to_owned()),
         ("UNSUBSCRIBE_URL", UNSUBSCRIBE_URL.to_owned()),
         ("UNSUBSCRIBE_SECRET", UNSUBSCRIBE_SECRET.to_owned()),

@@ -41,16 +41,19 @@ const ELIGIBLE: &str = "c.state = 'pending' AND c.class = $1 AND r.state IN ('pr
 
 /// The next eligible chunk of class `$1` by the scheduling rule, locked: rank, then round-robin
 /// among requests of equal rank, then audience order.
-static NEXT_PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+static NEXT_PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| next_pending(""));
+
+/// [`NEXT_PENDING`], of the chunks that also match `filter` (`AND ...` over `c` and `r`).
+fn next_pending(filter: &str) -> String {
     format!(
         "SELECT c.id, c.request_id, c.first_line, c.recipients, c.generation
          FROM chunks c JOIN requests r ON r.id = c.request_id
-         WHERE {ELIGIBLE}
+         WHERE {ELIGIBLE}{filter}
          ORDER BY {}, r.last_dispatched_at ASC NULLS FIRST, r.received_at ASC, c.seq ASC
          LIMIT 1 FOR UPDATE OF c SKIP LOCKED",
         rank("c")
     )
-});
+}
 
 /// The slot limits of one dispatch round.
 #[derive(Debug, Clone, Copy)]
@@ -69,7 +72,15 @@ pub struct SlotLimits {
     /// batch recipients divided by the batch slots, so that the last pieces are small and the slots
     /// finish together.
     pub min_part: u32,
+    /// Realtime chunks of at most this many recipients go to a list-based ESP's send with their
+    /// recipients in the call ([`Dispatched::inline`]): they skip the upload, so they hold no
+    /// upload slot and wait for none. 0: none do (and a message-based provider has no upload).
+    pub inline_max: u32,
 }
+
+/// Most chunks one round sends without a list: a flood of realtime events is taken in rounds of
+/// this many, each one statement.
+const INLINE_PER_ROUND: i64 = 500;
 
 /// The chunk states that hold one of the provider's slots. A list-based ESP's chunk holds one
 /// from dispatch until its list is uploaded; a message-based provider's chunk from dispatch until
@@ -99,6 +110,9 @@ pub struct Dispatched {
     pub class: Class,
     /// The trace of the chunk's request, which its hand-off joins.
     pub traceparent: Option<String>,
+    /// Sent to a list-based ESP with its recipients in the call: the chunk went straight to
+    /// `uploaded` without a list, and is published to the sender.
+    pub inline: bool,
 }
 
 /// The outcome of one dispatch round.
@@ -109,10 +123,13 @@ pub struct DispatchRound {
     pub in_flight: u32,
     /// The slots the round granted against: the configured limit, or lower ([`adaptive`]).
     pub slots: AdaptiveLimit,
+    /// The round took as many chunks as one round may take without a list: run another.
+    pub more: bool,
 }
 
 /// One round of the scheduling rule: settle the slots granted ([`adaptive`]), expire what is
-/// overdue, count chunks in flight toward the bottleneck API, and move the best pending chunks on
+/// overdue, send the small realtime chunks on without a list (when the ESP takes recipients in a
+/// send), count chunks in flight toward the bottleneck API, and move the best pending chunks on
 /// (to `queued`, or to `uploaded` when there is nothing to upload) to fill the free slots.
 /// Below the configured limit nothing is prefetched: the upload queue's own cap is the configured
 /// limit, so a prefetched chunk could start an upload the ESP refuses.
@@ -124,6 +141,8 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
     let mut tx = store.pool().begin().await?;
     let slots = adaptive::hold_slots(&mut tx, limits.limit).await?;
     let expired = expire_overdue_chunks(&mut *tx).await?;
+    let mut dispatched = take_inline(&mut tx, limits.inline_max).await?;
+    let more = dispatched.len() as i64 == INLINE_PER_ROUND;
     let (realtime, batch): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE class = 'realtime'), count(*) FILTER (WHERE class = 'batch')
          FROM chunks WHERE state = ANY($1)",
@@ -138,20 +157,77 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
     let batch_capacity = capacity.saturating_sub(limits.realtime_reserved);
     let free_batch = batch_capacity.saturating_sub(batch as u32).min(free);
 
-    let mut dispatched = Vec::new();
+    let inline = dispatched.len();
     if free > 0 {
-        dispatched.extend(take_pending(&mut tx, limits.shape, Class::Realtime, free, None).await?);
+        // Those small enough to go without a list are left to the next round's `take_inline`
+        // (one prepared since this round's took them must not take an upload slot instead).
+        let uploaded = (limits.inline_max > 0).then(|| format!(" AND c.recipients > {}", limits.inline_max));
+        let pending = uploaded.as_deref().map_or_else(|| NEXT_PENDING.clone(), next_pending);
+        dispatched.extend(take_pending(&mut tx, &pending, limits.shape, Class::Realtime, free, None).await?);
     }
-    let free_batch = free_batch.min(free - dispatched.len() as u32);
+    let free_batch = free_batch.min(free - (dispatched.len() - inline) as u32);
     if free_batch > 0 {
         let split = tail::TailSplit {
             slots: slots.effective.saturating_sub(limits.realtime_reserved),
             min_part: limits.min_part,
         };
-        dispatched.extend(take_pending(&mut tx, limits.shape, Class::Batch, free_batch, Some(split)).await?);
+        dispatched.extend(
+            take_pending(&mut tx, &NEXT_PENDING, limits.shape, Class::Batch, free_batch, Some(split)).await?,
+        );
     }
     tx.commit().await?;
-    Ok(DispatchRound { in_flight: in_flight + dispatched.len() as u32, dispatched, expired, slots })
+    let in_flight = in_flight + (dispatched.len() - inline) as u32;
+    Ok(DispatchRound { in_flight, dispatched, expired, slots, more })
+}
+
+/// Moves the eligible realtime chunks of at most `max` recipients (up to [`INLINE_PER_ROUND`],
+/// most urgent first) straight to `uploaded`, for the sender to send with their recipients in the
+/// call: one statement, however many there are.
+async fn take_inline(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<Vec<Dispatched>> {
+    if max == 0 {
+        return Ok(Vec::new());
+    }
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH next AS (
+                 SELECT c.id FROM chunks c JOIN requests r ON r.id = c.request_id
+                 WHERE {ELIGIBLE} AND c.recipients <= $2
+                 ORDER BY {}, r.received_at ASC, c.seq ASC
+                 LIMIT $3 FOR UPDATE OF c SKIP LOCKED
+             ), moved AS (
+                 UPDATE chunks SET state = 'uploaded', queued_at = now(), uploaded_at = now(),
+                     generation = chunks.generation + 1
+                 FROM next WHERE chunks.id = next.id
+                 RETURNING chunks.id, chunks.request_id, chunks.generation
+             ), per_request AS (
+                 SELECT request_id, count(*) AS chunks FROM moved GROUP BY request_id
+             ), counted AS (
+                 UPDATE requests SET dispatched_chunks = dispatched_chunks + per_request.chunks,
+                     last_dispatched_at = clock_timestamp()
+                 FROM per_request WHERE requests.id = per_request.request_id
+             )
+             SELECT moved.id, moved.request_id, moved.generation, requests.traceparent
+             FROM moved JOIN requests ON requests.id = moved.request_id",
+            rank("c")
+        )
+    });
+    let rows: Vec<(ChunkId, RequestId, i32, Option<String>)> = sqlx::query_as(&SQL)
+        .bind(Class::Realtime)
+        .bind(max as i32)
+        .bind(INLINE_PER_ROUND)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(chunk_id, request_id, generation, traceparent)| Dispatched {
+            chunk_id,
+            request_id,
+            generation,
+            class: Class::Realtime,
+            traceparent,
+            inline: true,
+        })
+        .collect())
 }
 
 /// Takes the lock every dispatch round holds, until `tx` ends: no round runs meanwhile, and every
@@ -162,17 +238,18 @@ pub(crate) async fn hold_dispatch(tx: &mut Transaction<'_, Postgres>) -> Result<
     Ok(())
 }
 
-/// Takes up to `count` chunks of `class` in order, one at a time, so that round-robin sees the
-/// counts the previous pick changed.
+/// Takes up to `count` chunks of `class` in order (each the one `next_pending` picks), one at a
+/// time, so that round-robin sees the counts the previous pick changed.
 async fn take_pending(
     tx: &mut Transaction<'_, Postgres>,
+    next_pending: &str,
     shape: Shape,
     class: Class,
     count: u32,
     split: Option<tail::TailSplit>,
 ) -> Result<Vec<Dispatched>> {
     let sql = format!(
-        "WITH next AS ({}), moved AS (
+        "WITH next AS ({next_pending}), moved AS (
              UPDATE chunks SET state = $2, queued_at = now(), generation = chunks.generation + 1,
                  uploaded_at = CASE WHEN $2 = 'uploaded' THEN now() END
              FROM next WHERE chunks.id = next.id
@@ -182,8 +259,7 @@ async fn take_pending(
              FROM moved WHERE requests.id = moved.request_id
          )
          SELECT moved.id, moved.request_id, moved.generation, requests.traceparent
-         FROM moved JOIN requests ON requests.id = moved.request_id",
-        *NEXT_PENDING
+         FROM moved JOIN requests ON requests.id = moved.request_id"
     );
     let mut taken = Vec::new();
     for _ in 0..count {
@@ -194,7 +270,7 @@ async fn take_pending(
             sqlx::query_as(&sql).bind(class).bind(dispatched_state(shape)).fetch_optional(&mut **tx).await?;
         match row {
             Some((chunk_id, request_id, generation, traceparent)) => {
-                taken.push(Dispatched { chunk_id, request_id, generation, class, traceparent })
+                taken.push(Dispatched { chunk_id, request_id, generation, class, traceparent, inline: false })
             }
             None => break,
         }
@@ -204,14 +280,15 @@ async fn take_pending(
 
 /// Puts a chunk back in line when it could not be handed on (its upload task not created, its
 /// delivery message not published).
-pub async fn undo_dispatch(store: &Store, chunk: &ChunkId, generation: i32, shape: Shape) -> Result<bool> {
+pub async fn undo_dispatch(store: &Store, chunk: &Dispatched, shape: Shape) -> Result<bool> {
+    let state = if chunk.inline { ChunkState::Uploaded } else { dispatched_state(shape) };
     let done = sqlx::query(
         "UPDATE chunks SET state = 'pending', queued_at = NULL, uploaded_at = NULL
          WHERE id = $1 AND state = $3 AND generation = $2",
     )
-    .bind(chunk)
-    .bind(generation)
-    .bind(dispatched_state(shape))
+    .bind(&chunk.chunk_id)
+    .bind(chunk.generation)
+    .bind(state)
     .execute(store.pool())
     .await?;
     Ok(done.rows_affected() == 1)

@@ -7,7 +7,9 @@
 //!
 //! The protocol (JSON over HTTP, `Authorization: Bearer <api key>`):
 //! - `POST /v1/lists` `{idempotency_key, request_id, recipients}` → 201 `{list_id}`;
-//! - `POST /v1/sends` `{idempotency_key, request_id, list_id, template, class}` → 202 `{delivery_id}`;
+//! - `POST /v1/sends` `{idempotency_key, request_id, list_id, template, class}` → 202 `{delivery_id}`,
+//!   or with `recipients` (as in a list upload) in place of `list_id`: a send to a few recipients
+//!   given in the call, as transactional APIs take them, without a list;
 //! - `GET /v1/sends?idempotency_key=K` → 200 `{delivery_id, accepted_at}`, or 404 with
 //!   `{"error":"delivery_not_found"}`;
 //! - `GET /v1/sends/{delivery_id}` → 200 `{state: processing|done, delivered, bounced, failed}`.
@@ -160,7 +162,7 @@ impl EspProvider for ListSendEsp {
         Ok(created.list_id)
     }
 
-    #[tracing::instrument(skip_all, fields(request_id = %send.request_id, key = %send.idempotency_key, list = %send.list_id))]
+    #[tracing::instrument(skip_all, fields(request_id = %send.request_id, key = %send.idempotency_key, to = %send.to.describe()))]
     async fn send(&self, send: &SendRequest) -> Result<DeliveryId, EspError> {
         let body = encode(Op::Send, send)?;
         let (status, body) =
