@@ -150,6 +150,41 @@ async fn equal_requests_take_turns() {
 }
 
 #[tokio::test]
+async fn equal_requests_are_given_recipients_at_the_same_rate_whatever_their_chunks_sizes() {
+    let (store, _) = fresh_database().await;
+    ready(&store, &request("a", Class::Batch, 0), 20).await;
+    ready(&store, &request("b", Class::Batch, 0), 20).await;
+    sqlx::query("UPDATE chunks SET recipients = 5 WHERE request_id = 'b'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+
+    let order = dispatched_requests(&store, SlotLimits { limit: 12, ..LIMITS }).await;
+
+    // Turn by turn, b's chunks of 5 would get half of a's recipients; by recipients, b takes two
+    // turns for each of a's.
+    assert_eq!(order, ["a", "b", "b", "a", "b", "b", "a", "b", "b", "a", "b", "b"]);
+    let given = |id: &str| order.iter().filter(|o| *o == id).count() * if id == "a" { 10 } else { 5 };
+    assert_eq!((given("a"), given("b")), (40, 40));
+}
+
+#[tokio::test]
+async fn a_request_back_from_a_pause_does_not_take_over_to_make_up_for_lost_time() {
+    let (store, _) = fresh_database().await;
+    ready(&store, &request("a", Class::Batch, 0), 20).await;
+    ready(&store, &request("b", Class::Batch, 0), 20).await;
+    assert_eq!(dispatched_requests(&store, SlotLimits { limit: 2, ..LIMITS }).await, ["a", "b"]);
+    sqlx::query("UPDATE requests SET paused_at = now() WHERE id = 'b'").execute(store.pool()).await.unwrap();
+    let alone = dispatched_requests(&store, SlotLimits { limit: 6, ..LIMITS }).await;
+    assert_eq!(alone, ["a"; 4]);
+    sqlx::query("UPDATE requests SET paused_at = NULL WHERE id = 'b'").execute(store.pool()).await.unwrap();
+
+    let order = dispatched_requests(&store, SlotLimits { limit: 10, ..LIMITS }).await;
+
+    assert_eq!(order, ["b", "a", "b", "a"], "b rejoins at a's tag: turns, not a catch-up");
+}
+
+#[tokio::test]
 async fn overdue_chunks_expire_instead_of_being_dispatched() {
     let (store, _) = fresh_database().await;
     let mut late = request("late", Class::Batch, 0);

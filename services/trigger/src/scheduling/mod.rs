@@ -2,9 +2,9 @@
 //! flight toward its bottleneck API (uploads for a list-based ESP, sends for SMTP and SES).
 //!
 //! The order is written once, in [`rank`] and [`NEXT_PENDING`]: realtime before batch, then higher
-//! priority, then earliest deadline (none last), then the request whose last chunk was dispatched
-//! longest ago (round-robin among equals, so two equal campaigns progress at the same rate
-//! whenever each started). The forecast ([`forecast`]) counts the work ahead of a request by the
+//! priority, then earliest deadline (none last), then the request given the fewest recipients
+//! since it joined its equals ([`FAIR_START`]: a fair share by recipients, so two equal campaigns
+//! progress at the same rate whenever each started, whatever their chunks' sizes). The forecast ([`forecast`]) counts the work ahead of a request by the
 //! same rank.
 //!
 //! - this module: one dispatch round, in one transaction;
@@ -39,8 +39,8 @@ const ELIGIBLE: &str = "c.state = 'pending' AND c.class = $1 AND r.state IN ('pr
        AND r.paused_at IS NULL AND r.cancel_requested_at IS NULL
        AND (r.not_before IS NULL OR r.not_before <= now())";
 
-/// The next eligible chunk of class `$1` by the scheduling rule, locked: rank, then round-robin
-/// among requests of equal rank, then audience order.
+/// The next eligible chunk of class `$1` by the scheduling rule, locked: rank, then the fair
+/// share among requests of equal rank ([`FAIR_START`]), then audience order.
 static NEXT_PENDING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| next_pending(""));
 
 /// [`NEXT_PENDING`], of the chunks that also match `filter` (`AND ...` over `c` and `r`).
@@ -49,11 +49,25 @@ fn next_pending(filter: &str) -> String {
         "SELECT c.id, c.request_id, c.first_line, c.recipients, c.generation
          FROM chunks c JOIN requests r ON r.id = c.request_id
          WHERE {ELIGIBLE}{filter}
-         ORDER BY {}, r.last_dispatched_at ASC NULLS FIRST, r.received_at ASC, c.seq ASC
+         ORDER BY {}, r.fair_tag ASC NULLS FIRST, r.received_at ASC, c.seq ASC
          LIMIT 1 FOR UPDATE OF c SKIP LOCKED",
         rank("c")
     )
 }
+
+/// Where a dispatched chunk (`moved`, of request `q`) starts on its rank's shared count of
+/// recipients: start-time fair queuing. Chunks go out in the order of their start, so the latest
+/// start among the requests of the rank is where the count stands now. A request that kept up
+/// starts where its last chunk ended (`fair_tag`); one that had nothing to send meanwhile (new,
+/// paused, waiting for its preparation) starts where the count stands, so it neither takes over
+/// to make up for lost time nor falls behind. Its chunk then ends at the start plus its
+/// recipients, and the next chunk goes to the request whose last one ended first: requests of
+/// equal rank are given recipients at the same rate whatever the sizes of their chunks.
+const FAIR_START: &str = "greatest(coalesce(q.fair_tag, 0), coalesce((
+         SELECT max(o.fair_start) FROM requests o
+         WHERE o.state IN ('preparing', 'dispatching') AND o.class = q.class
+           AND o.priority = q.priority AND o.deadline IS NOT DISTINCT FROM q.deadline
+     ), 0))";
 
 /// The slot limits of one dispatch round.
 #[derive(Debug, Clone, Copy)]
@@ -253,10 +267,15 @@ async fn take_pending(
              UPDATE chunks SET state = $2, queued_at = now(), generation = chunks.generation + 1,
                  uploaded_at = CASE WHEN $2 = 'uploaded' THEN now() END
              FROM next WHERE chunks.id = next.id
-             RETURNING chunks.id, chunks.request_id, chunks.generation
+             RETURNING chunks.id, chunks.request_id, chunks.generation, chunks.recipients
+         ), started AS (
+             SELECT moved.request_id, moved.recipients, {FAIR_START} AS start
+             FROM moved JOIN requests q ON q.id = moved.request_id
          ), counted AS (
-             UPDATE requests SET dispatched_chunks = dispatched_chunks + 1, last_dispatched_at = clock_timestamp()
-             FROM moved WHERE requests.id = moved.request_id
+             UPDATE requests SET dispatched_chunks = dispatched_chunks + 1,
+                 last_dispatched_at = clock_timestamp(),
+                 fair_start = started.start, fair_tag = started.start + started.recipients
+             FROM started WHERE requests.id = started.request_id
          )
          SELECT moved.id, moved.request_id, moved.generation, requests.traceparent
          FROM moved JOIN requests ON requests.id = moved.request_id"
