@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use haishin_esp_sim::{Api, FaultRates, Faults};
 use haishin_local::stack::{BUCKET, LocalStack};
 use haishin_tests::{TestStack, eventually, finished, request_status};
 use serde_json::{Value, json};
@@ -315,6 +316,34 @@ async fn small_realtime_events_are_sent_with_their_recipients_and_never_wait_for
     )
     .await;
     assert_eq!(inline, 3, "each small event sent without a list");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn an_inline_send_whose_answer_is_lost_is_found_in_the_esp_s_history_and_never_repeated() {
+    let stack = TestStack { inline_recipients_max: 5, ..TestStack::default() }.start().await;
+    // Half the sends are accepted and done, but their answer never arrives.
+    let lost_answers = FaultRates { timeout_after_accept: 0.5, ..FaultRates::default() };
+    let faults = Faults { timeout_hold: Duration::from_millis(50), ..Faults::only(Api::Send, lost_answers) };
+    stack.esp.set_faults(faults).unwrap();
+    for i in 0..8 {
+        let recipients = json!([{"email": format!("back-{i}@example.com"), "params": {"name": "B"}}]);
+        publish(
+            &stack,
+            &json!({"id": format!("back-{i}"), "class": "realtime", "template": template(),
+                    "audience": {"inline": recipients}}),
+        )
+        .await;
+    }
+
+    for i in 0..8 {
+        let status = finished(&stack, &format!("back-{i}")).await;
+        assert_eq!((&status["state"], &status["delivered"]), (&json!("completed"), &json!(1)), "{status}");
+    }
+    let sim = stack.esp.report();
+    assert!(sim.send.injected.timeout_after_accept > 0, "some answers were lost");
+    assert_eq!((sim.deliveries.total, sim.deliveries.duplicates), (8, 0), "each sent once");
+    assert_eq!(sim.upload.calls_accepted, 0);
     stack.stop().await;
 }
 
