@@ -187,7 +187,7 @@ pub struct TracesReport {
     pub requests_completed: u64,
     /// Completed requests with exactly one trace, holding spans of every service on their path.
     pub requests_with_complete_trace: u64,
-    /// The services every complete trace holds spans of (the list-uploader only for a request
+    /// The services the complete traces hold spans of (the list-uploader only those of requests
     /// with a list uploaded: a small realtime one sent without a list never reaches it).
     pub services_required: Vec<String>,
     pub spans_per_request: SpansPerRequest,
@@ -316,7 +316,13 @@ pub fn report(spans: &[SpanRecord], metrics_received: Vec<String>, completed: &[
     let mut out = TracesReport {
         spans_received: spans.len() as u64,
         requests_completed: completed.len() as u64,
-        services_required: SERVICES.iter().map(|s| (*s).to_owned()).collect(),
+        // The services some request's trace had to reach: the list-uploader only when a list was
+        // uploaded (never for SMTP and SES).
+        services_required: SERVICES
+            .iter()
+            .filter(|s| completed.iter().any(|r| r.required().contains(s)))
+            .map(|s| (*s).to_owned())
+            .collect(),
         metrics_received,
         ..TracesReport::default()
     };
@@ -408,6 +414,7 @@ mod tests {
         let sent_without_a_list = Completed { uploaded: false, ..Completed::uploaded("r1", "realtime") };
         let report = report(&spans, vec![], &[sent_without_a_list]);
         assert_eq!(report.requests_with_complete_trace, 1);
+        assert_eq!(report.services_required, ["trigger", "sender", "completion"]);
         assert_eq!(report.spans_per_request.max, 4);
         let slowest = report.slowest_realtime.expect("the realtime request's timing");
         assert_eq!(slowest.total_ms, 31.0);
