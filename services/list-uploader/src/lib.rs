@@ -221,24 +221,17 @@ async fn refused_for_the_limit(state: &AppState, chunk: &ChunkRow) -> Outcome {
 
 /// Ends a chunk whose recipients are all suppressed: `completed`, with nothing sent.
 async fn all_suppressed(state: &AppState, chunk: &ChunkRow, suppressed: i64) -> Outcome {
-    let done = sqlx::query(
-        "UPDATE chunks SET state = 'completed', suppressed = $2, delivered = 0, bounced = 0, failed = 0,
-             reason = 'every recipient was suppressed before the upload', lease_until = NULL, finished_at = now()
-         WHERE id = $1 AND state = 'uploading'",
-    )
-    .bind(&chunk.id)
-    .bind(suppressed)
-    .execute(state.store.pool())
-    .await;
+    let reason = "every recipient was suppressed before the upload";
+    let done = state.store.finish_all_suppressed(&chunk.id, ChunkState::Uploading, suppressed, reason).await;
     match done {
-        Ok(done) if done.rows_affected() == 1 => {
+        Ok(true) => {
             tracing::info!(suppressed, "Every recipient of the chunk is suppressed: nothing to upload.");
             let event = PipelineEvent::chunk(EventKind::ChunkFinished, chunk);
             let _ = state.events.publish(&event, &[]).await;
             Outcome::done("every recipient suppressed")
         }
-        Ok(_) => Outcome::done("chunk was taken over while uploading"),
-        Err(err) => haishin_shared::store::StoreError::from(err).into(),
+        Ok(false) => Outcome::done("chunk was taken over while uploading"),
+        Err(err) => err.into(),
     }
 }
 

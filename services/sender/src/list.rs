@@ -7,7 +7,7 @@
 //! again. When the history cannot tell, the chunk ends `unknown`: never re-sent blindly. The
 //! ESP's counts arrive later, when the completion job polls the delivery.
 
-use haishin_shared::domain::{ChunkId, Recipient};
+use haishin_shared::domain::{ChunkId, ChunkState, Recipient};
 use haishin_shared::esp::{DeliveryId, EspError, EspProvider, ListId, SendRequest, SendTo};
 use haishin_shared::gcp::{Blobs, GcpError};
 use haishin_shared::messages::EventKind;
@@ -136,7 +136,10 @@ async fn inline_recipients(
         Err(err) => return Err(give_back(state, chunk, err.into(), false).await),
     };
     if lines.is_empty() {
-        return Err(match record_suppressed(state, chunk, suppressed, true).await {
+        let reason = "every recipient was suppressed before the send";
+        let done =
+            state.store.finish_all_suppressed(&chunk.id, ChunkState::Sending, suppressed, reason).await;
+        return Err(match done {
             Ok(true) => {
                 tracing::info!(suppressed, "Every recipient of the chunk is suppressed: nothing to send.");
                 publish_event(state, chunk, EventKind::ChunkFinished).await;
@@ -147,7 +150,7 @@ async fn inline_recipients(
         });
     }
     if suppressed > 0 {
-        match record_suppressed(state, chunk, suppressed, false).await {
+        match record_suppressed(state, chunk, suppressed).await {
             Ok(true) => {}
             Ok(false) => return Err(Outcome::done("chunk was taken over while sending")),
             Err(err) => return Err(give_back(state, chunk, err.into(), false).await),
@@ -177,22 +180,17 @@ async fn parse(
     Ok(recipients)
 }
 
-/// Records the recipients left out as suppressed; when none is left, the chunk ends `completed`
-/// with nothing sent. False when the chunk is no longer this attempt's.
+/// Records the recipients left out as suppressed. False when the chunk is no longer this attempt's.
 async fn record_suppressed(
     state: &AppState,
     chunk: &ChunkRow,
     suppressed: i64,
-    none_left: bool,
 ) -> haishin_shared::store::Result<bool> {
-    let sql = if none_left {
-        "UPDATE chunks SET state = 'completed', suppressed = $2, delivered = 0, bounced = 0, failed = 0,
-             reason = 'every recipient was suppressed before the send', lease_until = NULL, finished_at = now()
-         WHERE id = $1 AND state = 'sending'"
-    } else {
-        "UPDATE chunks SET suppressed = $2 WHERE id = $1 AND state = 'sending'"
-    };
-    let done = sqlx::query(sql).bind(&chunk.id).bind(suppressed).execute(state.store.pool()).await?;
+    let done = sqlx::query("UPDATE chunks SET suppressed = $2 WHERE id = $1 AND state = 'sending'")
+        .bind(&chunk.id)
+        .bind(suppressed)
+        .execute(state.store.pool())
+        .await?;
     Ok(done.rows_affected() == 1)
 }
 

@@ -205,6 +205,29 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Ends a chunk whose every recipient was suppressed just before the provider: `completed`,
+    /// with nothing sent and `suppressed` recipients left out, if it is still `from`.
+    pub async fn finish_all_suppressed(
+        &self,
+        id: &ChunkId,
+        from: ChunkState,
+        suppressed: i64,
+        reason: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE chunks SET state = 'completed', suppressed = $3, delivered = 0, bounced = 0, failed = 0,
+                 reason = $4, lease_until = NULL, finished_at = now()
+             WHERE id = $1 AND state = $2",
+        )
+        .bind(id)
+        .bind(from)
+        .bind(suppressed)
+        .bind(reason)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Ends a chunk in a final state with a reason (`failed`, `unknown`, `expired`, `cancelled`).
     pub async fn finish_chunk(
         &self,
