@@ -8,7 +8,7 @@ use haishin_esp_sim::{Api, EspSim, EspSimConfig, EspSimHandle, FaultRates, Fault
 use haishin_shared::domain::{Class, Recipient, Template};
 use haishin_shared::esp::{
     DeliveryId, DeliveryStatus, EspError, EspProvider, ListId, ListSendConfig, ListSendEsp, ListUpload,
-    SendRequest, SendTo,
+    SendBatch, SendPart, SendRequest, SendTo,
 };
 use serde_json::json;
 
@@ -206,6 +206,70 @@ async fn a_send_may_carry_its_recipients_in_place_of_a_list_up_to_the_esp_s_cap(
     let sent: Vec<String> =
         sim.deliveries("event").unwrap().recipients.into_iter().map(|r| r.email).collect();
     assert_eq!(sent, ["a@x.com", "b@bounce.invalid"]);
+}
+
+fn part(key: &str, request_id: &str, emails: &[(&str, &str)]) -> SendPart {
+    SendPart {
+        idempotency_key: key.to_owned(),
+        request_id: request_id.into(),
+        recipients: emails
+            .iter()
+            .map(|(email, name)| Recipient {
+                email: (*email).to_owned(),
+                params: json!({ "name": name }).as_object().cloned().unwrap(),
+            })
+            .collect(),
+    }
+}
+
+fn batch(parts: Vec<SendPart>) -> SendBatch {
+    SendBatch { template: Template::Stored { id: "restock".into() }, class: Class::Realtime, parts }
+}
+
+#[tokio::test]
+async fn sends_sharing_a_template_go_in_one_call_each_part_its_own_send_with_its_own_parameters() {
+    let config = EspSimConfig { inline_recipients_max: 4, ..EspSimConfig::fast(4, Duration::ZERO) };
+    let sim = start(config).await;
+    let esp = esp(&sim);
+
+    let deliveries = esp
+        .send_batch(&batch(vec![
+            part("send:ev-1~0", "ev-1", &[("a@x.com", "Ann"), ("b@x.com", "Bob")]),
+            part("send:ev-2~0", "ev-2", &[("c@x.com", "Cy")]),
+        ]))
+        .await
+        .unwrap();
+    let too_many = esp
+        .send_batch(&batch(vec![
+            part("send:ev-3~0", "ev-3", &[("d@x.com", "D"), ("e@x.com", "E")]),
+            part("send:ev-4~0", "ev-4", &[("f@x.com", "F"), ("g@x.com", "G"), ("h@x.com", "H")]),
+        ]))
+        .await;
+
+    assert_eq!(deliveries.len(), 2);
+    assert_ne!(deliveries[0], deliveries[1], "each part is a delivery of its own");
+    assert_eq!(esp.find_delivery("send:ev-1~0").await.unwrap(), Some(deliveries[0].clone()));
+    assert_eq!(esp.find_delivery("send:ev-2~0").await.unwrap(), Some(deliveries[1].clone()));
+    let err = too_many.unwrap_err();
+    assert!(matches!(err, EspError::Permanent(ref m) if m.contains("at most 4 recipients in all")), "{err}");
+    assert_eq!(esp.find_delivery("send:ev-3~0").await.unwrap(), None, "a refused batch sends no part");
+    let report = sim.report();
+    assert_eq!(report.send.calls_accepted, 1, "one call for both parts");
+    assert_eq!(report.deliveries.total, 3);
+    let ev1: Vec<(String, serde_json::Value)> = sim
+        .deliveries("ev-1")
+        .unwrap()
+        .recipients
+        .into_iter()
+        .map(|r| (r.email, r.params.unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        ev1,
+        [("a@x.com".to_owned(), json!({"name": "Ann"})), ("b@x.com".to_owned(), json!({"name": "Bob"}))]
+    );
+    let ev2 = sim.deliveries("ev-2").unwrap();
+    assert_eq!((ev2.recipients[0].email.as_str(), ev2.counts.total), ("c@x.com", 1));
+    assert_eq!(ev2.recipients[0].params, Some(json!({"name": "Cy"})));
 }
 
 #[tokio::test]

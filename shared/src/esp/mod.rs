@@ -70,6 +70,13 @@ pub trait EspProvider: Send + Sync + 'static {
     async fn upload_list(&self, list: &ListUpload) -> Result<ListId, EspError>;
     /// Sends a template to an uploaded list. The key is recorded by the ESP so that the send can be looked up later.
     async fn send(&self, send: &SendRequest) -> Result<DeliveryId, EspError>;
+    /// Sends several sends that share a template in one call; each part is a send of its own,
+    /// under its own idempotency key (so [`EspProvider::find_delivery`] finds each). Returns
+    /// each part's delivery, in the parts' order. An ESP without such a call refuses it.
+    async fn send_batch(&self, batch: &SendBatch) -> Result<Vec<DeliveryId>, EspError> {
+        let _ = batch;
+        Err(EspError::Permanent("this esp takes no send batches".into()))
+    }
     /// Looks a send up in the ESP's delivery history by idempotency key: Some if the ESP accepted it.
     async fn find_delivery(&self, idempotency_key: &str) -> Result<Option<DeliveryId>, EspError>;
     /// Reads a delivery's status (processing, or done with counts).
@@ -140,6 +147,30 @@ impl SendTo {
 }
 
 /// The ESP's id of an uploaded list.
+/// Sends that share a template, in one call (the list-send protocol's send batch, as a
+/// transactional API's personalizations): each part carries its own recipients, with their own
+/// parameters, under its own key and request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SendBatch {
+    pub template: Template,
+    pub class: Class,
+    pub parts: Vec<SendPart>,
+}
+
+/// One send of a [`SendBatch`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SendPart {
+    pub idempotency_key: String,
+    pub request_id: RequestId,
+    pub recipients: Vec<Recipient>,
+}
+
+impl SendBatch {
+    pub fn recipients(&self) -> usize {
+        self.parts.iter().map(|p| p.recipients.len()).sum()
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ListId(pub String);

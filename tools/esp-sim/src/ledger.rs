@@ -62,8 +62,15 @@ pub(crate) struct ListData {
     pub(crate) hashes: Vec<u64>,
     /// Indexes (ascending) of recipients at the bounce domain.
     pub(crate) bounced: Vec<u32>,
-    /// The addresses, for small lists only.
-    pub(crate) addresses: Option<Vec<Box<str>>>,
+    /// The addresses and their parameters, for small lists only.
+    pub(crate) addresses: Option<Vec<Kept>>,
+}
+
+/// An address kept for `/_sim/deliveries`, with the parameters it was given (raw JSON).
+#[derive(Debug, Clone)]
+pub(crate) struct Kept {
+    pub(crate) email: Box<str>,
+    pub(crate) params: Option<Box<str>>,
 }
 
 impl ListData {
@@ -90,8 +97,9 @@ struct RequestLedger {
     seen: HashSet<u64, ByHash>,
     /// Sends beyond the first, for the few addresses that had any.
     extra: HashMap<u64, u32, ByHash>,
-    /// Addresses kept for `/_sim/deliveries`, with whether they bounce.
-    addresses: HashMap<u64, (Box<str>, bool), ByHash>,
+    /// Addresses kept for `/_sim/deliveries` (with the parameters of their first send), and
+    /// whether they bounce.
+    addresses: HashMap<u64, (Kept, bool), ByHash>,
     addresses_complete: bool,
 }
 
@@ -259,10 +267,11 @@ impl Ledger {
         let mut recipients: Vec<DeliveredRecipient> = r
             .addresses
             .iter()
-            .map(|(hash, (email, bounced))| DeliveredRecipient {
-                email: email.to_string(),
+            .map(|(hash, (kept, bounced))| DeliveredRecipient {
+                email: kept.email.to_string(),
                 count: 1 + r.extra.get(hash).copied().unwrap_or(0),
                 bounced: *bounced,
+                params: kept.params.as_deref().and_then(|p| serde_json::from_str(p).ok()),
             })
             .collect();
         recipients.sort_by(|a, b| a.email.cmp(&b.email));
@@ -294,7 +303,8 @@ mod tests {
                 .filter(|(_, e)| at_domain(e, "bounce.invalid"))
                 .map(|(i, _)| i as u32)
                 .collect(),
-            addresses: keep.then(|| emails.iter().map(|e| Box::from(*e)).collect()),
+            addresses: keep
+                .then(|| emails.iter().map(|e| Kept { email: Box::from(*e), params: None }).collect()),
         }
     }
 

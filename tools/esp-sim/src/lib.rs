@@ -45,6 +45,10 @@
 //!   `list_id`, a send to the recipients given, at most `inline_recipients_max` (400 beyond it).
 //!   Latency `send_call_latency + send_per_recipient × n`. Recipients at the bounce domain
 //!   (`bounce.invalid`) bounce.
+//! - `POST /v1/send-batches` `{template, class, parts: [{idempotency_key, request_id,
+//!   recipients}]}` → 202 `{deliveries: [{idempotency_key, delivery_id}]}`: sends that share a
+//!   template in one call (one slot), each part recorded as a send of its own, under its own key
+//!   and request; at most `inline_recipients_max` recipients in all (400 beyond it).
 //! - `GET /v1/sends?idempotency_key=K` → 200 `{delivery_id, accepted_at}` (the first send
 //!   accepted with that key) or 404 `delivery_not_found`. A send enters the history when its
 //!   work completes, so a send still in progress is not found yet.

@@ -233,6 +233,9 @@ pub struct DeliveredRecipient {
     pub email: String,
     pub count: u32,
     pub bounced: bool,
+    /// The parameters its first send carried, when it had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<serde_json::Value>,
 }
 
 impl SimReport {

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::config::{Api, Faults};
-use crate::ledger::{ListData, address_hash, at_domain};
+use crate::ledger::{Kept, ListData, address_hash, at_domain};
 use crate::state::{Plan, Refusal, SimState};
 
 /// Largest accepted body: a list of a few hundred thousand recipients with parameters.
@@ -27,6 +27,7 @@ pub(crate) fn router(state: Arc<SimState>) -> Router {
         .route("/v1/lists", post(upload_list))
         .route("/v1/sends", post(send).get(find_send))
         .route("/v1/sends/{delivery_id}", get(send_status))
+        .route("/v1/send-batches", post(send_batch))
         .route("/_sim/report", get(report))
         .route("/_sim/deliveries", get(deliveries))
         .route("/_sim/faults", get(faults).post(set_faults))
@@ -98,11 +99,14 @@ struct ListBody<'a> {
     recipients: Vec<RecipientBody<'a>>,
 }
 
-/// A recipient as the simulator reads it: parameters are skipped, not stored.
+/// A recipient as the simulator reads it: its parameters are kept (as raw JSON) only where its
+/// address is.
 #[derive(Deserialize)]
 struct RecipientBody<'a> {
     #[serde(borrow)]
     email: Cow<'a, str>,
+    #[serde(borrow, default)]
+    params: Option<&'a serde_json::value::RawValue>,
 }
 
 /// A send as the simulator reads it: to a list, or to the recipients it carries. The template
@@ -148,7 +152,15 @@ fn list_data(state: &SimState, recipients: Vec<RecipientBody<'_>>) -> Result<Lis
             bounced.push(u32::try_from(i).map_err(|_| "the list is too long")?);
         }
     }
-    let addresses = keep.then(|| recipients.into_iter().map(|r| Box::from(r.email.as_ref())).collect());
+    let addresses = keep.then(|| {
+        recipients
+            .into_iter()
+            .map(|r| Kept {
+                email: Box::from(r.email.as_ref()),
+                params: r.params.map(|p| Box::from(p.get())),
+            })
+            .collect()
+    });
     Ok(ListData { hashes, bounced, addresses })
 }
 
@@ -181,6 +193,31 @@ fn send_audience(state: &SimState, send: SendBody<'_>) -> Result<Arc<ListData>, 
     }
 }
 
+/// Admits a call, then does its work once the call's latency has passed, holding its slot until
+/// then. The work runs on a task of its own, so it goes on when the caller hangs up, as at an ESP
+/// that accepted the call. `Err` is the answer to a call turned away.
+async fn perform<T: Send + 'static>(
+    state: &Arc<SimState>,
+    api: Api,
+    request_id: &str,
+    recipients: usize,
+    work: impl FnOnce(&SimState) -> T + Send + 'static,
+) -> Result<(T, Plan), Response> {
+    let (slot, plan) = state.admit(api, request_id, recipients).map_err(|refused| refusal(state, refused))?;
+    let (done, result) = oneshot::channel();
+    let worker = Arc::clone(state);
+    tokio::spawn(async move {
+        tokio::time::sleep(plan.latency).await;
+        let out = work(&worker);
+        drop(slot);
+        let _ = done.send(out);
+    });
+    match result.await {
+        Ok(out) => Ok((out, plan)),
+        Err(_) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the call failed")),
+    }
+}
+
 /// `POST /v1/lists`: stores a list (idempotent by key) → 201 `{list_id}`.
 async fn upload_list(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Some(refused) = unauthorized(&state, &headers) {
@@ -195,22 +232,11 @@ async fn upload_list(State(state): State<Arc<SimState>>, headers: HeaderMap, bod
         }
     };
     drop(body);
-    let (slot, plan) = match state.admit(Api::Upload, &request_id, list.len()) {
-        Ok(admitted) => admitted,
-        Err(refused) => return refusal(&state, refused),
-    };
     let recipients = list.len();
-    let (done, result) = oneshot::channel();
-    let worker = Arc::clone(&state);
-    // The work goes on when the caller hangs up, as at an ESP that accepted it.
-    tokio::spawn(async move {
-        tokio::time::sleep(plan.latency).await;
-        let list_id = worker.ledger().store_list(&key, list);
-        drop(slot);
-        let _ = done.send(list_id);
-    });
-    let Ok(list_id) = result.await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the upload failed");
+    let work = move |sim: &SimState| sim.ledger().store_list(&key, list);
+    let (list_id, plan) = match perform(&state, Api::Upload, &request_id, recipients, work).await {
+        Ok(done) => done,
+        Err(refused) => return refused,
     };
     tracing::debug!(request_id, recipients, list_id, "List uploaded.");
     answer(&state, plan, StatusCode::CREATED, json!({ "list_id": list_id })).await
@@ -247,24 +273,107 @@ async fn send(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Byte
         }
     };
     drop(body);
-    let (slot, plan) = match state.admit(Api::Send, &request_id, list.len()) {
-        Ok(admitted) => admitted,
-        Err(refused) => return refusal(&state, refused),
+    let recipients = list.len();
+    let send = {
+        let request_id = request_id.clone();
+        move |sim: &SimState| sim.ledger().record_send(&key, &request_id, &list, sim.clock.now())
     };
-    let (done, result) = oneshot::channel();
-    let worker = Arc::clone(&state);
-    tokio::spawn(async move {
-        tokio::time::sleep(plan.latency).await;
-        let now = worker.clock.now();
-        let delivery_id = worker.ledger().record_send(&key, &request_id, &list, now);
-        drop(slot);
-        let _ = done.send((delivery_id, request_id, list.len()));
-    });
-    let Ok((delivery_id, request_id, recipients)) = result.await else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the send failed");
+    let (delivery_id, plan) = match perform(&state, Api::Send, &request_id, recipients, send).await {
+        Ok(done) => done,
+        Err(refused) => return refused,
     };
     tracing::debug!(request_id, recipients, delivery_id, "Send accepted.");
     answer(&state, plan, StatusCode::ACCEPTED, json!({ "delivery_id": delivery_id })).await
+}
+
+/// A batch of sends sharing one template, as the simulator reads it: each part is a send of
+/// its own (its key, its request, its recipients), all in one call.
+#[derive(Deserialize)]
+struct BatchBody<'a> {
+    #[serde(borrow)]
+    parts: Vec<PartBody<'a>>,
+    #[serde(rename = "template")]
+    _template: serde::de::IgnoredAny,
+    #[serde(rename = "class")]
+    _class: serde::de::IgnoredAny,
+}
+
+#[derive(Deserialize)]
+struct PartBody<'a> {
+    idempotency_key: String,
+    request_id: String,
+    #[serde(borrow)]
+    recipients: Vec<RecipientBody<'a>>,
+}
+
+/// Each part of a batch as a key, a request and its recipients; the recipients of all parts
+/// together are at most `inline_recipients_max`.
+fn batch_parts(state: &SimState, batch: BatchBody<'_>) -> Result<Vec<(String, String, ListData)>, String> {
+    if batch.parts.is_empty() {
+        return Err("the batch has no parts".into());
+    }
+    let max = state.config.inline_recipients_max;
+    let total: usize = batch.parts.iter().map(|p| p.recipients.len()).sum();
+    if total > max {
+        return Err(format!(
+            "a batch carries at most {max} recipients in all; {total} given: upload them as lists"
+        ));
+    }
+    batch
+        .parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| {
+            if part.idempotency_key.is_empty() || part.request_id.is_empty() {
+                return Err(format!("part {i}: idempotency_key and request_id are required"));
+            }
+            if part.recipients.is_empty() {
+                return Err(format!("part {i} has no recipients"));
+            }
+            let list = list_data(state, part.recipients).map_err(|e| format!("part {i}: {e}"))?;
+            Ok((part.idempotency_key, part.request_id, list))
+        })
+        .collect()
+}
+
+/// `POST /v1/send-batches`: one call delivering several sends that share a template, each part
+/// recorded as its own send under its own key → 202 `{deliveries: [{idempotency_key,
+/// delivery_id}]}`, in the parts' order. The call takes one slot, as any send does.
+async fn send_batch(State(state): State<Arc<SimState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = unauthorized(&state, &headers) {
+        state.invalid_call(Api::Send);
+        return refused;
+    }
+    let parts = match serde_json::from_slice(&body)
+        .map_err(|e| format!("invalid send batch: {e}"))
+        .and_then(|batch| batch_parts(&state, batch))
+    {
+        Ok(parts) => parts,
+        Err(message) => {
+            state.invalid_call(Api::Send);
+            return error(StatusCode::BAD_REQUEST, "invalid_request", message);
+        }
+    };
+    drop(body);
+    let recipients: usize = parts.iter().map(|(_, _, list)| list.len()).sum();
+    let request_id = parts[0].1.clone();
+    let send = move |sim: &SimState| {
+        let now = sim.clock.now();
+        let mut ledger = sim.ledger();
+        let deliveries: Vec<_> = parts
+            .iter()
+            .map(|(key, request_id, list)| {
+                json!({ "idempotency_key": key, "delivery_id": ledger.record_send(key, request_id, list, now) })
+            })
+            .collect();
+        deliveries
+    };
+    let (deliveries, plan) = match perform(&state, Api::Send, &request_id, recipients, send).await {
+        Ok(done) => done,
+        Err(refused) => return refused,
+    };
+    tracing::debug!(parts = deliveries.len(), recipients, "Send batch accepted.");
+    answer(&state, plan, StatusCode::ACCEPTED, json!({ "deliveries": deliveries })).await
 }
 
 #[derive(Deserialize)]

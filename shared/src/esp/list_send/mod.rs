@@ -10,6 +10,9 @@
 //! - `POST /v1/sends` `{idempotency_key, request_id, list_id, template, class}` → 202 `{delivery_id}`,
 //!   or with `recipients` (as in a list upload) in place of `list_id`: a send to a few recipients
 //!   given in the call, as transactional APIs take them, without a list;
+//! - `POST /v1/send-batches` `{template, class, parts: [{idempotency_key, request_id,
+//!   recipients}]}` → 202 `{deliveries: [{idempotency_key, delivery_id}]}`: sends that share a
+//!   template in one call, each part a send of its own under its own key;
 //! - `GET /v1/sends?idempotency_key=K` → 200 `{delivery_id, accepted_at}`, or 404 with
 //!   `{"error":"delivery_not_found"}`;
 //! - `GET /v1/sends/{delivery_id}` → 200 `{state: processing|done, delivered, bounced, failed}`.
@@ -30,7 +33,7 @@ mod outcome;
 
 use outcome::{Op, classify_status, decode, encode, snippet, transport_error, unread_answer};
 
-use super::{DeliveryId, DeliveryStatus, EspError, EspProvider, ListId, ListUpload, SendRequest};
+use super::{DeliveryId, DeliveryStatus, EspError, EspProvider, ListId, ListUpload, SendBatch, SendRequest};
 
 /// How to reach an ESP that speaks the list-send protocol.
 #[derive(Clone, Debug)]
@@ -171,6 +174,30 @@ impl EspProvider for ListSendEsp {
         Ok(accepted.delivery_id)
     }
 
+    #[tracing::instrument(skip_all, fields(parts = batch.parts.len(), recipients = batch.recipients()))]
+    async fn send_batch(&self, batch: &SendBatch) -> Result<Vec<DeliveryId>, EspError> {
+        let body = encode(Op::Send, batch)?;
+        let (status, body) =
+            self.call(Op::Send, Method::POST, self.url(&["v1", "send-batches"]), Some(body)).await?;
+        let accepted: BatchAccepted = decode(Op::Send, status, &body)?;
+        // The ESP took the call: an answer that does not match the parts one for one leaves each
+        // part's outcome to the ESP's history.
+        let matches = accepted.deliveries.len() == batch.parts.len()
+            && accepted
+                .deliveries
+                .iter()
+                .zip(&batch.parts)
+                .all(|(d, p)| d.idempotency_key == p.idempotency_key);
+        if !matches {
+            return Err(EspError::Indeterminate(format!(
+                "send batch: the answer's deliveries do not match the {} parts sent: {}",
+                batch.parts.len(),
+                snippet(&body)
+            )));
+        }
+        Ok(accepted.deliveries.into_iter().map(|d| d.delivery_id).collect())
+    }
+
     #[tracing::instrument(skip_all, fields(key = %idempotency_key))]
     async fn find_delivery(&self, idempotency_key: &str) -> Result<Option<DeliveryId>, EspError> {
         let mut url = self.url(&["v1", "sends"]);
@@ -219,6 +246,17 @@ struct ListCreated {
 
 #[derive(Debug, Deserialize)]
 struct SendAccepted {
+    delivery_id: DeliveryId,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchAccepted {
+    deliveries: Vec<PartAccepted>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PartAccepted {
+    idempotency_key: String,
     delivery_id: DeliveryId,
 }
 
