@@ -55,18 +55,31 @@ pub struct UploadTask {
     pub generation: i32,
 }
 
-/// Pub/Sub message on `deliveries`: an uploaded chunk ready to send.
+/// Pub/Sub message on `deliveries`: an uploaded chunk ready to send, and the chunks to send with
+/// it in one call (small realtime chunks of requests sharing its template, sent without a list).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeliveryMessage {
     pub chunk_id: ChunkId,
     pub request_id: RequestId,
     pub class: Class,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub with: Vec<ChunkId>,
 }
 
 impl DeliveryMessage {
     /// The message that hands `chunk` to the sender.
     pub fn for_chunk(chunk: &ChunkRow) -> Self {
-        Self { chunk_id: chunk.id.clone(), request_id: chunk.request_id.clone(), class: chunk.class }
+        Self {
+            chunk_id: chunk.id.clone(),
+            request_id: chunk.request_id.clone(),
+            class: chunk.class,
+            with: Vec::new(),
+        }
+    }
+
+    /// Every chunk the message hands on: its own, then those sent with it.
+    pub fn chunks(&self) -> impl Iterator<Item = &ChunkId> {
+        std::iter::once(&self.chunk_id).chain(&self.with)
     }
 
     /// The message's Pub/Sub attributes. `class` routes it: the realtime and the batch push
@@ -90,7 +103,6 @@ pub struct PipelineEvent {
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     ChunkUploaded,
-    ChunkSent,
     ChunkFinished,
     Tick,
 }

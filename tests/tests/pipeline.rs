@@ -319,6 +319,101 @@ async fn small_realtime_events_are_sent_with_their_recipients_and_never_wait_for
     stack.stop().await;
 }
 
+/// Publishes realtime events held back an hour, waits until each is prepared, then lets them
+/// all start at once: the next dispatch round finds them together.
+async fn release_together(stack: &LocalStack, events: &[Value]) {
+    let held = chrono::Utc::now() + chrono::Duration::hours(1);
+    for event in events {
+        let mut event = event.clone();
+        event["not_before"] = json!(held);
+        publish(stack, &event).await;
+    }
+    for event in events {
+        let id = event["id"].as_str().unwrap();
+        eventually(&format!("{id} to be prepared"), Duration::from_secs(20), || async {
+            request_status(stack, id).await.filter(|s| s["chunks"]["pending"] == 1)
+        })
+        .await;
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    sqlx::query("UPDATE requests SET not_before = now() WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(stack.store.pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn realtime_events_sharing_a_template_go_out_in_one_call_each_recipient_with_its_own_parameters() {
+    let stack = TestStack { inline_recipients_max: 5, ..TestStack::default() }.start().await;
+    let restock = template();
+    let price_drop = json!({ "subject": "Cheaper now, {{name}}", "text": "{{name}}, it costs less" });
+    let event = |id: &str, n: usize, template: &Value| {
+        let recipients: Vec<Value> = (0..n)
+            .map(|i| json!({"email": format!("{id}-{i}@example.com"), "params": {"name": format!("{id} {i}")}}))
+            .collect();
+        json!({"id": id, "class": "realtime", "template": template, "audience": {"inline": recipients}})
+    };
+    // Five recipients of the restock template fill one send; the price drops share another.
+    let events = [
+        event("restock-a", 1, &restock),
+        event("restock-b", 2, &restock),
+        event("drop-a", 1, &price_drop),
+        event("restock-c", 1, &restock),
+        event("drop-b", 2, &price_drop),
+        event("restock-d", 1, &restock),
+    ];
+    release_together(&stack, &events).await;
+
+    for event in &events {
+        let id = event["id"].as_str().unwrap();
+        let n = event["audience"]["inline"].as_array().unwrap().len();
+        let status = finished(&stack, id).await;
+        assert_eq!((&status["state"], &status["delivered"]), (&json!("completed"), &json!(n)), "{status}");
+        let sent: Vec<(String, Value)> = stack
+            .esp
+            .deliveries(id)
+            .unwrap()
+            .recipients
+            .into_iter()
+            .map(|r| (r.email, r.params.unwrap_or_default()))
+            .collect();
+        let wanted: Vec<(String, Value)> =
+            (0..n).map(|i| (format!("{id}-{i}@example.com"), json!({"name": format!("{id} {i}")}))).collect();
+        assert_eq!(sent, wanted, "each recipient of {id} once, with its own parameters");
+    }
+    let sim = stack.esp.report();
+    assert_eq!((sim.send.calls_accepted, sim.upload.calls_accepted), (2, 0), "one call per template");
+    assert_eq!((sim.deliveries.total, sim.deliveries.duplicates), (8, 0));
+    let deliveries = sqlx_count(&stack, "SELECT count(DISTINCT delivery_id) FROM chunks").await;
+    assert_eq!(deliveries, 6, "each event its own delivery, polled and counted on its own");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_send_batch_whose_answer_is_lost_leaves_each_event_to_the_esp_s_history_never_repeated() {
+    let stack = TestStack { inline_recipients_max: 5, ..TestStack::default() }.start().await;
+    let lost_answers = FaultRates { timeout_after_accept: 1.0, ..FaultRates::default() };
+    let faults = Faults { timeout_hold: Duration::from_millis(50), ..Faults::only(Api::Send, lost_answers) };
+    stack.esp.set_faults(faults).unwrap();
+    let events: Vec<Value> = (0..4)
+        .map(|i| {
+            json!({"id": format!("lost-{i}"), "class": "realtime", "template": template(),
+                   "audience": {"inline": [{"email": format!("lost-{i}@example.com"), "params": {"name": "L"}}]}})
+        })
+        .collect();
+    release_together(&stack, &events).await;
+
+    for i in 0..4 {
+        let status = finished(&stack, &format!("lost-{i}")).await;
+        assert_eq!((&status["state"], &status["delivered"]), (&json!("completed"), &json!(1)), "{status}");
+    }
+    let sim = stack.esp.report();
+    assert_eq!(sim.send.calls_accepted, 1, "one call, whose answer was lost, and none after it");
+    assert_eq!((sim.deliveries.total, sim.deliveries.duplicates), (4, 0), "each sent once");
+    stack.stop().await;
+}
+
 #[tokio::test]
 async fn an_inline_send_whose_answer_is_lost_is_found_in_the_esp_s_history_and_never_repeated() {
     let stack = TestStack { inline_recipients_max: 5, ..TestStack::default() }.start().await;

@@ -12,6 +12,7 @@
 //! reading the database or publishing; a declared rate (`ESP_CALLS_PER_SECOND`,
 //! `ESP_MESSAGES_PER_SECOND`) is held across all instances by a schedule in the database.
 
+pub mod coalesce;
 pub mod list;
 pub mod messages;
 
@@ -30,7 +31,7 @@ use haishin_shared::gcp::{Blobs, Topic};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent};
 use haishin_shared::push::{Delivered, Outcome, PushEnvelope, RetryReason};
 use haishin_shared::server::PushService;
-use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
+use haishin_shared::store::{ChunkRow, Claim, Claimed, RateSchedule, Step, Store};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
@@ -109,6 +110,7 @@ impl Application {
                             .bucket
                             .clone()
                             .context("BUCKET: required when ESP_INLINE_RECIPIENTS_MAX is set")?,
+                        batches: coalesce::Coalescer::new(max),
                     })),
                 };
                 Provider::Lists { esp, calls: config.esp.calls_schedule(&store)?, inline }
@@ -178,27 +180,73 @@ async fn deliver(State(state): State<AppState>, Delivered(envelope): Delivered<P
     }
 }
 
-#[tracing::instrument(skip_all, fields(request_id = %message.request_id, chunk = %message.chunk_id, class = %message.class))]
+#[tracing::instrument(skip_all, fields(request_id = %message.request_id, chunk = %message.chunk_id, class = %message.class, chunks = 1 + message.with.len()))]
 async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
-    let claimed = match state.store.claim(&message.chunk_id, Step::Send, state.lease).await {
-        Ok(Claim::Claimed(claimed)) => claimed,
-        Ok(Claim::Busy) => {
-            return Outcome::Retry(RetryReason::Busy(format!("chunk {} is being sent", message.chunk_id)));
-        }
-        Ok(Claim::Done(current)) => {
-            return Outcome::done(format!(
-                "chunk {} is {}",
-                message.chunk_id,
-                current.map_or("gone", |s| s.as_str())
-            ));
-        }
-        Err(err) => return err.into(),
+    if !message.with.is_empty() {
+        return send_together(state, message).await;
+    }
+    let claimed = match claim(state, &message.chunk_id).await {
+        Ok(claimed) => claimed,
+        Err(outcome) => return outcome,
     };
     match &state.provider {
         Provider::Lists { esp, calls, inline } => {
             list::send(state, esp.as_ref(), calls.as_ref(), inline.as_deref(), claimed).await
         }
         Provider::Messages(path) => messages::send(state, path, claimed).await,
+    }
+}
+
+/// Sends the chunks of one message together (see [`list::send_together`]). The message is
+/// acknowledged once every chunk has an outcome; if any asks for a retry, the message is
+/// delivered again, and the chunks done by then are skipped.
+async fn send_together(state: &AppState, message: &DeliveryMessage) -> Outcome {
+    let claims = futures::future::join_all(message.chunks().map(|id| claim(state, id))).await;
+    let (mut claimed, mut outcomes) = (Vec::new(), Vec::new());
+    for claim in claims {
+        match claim {
+            Ok(chunk) => claimed.push(chunk),
+            Err(outcome) => outcomes.push(outcome),
+        }
+    }
+    match &state.provider {
+        Provider::Lists { esp, calls, inline } => outcomes.extend(
+            list::send_together(state, esp.as_ref(), calls.as_ref(), inline.as_deref(), claimed).await,
+        ),
+        Provider::Messages(path) => {
+            for chunk in claimed {
+                outcomes.push(messages::send(state, path, chunk).await);
+            }
+        }
+    }
+    combine(outcomes)
+}
+
+/// One outcome for a message's chunks: the first retry asked for, or done with what each came to.
+fn combine(outcomes: Vec<Outcome>) -> Outcome {
+    let mut done: Vec<(String, usize)> = Vec::new();
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Retry(reason) => return Outcome::Retry(reason),
+            Outcome::Done(what) => match done.iter_mut().find(|(w, _)| *w == what) {
+                Some((_, n)) => *n += 1,
+                None => done.push((what, 1)),
+            },
+        }
+    }
+    let what: Vec<String> = done.into_iter().map(|(what, n)| format!("{n} × {what}")).collect();
+    Outcome::done(what.join("; "))
+}
+
+/// Claims a chunk for its send; `Err` is the message's outcome when it cannot be taken now.
+async fn claim(state: &AppState, id: &ChunkId) -> Result<Claimed, Outcome> {
+    match state.store.claim(id, Step::Send, state.lease).await {
+        Ok(Claim::Claimed(claimed)) => Ok(claimed),
+        Ok(Claim::Busy) => Err(Outcome::Retry(RetryReason::Busy(format!("chunk {id} is being sent")))),
+        Ok(Claim::Done(current)) => {
+            Err(Outcome::done(format!("chunk {id} is {}", current.map_or("gone", |s| s.as_str()))))
+        }
+        Err(err) => Err(err.into()),
     }
 }
 

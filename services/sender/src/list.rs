@@ -7,8 +7,9 @@
 //! again. When the history cannot tell, the chunk ends `unknown`: never re-sent blindly. The
 //! ESP's counts arrive later, when the completion job polls the delivery.
 
-use haishin_shared::domain::{ChunkId, ChunkState, Recipient};
-use haishin_shared::esp::{DeliveryId, EspError, EspProvider, ListId, SendRequest, SendTo};
+use futures::future::join_all;
+use haishin_shared::domain::{ChunkId, ChunkState, Recipient, Template};
+use haishin_shared::esp::{DeliveryId, EspError, EspProvider, ListId, SendPart, SendRequest, SendTo};
 use haishin_shared::gcp::{Blobs, GcpError};
 use haishin_shared::messages::EventKind;
 use haishin_shared::push::{Outcome, RetryReason};
@@ -16,15 +17,17 @@ use haishin_shared::store::{ChunkRow, Claimed, RateSchedule, Step};
 use haishin_shared::suppression::leave_out_suppressed;
 use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
 
+use crate::coalesce::{Coalescer, PartResult, Ticket};
 use crate::{AppState, fail, give_back, publish_event, unknown};
 
-/// Where the recipients of chunks sent without a list come from.
-#[derive(Clone)]
+/// Where the recipients of chunks sent without a list come from, and how their sends are made.
 pub struct InlineSends {
     /// Most recipients one send carries (`ESP_INLINE_RECIPIENTS_MAX`).
     pub max: u32,
     pub blobs: Blobs,
     pub bucket: String,
+    /// The sends of a template waiting for a slot, made in one call.
+    pub batches: Coalescer,
 }
 
 /// The ESP's idempotency key for a chunk's send: the same for every attempt.
@@ -32,7 +35,16 @@ pub fn send_key(chunk_id: &ChunkId) -> String {
     format!("send:{chunk_id}")
 }
 
-/// Sends a claimed chunk's template to its list.
+/// A claimed chunk whose send is ready: its key, template and recipients (a list, or given in
+/// the call).
+pub(crate) struct Ready {
+    chunk: ChunkRow,
+    key: String,
+    template: Template,
+    to: SendTo,
+}
+
+/// Sends a claimed chunk's template to its list, or to its recipients given in the call.
 pub(crate) async fn send(
     state: &AppState,
     esp: &dyn EspProvider,
@@ -40,80 +52,172 @@ pub(crate) async fn send(
     inline: Option<&InlineSends>,
     claimed: Claimed,
 ) -> Outcome {
+    match ready(state, esp, inline, claimed).await {
+        Ok(ready) => make(state, esp, calls, queue(inline, ready)).await,
+        Err(outcome) => outcome,
+    }
+}
+
+/// Sends claimed chunks delivered in one message: each is made ready, then all are queued before
+/// any call is made, so that those sent without a list whose requests share a template go in one
+/// call ([`crate::coalesce`]). One outcome per chunk.
+pub(crate) async fn send_together(
+    state: &AppState,
+    esp: &dyn EspProvider,
+    calls: Option<&RateSchedule>,
+    inline: Option<&InlineSends>,
+    claimed: Vec<Claimed>,
+) -> Vec<Outcome> {
+    let prepared = join_all(claimed.into_iter().map(|claimed| ready(state, esp, inline, claimed))).await;
+    let queued: Vec<Result<Queued, Outcome>> =
+        prepared.into_iter().map(|ready| ready.map(|ready| queue(inline, ready))).collect();
+    join_all(queued.into_iter().map(|queued| async move {
+        match queued {
+            Ok(queued) => make(state, esp, calls, queued).await,
+            Err(outcome) => outcome,
+        }
+    }))
+    .await
+}
+
+/// A ready send: its call to make, or its part queued for a call shared with others.
+enum Queued<'a> {
+    Call { chunk: ChunkRow, send: SendRequest },
+    Part { chunk: ChunkRow, key: String, ticket: Ticket<'a> },
+}
+
+/// Queues a send with its recipients in the call for a shared call; a send to a list is made alone.
+fn queue(inline: Option<&InlineSends>, ready: Ready) -> Queued<'_> {
+    let Ready { chunk, key, template, to } = ready;
+    match (to, inline) {
+        (SendTo::Recipients { recipients }, Some(inline)) => {
+            let part =
+                SendPart { idempotency_key: key.clone(), request_id: chunk.request_id.clone(), recipients };
+            let ticket = inline.batches.queue(&template, chunk.class, part);
+            Queued::Part { chunk, key, ticket }
+        }
+        (to, _) => {
+            let send = SendRequest {
+                idempotency_key: key,
+                request_id: chunk.request_id.clone(),
+                to,
+                template,
+                class: chunk.class,
+            };
+            Queued::Call { chunk, send }
+        }
+    }
+}
+
+/// Everything before the call: the ESP's history when an earlier attempt may have reached it,
+/// the request's template, and the recipients. `Err` is the chunk's outcome when there is
+/// nothing to send now.
+async fn ready(
+    state: &AppState,
+    esp: &dyn EspProvider,
+    inline: Option<&InlineSends>,
+    claimed: Claimed,
+) -> Result<Ready, Outcome> {
     let chunk = claimed.chunk;
     let key = send_key(&chunk.id);
     // An earlier attempt may have reached the ESP: its history decides.
     if claimed.takeover || chunk.send_attempts > 1 {
         match esp.find_delivery(&key).await {
             Ok(Some(delivery)) => {
-                return record_sent(state, &chunk, &delivery, "found in the ESP's history").await;
+                return Err(record_sent(state, &chunk, &delivery, "found in the ESP's history").await);
             }
             Ok(None) => {}
             Err(err) if err.is_retryable() => {
-                return give_back(state, &chunk, Outcome::unavailable(&err), true).await;
+                return Err(give_back(state, &chunk, Outcome::unavailable(&err), true).await);
             }
             Err(err) => {
-                return unknown(
-                    state,
-                    &chunk,
-                    &format!("the ESP's history cannot tell whether it was sent: {err}"),
-                )
-                .await;
+                let reason = format!("the ESP's history cannot tell whether it was sent: {err}");
+                return Err(unknown(state, &chunk, &reason).await);
             }
         }
     }
     let request = match state.store.request(&chunk.request_id).await.map(|r| r.map(|r| r.request())) {
         Ok(Some(Ok(request))) => request,
-        Ok(_) => return unknown(state, &chunk, "the chunk's request is missing").await,
-        Err(err) => return give_back(state, &chunk, err.into(), false).await,
+        Ok(_) => return Err(unknown(state, &chunk, "the chunk's request is missing").await),
+        Err(err) => return Err(give_back(state, &chunk, err.into(), false).await),
     };
     let to = match (chunk.list_id.clone(), inline) {
         (Some(list_id), _) => SendTo::List { list_id: ListId(list_id) },
         (None, Some(inline)) if u32::try_from(chunk.recipients).is_ok_and(|n| n <= inline.max) => {
-            match inline_recipients(state, inline, &chunk).await {
-                Ok(recipients) => SendTo::Recipients { recipients },
-                Err(outcome) => return outcome,
-            }
+            SendTo::Recipients { recipients: inline_recipients(state, inline, &chunk).await? }
         }
-        (None, _) => return fail(state, &chunk, "chunk has no uploaded list").await,
+        (None, _) => return Err(fail(state, &chunk, "chunk has no uploaded list").await),
     };
-    let send = SendRequest {
-        idempotency_key: key.clone(),
-        request_id: chunk.request_id.clone(),
-        to,
-        template: request.template,
-        class: chunk.class,
-    };
-    let result = {
-        let _slot = state.slots.acquire().await.expect("the semaphore is never closed");
-        if let Some(calls) = calls
-            && let Err(err) = calls.wait(1).await
-        {
-            return give_back(state, &chunk, err.into(), false).await;
+    Ok(Ready { chunk, key, template: request.template, to })
+}
+
+/// Makes a ready send's call in a slot, within the declared rate (or waits for the shared call
+/// of its part), and records what it came to.
+async fn make(
+    state: &AppState,
+    esp: &dyn EspProvider,
+    calls: Option<&RateSchedule>,
+    queued: Queued<'_>,
+) -> Outcome {
+    let (chunk, key, result) = match queued {
+        Queued::Part { chunk, key, ticket } => {
+            let result = ticket.complete(esp, &state.slots, calls).await;
+            (chunk, key, result)
         }
-        let call = metrics().esp_call(Api::Send, chunk.class);
-        let result = esp.send(&send).await;
-        call.finish(outcome(result.as_ref().map(drop)));
-        result
+        Queued::Call { chunk, send } => {
+            let result = send_in_a_slot(state, esp, calls, &send).await;
+            (chunk, send.idempotency_key, result)
+        }
     };
     match result {
-        Ok(delivery) => record_sent(state, &chunk, &delivery, "sent").await,
+        Ok(result) => settle(state, esp, &chunk, &key, result).await,
+        Err(err) => give_back(state, &chunk, Outcome::unavailable(err), false).await,
+    }
+}
+
+/// One send call in a slot, within the declared rate; `Err` is the rate schedule's error.
+async fn send_in_a_slot(
+    state: &AppState,
+    esp: &dyn EspProvider,
+    calls: Option<&RateSchedule>,
+    send: &SendRequest,
+) -> PartResult {
+    let _slot = state.slots.acquire().await.expect("the semaphore is never closed");
+    if let Some(calls) = calls {
+        calls.wait(1).await.map_err(|err| err.to_string())?;
+    }
+    let call = metrics().esp_call(Api::Send, send.class);
+    let result = esp.send(send).await;
+    call.finish(outcome(result.as_ref().map(drop)));
+    Ok(result)
+}
+
+/// Records what the send call came to for one chunk.
+async fn settle(
+    state: &AppState,
+    esp: &dyn EspProvider,
+    chunk: &ChunkRow,
+    key: &str,
+    result: Result<DeliveryId, EspError>,
+) -> Outcome {
+    match result {
+        Ok(delivery) => record_sent(state, chunk, &delivery, "sent").await,
         Err(err) if err.maybe_accepted() => {
             // The ESP may have taken it: only its history can say.
-            match esp.find_delivery(&key).await {
+            match esp.find_delivery(key).await {
                 Ok(Some(delivery)) => {
-                    record_sent(state, &chunk, &delivery, "accepted despite the error").await
+                    record_sent(state, chunk, &delivery, "accepted despite the error").await
                 }
-                Ok(None) => give_back(state, &chunk, Outcome::unavailable(&err), false).await,
-                Err(_) => give_back(state, &chunk, Outcome::unavailable(&err), true).await,
+                Ok(None) => give_back(state, chunk, Outcome::unavailable(&err), false).await,
+                Err(_) => give_back(state, chunk, Outcome::unavailable(&err), true).await,
             }
         }
         Err(err @ EspError::RateLimited { .. }) => {
             tracing::warn!(api = "send", "ESP rate limited the call.");
-            give_back(state, &chunk, Outcome::Retry(RetryReason::Throttled(err.to_string())), false).await
+            give_back(state, chunk, Outcome::Retry(RetryReason::Throttled(err.to_string())), false).await
         }
-        Err(err) if err.is_retryable() => give_back(state, &chunk, Outcome::unavailable(&err), false).await,
-        Err(err) => fail(state, &chunk, &format!("send refused by the ESP: {err}")).await,
+        Err(err) if err.is_retryable() => give_back(state, chunk, Outcome::unavailable(&err), false).await,
+        Err(err) => fail(state, chunk, &format!("send refused by the ESP: {err}")).await,
     }
 }
 
@@ -197,8 +301,9 @@ async fn record_suppressed(
 async fn record_sent(state: &AppState, chunk: &ChunkRow, delivery: &DeliveryId, how: &str) -> Outcome {
     match state.store.finish_step(&chunk.id, Step::Send, &delivery.to_string()).await {
         Ok(true) => {
+            // No pipeline event: a sent chunk frees none of a list-based ESP's slots (those are
+            // upload slots, freed when the list is uploaded), so there is nothing to dispatch.
             tracing::info!(recipients = chunk.recipients, delivery = %delivery, how, "Chunk sent.");
-            publish_event(state, chunk, EventKind::ChunkSent).await;
             Outcome::done(how.to_owned())
         }
         Ok(false) => Outcome::done("chunk was taken over while sending"),

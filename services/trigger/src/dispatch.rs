@@ -7,7 +7,9 @@
 //!
 //! A chunk dispatched is handed on ([`Handoff`]): as an upload task to the list-uploader for a
 //! list-based ESP, or published to the sender for a message-based provider and for a small
-//! realtime chunk sent without a list. One that cannot be handed on goes back in line.
+//! realtime chunk sent without a list. Small realtime chunks whose requests share a template go
+//! in one message, for the sender to send in one call. One that cannot be handed on goes back in
+//! line.
 //!
 //! Each round reports the slots it granted against ([`scheduling::adaptive`]) as the
 //! `esp_limit` gauge, so that a lowered limit shows beside the configured one.
@@ -49,45 +51,72 @@ pub enum Handoff {
 }
 
 impl Handoff {
-    /// Hands the chunk on in a span of its request's trace, whatever event started the round, so
-    /// that the task or message carries that trace on.
-    async fn hand_off(&self, chunk: &Dispatched) -> Result<(), GcpError> {
+    /// Hands a unit on (one chunk, or the chunks of one send call: see [`units`]) in a span of
+    /// its first chunk's request trace, whatever event started the round, so that the task or
+    /// message carries that trace on.
+    async fn hand_off(&self, unit: &[&Dispatched]) -> Result<(), GcpError> {
+        let lead = unit[0];
         let span = tracing::info_span!(
             "dispatch",
-            request_id = %chunk.request_id,
-            chunk = %chunk.chunk_id,
-            class = %chunk.class,
-            generation = chunk.generation,
+            request_id = %lead.request_id,
+            chunk = %lead.chunk_id,
+            class = %lead.class,
+            generation = lead.generation,
+            chunks = unit.len(),
             trace_id = Empty,
             span_id = Empty,
         );
-        join_trace(&span, chunk.traceparent.as_deref().and_then(parse_traceparent).as_ref());
-        self.send(chunk).instrument(span).await
+        join_trace(&span, lead.traceparent.as_deref().and_then(parse_traceparent).as_ref());
+        self.send(unit).instrument(span).await
     }
 
-    async fn send(&self, chunk: &Dispatched) -> Result<(), GcpError> {
+    async fn send(&self, unit: &[&Dispatched]) -> Result<(), GcpError> {
+        let lead = unit[0];
         match self {
-            Handoff::Upload { deliveries, .. } if chunk.inline => publish(deliveries, chunk).await,
+            Handoff::Upload { deliveries, .. } if lead.inline => publish(deliveries, unit).await,
             Handoff::Upload { queue, .. } => {
                 let task = UploadTask {
-                    chunk_id: chunk.chunk_id.clone(),
-                    request_id: chunk.request_id.clone(),
-                    generation: chunk.generation,
+                    chunk_id: lead.chunk_id.clone(),
+                    request_id: lead.request_id.clone(),
+                    generation: lead.generation,
                 };
-                let name = upload_task_name(&chunk.chunk_id, chunk.generation);
+                let name = upload_task_name(&lead.chunk_id, lead.generation);
                 queue.enqueue(Some(&name), &task).await.map(drop)
             }
-            Handoff::Deliveries(topic) => publish(topic, chunk).await,
+            Handoff::Deliveries(topic) => publish(topic, unit).await,
         }
     }
 }
 
-/// Publishes a chunk's delivery message for the sender.
-async fn publish(topic: &Topic, chunk: &Dispatched) -> Result<(), GcpError> {
+/// What a round hands on, unit by unit: the chunks of each send call together (one message for
+/// the sender), every other chunk alone.
+fn units(dispatched: &[Dispatched]) -> Vec<Vec<&Dispatched>> {
+    let mut units: Vec<Vec<&Dispatched>> = Vec::new();
+    let mut by_call: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for chunk in dispatched {
+        match chunk.send_call {
+            Some(call) => match by_call.get(&call) {
+                Some(&unit) => units[unit].push(chunk),
+                None => {
+                    by_call.insert(call, units.len());
+                    units.push(vec![chunk]);
+                }
+            },
+            None => units.push(vec![chunk]),
+        }
+    }
+    units
+}
+
+/// Publishes a delivery message for the sender: the unit's first chunk, with the others of its
+/// send call.
+async fn publish(topic: &Topic, unit: &[&Dispatched]) -> Result<(), GcpError> {
+    let lead = unit[0];
     let message = DeliveryMessage {
-        chunk_id: chunk.chunk_id.clone(),
-        request_id: chunk.request_id.clone(),
-        class: chunk.class,
+        chunk_id: lead.chunk_id.clone(),
+        request_id: lead.request_id.clone(),
+        class: lead.class,
+        with: unit[1..].iter().map(|chunk| chunk.chunk_id.clone()).collect(),
     };
     topic.publish(&message, &message.attributes()).await.map(drop)
 }
@@ -152,20 +181,21 @@ impl Dispatcher {
         if round.expired > 0 {
             tracing::info!(chunks = round.expired, "Chunks expired before dispatch.");
         }
-        let results = join_all(
-            round.dispatched.iter().map(|chunk| async move { (chunk, self.handoff.hand_off(chunk).await) }),
-        )
-        .await;
+        let units = units(&round.dispatched);
+        let results =
+            join_all(units.iter().map(|unit| async move { (unit, self.handoff.hand_off(unit).await) })).await;
         let mut dispatched = Vec::new();
-        for (chunk, result) in results {
-            match result {
-                Ok(_) => {
-                    tracing::debug!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, class = %chunk.class, "Chunk dispatched.");
-                    dispatched.push(chunk.clone());
-                }
-                Err(err) => {
-                    tracing::warn!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, error = %err, "Chunk not handed on; back in line.");
-                    scheduling::undo_dispatch(&self.store, chunk, self.limits.shape).await?;
+        for (unit, result) in results {
+            for chunk in unit {
+                match &result {
+                    Ok(()) => {
+                        tracing::debug!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, class = %chunk.class, "Chunk dispatched.");
+                        dispatched.push((*chunk).clone());
+                    }
+                    Err(err) => {
+                        tracing::warn!(request_id = %chunk.request_id, chunk = %chunk.chunk_id, error = %err, "Chunk not handed on; back in line.");
+                        scheduling::undo_dispatch(&self.store, chunk, self.limits.shape).await?;
+                    }
                 }
             }
         }

@@ -106,6 +106,27 @@ pub fn holding_a_slot(shape: Shape) -> &'static [ChunkState] {
     }
 }
 
+/// Counts the chunks holding a slot, realtime and batch. The states are written out, not bound,
+/// so that the planner reads them from the partial index of chunks in flight instead of scanning
+/// every chunk ever made (a realtime flood makes one per event).
+fn holding_count(shape: Shape) -> &'static str {
+    static SQL: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
+        [Shape::Lists, Shape::Messages].map(|shape| {
+            let states: Vec<String> =
+                holding_a_slot(shape).iter().map(|s| format!("'{}'", s.as_str())).collect();
+            format!(
+                "SELECT count(*) FILTER (WHERE class = 'realtime'), count(*) FILTER (WHERE class = 'batch')
+                 FROM chunks WHERE state IN ({})",
+                states.join(", ")
+            )
+        })
+    });
+    match shape {
+        Shape::Lists => &SQL[0],
+        Shape::Messages => &SQL[1],
+    }
+}
+
 /// The state a dispatched chunk waits in for its next step: `queued` for the upload task,
 /// `uploaded` for the sender when there is nothing to upload.
 fn dispatched_state(shape: Shape) -> ChunkState {
@@ -127,6 +148,9 @@ pub struct Dispatched {
     /// Sent to a list-based ESP with its recipients in the call: the chunk went straight to
     /// `uploaded` without a list, and is published to the sender.
     pub inline: bool,
+    /// For a chunk sent without a list: which of the round's send calls it goes in. Chunks of
+    /// requests that share a template share a call, up to the most recipients one send carries.
+    pub send_call: Option<u32>,
 }
 
 /// The outcome of one dispatch round.
@@ -157,13 +181,8 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
     let expired = expire_overdue_chunks(&mut *tx).await?;
     let mut dispatched = take_inline(&mut tx, limits.inline_max).await?;
     let more = dispatched.len() as i64 == INLINE_PER_ROUND;
-    let (realtime, batch): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE class = 'realtime'), count(*) FILTER (WHERE class = 'batch')
-         FROM chunks WHERE state = ANY($1)",
-    )
-    .bind(holding_a_slot(limits.shape))
-    .fetch_one(&mut *tx)
-    .await?;
+    let (realtime, batch): (i64, i64) =
+        sqlx::query_as(holding_count(limits.shape)).fetch_one(&mut *tx).await?;
     let in_flight = (realtime + batch) as u32;
     let prefetch = if slots.effective < slots.configured { 0 } else { limits.prefetch };
     let capacity = slots.effective + prefetch;
@@ -212,7 +231,7 @@ async fn take_inline(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<Vec
                  UPDATE chunks SET state = 'uploaded', queued_at = now(), uploaded_at = now(),
                      generation = chunks.generation + 1
                  FROM next WHERE chunks.id = next.id
-                 RETURNING chunks.id, chunks.request_id, chunks.generation
+                 RETURNING chunks.id, chunks.request_id, chunks.generation, chunks.recipients
              ), per_request AS (
                  SELECT request_id, count(*) AS chunks FROM moved GROUP BY request_id
              ), counted AS (
@@ -220,28 +239,70 @@ async fn take_inline(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<Vec
                      last_dispatched_at = clock_timestamp()
                  FROM per_request WHERE requests.id = per_request.request_id
              )
-             SELECT moved.id, moved.request_id, moved.generation, requests.traceparent
+             SELECT moved.id, moved.request_id, moved.generation, requests.traceparent,
+                 moved.recipients, md5((requests.body -> 'template')::text) AS template
              FROM moved JOIN requests ON requests.id = moved.request_id",
             rank("c")
         )
     });
-    let rows: Vec<(ChunkId, RequestId, i32, Option<String>)> = sqlx::query_as(&SQL)
+    #[derive(sqlx::FromRow)]
+    struct Moved {
+        id: ChunkId,
+        request_id: RequestId,
+        generation: i32,
+        traceparent: Option<String>,
+        recipients: i32,
+        template: Option<String>,
+    }
+    let rows: Vec<Moved> = sqlx::query_as(&SQL)
         .bind(Class::Realtime)
         .bind(max as i32)
         .bind(INLINE_PER_ROUND)
         .fetch_all(&mut **tx)
         .await?;
+    let mut calls = SendCalls::new(max);
     Ok(rows
         .into_iter()
-        .map(|(chunk_id, request_id, generation, traceparent)| Dispatched {
-            chunk_id,
-            request_id,
-            generation,
+        .map(|row| Dispatched {
+            send_call: Some(calls.place(row.template, row.recipients)),
+            chunk_id: row.id,
+            request_id: row.request_id,
+            generation: row.generation,
             class: Class::Realtime,
-            traceparent,
+            traceparent: row.traceparent,
             inline: true,
         })
         .collect())
+}
+
+/// Puts the chunks a round sends without a list into send calls: chunks whose requests share a
+/// template (by its fingerprint) share a call until it carries `max` recipients.
+struct SendCalls {
+    max: i64,
+    calls: u32,
+    /// The call still open for each template, and the recipients it carries so far.
+    open: std::collections::HashMap<Option<String>, (u32, i64)>,
+}
+
+impl SendCalls {
+    fn new(max: u32) -> Self {
+        Self { max: i64::from(max), calls: 0, open: Default::default() }
+    }
+
+    /// The call a chunk of `recipients` with this template goes in.
+    fn place(&mut self, template: Option<String>, recipients: i32) -> u32 {
+        let recipients = i64::from(recipients);
+        if let Some((call, carried)) = self.open.get_mut(&template)
+            && *carried + recipients <= self.max
+        {
+            *carried += recipients;
+            return *call;
+        }
+        let call = self.calls;
+        self.calls += 1;
+        self.open.insert(template, (call, recipients));
+        call
+    }
 }
 
 /// Takes the lock every dispatch round holds, until `tx` ends: no round runs meanwhile, and every
@@ -288,9 +349,15 @@ async fn take_pending(
         let row: Option<(ChunkId, RequestId, i32, Option<String>)> =
             sqlx::query_as(&sql).bind(class).bind(dispatched_state(shape)).fetch_optional(&mut **tx).await?;
         match row {
-            Some((chunk_id, request_id, generation, traceparent)) => {
-                taken.push(Dispatched { chunk_id, request_id, generation, class, traceparent, inline: false })
-            }
+            Some((chunk_id, request_id, generation, traceparent)) => taken.push(Dispatched {
+                chunk_id,
+                request_id,
+                generation,
+                class,
+                traceparent,
+                inline: false,
+                send_call: None,
+            }),
             None => break,
         }
     }
@@ -311,4 +378,21 @@ pub async fn undo_dispatch(store: &Store, chunk: &Dispatched, shape: Shape) -> R
     .execute(store.pool())
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SendCalls;
+
+    #[test]
+    fn chunks_sharing_a_template_share_a_call_until_it_is_full() {
+        let mut calls = SendCalls::new(5);
+        let (a, b) = (Some("a".to_owned()), Some("b".to_owned()));
+        let placed: Vec<u32> = [(&a, 2), (&b, 1), (&a, 3), (&a, 1), (&b, 4), (&b, 1)]
+            .into_iter()
+            .map(|(template, n)| calls.place(template.clone(), n))
+            .collect();
+        // a: 2 + 3 fill call 0, its next chunk opens call 2; b: 1 + 4 fill call 1, then call 3.
+        assert_eq!(placed, [0, 1, 0, 2, 1, 3]);
+    }
 }
