@@ -29,6 +29,10 @@ pub(super) async fn cut_next(
     if split.min_part == 0 || split.slots < 2 {
         return Ok(());
     }
+    // The next chunk first: most rounds (a realtime flood's) have no batch chunk pending at all.
+    let next: Option<(ChunkId, RequestId, i32, i32, i32)> =
+        sqlx::query_as(&NEXT_PENDING).bind(class).fetch_optional(&mut **tx).await?;
+    let Some((id, request_id, first_line, recipients, generation)) = next else { return Ok(()) };
     let (preparing, pending): (bool, i64) = sqlx::query_as(&format!(
         "SELECT EXISTS (SELECT 1 FROM requests
                         WHERE class = $1 AND state IN ('received', 'preparing')
@@ -43,9 +47,6 @@ pub(super) async fn cut_next(
     if preparing || pending == 0 {
         return Ok(());
     }
-    let next: Option<(ChunkId, RequestId, i32, i32, i32)> =
-        sqlx::query_as(&NEXT_PENDING).bind(class).fetch_optional(&mut **tx).await?;
-    let Some((id, request_id, first_line, recipients, generation)) = next else { return Ok(()) };
     let head = (pending as u64).div_ceil(u64::from(split.slots)).max(u64::from(split.min_part));
     if generation > 0 || (recipients as u64) < head + u64::from(split.min_part) {
         return Ok(());
