@@ -63,7 +63,17 @@ pub struct DeliveryMessage {
     pub request_id: RequestId,
     pub class: Class,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub with: Vec<ChunkId>,
+    pub with: Vec<Companion>,
+}
+
+/// A chunk sent with another's message, and the trace of its request (the message's own
+/// attributes carry the first chunk's), so that its send joins its own request's trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Companion {
+    pub chunk_id: ChunkId,
+    pub request_id: RequestId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl DeliveryMessage {
@@ -75,11 +85,6 @@ impl DeliveryMessage {
             class: chunk.class,
             with: Vec::new(),
         }
-    }
-
-    /// Every chunk the message hands on: its own, then those sent with it.
-    pub fn chunks(&self) -> impl Iterator<Item = &ChunkId> {
-        std::iter::once(&self.chunk_id).chain(&self.with)
     }
 
     /// The message's Pub/Sub attributes. `class` routes it: the realtime and the batch push

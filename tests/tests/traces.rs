@@ -11,7 +11,7 @@ use haishin_local::collector::{self, Collector};
 use haishin_local::stack::{BUCKET, LocalStack};
 use haishin_shared::telemetry::Telemetry;
 use haishin_shared::telemetry::export::ExportConfig;
-use haishin_tests::{TestStack, eventually, finished};
+use haishin_tests::{TestStack, eventually, finished, request_status};
 use serde_json::{Value, json};
 
 fn template() -> Value {
@@ -27,6 +27,15 @@ async fn logged(stack: &LocalStack, id: &str) -> bool {
     logged == Some(true)
 }
 
+/// Chunks sent to the ESP, by list or with their recipients.
+async fn chunks_sent(stack: &LocalStack) -> u64 {
+    let sent: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE delivery_id IS NOT NULL")
+        .fetch_one(stack.store.pool())
+        .await
+        .expect("query");
+    sent as u64
+}
+
 #[tokio::test]
 async fn every_completed_request_is_one_trace_through_the_four_services() {
     let collector = Collector::start().await.expect("collector starts");
@@ -39,7 +48,7 @@ async fn every_completed_request_is_one_trace_through_the_four_services() {
     let telemetry = Telemetry::exporting("haishin-tests", &config).expect("exporters built");
     telemetry.install_for_tests();
 
-    let stack = TestStack { chunk_size: 50, ..TestStack::default() }.start().await;
+    let stack = TestStack { chunk_size: 50, inline_recipients_max: 5, ..TestStack::default() }.start().await;
     let mut csv = String::from("email,name\n");
     for i in 0..230 {
         csv.push_str(&format!("traced-{i}@example.com,User {i}\n"));
@@ -55,19 +64,37 @@ async fn every_completed_request_is_one_trace_through_the_four_services() {
         )
         .await
         .expect("published");
-    for i in 0..3 {
+    // Realtime events held back, then let go at once: the next round hands them to the sender in
+    // one message, and they go out in one call. Each still gets a trace of its own. More
+    // recipients than one send carries make an uploaded event.
+    let held = chrono::Utc::now() + chrono::Duration::hours(1);
+    for i in 0..4 {
         let id = format!("traced-event-{i}");
+        let n = if i == 3 { 6 } else { 1 };
+        let recipients: Vec<Value> = (0..n)
+            .map(|k| json!({"email": format!("event-{i}-{k}@example.com"), "params": {"name": "R"}}))
+            .collect();
         stack
             .requests_topic
             .publish(
-                &json!({"id": id, "class": "realtime", "template": template(),
-                    "audience": {"inline": [{"email": format!("event-{i}@example.com"), "params": {"name": "R"}}]}}),
+                &json!({"id": id, "class": "realtime", "template": template(), "not_before": held,
+                    "audience": {"inline": recipients}}),
                 &[],
             )
             .await
             .expect("published");
         ids.push(id);
     }
+    for id in &ids[1..] {
+        eventually(&format!("{id} prepared"), Duration::from_secs(20), || async {
+            request_status(&stack, id).await.filter(|s| s["chunks"]["pending"] == 1)
+        })
+        .await;
+    }
+    sqlx::query("UPDATE requests SET not_before = now() WHERE id LIKE 'traced-event-%'")
+        .execute(stack.store.pool())
+        .await
+        .expect("released");
     for id in &ids {
         assert_eq!(finished(&stack, id).await["state"], "completed", "{id}");
         eventually(&format!("{id} logged"), Duration::from_secs(30), || async {
@@ -88,11 +115,22 @@ async fn every_completed_request_is_one_trace_through_the_four_services() {
     let spans = collector.spans();
     let completed: Vec<collector::Completed> = ids
         .iter()
-        .map(|id| collector::Completed::uploaded(id, if id.contains("event") { "realtime" } else { "batch" }))
+        .map(|id| match id.as_str() {
+            "traced-batch" => collector::Completed::uploaded(id, "batch"),
+            "traced-event-3" => collector::Completed::uploaded(id, "realtime"),
+            _ => collector::Completed { id: id.clone(), class: "realtime".into(), uploaded: false },
+        })
         .collect();
+    let sim = stack.esp.report();
+    assert_eq!(sim.requests["traced-event-0"].counts.sends, 1);
+    assert_eq!(
+        sim.send.calls_accepted,
+        chunks_sent(&stack).await - 2,
+        "the three small events in one call, each other chunk in its own"
+    );
     let report = collector::report(&spans, collector.metric_names(), &completed);
     assert_eq!(
-        report.requests_with_complete_trace, 4,
+        report.requests_with_complete_trace, 5,
         "every request in one trace through the four services: {:?}",
         report.incomplete
     );

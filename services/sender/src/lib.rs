@@ -24,6 +24,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
+use futures::future::join_all;
 use haishin_shared::config::CommonArgs;
 use haishin_shared::domain::{ChunkId, ChunkState};
 use haishin_shared::esp::{EspArgs, EspProvider, MessageArgs};
@@ -32,8 +33,10 @@ use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent};
 use haishin_shared::push::{Delivered, Outcome, PushEnvelope, RetryReason};
 use haishin_shared::server::PushService;
 use haishin_shared::store::{ChunkRow, Claim, Claimed, RateSchedule, Step, Store};
+use haishin_shared::telemetry::{join_trace, parse_traceparent};
 use tokio::sync::Semaphore;
-use tracing::Instrument;
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 pub use list::send_key;
 use messages::MessagePath;
@@ -201,11 +204,27 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
 /// acknowledged once every chunk has an outcome; if any asks for a retry, the message is
 /// delivered again, and the chunks done by then are skipped.
 async fn send_together(state: &AppState, message: &DeliveryMessage) -> Outcome {
-    let claims = futures::future::join_all(message.chunks().map(|id| claim(state, id))).await;
+    // Each chunk's work runs in a span of its own request's trace: the message's span is the
+    // first chunk's, and each companion joins the trace the trigger gave it.
+    let companions = message.with.iter().map(|companion| {
+        let span = tracing::info_span!(
+            "send_chunk",
+            request_id = %companion.request_id,
+            chunk = %companion.chunk_id,
+            class = %message.class,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        join_trace(&span, companion.traceparent.as_deref().and_then(parse_traceparent).as_ref());
+        (&companion.chunk_id, span)
+    });
+    let chunks: Vec<(&ChunkId, Span)> =
+        std::iter::once((&message.chunk_id, Span::current())).chain(companions).collect();
+    let claims = join_all(chunks.iter().map(|(id, span)| claim(state, id).instrument(span.clone()))).await;
     let (mut claimed, mut outcomes) = (Vec::new(), Vec::new());
-    for claim in claims {
+    for (claim, (_, span)) in claims.into_iter().zip(chunks) {
         match claim {
-            Ok(chunk) => claimed.push(chunk),
+            Ok(chunk) => claimed.push((chunk, span)),
             Err(outcome) => outcomes.push(outcome),
         }
     }
@@ -214,8 +233,8 @@ async fn send_together(state: &AppState, message: &DeliveryMessage) -> Outcome {
             list::send_together(state, esp.as_ref(), calls.as_ref(), inline.as_deref(), claimed).await,
         ),
         Provider::Messages(path) => {
-            for chunk in claimed {
-                outcomes.push(messages::send(state, path, chunk).await);
+            for (chunk, span) in claimed {
+                outcomes.push(messages::send(state, path, chunk).instrument(span).await);
             }
         }
     }

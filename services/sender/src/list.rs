@@ -16,6 +16,7 @@ use haishin_shared::push::{Outcome, RetryReason};
 use haishin_shared::store::{ChunkRow, Claimed, RateSchedule, Step};
 use haishin_shared::suppression::leave_out_suppressed;
 use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
+use tracing::{Instrument, Span};
 
 use crate::coalesce::{Coalescer, PartResult, Ticket};
 use crate::{AppState, fail, give_back, publish_event, unknown};
@@ -66,14 +67,20 @@ pub(crate) async fn send_together(
     esp: &dyn EspProvider,
     calls: Option<&RateSchedule>,
     inline: Option<&InlineSends>,
-    claimed: Vec<Claimed>,
+    claimed: Vec<(Claimed, Span)>,
 ) -> Vec<Outcome> {
-    let prepared = join_all(claimed.into_iter().map(|claimed| ready(state, esp, inline, claimed))).await;
-    let queued: Vec<Result<Queued, Outcome>> =
-        prepared.into_iter().map(|ready| ready.map(|ready| queue(inline, ready))).collect();
-    join_all(queued.into_iter().map(|queued| async move {
+    let prepared = join_all(claimed.into_iter().map(|(claimed, span)| async move {
+        let ready = ready(state, esp, inline, claimed).instrument(span.clone()).await;
+        (ready, span)
+    }))
+    .await;
+    let queued: Vec<_> = prepared
+        .into_iter()
+        .map(|(ready, span)| (span.in_scope(|| ready.map(|ready| queue(inline, ready))), span))
+        .collect();
+    join_all(queued.into_iter().map(|(queued, span)| async move {
         match queued {
-            Ok(queued) => make(state, esp, calls, queued).await,
+            Ok(queued) => make(state, esp, calls, queued).instrument(span).await,
             Err(outcome) => outcome,
         }
     }))

@@ -20,7 +20,7 @@ use futures::future::join_all;
 use haishin_shared::domain::ChunkId;
 use haishin_shared::esp::Shape;
 use haishin_shared::gcp::{GcpError, TaskQueue, Topic};
-use haishin_shared::messages::{DeliveryMessage, UploadTask};
+use haishin_shared::messages::{Companion, DeliveryMessage, UploadTask};
 use haishin_shared::store::{Store, StoreError};
 use haishin_shared::telemetry::metrics::{Api, metrics};
 use haishin_shared::telemetry::{join_trace, parse_traceparent};
@@ -116,7 +116,14 @@ async fn publish(topic: &Topic, unit: &[&Dispatched]) -> Result<(), GcpError> {
         chunk_id: lead.chunk_id.clone(),
         request_id: lead.request_id.clone(),
         class: lead.class,
-        with: unit[1..].iter().map(|chunk| chunk.chunk_id.clone()).collect(),
+        with: unit[1..]
+            .iter()
+            .map(|chunk| Companion {
+                chunk_id: chunk.chunk_id.clone(),
+                request_id: chunk.request_id.clone(),
+                traceparent: chunk.traceparent.clone(),
+            })
+            .collect(),
     };
     topic.publish(&message, &message.attributes()).await.map(drop)
 }
