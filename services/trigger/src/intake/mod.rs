@@ -63,17 +63,22 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
     if created {
         tracing::info!(class = %request.class, priority = request.priority, audience = request.audience.kind(), "Request received.");
     }
-    // A request left in `received` (its earlier start failed) is started again; the prepare step
-    // itself is guarded, so doing this twice is harmless.
-    if let Some(row) = state.store.request(&request.id).await?
-        && row.state == RequestState::Received
-    {
-        // The body stored first is the request, whatever later copies say.
-        match start(state, &row.request()?).await {
-            // Another copy of the same request, arrived at the same moment, is preparing it.
-            Ok(()) | Err(Unavailable::Busy(_)) => {}
-            Err(err) => return Err(err),
+    // A request just stored is started; one stored before and left in `received` (its earlier
+    // start failed) is started again. The prepare step itself is guarded, so doing this twice is
+    // harmless.
+    let started = if created {
+        start(state, &request).await
+    } else {
+        match state.store.request(&request.id).await? {
+            // The body stored first is the request, whatever later copies say.
+            Some(row) if row.state == RequestState::Received => start(state, &row.request()?).await,
+            _ => Ok(()),
         }
+    };
+    match started {
+        // Another copy of the same request, arrived at the same moment, is preparing it.
+        Ok(()) | Err(Unavailable::Busy(_)) => {}
+        Err(err) => return Err(err),
     }
     Ok(Intake::Accepted { id: request.id, created })
 }
