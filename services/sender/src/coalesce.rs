@@ -9,6 +9,8 @@
 //! sends per call as arrived while its slots were taken: the batch grows with the load, and adds
 //! no wait of its own.
 //!
+//! An ESP without a send batch call ([`EspProvider::sends_batches`]) gets each send alone.
+//!
 //! Each part's result goes back to its own chunk, which settles it as a send of its own (a lost
 //! answer is looked up in the ESP's history under that chunk's key).
 
@@ -99,10 +101,20 @@ impl Coalescer {
     /// Puts `part` in the open batch of its template and class (or opens one): the part waits
     /// there for [`Ticket::complete`]. Parts queued together before any is completed share a
     /// call (up to the most recipients one call carries).
-    pub(crate) fn queue(&self, template: &Template, class: Class, part: SendPart) -> Ticket<'_> {
+    pub(crate) fn queue(
+        &self,
+        esp: &dyn EspProvider,
+        template: &Template,
+        class: Class,
+        part: SendPart,
+    ) -> Ticket<'_> {
         let key = (serde_json::to_string(template).unwrap_or_default(), class);
         let (done, result) = oneshot::channel();
-        let lead = self.join(key.clone(), part, done);
+        let lead = if esp.sends_batches() {
+            self.join(key.clone(), part, done)
+        } else {
+            Some(Arc::new(Mutex::new(Batch { closed: false, recipients: 0, parts: vec![(part, done)] })))
+        };
         Ticket { coalescer: self, key, lead, result, template: template.clone(), class }
     }
 
@@ -171,5 +183,103 @@ async fn make_call(esp: &dyn EspProvider, template: &Template, class: Class, mut
                 let _ = done.send(Ok(Err(err.clone())));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use haishin_shared::domain::{Class, Recipient, Template};
+    use haishin_shared::esp::{
+        DeliveryId, DeliveryStatus, EspError, EspProvider, ListId, ListUpload, SendBatch, SendPart,
+        SendRequest,
+    };
+    use tokio::sync::Semaphore;
+
+    use super::Coalescer;
+
+    /// An ESP that records how many sends each call carried.
+    struct Recording {
+        batches: bool,
+        calls: Mutex<Vec<usize>>,
+    }
+
+    #[async_trait]
+    impl EspProvider for Recording {
+        async fn upload_list(&self, _: &ListUpload) -> Result<ListId, EspError> {
+            Err(EspError::Permanent("no uploads here".into()))
+        }
+        async fn send(&self, send: &SendRequest) -> Result<DeliveryId, EspError> {
+            self.calls.lock().unwrap().push(1);
+            Ok(DeliveryId(format!("d-{}", send.idempotency_key)))
+        }
+        fn sends_batches(&self) -> bool {
+            self.batches
+        }
+        async fn send_batch(&self, batch: &SendBatch) -> Result<Vec<DeliveryId>, EspError> {
+            self.calls.lock().unwrap().push(batch.parts.len());
+            Ok(batch.parts.iter().map(|p| DeliveryId(format!("d-{}", p.idempotency_key))).collect())
+        }
+        async fn find_delivery(&self, _: &str) -> Result<Option<DeliveryId>, EspError> {
+            Ok(None)
+        }
+        async fn delivery_status(&self, _: &DeliveryId) -> Result<DeliveryStatus, EspError> {
+            Ok(DeliveryStatus::Processing)
+        }
+    }
+
+    fn part(key: &str, n: usize) -> SendPart {
+        let recipients = (0..n)
+            .map(|i| Recipient { email: format!("{key}-{i}@x.com"), params: Default::default() })
+            .collect();
+        SendPart { idempotency_key: key.into(), request_id: key.into(), recipients }
+    }
+
+    /// Queues every part before completing any, as the sender does with one message's chunks.
+    async fn send_all(esp: &Recording, parts: Vec<(&Template, SendPart)>) -> Vec<DeliveryId> {
+        let coalescer = Coalescer::new(5);
+        let slots = Semaphore::new(8);
+        let tickets: Vec<_> = parts
+            .into_iter()
+            .map(|(template, part)| coalescer.queue(esp, template, Class::Realtime, part))
+            .collect();
+        let results =
+            futures::future::join_all(tickets.into_iter().map(|t| t.complete(esp, &slots, None))).await;
+        results.into_iter().map(|r| r.unwrap().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn sends_of_a_template_share_a_call_up_to_the_most_recipients_it_carries() {
+        let esp = Recording { batches: true, calls: Mutex::new(Vec::new()) };
+        let (restock, drop) =
+            (Template::Stored { id: "restock".into() }, Template::Stored { id: "drop".into() });
+        let parts = vec![
+            (&restock, part("a", 2)),
+            (&drop, part("b", 1)),
+            (&restock, part("c", 3)),
+            (&restock, part("d", 1)),
+        ];
+
+        let deliveries = send_all(&esp, parts).await;
+
+        // restock: a + c fill one call (5), d opens another; drop: b alone.
+        let mut calls = esp.calls.lock().unwrap().clone();
+        calls.sort();
+        assert_eq!(calls, [1, 1, 2]);
+        let ids: Vec<&str> = deliveries.iter().map(|d| d.0.as_str()).collect();
+        assert_eq!(ids, ["d-a", "d-b", "d-c", "d-d"], "each part gets its own delivery");
+    }
+
+    #[tokio::test]
+    async fn an_esp_without_send_batches_gets_each_send_alone() {
+        let esp = Recording { batches: false, calls: Mutex::new(Vec::new()) };
+        let restock = Template::Stored { id: "restock".into() };
+
+        let deliveries = send_all(&esp, vec![(&restock, part("a", 1)), (&restock, part("b", 1))]).await;
+
+        assert_eq!(*esp.calls.lock().unwrap(), [1, 1]);
+        assert_eq!(deliveries.len(), 2);
     }
 }

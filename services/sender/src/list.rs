@@ -54,7 +54,7 @@ pub(crate) async fn send(
     claimed: Claimed,
 ) -> Outcome {
     match ready(state, esp, inline, claimed).await {
-        Ok(ready) => make(state, esp, calls, queue(inline, ready)).await,
+        Ok(ready) => make(state, esp, calls, queue(esp, inline, ready)).await,
         Err(outcome) => outcome,
     }
 }
@@ -76,7 +76,7 @@ pub(crate) async fn send_together(
     .await;
     let queued: Vec<_> = prepared
         .into_iter()
-        .map(|(ready, span)| (span.in_scope(|| ready.map(|ready| queue(inline, ready))), span))
+        .map(|(ready, span)| (span.in_scope(|| ready.map(|ready| queue(esp, inline, ready))), span))
         .collect();
     join_all(queued.into_iter().map(|(queued, span)| async move {
         match queued {
@@ -94,13 +94,13 @@ enum Queued<'a> {
 }
 
 /// Queues a send with its recipients in the call for a shared call; a send to a list is made alone.
-fn queue(inline: Option<&InlineSends>, ready: Ready) -> Queued<'_> {
+fn queue<'a>(esp: &dyn EspProvider, inline: Option<&'a InlineSends>, ready: Ready) -> Queued<'a> {
     let Ready { chunk, key, template, to } = ready;
     match (to, inline) {
         (SendTo::Recipients { recipients }, Some(inline)) => {
             let part =
                 SendPart { idempotency_key: key.clone(), request_id: chunk.request_id.clone(), recipients };
-            let ticket = inline.batches.queue(&template, chunk.class, part);
+            let ticket = inline.batches.queue(esp, &template, chunk.class, part);
             Queued::Part { chunk, key, ticket }
         }
         (to, _) => {

@@ -70,6 +70,11 @@ pub trait EspProvider: Send + Sync + 'static {
     async fn upload_list(&self, list: &ListUpload) -> Result<ListId, EspError>;
     /// Sends a template to an uploaded list. The key is recorded by the ESP so that the send can be looked up later.
     async fn send(&self, send: &SendRequest) -> Result<DeliveryId, EspError>;
+    /// Whether [`EspProvider::send_batch`] is a call of the ESP's own. Without it, each send goes
+    /// alone.
+    fn sends_batches(&self) -> bool {
+        false
+    }
     /// Sends several sends that share a template in one call; each part is a send of its own,
     /// under its own idempotency key (so [`EspProvider::find_delivery`] finds each). Returns
     /// each part's delivery, in the parts' order. An ESP without such a call refuses it.

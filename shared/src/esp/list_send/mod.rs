@@ -174,6 +174,10 @@ impl EspProvider for ListSendEsp {
         Ok(accepted.delivery_id)
     }
 
+    fn sends_batches(&self) -> bool {
+        true
+    }
+
     #[tracing::instrument(skip_all, fields(parts = batch.parts.len(), recipients = batch.recipients()))]
     async fn send_batch(&self, batch: &SendBatch) -> Result<Vec<DeliveryId>, EspError> {
         let body = encode(Op::Send, batch)?;
