@@ -1,9 +1,11 @@
-//! The sender: one Pub/Sub push, one chunk handed to the provider, exactly once.
+//! The sender: one Pub/Sub push, its chunk (or the few small realtime chunks it carries) handed
+//! to the provider, exactly once.
 //!
 //! A chunk is claimed with a lease before anything is sent. What happens next depends on the
 //! provider's shape:
-//! - a list-based ESP ([`list`]): one send call for the chunk's uploaded list, keyed so that the
-//!   ESP's history can tell whether an earlier attempt got through;
+//! - a list-based ESP ([`list`]): one send call for the chunk's uploaded list, or with its
+//!   recipients in the call, keyed so that the ESP's history can tell whether an earlier attempt
+//!   got through; sends of one template waiting for a slot share a call ([`coalesce`]);
 //! - a message-based provider, SMTP or SES ([`messages`]): each recipient's message rendered
 //!   and handed over in batches, each batch's outcomes kept before the next, so that no message
 //!   is ever handed over twice.

@@ -1,6 +1,8 @@
 //! Sending through a list-based ESP: one call sends the template to the chunk's uploaded list,
 //! or, for a small realtime chunk the trigger sent on without a list, to its recipients given in
 //! the call (read from the chunk object and checked against the suppressions, as an upload is).
+//! Such sends of one template that wait for a slot together go in one call, a send batch
+//! ([`crate::coalesce`]), each chunk a part under its own key.
 //!
 //! The send carries an idempotency key derived from the chunk, and the ESP's delivery history is
 //! checked under that key before any chunk whose earlier attempt has no recorded outcome is sent
