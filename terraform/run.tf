@@ -99,10 +99,12 @@ locals {
       REALTIME_RESERVED_SLOTS = module.capacity.realtime_reserved_slots
       # Small realtime chunks skip the list upload (list-send only); the sender reads the same.
       ESP_INLINE_RECIPIENTS_MAX = local.message_provider ? 0 : var.esp_inline_recipients_max
-      DISPATCH_PREFETCH         = var.dispatch_prefetch
-      INLINE_PREPARE_MAX        = var.inline_prepare_max
-      PREPARE_PARTITION_BYTES   = var.prepare_partition_bytes
-      PREPARE_PARTS_AT_ONCE     = var.prepare_parts_at_once
+      # Those go to the sender in at most this many messages at once (one send call each).
+      ESP_SEND_SLOTS          = module.capacity.send_slots
+      DISPATCH_PREFETCH       = var.dispatch_prefetch
+      INLINE_PREPARE_MAX      = var.inline_prepare_max
+      PREPARE_PARTITION_BYTES = var.prepare_partition_bytes
+      PREPARE_PARTS_AT_ONCE   = var.prepare_parts_at_once
       # A prepare step may run as long as the request that runs it; each task's dispatch deadline
       # is the timeout of the service it targets.
       PREPARE_LEASE_SECS  = trimsuffix(var.trigger.timeout, "s")

@@ -108,6 +108,9 @@ pub struct PipelineEvent {
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     ChunkUploaded,
+    /// A message of chunks sent without a list is done with: one of the send slots the trigger
+    /// counts for such messages is free.
+    InlineSent,
     ChunkFinished,
     Tick,
 }

@@ -21,6 +21,7 @@ const LIMITS: SlotLimits = SlotLimits {
     prefetch: 2,
     min_part: 0,
     inline_max: 0,
+    send_slots: 8,
 };
 
 async fn report_refusal(store: &Store, others: i32) {

@@ -26,6 +26,7 @@ const LIMITS: SlotLimits = SlotLimits {
     prefetch: 0,
     min_part: 0,
     inline_max: 0,
+    send_slots: 8,
 };
 
 fn rid(id: &str) -> RequestId {

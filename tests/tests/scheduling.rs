@@ -28,6 +28,7 @@ const LIMITS: SlotLimits = SlotLimits {
     prefetch: 0,
     min_part: 0,
     inline_max: 0,
+    send_slots: 8,
 };
 
 async fn dispatched_requests(store: &Store, limits: SlotLimits) -> Vec<String> {
@@ -84,6 +85,36 @@ async fn chunks_in_flight_never_exceed_the_limit() {
     let round = dispatch_round(&store, LIMITS).await.unwrap();
     assert_eq!(round.dispatched.len(), 1, "one slot freed, one chunk dispatched");
     assert_eq!(round.in_flight, 3);
+}
+
+#[tokio::test]
+async fn small_realtime_chunks_wait_while_every_send_slot_is_out_then_go_together_in_one_message() {
+    let (store, _) = fresh_database().await;
+    let limits = SlotLimits { inline_max: 20, send_slots: 1, ..LIMITS };
+    ready(&store, &request("first", Class::Realtime, 0), 1).await;
+    let round = dispatch_round(&store, limits).await.unwrap();
+    assert_eq!(round.dispatched.len(), 1, "a free send slot: at once");
+    ready(&store, &request("second", Class::Realtime, 0), 1).await;
+    ready(&store, &request("third", Class::Realtime, 0), 1).await;
+
+    let waiting = dispatch_round(&store, limits).await.unwrap();
+    sqlx::query("UPDATE chunks SET state = 'sent' WHERE request_id = 'first'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let together = dispatch_round(&store, limits).await.unwrap();
+
+    assert!(waiting.dispatched.is_empty(), "the one send slot is out");
+    let taken: Vec<(String, Option<u32>)> =
+        together.dispatched.iter().map(|d| (d.request_id.to_string(), d.send_call)).collect();
+    assert_eq!(taken.len(), 2);
+    assert!(taken.iter().all(|(_, call)| *call == taken[0].1), "one message, one call: {taken:?}");
+    let groups: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT DISTINCT send_group FROM chunks WHERE request_id IN ('second', 'third')")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(groups.len(), 1, "counted as one message out: {groups:?}");
 }
 
 #[tokio::test]

@@ -196,9 +196,29 @@ async fn send_chunk(state: &AppState, message: &DeliveryMessage) -> Outcome {
     };
     match &state.provider {
         Provider::Lists { esp, calls, inline } => {
-            list::send(state, esp.as_ref(), calls.as_ref(), inline.as_deref(), claimed).await
+            let sent = inline_sent(std::iter::once(&claimed));
+            let outcome = list::send(state, esp.as_ref(), calls.as_ref(), inline.as_deref(), claimed).await;
+            announce(state, sent).await;
+            outcome
         }
         Provider::Messages(path) => messages::send(state, path, claimed).await,
+    }
+}
+
+/// The event that tells the trigger a message of chunks sent without a list is done with, when
+/// one of `claimed` has no list: it frees one of the send slots the trigger hands such messages
+/// out against (see the trigger's `scheduling::inline`).
+fn inline_sent<'a>(mut claimed: impl Iterator<Item = &'a Claimed>) -> Option<PipelineEvent> {
+    claimed
+        .find(|claimed| claimed.chunk.list_id.is_none())
+        .map(|claimed| PipelineEvent::chunk(EventKind::InlineSent, &claimed.chunk))
+}
+
+async fn announce(state: &AppState, event: Option<PipelineEvent>) {
+    if let Some(event) = event
+        && let Err(err) = state.events.publish(&event, &[("class", "realtime")]).await
+    {
+        tracing::warn!(error = %err, "Pipeline event not published; the scheduler tick will cover it.");
     }
 }
 
@@ -231,9 +251,13 @@ async fn send_together(state: &AppState, message: &DeliveryMessage) -> Outcome {
         }
     }
     match &state.provider {
-        Provider::Lists { esp, calls, inline } => outcomes.extend(
-            list::send_together(state, esp.as_ref(), calls.as_ref(), inline.as_deref(), claimed).await,
-        ),
+        Provider::Lists { esp, calls, inline } => {
+            let sent = inline_sent(claimed.iter().map(|(chunk, _)| chunk));
+            outcomes.extend(
+                list::send_together(state, esp.as_ref(), calls.as_ref(), inline.as_deref(), claimed).await,
+            );
+            announce(state, sent).await;
+        }
         Provider::Messages(path) => {
             for (chunk, span) in claimed {
                 outcomes.push(messages::send(state, path, chunk).instrument(span).await);

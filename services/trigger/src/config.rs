@@ -63,6 +63,11 @@ pub struct Config {
     /// reads the same setting. 0: every chunk is uploaded as a list.
     #[arg(long, env = "ESP_INLINE_RECIPIENTS_MAX", default_value_t = 0)]
     pub esp_inline_recipients_max: u32,
+    /// Send calls a list-based ESP runs at once (the sender's slots). Small realtime chunks sent
+    /// without a list are handed to the sender in at most this many messages at a time; chunks
+    /// that come due while every one is out wait, and go together in the next.
+    #[arg(long, env = "ESP_SEND_SLOTS", default_value_t = 8)]
+    pub esp_send_slots: u32,
     /// Upload tasks allowed to wait in the queue beyond the limit.
     #[arg(long, env = "DISPATCH_PREFETCH", default_value_t = 0)]
     pub dispatch_prefetch: u32,

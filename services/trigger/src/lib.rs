@@ -139,6 +139,7 @@ impl Application {
                 Shape::Lists => config.esp_inline_recipients_max,
                 Shape::Messages => 0,
             },
+            send_slots: config.esp_send_slots.max(1),
         };
         // A list-based ESP's chunks are uploaded first (but for small realtime ones, sent with
         // their recipients); a message-based provider's go straight to the sender, whose sends

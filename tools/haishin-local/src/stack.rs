@@ -674,6 +674,7 @@ fn service_env(
             ("ESP_SLOTS", slots.to_string()),
             ("REALTIME_RESERVED_SLOTS", config.realtime_reserved_slots.to_string()),
             ("ESP_INLINE_RECIPIENTS_MAX", config.inline_recipients_max.to_string()),
+            ("ESP_SEND_SLOTS", send_limit.to_string()),
             ("DISPATCH_PREFETCH", config.prefetch.to_string()),
             ("PREPARE_LEASE_SECS", "30".to_owned()),
             ("UPLOAD_TIMEOUT_SECS", "25".to_owned()),

@@ -10,11 +10,14 @@
 //! - this module: one dispatch round, in one transaction;
 //! - [`adaptive`]: the slots granted, lowered when the provider's real limit is lower than the
 //!   configured one and probed back up slowly;
+//! - [`inline`]: small realtime chunks sent without a list, in send calls, no more messages out
+//!   than the ESP has send slots;
 //! - [`tail`]: cutting the last batch chunks smaller so that the slots finish together;
 //! - [`forecast`]: when a request's uploads should end at the current pace.
 
 pub mod adaptive;
 pub mod forecast;
+mod inline;
 mod tail;
 
 use haishin_shared::domain::{ChunkId, ChunkState, Class, RequestId};
@@ -90,10 +93,14 @@ pub struct SlotLimits {
     /// recipients in the call ([`Dispatched::inline`]): they skip the upload, so they hold no
     /// upload slot and wait for none. 0: none do (and a message-based provider has no upload).
     pub inline_max: u32,
+    /// Send calls the ESP runs at once: such chunks are handed over in at most this many
+    /// messages at a time (one send call each); chunks that come due while every one is out
+    /// wait, and go together in the next, as many as one call carries.
+    pub send_slots: u32,
 }
 
 /// Most chunks one round sends without a list: a flood of realtime events is taken in rounds of
-/// this many, each one statement.
+/// this many.
 const INLINE_PER_ROUND: i64 = 500;
 
 /// The chunk states that hold one of the provider's slots. A list-based ESP's chunk holds one
@@ -179,7 +186,7 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
     let mut tx = store.pool().begin().await?;
     let slots = adaptive::hold_slots(&mut tx, limits.limit).await?;
     let expired = expire_overdue_chunks(&mut *tx).await?;
-    let mut dispatched = take_inline(&mut tx, limits.inline_max).await?;
+    let mut dispatched = inline::take(&mut tx, limits.inline_max, limits.send_slots).await?;
     let more = dispatched.len() as i64 == INLINE_PER_ROUND;
     let (realtime, batch): (i64, i64) =
         sqlx::query_as(holding_count(limits.shape)).fetch_one(&mut *tx).await?;
@@ -192,7 +199,7 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
 
     let inline = dispatched.len();
     if free > 0 {
-        // Those small enough to go without a list are left to the next round's `take_inline`
+        // Those small enough to go without a list are left to the next round's `inline::take`
         // (one prepared since this round's took them must not take an upload slot instead).
         let uploaded = (limits.inline_max > 0).then(|| format!(" AND c.recipients > {}", limits.inline_max));
         let pending = uploaded.as_deref().map_or_else(|| NEXT_PENDING.clone(), next_pending);
@@ -211,98 +218,6 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
     tx.commit().await?;
     let in_flight = in_flight + (dispatched.len() - inline) as u32;
     Ok(DispatchRound { in_flight, dispatched, expired, slots, more })
-}
-
-/// Moves the eligible realtime chunks of at most `max` recipients (up to [`INLINE_PER_ROUND`],
-/// most urgent first) straight to `uploaded`, for the sender to send with their recipients in the
-/// call: one statement, however many there are.
-async fn take_inline(tx: &mut Transaction<'_, Postgres>, max: u32) -> Result<Vec<Dispatched>> {
-    if max == 0 {
-        return Ok(Vec::new());
-    }
-    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        format!(
-            "WITH next AS (
-                 SELECT c.id FROM chunks c JOIN requests r ON r.id = c.request_id
-                 WHERE {ELIGIBLE} AND c.recipients <= $2
-                 ORDER BY {}, r.received_at ASC, c.seq ASC
-                 LIMIT $3 FOR UPDATE OF c SKIP LOCKED
-             ), moved AS (
-                 UPDATE chunks SET state = 'uploaded', queued_at = now(), uploaded_at = now(),
-                     generation = chunks.generation + 1
-                 FROM next WHERE chunks.id = next.id
-                 RETURNING chunks.id, chunks.request_id, chunks.generation, chunks.recipients
-             ), per_request AS (
-                 SELECT request_id, count(*) AS chunks FROM moved GROUP BY request_id
-             ), counted AS (
-                 UPDATE requests SET dispatched_chunks = dispatched_chunks + per_request.chunks,
-                     last_dispatched_at = clock_timestamp()
-                 FROM per_request WHERE requests.id = per_request.request_id
-             )
-             SELECT moved.id, moved.request_id, moved.generation, requests.traceparent,
-                 moved.recipients, md5((requests.body -> 'template')::text) AS template
-             FROM moved JOIN requests ON requests.id = moved.request_id",
-            rank("c")
-        )
-    });
-    #[derive(sqlx::FromRow)]
-    struct Moved {
-        id: ChunkId,
-        request_id: RequestId,
-        generation: i32,
-        traceparent: Option<String>,
-        recipients: i32,
-        template: Option<String>,
-    }
-    let rows: Vec<Moved> = sqlx::query_as(&SQL)
-        .bind(Class::Realtime)
-        .bind(max as i32)
-        .bind(INLINE_PER_ROUND)
-        .fetch_all(&mut **tx)
-        .await?;
-    let mut calls = SendCalls::new(max);
-    Ok(rows
-        .into_iter()
-        .map(|row| Dispatched {
-            send_call: Some(calls.place(row.template, row.recipients)),
-            chunk_id: row.id,
-            request_id: row.request_id,
-            generation: row.generation,
-            class: Class::Realtime,
-            traceparent: row.traceparent,
-            inline: true,
-        })
-        .collect())
-}
-
-/// Puts the chunks a round sends without a list into send calls: chunks whose requests share a
-/// template (by its fingerprint) share a call until it carries `max` recipients.
-struct SendCalls {
-    max: i64,
-    calls: u32,
-    /// The call still open for each template, and the recipients it carries so far.
-    open: std::collections::HashMap<Option<String>, (u32, i64)>,
-}
-
-impl SendCalls {
-    fn new(max: u32) -> Self {
-        Self { max: i64::from(max), calls: 0, open: Default::default() }
-    }
-
-    /// The call a chunk of `recipients` with this template goes in.
-    fn place(&mut self, template: Option<String>, recipients: i32) -> u32 {
-        let recipients = i64::from(recipients);
-        if let Some((call, carried)) = self.open.get_mut(&template)
-            && *carried + recipients <= self.max
-        {
-            *carried += recipients;
-            return *call;
-        }
-        let call = self.calls;
-        self.calls += 1;
-        self.open.insert(template, (call, recipients));
-        call
-    }
 }
 
 /// Takes the lock every dispatch round holds, until `tx` ends: no round runs meanwhile, and every
@@ -378,21 +293,4 @@ pub async fn undo_dispatch(store: &Store, chunk: &Dispatched, shape: Shape) -> R
     .execute(store.pool())
     .await?;
     Ok(done.rows_affected() == 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::SendCalls;
-
-    #[test]
-    fn chunks_sharing_a_template_share_a_call_until_it_is_full() {
-        let mut calls = SendCalls::new(5);
-        let (a, b) = (Some("a".to_owned()), Some("b".to_owned()));
-        let placed: Vec<u32> = [(&a, 2), (&b, 1), (&a, 3), (&a, 1), (&b, 4), (&b, 1)]
-            .into_iter()
-            .map(|(template, n)| calls.place(template.clone(), n))
-            .collect();
-        // a: 2 + 3 fill call 0, its next chunk opens call 2; b: 1 + 4 fill call 1, then call 3.
-        assert_eq!(placed, [0, 1, 0, 2, 1, 3]);
-    }
 }
