@@ -193,23 +193,61 @@ async fn start(
 /// Runs one part of a request's preparation, and whatever its end starts.
 #[tracing::instrument(skip_all, fields(request_id = %id, part = %part))]
 pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<Prepared, Unavailable> {
-    let _shard_permit = match part {
+    let shard_permit = match part {
         PreparePart::Shard(_) => Some(state.parts.shards_at_once.acquire().await.expect("never closed")),
         PreparePart::Partition(_) => None,
     };
     let _permit = state.parts.at_once.acquire().await.expect("the semaphore is never closed");
+    let prepared = Box::pin(run_held(state, id, part)).await?;
+    let Ended::Cuts(open) = prepared else { return Ok(prepared.into()) };
+    // The first cut whose shards are done is cut here and now, by the instance that has just
+    // spread the last of them, rather than waiting in the prepare queue behind the shard tasks
+    // queued before it: the request's first chunks leave as soon as its first shard is spread.
+    // The rest are tasks, for other instances. A crash meanwhile is covered by the shard's own
+    // task, not acknowledged yet: redelivered, it finds the cut still open and starts it again.
+    let (now, later) = open.split_first().map_or((None, &[][..]), |(first, rest)| (Some(*first), rest));
+    start(state, id, later.iter().map(|&p| PreparePart::Partition(p))).await?;
+    queue_shards(state, id).await?;
+    drop(shard_permit);
+    let Some(now) = now else { return Ok(Prepared::InParts) };
+    match Box::pin(run_held(state, id, PreparePart::Partition(now))).await {
+        // Another instance took the cut first (its task was queued earlier).
+        Ok(_) | Err(Unavailable::Busy(_)) => Ok(Prepared::InParts),
+        Err(err) => Err(err),
+    }
+}
+
+/// What a part's end leads to: the cuts its shards opened, or what became of the request.
+enum Ended {
+    /// The cuts not done yet whose shards are (a shard's end).
+    Cuts(Vec<u32>),
+    Request(Prepared),
+}
+
+impl From<Ended> for Prepared {
+    fn from(ended: Ended) -> Self {
+        match ended {
+            Ended::Cuts(_) => Prepared::InParts,
+            Ended::Request(prepared) => prepared,
+        }
+    }
+}
+
+/// One part under its lease, with this instance's permits already held.
+async fn run_held(state: &AppState, id: &RequestId, part: PreparePart) -> Result<Ended, Unavailable> {
+    let ended = |prepared| Ok(Ended::Request(prepared));
     let row = match records::claim(&state.store, id, part, state.prepare_lease).await? {
         PartClaim::Claimed(row) => Some(row),
         PartClaim::Done => None,
         PartClaim::Busy => {
             return Err(Unavailable::Busy(format!("{part} of request {id} is being prepared")));
         }
-        PartClaim::Past(past) => return Ok(Prepared::Past(past)),
+        PartClaim::Past(past) => return ended(Prepared::Past(past)),
     };
-    let Some(request) = state.store.request(id).await? else { return Ok(Prepared::Past(None)) };
+    let Some(request) = state.store.request(id).await? else { return ended(Prepared::Past(None)) };
     let request = match request.request() {
         Ok(request) => request,
-        Err(err) => return super::fail(state, id, &err.to_string()).await,
+        Err(err) => return ended(super::fail(state, id, &err.to_string()).await?),
     };
     let found = match row {
         None => None,
@@ -220,7 +258,9 @@ pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<
             };
             match done {
                 Ok(found) => Some(found),
-                Err(err) if err.is_permanent() => return super::fail(state, id, &err.to_string()).await,
+                Err(err) if err.is_permanent() => {
+                    return ended(super::fail(state, id, &err.to_string()).await?);
+                }
                 Err(err) => {
                     let _ = records::drop_lease(&state.store, id, part).await;
                     return Err(Unavailable::Dependency(err.to_string()));
@@ -232,12 +272,8 @@ pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<
     let finished =
         records::finish(&state.store, id, part, found, state.chunk_size, state.parts.partition_bytes);
     match finished.await? {
-        Finished::Partitions(open) => {
-            start(state, id, open.into_iter().map(PreparePart::Partition)).await?;
-            queue_shards(state, id).await?;
-            Ok(Prepared::InParts)
-        }
-        Finished::Request(None) => Ok(Prepared::InParts),
+        Finished::Partitions(open) => Ok(Ended::Cuts(open)),
+        Finished::Request(None) => ended(Prepared::InParts),
         Finished::Request(Some(summary)) => {
             super::records::finish_prepare(&state.store, id, &summary).await?;
             tracing::info!(
@@ -247,7 +283,7 @@ pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<
                 "Audience prepared."
             );
             super::dispatch_after_prepare(state).await;
-            Ok(Prepared::Chunks(summary.chunks))
+            ended(Prepared::Chunks(summary.chunks))
         }
     }
 }
