@@ -373,12 +373,16 @@ async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
 
     assert_eq!(round.dispatched.len(), 7, "every batch slot gets a piece");
     let chunks = store.chunks_of(&rid("tail")).await.unwrap();
-    let queued: Vec<i32> =
-        chunks.iter().filter(|c| c.state == ChunkState::Queued).map(|c| c.recipients).collect();
-    // Each piece is the pending recipients over the slots (30 / 7 → 5 first), never under the minimum.
+    let queued: Vec<i32> = round
+        .dispatched
+        .iter()
+        .map(|d| chunks.iter().find(|c| c.id == d.chunk_id).expect("dispatched chunk").recipients)
+        .collect();
+    // The pending recipients poured over the slots (30 / 7 → 5 first), every piece at most that
+    // and never under the minimum: the 30 recipients spread over all seven slots.
     assert_eq!(queued[0], 5);
     assert!(queued.iter().all(|&n| (2..=5).contains(&n)), "{queued:?}");
-    assert!(queued.windows(2).all(|w| w[0] >= w[1]), "pieces shrink: {queued:?}");
+    assert_eq!(queued.iter().sum::<i32>(), 30);
     let mut ids: Vec<_> = chunks.iter().map(|c| c.id.clone()).collect();
     ids.sort();
     ids.dedup();
@@ -388,6 +392,34 @@ async fn the_tail_of_the_batch_work_is_cut_smaller_as_it_is_dispatched() {
     assert_eq!(request.chunk_count, Some(chunks.len() as i32));
     let status = request_status(&store, &rid("tail")).await.unwrap().unwrap();
     assert_eq!(status.recipients.values().sum::<i64>(), 30, "no recipient gained or lost");
+}
+
+#[tokio::test]
+async fn a_slot_freed_while_the_others_have_a_whole_chunk_to_go_takes_a_whole_chunk() {
+    let (store, _) = fresh_database().await;
+    ready(&store, &request("paced", Class::Batch, 0), 7).await;
+    // Six chunks out; three of them uploaded, each in 1.15 s: the provider's pace is known.
+    let out = dispatch_round(&store, SlotLimits { limit: 6, ..LIMITS }).await.unwrap().dispatched;
+    assert_eq!(out.len(), 6);
+    let done: Vec<&ChunkId> = out.iter().take(3).map(|d| &d.chunk_id).collect();
+    sqlx::query(
+        "UPDATE chunks SET state = 'uploaded', queued_at = now() - interval '2.3 s',
+             uploaded_at = now() - interval '1.15 s'
+         WHERE id = ANY($1)",
+    )
+    .bind(&done)
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    // One slot of four frees while the three others have just started a chunk of 10 each:
+    // the last 10 pending, whole, end with them (cut into an even share, 3, they would not).
+    let limits = SlotLimits { limit: 4, min_part: 1, ..LIMITS };
+    let round = dispatch_round(&store, limits).await.unwrap();
+
+    assert_eq!(round.dispatched.len(), 1);
+    let ranges: Vec<_> = line_ranges(&store, "paced").await.into_iter().map(|r| (r.1, r.2)).collect();
+    assert_eq!(ranges, [(0, 10); 7], "no chunk was cut");
 }
 
 #[tokio::test]

@@ -79,9 +79,10 @@ pub struct AppState {
     pub feedback: feedback::FeedbackState,
 }
 
-/// The tail of the batch work is cut into pieces of no less than a chunk divided by this: smaller
-/// pieces balance the last slots better, but each costs the ESP a call.
-const TAIL_PIECES_PER_CHUNK: u32 = 4;
+/// The tail of the batch work is cut into pieces of no less than a chunk divided by this. The
+/// pieces are sized by the provider's pace so that the slots end together; this only keeps a
+/// crumb from costing a call of its own.
+const TAIL_PIECES_PER_CHUNK: u32 = 16;
 
 /// The trigger, bound to its port and ready to serve.
 pub struct Application {
@@ -133,7 +134,6 @@ impl Application {
             limit: config.esp_slots,
             realtime_reserved: config.realtime_reserved_slots.min(config.esp_slots.saturating_sub(1)),
             prefetch: config.dispatch_prefetch,
-            // Tail pieces stay large enough that the ESP's per-call cost remains a small share.
             min_part: (config.chunk_size / TAIL_PIECES_PER_CHUNK).max(1),
             inline_max: match config.esp_provider.shape() {
                 Shape::Lists => config.esp_inline_recipients_max,

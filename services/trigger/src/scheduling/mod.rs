@@ -210,6 +210,7 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
         let split = tail::TailSplit {
             slots: slots.effective.saturating_sub(limits.realtime_reserved),
             min_part: limits.min_part,
+            shape: limits.shape,
         };
         dispatched.extend(
             take_pending(&mut tx, &NEXT_PENDING, limits.shape, Class::Batch, free_batch, Some(split)).await?,

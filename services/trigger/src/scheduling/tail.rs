@@ -1,23 +1,30 @@
-//! Guided self-scheduling at the tail of the batch work.
+//! Guided self-scheduling at the tail of the batch work, paced by the provider itself.
 //!
-//! Once every batch request is prepared, the chunk about to be dispatched is cut to
-//! `ceil(pending recipients / slots)` recipients (at least `min_part`), and the rest of its lines
-//! stay pending as a chunk of their own (own id, task name and ESP keys, same object). Pieces
-//! shrink as the work runs out, so the slots run dry together instead of some idling while a few
-//! full chunks finish. A chunk that was ever dispatched keeps its range: the ESP may hold a list
-//! under its key.
+//! Once every batch request is prepared and the pending work is down to a few chunks per slot,
+//! the chunk about to be dispatched is cut so that its slot ends when the others do: the pending
+//! recipients poured over the slots, each from the moment its chunk in flight should end, at the
+//! pace the provider has shown on this run's chunks (a fixed cost per call and a cost per
+//! recipient, fitted to the chunks done; until a few are, a chunk's time is its recipients and
+//! every chunk in flight has all its work ahead). Pieces are at least `min_part`, and the rest of
+//! the chunk's lines stay pending as a chunk of their own (own id, task name and ESP keys, same
+//! object). Pieces shrink as the work runs out, so the slots run dry together instead of some
+//! idling while a few full chunks finish. A chunk that was ever dispatched keeps its range: the
+//! ESP may hold a list under its key.
 
 use haishin_shared::domain::{ChunkId, Class, RequestId};
+use haishin_shared::esp::Shape;
 use haishin_shared::store::Result;
 use sqlx::{Postgres, Transaction};
 
-use super::{ELIGIBLE, NEXT_PENDING};
+use super::{ELIGIBLE, NEXT_PENDING, holding_a_slot};
 
-/// How the tail of the batch work is cut: over `slots`, into pieces of at least `min_part`.
+/// How the tail of the batch work is cut: over `slots` of `shape`'s bottleneck API, into pieces
+/// of at least `min_part`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TailSplit {
     pub(super) slots: u32,
     pub(super) min_part: u32,
+    pub(super) shape: Shape,
 }
 
 /// Cuts the next chunk of `class` in two when the tail has been reached.
@@ -47,8 +54,18 @@ pub(super) async fn cut_next(
     if preparing || pending == 0 {
         return Ok(());
     }
-    let head = (pending as u64).div_ceil(u64::from(split.slots)).max(u64::from(split.min_part));
-    if generation > 0 || (recipients as u64) < head + u64::from(split.min_part) {
+    let (slots, min_part) = (u64::from(split.slots), u64::from(split.min_part));
+    // A piece is never less than an even share of the slots: while that is the whole chunk,
+    // nothing is cut, and nothing more is read.
+    let even = (pending as u64).div_ceil(slots).max(min_part);
+    if generation > 0 || (recipients as u64) < even + min_part {
+        return Ok(());
+    }
+    let (pace, in_flight) = Pace::of_run(tx, class, split.shape).await?;
+    let piece = pace.piece(pending as u64, &in_flight, split.slots);
+    tracing::debug!(?pace, in_flight = in_flight.len(), pending, piece, "Tail piece paced.");
+    let head = piece.max(min_part);
+    if (recipients as u64) < head + min_part {
         return Ok(());
     }
     let head = head as i32;
@@ -78,4 +95,151 @@ pub(super) async fn cut_next(
     .await?;
     tracing::debug!(request_id = %request_id, chunk = %id, recipients = head, rest = recipients - head, "Tail chunk cut.");
     Ok(())
+}
+
+/// How long a chunk holds a slot, from its dispatch to the end of its call: `per_call` seconds
+/// plus `per_recipient` seconds for each of its recipients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Pace {
+    pub(super) per_call: f64,
+    pub(super) per_recipient: f64,
+}
+
+/// A chunk in flight: its recipients and the seconds since it was dispatched.
+pub(super) type InFlight = (f64, f64);
+
+impl Pace {
+    /// Chunks of requests still dispatching that the pace is fitted to: the latest this many.
+    const SAMPLE: i64 = 64;
+
+    /// The pace taken until a few chunks are done: a chunk's time is its recipients.
+    const UNKNOWN: Self = Self { per_call: 0.0, per_recipient: 1.0 };
+
+    /// The pace of the provider on the chunks of `class` done lately (fitted: a line through
+    /// their times against their sizes, or, while their sizes are all alike, a time per
+    /// recipient; [`Pace::UNKNOWN`] until a few chunks are done), and the chunks of `class` in
+    /// flight now.
+    async fn of_run(
+        tx: &mut Transaction<'_, Postgres>,
+        class: Class,
+        shape: Shape,
+    ) -> Result<(Self, Vec<InFlight>)> {
+        // Where a chunk's slot ends: its list uploaded, or its last message handed over.
+        let ended = match shape {
+            Shape::Lists => "uploaded_at",
+            Shape::Messages => "sent_at",
+        };
+        let (per_call, per_recipient, done, per_recipient_alone): (
+            Option<f64>,
+            Option<f64>,
+            i64,
+            Option<f64>,
+        ) = sqlx::query_as(&format!(
+            "SELECT regr_intercept(y, x), regr_slope(y, x), count(*), sum(y) / nullif(sum(x), 0)
+                 FROM (SELECT c.recipients::float8 AS x,
+                              extract(epoch FROM c.{ended} - c.queued_at)::float8 AS y
+                       FROM chunks c JOIN requests r ON r.id = c.request_id
+                       WHERE r.state = 'dispatching' AND c.class = $1
+                         AND c.{ended} IS NOT NULL AND c.queued_at IS NOT NULL
+                       ORDER BY c.{ended} DESC LIMIT {}) AS done",
+            Self::SAMPLE
+        ))
+        .bind(class)
+        .fetch_one(&mut **tx)
+        .await?;
+        let pace = match (per_call, per_recipient, per_recipient_alone) {
+            _ if done < 3 => None,
+            (Some(per_call), Some(per_recipient), _) if per_call >= 0.0 && per_recipient > 0.0 => {
+                Some(Self { per_call, per_recipient })
+            }
+            (_, _, Some(per_recipient)) if per_recipient > 0.0 => Some(Self { per_call: 0.0, per_recipient }),
+            _ => None,
+        };
+        // Written out, not bound, so that the planner reads the partial index of chunks in flight.
+        let holding: Vec<String> =
+            holding_a_slot(shape).iter().map(|s| format!("'{}'", s.as_str())).collect();
+        let mut in_flight: Vec<InFlight> = sqlx::query_as(&format!(
+            "SELECT recipients::float8, extract(epoch FROM now() - queued_at)::float8
+             FROM chunks WHERE state IN ({}) AND class = $1 AND queued_at IS NOT NULL",
+            holding.join(", ")
+        ))
+        .bind(class)
+        .fetch_all(&mut **tx)
+        .await?;
+        let Some(pace) = pace else {
+            // Not known yet: each chunk in flight is taken to have all its work ahead.
+            in_flight.iter_mut().for_each(|chunk| chunk.1 = 0.0);
+            return Ok((Self::UNKNOWN, in_flight));
+        };
+        Ok((pace, in_flight))
+    }
+
+    /// Seconds a chunk of `recipients` holds its slot.
+    fn seconds(self, recipients: f64) -> f64 {
+        self.per_call + self.per_recipient * recipients
+    }
+
+    /// The recipients of the piece that makes the slot about to take it end when the others
+    /// do. The pending recipients are poured over the slots (the free ones, this one among them,
+    /// and each chunk in flight from the moment it should end) so that every slot that gets
+    /// some ends at the same moment, each new piece paying a call's fixed cost; a slot whose
+    /// chunk ends after that moment gets none.
+    pub(super) fn piece(self, pending: u64, in_flight: &[InFlight], slots: u32) -> u64 {
+        let slots = (slots as usize).max(in_flight.len() + 1);
+        // When each slot is free: now (0) for those with nothing in flight, this one first.
+        let mut free_at: Vec<f64> =
+            in_flight.iter().map(|&(r, since)| (self.seconds(r) - since).max(0.0)).collect();
+        free_at.resize(slots, 0.0);
+        free_at.sort_by(f64::total_cmp);
+        let work = self.per_recipient * pending as f64;
+        // The first `n` slots to be free share the work, ending together at `end`, when the
+        // next slot would not be free before `end` anyway.
+        let (mut end, mut before) = (f64::INFINITY, 0.0);
+        for n in 1..=slots {
+            before += free_at[n - 1] + self.per_call;
+            end = (work + before) / n as f64;
+            if free_at.get(n).is_none_or(|&next| end <= next + self.per_call) {
+                break;
+            }
+        }
+        ((end - self.per_call) / self.per_recipient).ceil().clamp(1.0, pending as f64) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+
+    const PACE: Pace = Pace { per_call: 0.15, per_recipient: 0.000_15 };
+
+    #[test]
+    fn with_every_other_slot_idle_the_piece_is_an_even_share() {
+        assert_eq!(PACE.piece(80_000, &[], 8), 10_000);
+    }
+
+    #[test]
+    fn a_slot_freed_while_the_others_are_busy_ends_with_them() {
+        // Seven uploads of 10,000 dispatched 0.8 s ago still have 0.85 s each to go.
+        let busy = [(10_000.0, 0.8); 7];
+        let piece = PACE.piece(40_000, &busy, 8);
+        assert!(piece > 40_000 / 8, "{piece}");
+        let ends = PACE.seconds(piece as f64);
+        let others = 0.85 + PACE.seconds((40_000 - piece) as f64 / 7.0);
+        assert!((ends - others).abs() < 0.01, "{ends} vs {others}");
+    }
+
+    #[test]
+    fn slots_busy_past_the_end_get_no_share() {
+        // Four slots end in 0.1 s, three only in 1.6 s: the 4,000 pending go to this slot and
+        // the four (1,334 here, 667 each there, all ending 0.35 s from now), none to the three.
+        let (soon, late) = ((10_000.0, 1.55), (10_000.0, 0.05));
+        let busy = [soon, soon, soon, soon, late, late, late];
+        let piece = PACE.piece(4_000, &busy, 8);
+        assert_eq!(piece, 1_334);
+    }
+
+    #[test]
+    fn the_piece_never_exceeds_what_is_pending() {
+        assert_eq!(PACE.piece(500, &[(10_000.0, 0.0); 7], 8), 500);
+    }
 }
