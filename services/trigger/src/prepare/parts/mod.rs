@@ -16,8 +16,10 @@
 //!    all before them are done, its rows are cut: each cut takes the group's rows of some
 //!    partitions, keeps the first row of each address unless a shard before the group holds it
 //!    (exact: every copy of an address is in the same partition, and the earlier shards' keys
-//!    are read back), and cuts chunks numbered from its `first_seq`. The last part to end sums the parts into the request's
-//!    summary and hands the request to dispatch; its chunks were dispatched as they were stored.
+//!    are read back), and cuts chunks numbered from its `first_seq`. The shard whose end opens
+//!    cuts runs the first of them itself, at once (the others are tasks). The last part to end
+//!    sums the parts into the request's summary and hands the request to dispatch; its chunks
+//!    were dispatched as they were stored.
 //!
 //! The groups double in bytes, so the earlier shards' keys are read back about once in all, and
 //! the first chunks wait only for the first, small shard.
