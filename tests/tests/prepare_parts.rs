@@ -253,3 +253,39 @@ async fn a_shard_whose_worker_died_halfway_is_taken_over_and_done_again() {
     }
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_cut_whose_worker_died_is_taken_over_once_its_lease_runs_out() {
+    let stack = parts_stack().await;
+    // The first cut is born held, as by a worker that claimed it and died, until every shard is
+    // spread: the shards whose ends find it open cannot run it, and it must not be left without
+    // a task to take it over.
+    sqlx::raw_sql(
+        "CREATE FUNCTION held_cut() RETURNS trigger AS $$
+         BEGIN NEW.lease_until := now() + interval '8 seconds'; RETURN NEW; END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER held_cut BEFORE INSERT ON prepare_parts FOR EACH ROW
+             WHEN (NEW.kind = 'partition' AND NEW.index = 0) EXECUTE FUNCTION held_cut();",
+    )
+    .execute(stack.store.pool())
+    .await
+    .unwrap();
+    let people: Vec<String> = (0..1_400).map(|i| format!("held-{i}@example.com,Person {i}")).collect();
+    let uri = csv_file(&stack, "audiences/held.csv", &people).await;
+
+    stack.requests_topic.publish(&batch("held-cut", &[uri]), &[]).await.expect("published");
+
+    let status = finished_within(&stack, "held-cut", Duration::from_secs(60)).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["recipients"], 1_400, "{status}");
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM prepare_parts WHERE request_id = 'held-cut' AND kind = 'partition' AND index = 0 AND done",
+    )
+    .fetch_one(stack.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(held, 1, "the held cut was done");
+    let sim = stack.esp.report();
+    assert_eq!(sim.requests["held-cut"].counts.unique, 1_400);
+    assert_eq!(sim.deliveries.duplicates, 0);
+    stack.stop().await;
+}

@@ -213,8 +213,13 @@ pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<
     drop(shard_permit);
     let Some(now) = now else { return Ok(Prepared::InParts) };
     match Box::pin(run_held(state, id, PreparePart::Partition(now))).await {
-        // Another instance took the cut first (its task was queued earlier).
-        Ok(_) | Err(Unavailable::Busy(_)) => Ok(Prepared::InParts),
+        Ok(_) => Ok(Prepared::InParts),
+        // Another instance holds the cut, or held it and died: its task (created now, if it
+        // was not already) takes it over once the lease runs out.
+        Err(Unavailable::Busy(_)) => {
+            start(state, id, std::iter::once(PreparePart::Partition(now))).await?;
+            Ok(Prepared::InParts)
+        }
         Err(err) => Err(err),
     }
 }
