@@ -33,7 +33,12 @@ pub fn address_key(email: &str) -> String {
             _ => return folded,
         }
     }
-    let folded = caseless::default_case_fold_str(email);
+    unicode_key(email)
+}
+
+/// The key by Unicode case folding and IDNA, which any address may take.
+fn unicode_key(email: &str) -> String {
+    let folded = caseless::default_case_fold_str(email.trim());
     match folded.rsplit_once('@') {
         Some((local, domain)) => {
             let domain = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_owned());
@@ -127,18 +132,6 @@ pub fn email_of(line: &serde_json::value::RawValue) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The key as the full Unicode path computes it, for any address.
-    fn unicode_key(email: &str) -> String {
-        let folded = caseless::default_case_fold_str(email.trim());
-        match folded.rsplit_once('@') {
-            Some((local, domain)) => {
-                let domain = idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_owned());
-                format!("{local}@{domain}")
-            }
-            None => folded,
-        }
-    }
 
     #[test]
     fn an_ascii_address_gets_the_key_the_unicode_path_gives() {

@@ -113,18 +113,31 @@ pub fn holding_a_slot(shape: Shape) -> &'static [ChunkState] {
     }
 }
 
-/// Counts the chunks holding a slot, realtime and batch. The states are written out, not bound,
-/// so that the planner reads them from the partial index of chunks in flight instead of scanning
-/// every chunk ever made (a realtime flood makes one per event).
-fn holding_count(shape: Shape) -> &'static str {
-    static SQL: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
+/// The states that hold a slot, written out as an SQL list (`'queued', 'uploading'`): bound
+/// instead, they would keep the planner from reading the partial index of chunks in flight, and
+/// it would scan every chunk ever made (a realtime flood makes one per event).
+pub(super) fn holding_states(shape: Shape) -> &'static str {
+    static LISTS: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
         [Shape::Lists, Shape::Messages].map(|shape| {
             let states: Vec<String> =
                 holding_a_slot(shape).iter().map(|s| format!("'{}'", s.as_str())).collect();
+            states.join(", ")
+        })
+    });
+    match shape {
+        Shape::Lists => &LISTS[0],
+        Shape::Messages => &LISTS[1],
+    }
+}
+
+/// Counts the chunks holding a slot, realtime and batch.
+fn holding_count(shape: Shape) -> &'static str {
+    static SQL: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
+        [Shape::Lists, Shape::Messages].map(|shape| {
             format!(
                 "SELECT count(*) FILTER (WHERE class = 'realtime'), count(*) FILTER (WHERE class = 'batch')
                  FROM chunks WHERE state IN ({})",
-                states.join(", ")
+                holding_states(shape)
             )
         })
     });

@@ -16,7 +16,7 @@ use haishin_shared::esp::Shape;
 use haishin_shared::store::Result;
 use sqlx::{Postgres, Transaction};
 
-use super::{ELIGIBLE, NEXT_PENDING, holding_a_slot};
+use super::{ELIGIBLE, NEXT_PENDING, holding_states};
 
 /// How the tail of the batch work is cut: over `slots` of `shape`'s bottleneck API, into pieces
 /// of at least `min_part`.
@@ -155,13 +155,10 @@ impl Pace {
             (_, _, Some(per_recipient)) if per_recipient > 0.0 => Some(Self { per_call: 0.0, per_recipient }),
             _ => None,
         };
-        // Written out, not bound, so that the planner reads the partial index of chunks in flight.
-        let holding: Vec<String> =
-            holding_a_slot(shape).iter().map(|s| format!("'{}'", s.as_str())).collect();
         let mut in_flight: Vec<InFlight> = sqlx::query_as(&format!(
             "SELECT recipients::float8, extract(epoch FROM now() - queued_at)::float8
              FROM chunks WHERE state IN ({}) AND class = $1 AND queued_at IS NOT NULL",
-            holding.join(", ")
+            holding_states(shape)
         ))
         .bind(class)
         .fetch_all(&mut **tx)
