@@ -32,6 +32,7 @@ mod partition;
 mod ranges;
 pub(super) mod records;
 mod shard;
+mod turns;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use std::sync::Arc;
 use haishin_shared::domain::{DeliveryRequest, RequestId};
 use haishin_shared::messages::{PreparePart, PrepareTask};
 use tokio::sync::Semaphore;
+use turns::Turns;
 
 use super::Prepared;
 use super::audience::AudienceFile;
@@ -60,7 +62,9 @@ pub struct Parts {
     /// Parts this instance prepares at once.
     at_once: Arc<Semaphore>,
     /// Shards among them: one less, so that a cut never waits for the shards queued before it.
-    shards_at_once: Arc<Semaphore>,
+    /// Taken in the order of the shards' index, so that each request's first shard (and its
+    /// first chunks) goes before any request's later ones.
+    shards_at_once: Turns,
 }
 
 impl Parts {
@@ -69,7 +73,7 @@ impl Parts {
         Self {
             partition_bytes: partition_bytes.max(1),
             at_once: Arc::new(Semaphore::new(at_once)),
-            shards_at_once: Arc::new(Semaphore::new((at_once - 1).max(1))),
+            shards_at_once: Turns::new((at_once - 1).max(1)),
         }
     }
 
@@ -196,7 +200,7 @@ async fn start(
 #[tracing::instrument(skip_all, fields(request_id = %id, part = %part))]
 pub async fn run(state: &AppState, id: &RequestId, part: PreparePart) -> Result<Prepared, Unavailable> {
     let shard_permit = match part {
-        PreparePart::Shard(_) => Some(state.parts.shards_at_once.acquire().await.expect("never closed")),
+        PreparePart::Shard(shard) => Some(state.parts.shards_at_once.take(shard).await),
         PreparePart::Partition(_) => None,
     };
     let _permit = state.parts.at_once.acquire().await.expect("the semaphore is never closed");
