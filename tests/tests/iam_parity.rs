@@ -117,9 +117,12 @@ fn needed<C: CommandFactory>(service: &str, dir: &str, run_tf: &str) -> BTreeSet
     let source = source_of(dir);
     let env = env_block(run_tf, service);
     let mut needs = BTreeSet::new();
-    let mut topic_fields = fields_after(&source, "Topic::connect(gcp, &config.");
-    topic_fields.extend(fields_after(&source, "Topic::connect(&config.common.gcp, &config."));
-    topic_fields.extend(fields_after(&source, "Topic::connect(&config.gcp, &config."));
+    let mut topic_fields = Vec::new();
+    for connect in ["Topic::connect(", "Topic::connect_unbatched("] {
+        for args in ["gcp, &config.", "&config.common.gcp, &config.", "&config.gcp, &config."] {
+            topic_fields.extend(fields_after(&source, &format!("{connect}{args}")));
+        }
+    }
     for field in topic_fields {
         needs.insert(Access::Publish { topic: resource_key(value_of(env, &env_of::<C>(&field))) });
     }

@@ -87,10 +87,12 @@ impl Application {
             esp: config.esp.list_provider()?,
             calls: config.esp.calls_schedule(&store)?,
             store,
-            deliveries: Topic::connect(gcp, &config.deliveries_topic)
+            deliveries: Topic::connect_unbatched(gcp, &config.deliveries_topic)
                 .await
                 .context("connecting to Pub/Sub")?,
-            events: Topic::connect(gcp, &config.events_topic).await.context("connecting to Pub/Sub")?,
+            events: Topic::connect_unbatched(gcp, &config.events_topic)
+                .await
+                .context("connecting to Pub/Sub")?,
             bucket: config.bucket,
             lease: Duration::from_secs(config.upload_lease_secs),
         };

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use google_cloud_pubsub::builder::publisher::PublisherBuilder;
 use google_cloud_pubsub::client::Publisher;
 use serde::Serialize;
 
@@ -16,10 +17,26 @@ pub struct Topic {
 }
 
 impl Topic {
-    /// A publisher for `projects/<project>/topics/<topic>`.
+    /// A publisher for `projects/<project>/topics/<topic>`, which batches what is published
+    /// within 2 ms.
     pub async fn connect(args: &GcpArgs, topic: &str) -> anyhow::Result<Self> {
+        Self::connect_with(args, topic, |builder| builder.set_delay_threshold(Duration::from_millis(2))).await
+    }
+
+    /// A publisher that sends each message at once: for a service that publishes a few at a
+    /// time, each the next step of something waiting (the list-uploader's chunk uploaded, whose
+    /// slot the trigger refills), where a batching delay would be all latency.
+    pub async fn connect_unbatched(args: &GcpArgs, topic: &str) -> anyhow::Result<Self> {
+        Self::connect_with(args, topic, |builder| builder.set_message_count_threshold(1)).await
+    }
+
+    async fn connect_with(
+        args: &GcpArgs,
+        topic: &str,
+        batching: impl FnOnce(PublisherBuilder) -> PublisherBuilder,
+    ) -> anyhow::Result<Self> {
         let name = format!("projects/{}/topics/{topic}", args.project);
-        let mut builder = Publisher::builder(name).set_delay_threshold(Duration::from_millis(2));
+        let mut builder = batching(Publisher::builder(name));
         if let Some(endpoint) = &args.pubsub_endpoint {
             builder = builder.with_endpoint(endpoint.clone()).with_credentials(anonymous());
         }
