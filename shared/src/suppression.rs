@@ -7,8 +7,9 @@
 //!
 //! A suppression is applied twice: when a request's chunks are built (the recipient is skipped,
 //! counted `suppressed`), and again just before a chunk goes to the provider (an address
-//! suppressed after preparation is not sent; the chunk counts it `suppressed`). Both ask
-//! [`suppressed_among`] once for a whole chunk or batch, never once per recipient.
+//! suppressed after preparation is not sent; the chunk counts it `suppressed`). The first asks
+//! [`suppressed_among`] once for a whole chunk or batch, never once per recipient; the second
+//! looks only at the suppressions the first may not have seen ([`SinceBuilt`]).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -95,28 +96,91 @@ pub async fn suppressed_for_request(
     Ok(found.into_iter().collect())
 }
 
+/// How long before a request was received a suppression may have been written and still not be
+/// seen by the check its chunks got when they were built. A suppression is written by one
+/// statement (an import's lines by one `INSERT`), whose time is its transaction's start: one
+/// written before that margin was committed long before any of the request's chunks was built.
+pub const BUILD_CHECK_MARGIN_SECS: i64 = 600;
+
+/// Most suppressions written since a request's chunks were built that are matched in memory;
+/// beyond that, the chunk's addresses are asked for in full.
+const RECENT_MOST: i64 = 1_000;
+
+/// The suppressions a chunk's build-time check may not have seen: those of the request's scopes
+/// written since shortly before it was received ([`BUILD_CHECK_MARGIN_SECS`]). Most of the time
+/// there are none or a few, and the check just before the provider needs neither the chunk's
+/// addresses parsed nor a query for all of them.
+#[derive(Debug, Clone)]
+pub struct SinceBuilt {
+    /// Their address keys; `None` when there are more than [`RECENT_MOST`].
+    keys: Option<HashSet<String>>,
+}
+
+impl SinceBuilt {
+    /// One query, which can run while the chunk is read.
+    pub async fn of_request(store: &Store, request: &RequestId) -> Result<Self> {
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT s.address FROM requests r
+             JOIN suppressions s
+               ON s.created_at >= r.received_at - make_interval(secs => $2)
+              AND s.scope IN (SELECT 'global'
+                              UNION ALL
+                              SELECT l.key || ':' || l.value FROM jsonb_each_text(r.labels) AS l)
+             WHERE r.id = $1
+             LIMIT $3",
+        )
+        .bind(request)
+        .bind(BUILD_CHECK_MARGIN_SECS as f64)
+        .bind(RECENT_MOST + 1)
+        .fetch_all(store.pool())
+        .await?;
+        let keys = (found.len() as i64 <= RECENT_MOST).then(|| found.into_iter().collect());
+        Ok(Self { keys })
+    }
+
+    /// The recipients (chunk object lines) not suppressed for `request`, and how many were left
+    /// out: matched against the suppressions written since the build, or, when there are many,
+    /// with one query for all the chunk's addresses.
+    pub async fn leave_out(
+        &self,
+        store: &Store,
+        request: &RequestId,
+        recipients: Vec<Box<serde_json::value::RawValue>>,
+    ) -> Result<(Vec<Box<serde_json::value::RawValue>>, i64)> {
+        if self.keys.as_ref().is_some_and(HashSet::is_empty) {
+            return Ok((recipients, 0));
+        }
+        let keys: Vec<Option<String>> =
+            recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
+        let queried;
+        let suppressed = match &self.keys {
+            Some(recent) => recent,
+            None => {
+                let asked: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+                queried = suppressed_for_request(store, request, &asked).await?;
+                &queried
+            }
+        };
+        let before = recipients.len();
+        let kept: Vec<_> = recipients
+            .into_iter()
+            .zip(keys)
+            .filter(|(_, key)| key.as_ref().is_none_or(|k| !suppressed.contains(k)))
+            .map(|(recipient, _)| recipient)
+            .collect();
+        let left_out = (before - kept.len()) as i64;
+        Ok((kept, left_out))
+    }
+}
+
 /// The recipients (chunk object lines) not suppressed for `request`, and how many were left out:
-/// the check made just before a chunk's recipients go to the provider, one query for them all.
+/// the check made just before a chunk's recipients go to the provider ([`SinceBuilt`]).
 pub async fn leave_out_suppressed(
     store: &Store,
     request: &RequestId,
     recipients: Vec<Box<serde_json::value::RawValue>>,
 ) -> Result<(Vec<Box<serde_json::value::RawValue>>, i64)> {
-    let keys: Vec<Option<String>> = recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
-    let asked: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
-    let suppressed = suppressed_for_request(store, request, &asked).await?;
-    if suppressed.is_empty() {
-        return Ok((recipients, 0));
-    }
-    let before = recipients.len();
-    let kept: Vec<_> = recipients
-        .into_iter()
-        .zip(keys)
-        .filter(|(_, key)| key.as_ref().is_none_or(|k| !suppressed.contains(k)))
-        .map(|(recipient, _)| recipient)
-        .collect();
-    let left_out = (before - kept.len()) as i64;
-    Ok((kept, left_out))
+    SinceBuilt::of_request(store, request).await?.leave_out(store, request, recipients).await
 }
 
 /// The address of a recipient as a chunk object holds it (`{"email": …, "params": …}`), without

@@ -610,3 +610,74 @@ async fn gzip(text: &str) -> Vec<u8> {
     encoder.shutdown().await.unwrap();
     encoder.into_inner()
 }
+
+/// Chunk object lines for these addresses.
+fn chunk_lines(addresses: &[&str]) -> Vec<Box<serde_json::value::RawValue>> {
+    addresses
+        .iter()
+        .map(|email| serde_json::value::to_raw_value(&json!({"email": email, "params": {}})).unwrap())
+        .collect()
+}
+
+fn emails(lines: &[Box<serde_json::value::RawValue>]) -> Vec<String> {
+    lines.iter().filter_map(|line| haishin_shared::suppression::email_of(line)).collect()
+}
+
+#[tokio::test]
+async fn the_check_before_the_provider_sees_the_suppressions_written_since_the_build_however_many() {
+    use haishin_shared::domain::Class;
+    use haishin_shared::suppression::SinceBuilt;
+
+    let (store, _) = fresh_database().await;
+    let mut request = haishin_tests::dispatchable::request("since", Class::Batch, 1);
+    request.labels = [("category".to_owned(), "promotions".to_owned())].into();
+    haishin_trigger::intake::records::insert_request(&store, &request).await.unwrap();
+    let suppress = |address: &'static str, scope: &'static str, age: &'static str| {
+        let store = store.clone();
+        async move {
+            sqlx::query(
+                "INSERT INTO suppressions (address, scope, reason, source, created_at)
+                 VALUES ($1, $2, 'manual', 'test', now() - $3::interval)",
+            )
+            .bind(address)
+            .bind(scope)
+            .bind(age)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        }
+    };
+    // An hour before the request: applied when its chunks were built, not asked again.
+    suppress("old@example.com", "global", "1 hour").await;
+    // Since (or just before) it was received: in its scopes, or of a label it does not carry.
+    suppress("new-global@example.com", "global", "1 minute").await;
+    suppress("new-label@example.com", "category:promotions", "0 seconds").await;
+    suppress("other@example.com", "category:news", "0 seconds").await;
+    let chunk = [
+        "old@example.com",
+        "New-Global@EXAMPLE.com",
+        "new-label@example.com",
+        "other@example.com",
+        "kept@example.com",
+    ];
+
+    let since = SinceBuilt::of_request(&store, &request.id).await.unwrap();
+    let (kept, left_out) = since.leave_out(&store, &request.id, chunk_lines(&chunk)).await.unwrap();
+    assert_eq!(emails(&kept), ["old@example.com", "other@example.com", "kept@example.com"]);
+    assert_eq!(left_out, 2);
+
+    // An import since: more than are matched in memory, so the chunk's addresses are asked for
+    // in full, with the same outcome.
+    sqlx::query(
+        "INSERT INTO suppressions (address, scope, reason, source)
+         SELECT 'bulk-' || i || '@example.com', 'global', 'imported', 'test' FROM generate_series(1, 1000) AS i",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let chunk: Vec<&str> = chunk.iter().copied().chain(["bulk-7@example.com"]).collect();
+    let since = SinceBuilt::of_request(&store, &request.id).await.unwrap();
+    let (kept, left_out) = since.leave_out(&store, &request.id, chunk_lines(&chunk)).await.unwrap();
+    assert_eq!(emails(&kept), ["other@example.com", "kept@example.com"], "old@ too, asked in full");
+    assert_eq!(left_out, 4);
+}

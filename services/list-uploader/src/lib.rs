@@ -5,10 +5,10 @@
 //! it hands the chunk to the sender (topic `deliveries`) and tells the trigger a slot is free
 //! (topic `pipeline-events`).
 //!
-//! Just before the upload, the chunk's recipients are checked against the suppressions once more
-//! (one query): an address suppressed since the chunk was prepared is left out of the list and
-//! counted on the chunk as `suppressed`. A chunk whose recipients are all suppressed is completed
-//! without calling the ESP.
+//! Just before the upload, the chunk's recipients are checked against the suppressions once more,
+//! those written since the chunk was built (looked up while the chunk is read): an address
+//! suppressed since the chunk was prepared is left out of the list and counted on the chunk as
+//! `suppressed`. A chunk whose recipients are all suppressed is completed without calling the ESP.
 //!
 //! `POST /tasks/upload` answers 2xx when the chunk is uploaded, was already past this step, or can
 //! never be uploaded (recorded as failed with the reason), and 503 when a retry can help; the
@@ -32,7 +32,7 @@ use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, Upload
 use haishin_shared::push::{Delivered, Outcome, RetryReason};
 use haishin_shared::server::PushService;
 use haishin_shared::store::{ChunkRow, Claim, RateSchedule, Step, Store};
-use haishin_shared::suppression::leave_out_suppressed;
+use haishin_shared::suppression::SinceBuilt;
 use haishin_shared::telemetry::metrics::{Api, metrics, outcome};
 
 pub mod refused;
@@ -159,17 +159,22 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
     };
     let read_start = Instant::now();
     let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
-    let recipients = match state.blobs.read_lines(&state.bucket, &chunk.object, first, count).await {
+    // The suppressions written since the chunk was built are looked up while it is read.
+    let (read, since_built) = tokio::join!(
+        state.blobs.read_lines(&state.bucket, &chunk.object, first, count),
+        SinceBuilt::of_request(&state.store, &chunk.request_id)
+    );
+    let recipients = match read {
         Ok(recipients) => recipients,
         Err(err @ GcpError::Permanent { .. }) => return fail(state, &chunk, &err.to_string()).await,
         Err(err) => return release(state, &chunk.id, Outcome::unavailable(err)).await,
     };
     let read_ms = read_start.elapsed().as_millis() as u64;
-    let (recipients, suppressed) =
-        match leave_out_suppressed(&state.store, &chunk.request_id, recipients).await {
-            Ok(kept) => kept,
-            Err(err) => return release(state, &chunk.id, err.into()).await,
-        };
+    let checked = async { since_built?.leave_out(&state.store, &chunk.request_id, recipients).await };
+    let (recipients, suppressed) = match checked.await {
+        Ok(kept) => kept,
+        Err(err) => return release(state, &chunk.id, err.into()).await,
+    };
     if recipients.is_empty() {
         return all_suppressed(state, &chunk, suppressed).await;
     }
