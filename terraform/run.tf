@@ -180,6 +180,7 @@ locals {
       KILL_SWITCH_BOUNCE_RATE    = var.kill_switch.bounce_rate
       KILL_SWITCH_MIN_SAMPLE     = var.kill_switch.min_sample
       KILL_SWITCH_COMPLAINT_RATE = var.kill_switch.complaint_rate
+      RUN_SECONDS                = var.completion.run_seconds
       }, {
       for name, value in {
         ESP_URL              = local.esp_url

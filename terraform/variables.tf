@@ -411,15 +411,21 @@ variable "sender" {
 }
 
 variable "completion" {
-  description = "completion job (polls the ESP, writes BigQuery, closes requests), run by Cloud Scheduler. Defaults: schedule \"* * * * *\" (every minute, UTC), cpu \"1\", memory \"512Mi\", timeout \"300s\" per run, db_connections 4."
+  description = "completion job (polls the ESP, writes BigQuery, closes requests), run by Cloud Scheduler. Defaults: schedule \"* * * * *\" (every minute, UTC), cpu \"1\", memory \"512Mi\", timeout \"300s\" per run, db_connections 4, run_seconds 50 (a run takes passes while work is left, none starting after this many seconds: keep it below the schedule's interval)."
   type = object({
     schedule       = optional(string, "* * * * *")
     cpu            = optional(string, "1")
     memory         = optional(string, "512Mi")
     timeout        = optional(string, "300s")
     db_connections = optional(number, 4)
+    run_seconds    = optional(number, 50)
   })
   default = {}
+
+  validation {
+    condition     = var.completion.run_seconds >= 1 && var.completion.run_seconds < tonumber(trimsuffix(var.completion.timeout, "s"))
+    error_message = "completion.run_seconds must be at least 1 and below completion.timeout: a pass starts only before it, and must end before the run is stopped."
+  }
 
   validation {
     condition     = contains(["1", "2", "4", "6", "8"], var.completion.cpu)

@@ -49,6 +49,8 @@ pub struct TestStack {
     pub bigquery_endpoint: Option<String>,
     /// Audience bytes per prepare partition; larger audiences are prepared in parts.
     pub prepare_partition_bytes: Option<u64>,
+    /// How often the completion job runs.
+    pub completion_every: Duration,
 }
 
 impl Default for TestStack {
@@ -63,6 +65,7 @@ impl Default for TestStack {
             provider: MailProvider::Simulator,
             bigquery_endpoint: None,
             prepare_partition_bytes: None,
+            completion_every: Duration::from_millis(200),
         }
     }
 }
@@ -82,7 +85,7 @@ impl TestStack {
             triggers: self.triggers,
             prefetch: 0,
             mode: ServiceMode::InProcess,
-            completion_every: Duration::from_millis(200),
+            completion_every: self.completion_every,
             run_dir,
             service_log: "warn".into(),
             database_url: Some(url),

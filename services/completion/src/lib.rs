@@ -1,4 +1,11 @@
-//! The completion job: one pass, then exit (a Cloud Run job started by Cloud Scheduler).
+//! The completion job: passes until the work is done or its run's time is up, then exit (a Cloud
+//! Run job started by Cloud Scheduler).
+//!
+//! A pass takes at most [`BATCH`] rows in each step. When it took a whole batch of sent chunks
+//! and settled some of them, or a whole batch of log rows, another pass follows at once, as long
+//! as the run's time ([`Config::run_seconds`]) allows: a backlog (a flood of realtime requests,
+//! each with its chunk to poll and its log row to write) is worked through in one run, not a
+//! batch a minute.
 //!
 //! Each pass:
 //! 1. expires what passed its deadline before it could be dispatched;
@@ -53,7 +60,7 @@ use crate::logs::{BigQuerySink, FileSink, LogSink};
 use crate::reconcile::Timeouts;
 
 /// Most rows one pass handles per step; the next pass takes the rest.
-const BATCH: i64 = 1_000;
+pub const BATCH: i64 = 1_000;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "completion", about = "One completion pass: poll the ESP, write logs, close requests.")]
@@ -100,11 +107,20 @@ pub struct Config {
     /// judges it.
     #[arg(long, env = "KILL_SWITCH_MIN_SAMPLE", default_value_t = 1_000)]
     pub kill_switch_min_sample: u64,
+    /// How long one run keeps taking passes while work is left, in seconds: no pass starts after
+    /// that. Below the schedule's interval, so that runs seldom overlap (they may: every step is
+    /// a guarded state change).
+    #[arg(long, env = "RUN_SECONDS", default_value_t = 50)]
+    pub run_seconds: u64,
 }
 
-/// What one pass did.
+/// What one pass did (or a run's passes together).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct PassReport {
+    /// Passes taken.
+    pub passes: u32,
+    /// Sent chunks polled.
+    pub polled_chunks: u64,
     pub expired_requests: u64,
     pub expired_chunks: u64,
     pub completed_chunks: u64,
@@ -120,6 +136,36 @@ pub struct PassReport {
     pub request_rows: u64,
 }
 
+impl PassReport {
+    /// Whether the pass left work that another one can get on with now: it took a whole batch of
+    /// sent chunks and settled some (chunks still processing at the ESP are polled again by the
+    /// next run), or a whole batch of log rows.
+    fn left_more(&self) -> bool {
+        let batch = BATCH as u64;
+        (self.polled_chunks >= batch && self.completed_chunks > 0)
+            || self.delivery_rows >= batch
+            || self.request_rows >= batch
+    }
+
+    /// Adds a later pass's counts to these.
+    fn add(&mut self, pass: &PassReport) {
+        self.passes += pass.passes;
+        self.polled_chunks += pass.polled_chunks;
+        self.expired_requests += pass.expired_requests;
+        self.expired_chunks += pass.expired_chunks;
+        self.completed_chunks += pass.completed_chunks;
+        self.still_processing += pass.still_processing;
+        self.killed_requests += pass.killed_requests;
+        self.requeued_uploads += pass.requeued_uploads;
+        self.redispatched += pass.redispatched;
+        self.republished += pass.republished;
+        self.cancelled_chunks += pass.cancelled_chunks;
+        self.closed_requests += pass.closed_requests;
+        self.delivery_rows += pass.delivery_rows;
+        self.request_rows += pass.request_rows;
+    }
+}
+
 pub struct Job {
     store: Store,
     /// The list-based ESP whose sends settle later; `None` for a message-based provider, whose
@@ -131,6 +177,8 @@ pub struct Job {
     completed: Topic,
     timeouts: Timeouts,
     kill_switch: KillSwitch,
+    /// No pass starts once a run has taken this long.
+    run_for: Duration,
 }
 
 impl Job {
@@ -160,12 +208,26 @@ impl Job {
                 complaint_rate: config.kill_switch_complaint_rate,
                 min_sample: config.kill_switch_min_sample,
             },
+            run_for: Duration::from_secs(config.run_seconds),
         })
+    }
+
+    /// One run: passes while the last one left more to do and the run's time allows.
+    pub async fn run(&self) -> anyhow::Result<PassReport> {
+        let started = tokio::time::Instant::now();
+        let mut report = self.run_once().await?;
+        let mut last = report.clone();
+        while last.left_more() && started.elapsed() < self.run_for {
+            last = self.run_once().await?;
+            report.add(&last);
+        }
+        Ok(report)
     }
 
     /// One pass over everything; see the crate doc for the steps.
     pub async fn run_once(&self) -> anyhow::Result<PassReport> {
         let mut report = PassReport {
+            passes: 1,
             expired_requests: close::expire_unprepared(&self.store).await?,
             expired_chunks: expire_overdue_chunks(self.store.pool()).await?,
             ..PassReport::default()

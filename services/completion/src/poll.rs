@@ -25,6 +25,7 @@ pub(crate) async fn poll_sent(store: &Store, esp: &dyn EspProvider, report: &mut
     );
     let sent: Vec<ChunkRow> =
         sqlx::query_as(&sql).bind(ChunkState::Sent).bind(BATCH).fetch_all(store.pool()).await?;
+    report.polled_chunks = sent.len() as u64;
     let statuses: Vec<_> = futures::stream::iter(sent)
         .map(|chunk| async move {
             let id = DeliveryId(chunk.delivery_id.clone().unwrap_or_default());

@@ -46,8 +46,8 @@ pub async fn run(service: Service) -> anyhow::Result<()> {
         }
         Service::Completion => {
             let job = haishin_completion::Job::build(haishin_completion::Config::parse_from(name)).await?;
-            let report = job.run_once().await?;
-            tracing::debug!(report = %serde_json::to_string(&report)?, "Completion pass done.");
+            let report = job.run().await?;
+            tracing::debug!(report = %serde_json::to_string(&report)?, "Completion run done.");
             Ok(())
         }
     }

@@ -375,7 +375,7 @@ impl LocalStack {
         }
     }
 
-    /// Runs Cloud Scheduler's part: one completion pass every `completion_every`.
+    /// Runs Cloud Scheduler's part: one completion run every `completion_every`.
     fn start_scheduler(&mut self) {
         let (stop, mut stopped) = watch::channel(false);
         let every = self.config.completion_every;
@@ -390,11 +390,16 @@ impl LocalStack {
                     () = tokio::time::sleep(every) => {}
                 }
                 if let Err(err) = run_completion(&mode, &env, &log_path, &pid).await {
-                    tracing::warn!(error = %err, "Completion pass failed.");
+                    tracing::warn!(error = %err, "Completion run failed.");
                 }
             }
         });
         self.scheduler = Some((stop, task));
+    }
+
+    /// The environment a service instance is started with (its configuration).
+    pub fn env_of(&self, instance: Instance) -> Option<&[(String, String)]> {
+        self.env.get(&instance).map(Vec::as_slice)
     }
 
     /// Kills the completion pass that runs next (or now) with SIGKILL, as a crashed job.
@@ -565,7 +570,7 @@ async fn run_completion(
         }
         ServiceMode::InProcess => {
             let job = haishin_completion::Job::build(parse_env(Service::Completion, env)?).await?;
-            job.run_once().await.map(drop)
+            job.run().await.map(drop)
         }
     }
 }
@@ -712,6 +717,8 @@ fn service_env(
         ("KILL_SWITCH_BOUNCE_RATE", KILL_SWITCH_BOUNCE_RATE.to_string()),
         ("KILL_SWITCH_MIN_SAMPLE", KILL_SWITCH_MIN_SAMPLE.to_string()),
         ("KILL_SWITCH_COMPLAINT_RATE", KILL_SWITCH_COMPLAINT_RATE.to_string()),
+        // A run no longer than the schedule's interval, as in production.
+        ("RUN_SECONDS", config.completion_every.as_secs().max(1).to_string()),
     ]);
     let mut env = BTreeMap::from([
         (Instance::first(Service::Trigger), trigger_env(0)),
