@@ -9,7 +9,8 @@
 //! counted `suppressed`), and again just before a chunk goes to the provider (an address
 //! suppressed after preparation is not sent; the chunk counts it `suppressed`). The first asks
 //! [`suppressed_among`] once for a whole chunk or batch, never once per recipient; the second
-//! looks only at the suppressions the first may not have seen ([`SinceBuilt`]).
+//! does the same for a small chunk, and looks only at the suppressions the first may not have
+//! seen for a list about to be uploaded ([`SinceBuilt`]).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -108,8 +109,8 @@ const RECENT_MOST: i64 = 1_000;
 
 /// The suppressions a chunk's build-time check may not have seen: those of the request's scopes
 /// written since shortly before it was received ([`BUILD_CHECK_MARGIN_SECS`]). Most of the time
-/// there are none or a few, and the check just before the provider needs neither the chunk's
-/// addresses parsed nor a query for all of them.
+/// there are none or a few, and the check just before a large chunk's upload needs neither the
+/// chunk's addresses parsed nor a query for all of them.
 #[derive(Debug, Clone)]
 pub struct SinceBuilt {
     /// Their address keys; `None` when there are more than [`RECENT_MOST`].
@@ -161,26 +162,42 @@ impl SinceBuilt {
                 &queried
             }
         };
-        let before = recipients.len();
-        let kept: Vec<_> = recipients
-            .into_iter()
-            .zip(keys)
-            .filter(|(_, key)| key.as_ref().is_none_or(|k| !suppressed.contains(k)))
-            .map(|(recipient, _)| recipient)
-            .collect();
-        let left_out = (before - kept.len()) as i64;
-        Ok((kept, left_out))
+        Ok(keep_unsuppressed(recipients, keys, suppressed))
     }
 }
 
 /// The recipients (chunk object lines) not suppressed for `request`, and how many were left out:
-/// the check made just before a chunk's recipients go to the provider ([`SinceBuilt`]).
+/// the check made just before a small chunk's recipients go to the provider, one query for their
+/// few addresses (cheaper than [`SinceBuilt`]'s look at every recent suppression).
 pub async fn leave_out_suppressed(
     store: &Store,
     request: &RequestId,
     recipients: Vec<Box<serde_json::value::RawValue>>,
 ) -> Result<(Vec<Box<serde_json::value::RawValue>>, i64)> {
-    SinceBuilt::of_request(store, request).await?.leave_out(store, request, recipients).await
+    let keys: Vec<Option<String>> = recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
+    let asked: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
+    let suppressed = suppressed_for_request(store, request, &asked).await?;
+    Ok(keep_unsuppressed(recipients, keys, &suppressed))
+}
+
+/// The recipients whose key (in the same order) is not in `suppressed`, and how many were not.
+fn keep_unsuppressed(
+    recipients: Vec<Box<serde_json::value::RawValue>>,
+    keys: Vec<Option<String>>,
+    suppressed: &HashSet<String>,
+) -> (Vec<Box<serde_json::value::RawValue>>, i64) {
+    if suppressed.is_empty() {
+        return (recipients, 0);
+    }
+    let before = recipients.len();
+    let kept: Vec<_> = recipients
+        .into_iter()
+        .zip(keys)
+        .filter(|(_, key)| key.as_ref().is_none_or(|k| !suppressed.contains(k)))
+        .map(|(recipient, _)| recipient)
+        .collect();
+    let left_out = (before - kept.len()) as i64;
+    (kept, left_out)
 }
 
 /// The address of a recipient as a chunk object holds it (`{"email": …, "params": …}`), without
