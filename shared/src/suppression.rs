@@ -101,7 +101,7 @@ pub async fn suppressed_for_request(
 /// seen by the check its chunks got when they were built. A suppression is written by one
 /// statement (an import's lines by one `INSERT`), whose time is its transaction's start: one
 /// written before that margin was committed long before any of the request's chunks was built.
-pub const BUILD_CHECK_MARGIN_SECS: i64 = 600;
+const BUILD_CHECK_MARGIN_SECS: i64 = 600;
 
 /// Most suppressions written since a request's chunks were built that are matched in memory;
 /// beyond that, the chunk's addresses are asked for in full.
@@ -148,21 +148,14 @@ impl SinceBuilt {
         request: &RequestId,
         recipients: Vec<Box<serde_json::value::RawValue>>,
     ) -> Result<(Vec<Box<serde_json::value::RawValue>>, i64)> {
-        if self.keys.as_ref().is_some_and(HashSet::is_empty) {
-            return Ok((recipients, 0));
-        }
-        let keys: Vec<Option<String>> =
-            recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
-        let queried;
-        let suppressed = match &self.keys {
-            Some(recent) => recent,
-            None => {
-                let asked: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
-                queried = suppressed_for_request(store, request, &asked).await?;
-                &queried
+        match &self.keys {
+            Some(recent) if recent.is_empty() => Ok((recipients, 0)),
+            Some(recent) => {
+                let keys = recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
+                Ok(keep_unsuppressed(recipients, keys, recent))
             }
-        };
-        Ok(keep_unsuppressed(recipients, keys, suppressed))
+            None => leave_out_suppressed(store, request, recipients).await,
+        }
     }
 }
 

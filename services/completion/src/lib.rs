@@ -225,7 +225,7 @@ impl Job {
     }
 
     /// One pass over everything; see the crate doc for the steps.
-    pub async fn run_once(&self) -> anyhow::Result<PassReport> {
+    async fn run_once(&self) -> anyhow::Result<PassReport> {
         let mut report = PassReport {
             passes: 1,
             expired_requests: close::expire_unprepared(&self.store).await?,
