@@ -33,6 +33,7 @@ pub fn new_chunks(request: &DeliveryRequest, seqs: std::ops::Range<u32>) -> Vec<
         seq,
         object: format!("o/{seq}"),
         recipients: 10,
+        lines: None,
     })
     .collect()
 }

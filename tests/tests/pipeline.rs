@@ -316,6 +316,29 @@ async fn small_realtime_events_are_sent_with_their_recipients_and_never_wait_for
     )
     .await;
     assert_eq!(inline, 3, "each small event sent without a list");
+    // An inline audience's small chunks hold their lines in their rows: no object is written or
+    // read for them (the fan-out's list was uploaded from its rows too).
+    let in_rows = sqlx_count(
+        &stack,
+        "SELECT count(*) FROM chunks WHERE (request_id LIKE 'restock-%' OR request_id = 'fan-out')
+           AND lines IS NOT NULL",
+    )
+    .await;
+    assert_eq!(in_rows, 4);
+    for id in ["restock-0", "restock-1", "restock-2", "fan-out"] {
+        let objects =
+            stack.blobs.list(haishin_local::stack::BUCKET, &format!("requests/{id}/")).await.unwrap();
+        assert_eq!(objects, Vec::<String>::new(), "{id}");
+    }
+    assert!(
+        !stack
+            .blobs
+            .list(haishin_local::stack::BUCKET, "requests/campaign/chunks/")
+            .await
+            .unwrap()
+            .is_empty(),
+        "a file audience's chunks are objects"
+    );
     stack.stop().await;
 }
 

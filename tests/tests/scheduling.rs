@@ -307,7 +307,8 @@ async fn chunks_of_a_request_still_being_prepared_are_dispatched() {
     else {
         panic!()
     };
-    let first = NewChunk { id: chunk_id("streaming", 0), seq: 0, object: "o/0".into(), recipients: 10 };
+    let first =
+        NewChunk { id: chunk_id("streaming", 0), seq: 0, object: "o/0".into(), recipients: 10, lines: None };
     insert_chunks(&store, &campaign, &[first]).await.unwrap();
 
     assert_eq!(dispatched_requests(&store, LIMITS).await, ["streaming"]);

@@ -158,10 +158,9 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         return uploaded(state, &chunk, ListId(chunk.object.clone()), None, "no list to upload").await;
     };
     let read_start = Instant::now();
-    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
     // The suppressions written since the chunk was built are looked up while it is read.
     let (read, since_built) = tokio::join!(
-        state.blobs.read_lines(&state.bucket, &chunk.object, first, count),
+        state.blobs.chunk_lines(&state.bucket, &chunk),
         SinceBuilt::of_request(&state.store, &chunk.request_id)
     );
     let recipients = match read {

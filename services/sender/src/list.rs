@@ -238,8 +238,7 @@ async fn inline_recipients(
     inline: &InlineSends,
     chunk: &ChunkRow,
 ) -> Result<Vec<Recipient>, Outcome> {
-    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
-    let lines = match inline.blobs.read_lines(&inline.bucket, &chunk.object, first, count).await {
+    let lines = match inline.blobs.chunk_lines(&inline.bucket, chunk).await {
         Ok(lines) => lines,
         Err(err @ GcpError::Permanent { .. }) => return Err(fail(state, chunk, &err.to_string()).await),
         Err(err) => return Err(give_back(state, chunk, Outcome::unavailable(err), false).await),

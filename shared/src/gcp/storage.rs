@@ -5,6 +5,7 @@ use google_cloud_storage::client::Storage;
 use serde_json::value::RawValue;
 
 use super::{GcpArgs, GcpError, anonymous, rest_credentials, rest_headers};
+use crate::store::ChunkRow;
 
 /// Cloud Storage: chunk objects and audience files.
 #[derive(Clone, Debug)]
@@ -109,22 +110,16 @@ impl Blobs {
         count: usize,
     ) -> Result<Vec<Box<RawValue>>, GcpError> {
         let data = self.read_all(bucket, object).await?;
-        let corrupt = |detail: String| GcpError::Permanent { what: "reading a chunk object", detail };
-        let lines = data
-            .split(|b| *b == b'\n')
-            .filter(|line| !line.is_empty())
-            .skip(first)
-            .take(count)
-            .map(serde_json::from_slice::<Box<RawValue>>)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| corrupt(format!("{object} is unreadable: {e}")))?;
-        if lines.len() != count {
-            return Err(corrupt(format!(
-                "{object} holds {} lines from line {first}, {count} expected",
-                lines.len()
-            )));
+        lines_of(&data, object, first, count)
+    }
+
+    /// A chunk's recipients: the lines its row holds, or those of its object.
+    pub async fn chunk_lines(&self, bucket: &str, chunk: &ChunkRow) -> Result<Vec<Box<RawValue>>, GcpError> {
+        let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
+        match &chunk.lines {
+            Some(lines) => lines_of(lines.as_bytes(), &chunk.object, first, count),
+            None => self.read_lines(bucket, &chunk.object, first, count).await,
         }
-        Ok(lines)
     }
 
     /// Names of the objects under `prefix`, in name order.
@@ -179,4 +174,24 @@ impl Blobs {
         objects.sort();
         Ok(objects)
     }
+}
+
+/// Lines `[first, first + count)` of NDJSON `data` (the chunk `name`'s), blank lines not counted.
+fn lines_of(data: &[u8], name: &str, first: usize, count: usize) -> Result<Vec<Box<RawValue>>, GcpError> {
+    let corrupt = |detail: String| GcpError::Permanent { what: "reading a chunk object", detail };
+    let lines = data
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .skip(first)
+        .take(count)
+        .map(serde_json::from_slice::<Box<RawValue>>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| corrupt(format!("{name} is unreadable: {e}")))?;
+    if lines.len() != count {
+        return Err(corrupt(format!(
+            "{name} holds {} lines from line {first}, {count} expected",
+            lines.len()
+        )));
+    }
+    Ok(lines)
 }

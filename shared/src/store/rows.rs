@@ -62,6 +62,9 @@ pub struct ChunkRow {
     /// The chunk's recipients are lines `[first_line, first_line + recipients)` of its object.
     pub first_line: i32,
     pub recipients: i32,
+    /// The lines themselves, for a small chunk of an inline audience (see [`LINES_IN_ROW_MAX`]);
+    /// `None`: they are in `object`.
+    pub lines: Option<String>,
     pub generation: i32,
     pub upload_attempts: i32,
     pub send_attempts: i32,
@@ -91,6 +94,11 @@ pub struct ChunkRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// The most recipients a chunk of an inline audience holds in its row rather than in a Cloud
+/// Storage object: a realtime event's chunk then costs no object write and read, and a chunk row
+/// stays small enough to be read with every claim.
+pub const LINES_IN_ROW_MAX: usize = 1_000;
+
 const CHUNK_COLUMNS: &[&str] = &[
     "id",
     "request_id",
@@ -101,6 +109,7 @@ const CHUNK_COLUMNS: &[&str] = &[
     "object",
     "first_line",
     "recipients",
+    "lines",
     "generation",
     "upload_attempts",
     "send_attempts",

@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// How long `realtime-flood` holds each rate, in seconds (its target is judged over 60).
     #[arg(long, default_value_t = 60)]
     pub flood_step_secs: u64,
+    /// Events per second of `realtime-flood`'s first step (each next step doubles it).
+    #[arg(long, default_value_t = 25.0)]
+    pub flood_from: f64,
 }
 
 /// In `esp-limit-drop`: the ESP's real limit drops from 8 to this, 10 s after the start.
@@ -121,7 +124,7 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
         // that share a template must go out together, many to a call (a send batch).
         "realtime-flood" => {
             s.realtime = RealtimeEvents::Flood(crate::flood::FloodPlan {
-                first_rate: 25.0,
+                first_rate: args.flood_from,
                 factor: 2.0,
                 steps: 7,
                 step: Duration::from_secs(args.flood_step_secs),
@@ -264,6 +267,7 @@ pub(crate) mod tests {
             seed: 1,
             huge_recipients: 10_000_000,
             flood_step_secs: 60,
+            flood_from: 25.0,
         }
     }
 

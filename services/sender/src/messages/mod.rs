@@ -101,8 +101,7 @@ pub(crate) async fn send(state: &AppState, path: &MessagePath, claimed: Claimed)
         Err(Ok(reason)) => return fail(state, &chunk, &reason).await,
         Err(Err(outcome)) => return crate::give_back(state, &chunk, outcome, false).await,
     };
-    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
-    let lines = match path.blobs.read_lines(&path.bucket, &chunk.object, first, count).await {
+    let lines = match path.blobs.chunk_lines(&path.bucket, &chunk).await {
         Ok(lines) => lines,
         Err(err @ GcpError::Permanent { .. }) => return fail(state, &chunk, &err.to_string()).await,
         Err(err) => return crate::give_back(state, &chunk, Outcome::unavailable(err), false).await,

@@ -8,10 +8,11 @@ pub mod records;
 
 use haishin_shared::domain::{Audience, DeliveryRequest, RequestId, RequestState};
 use haishin_shared::messages::PrepareTask;
+use haishin_shared::store::{LINES_IN_ROW_MAX, StoreError};
 
 use crate::AppState;
 use crate::error::Unavailable;
-use crate::prepare;
+use crate::prepare::{self, PrepareError};
 
 pub use haishin_shared::domain::Rejection;
 
@@ -46,7 +47,8 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
         }
     };
     tracing::Span::current().record("request_id", request.id.as_str());
-    let created = match records::insert_request(&state.store, &request).await {
+    let (stored, prepared) = store(state, &request).await;
+    let created = match stored {
         Ok(created) => created,
         // The database refused the request's data: no retry can store it.
         Err(err) if err.is_refused_data() => {
@@ -66,7 +68,9 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
     // A request just stored is started; one stored before and left in `received` (its earlier
     // start failed) is started again. The prepare step itself is guarded, so doing this twice is
     // harmless.
-    let started = if created {
+    let started = if prepared {
+        Ok(())
+    } else if created {
         start(state, &request).await
     } else {
         match state.store.request(&request.id).await? {
@@ -81,6 +85,22 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
         Err(err) => return Err(err),
     }
     Ok(Intake::Accepted { id: request.id, created })
+}
+
+/// Stores a request: a small inline one prepared already (see [`prepare::at_intake`]), any other
+/// in `received`. Returns whether it was stored (false: the id was taken), and whether prepared.
+async fn store(state: &AppState, request: &DeliveryRequest) -> (Result<bool, StoreError>, bool) {
+    let small = LINES_IN_ROW_MAX.min(state.inline_prepare_max);
+    if matches!(&request.audience, Audience::Inline(list) if list.len() <= small) {
+        match prepare::at_intake(state, request).await {
+            Ok(created) => return (Ok(created), created),
+            Err(PrepareError::Store(err)) => return (Err(err), false),
+            // It cannot be prepared (it would fail): it is stored `received`, and the prepare step
+            // records why.
+            Err(err) => tracing::warn!(error = %err, "Request not prepared as taken in."),
+        }
+    }
+    (records::insert_request(&state.store, request).await, false)
 }
 
 /// Starts preparing a request: small inline audiences at once, others through the prepare queue.

@@ -136,6 +136,22 @@ pub(super) async fn read_whole(
     Ok(chunker.summary)
 }
 
+/// Reads a small inline audience of a request not stored yet into chunks held in memory (their
+/// lines in their rows), for the caller to write with the request.
+pub(super) async fn read_inline_held(
+    target: ChunkTarget<'_>,
+) -> Result<(AudienceSummary, Vec<records::NewChunk>), PrepareError> {
+    let Audience::Inline(list) = &target.request.audience else {
+        return Err(PrepareError::Unusable("the audience is not inline".into()));
+    };
+    let mut chunker = Chunker::holding(target);
+    for (i, recipient) in list.iter().enumerate() {
+        chunker.push(Ok(recipient.clone()), RowAt { source: "inline", line: i as u64 + 1 }).await?;
+    }
+    chunker.flush().await?;
+    Ok(chunker.into_held())
+}
+
 /// Expands a `*` in the object name (as BigQuery exports write) into the matching objects.
 pub(crate) async fn expand(blobs: &Blobs, uri: &GcsUri) -> Result<Vec<String>, PrepareError> {
     Ok(expand_sized(blobs, uri).await?.into_iter().map(|(name, _)| name).collect())

@@ -1,7 +1,8 @@
 //! Filling chunks: recipients are de-duplicated exactly (by their address key), checked against the
 //! suppressions (one query per chunk), written to Cloud Storage `chunk_size` candidates at a
 //! time, and each chunk is recorded as it is written, so that it can be dispatched while the rest
-//! of the audience is still being read.
+//! of the audience is still being read. A small chunk of an inline audience keeps its lines in
+//! its row instead of an object (see `LINES_IN_ROW_MAX`).
 //!
 //! A chunk's candidates are the de-duplicated recipients from `(seq - first) × chunk_size` on,
 //! `chunk_size` of them, where `first` is the chunker's first chunk number (0, or a partition's
@@ -17,9 +18,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 
-use haishin_shared::domain::{ChunkId, ChunkState, DeliveryRequest, Recipient, chunk_object, template};
+use haishin_shared::domain::{
+    Audience, ChunkId, ChunkState, DeliveryRequest, Recipient, chunk_object, template,
+};
 use haishin_shared::gcp::Blobs;
-use haishin_shared::store::Store;
+use haishin_shared::store::{LINES_IN_ROW_MAX, Store};
 use haishin_shared::suppression::{address_key, scopes_of, suppressed_among};
 use serde::Serialize;
 
@@ -149,6 +152,9 @@ pub(super) struct Chunker<'a> {
     handed_on: BTreeMap<u32, i32>,
     /// The request's cancel was seen: chunks are recorded `cancelled`, their objects not written.
     cancelled: bool,
+    /// Chunks kept for the caller to write instead of being stored one by one (see
+    /// [`Chunker::holding`]).
+    held: Option<Vec<NewChunk>>,
     pub(super) summary: AudienceSummary,
 }
 
@@ -165,8 +171,20 @@ impl<'a> Chunker<'a> {
             seq: first_seq,
             handed_on,
             cancelled: false,
+            held: None,
             summary: AudienceSummary::default(),
         }
+    }
+
+    /// A chunker for a request not stored yet: its chunks are kept, not stored, and handed over
+    /// by [`Chunker::into_held`] to be written with the request.
+    pub(super) fn holding(target: ChunkTarget<'a>) -> Self {
+        Self { held: Some(Vec::new()), ..Self::new(target, 0, BTreeMap::new()) }
+    }
+
+    /// What was found, and the chunks kept by a [`Chunker::holding`].
+    pub(super) fn into_held(self) -> (AudienceSummary, Vec<NewChunk>) {
+        (self.summary, self.held.unwrap_or_default())
     }
 
     fn skip(&mut self, reason: Skip, source: &str, line: u64) {
@@ -287,10 +305,23 @@ impl<'a> Chunker<'a> {
             return Ok(());
         }
         let object = chunk_object(&request.id, seq);
-        if !self.cancelled {
-            blobs.write(bucket, &object, bytes::Bytes::from(data)).await?;
+        // A held chunk is never written as an object: its request may not be stored in the end.
+        let in_row = self.held.is_some()
+            || (matches!(request.audience, Audience::Inline(_)) && recipients as usize <= LINES_IN_ROW_MAX);
+        let lines = if in_row {
+            Some(String::from_utf8(data).map_err(|e| PrepareError::Unusable(e.to_string()))?)
+        } else {
+            if !self.cancelled {
+                blobs.write(bucket, &object, bytes::Bytes::from(data)).await?;
+            }
+            None
+        };
+        let chunk = NewChunk { id: ChunkId::new(&request.id, seq), seq, object, recipients, lines };
+        if let Some(held) = &mut self.held {
+            held.push(chunk);
+            self.summary.chunks += 1;
+            return Ok(());
         }
-        let chunk = NewChunk { id: ChunkId::new(&request.id, seq), seq, object, recipients };
         let stored = records::insert_chunks(store, request, &[chunk]).await?;
         if stored == ChunkState::Cancelled && !self.cancelled {
             tracing::info!(

@@ -20,7 +20,7 @@ pub(crate) mod recipient;
 pub mod records;
 pub mod rows;
 
-use haishin_shared::domain::{RequestId, RequestState};
+use haishin_shared::domain::{DeliveryRequest, RequestId, RequestState};
 use haishin_shared::gcp::GcpError;
 use haishin_shared::messages::PreparePart;
 use haishin_shared::store::{Claim, StoreError};
@@ -132,6 +132,31 @@ pub async fn run(
             Err(Unavailable::Dependency(err.to_string()))
         }
     }
+}
+
+/// Prepares a small inline request as it is taken in, before it is stored: its chunks are built
+/// in memory (rows checked, repeated and suppressed addresses left out, lines kept in the chunk
+/// rows) and stored with the request, already `dispatching`, in one statement; a dispatch round
+/// follows. Returns false, having written nothing, when the id was taken already.
+///
+/// The request's audience must be inline and of at most
+/// [`LINES_IN_ROW_MAX`](haishin_shared::store::LINES_IN_ROW_MAX) recipients.
+pub async fn at_intake(state: &AppState, request: &DeliveryRequest) -> Result<bool, PrepareError> {
+    let target = chunker::ChunkTarget {
+        blobs: &state.blobs,
+        store: &state.store,
+        bucket: &state.bucket,
+        request,
+        chunk_size: state.chunk_size,
+        on_chunk: &|| {},
+    };
+    let (summary, chunks) = audience::read_inline_held(target).await?;
+    let created = records::insert_prepared(&state.store, request, &summary, &chunks).await?;
+    if created {
+        tracing::info!(recipients = summary.recipients, chunks = summary.chunks, "Audience prepared.");
+        dispatch_after_prepare(state).await;
+    }
+    Ok(created)
 }
 
 /// What runs as each chunk is stored: a dispatch round, in the background.

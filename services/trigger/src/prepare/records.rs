@@ -5,7 +5,9 @@ use std::ops::Range;
 use std::time::Duration;
 
 use haishin_shared::domain::{ChunkId, ChunkState, DeliveryRequest, RequestId, RequestState};
-use haishin_shared::store::{CANCELLED_REASON, Claim, RequestRow, Result, Store, request_columns};
+use haishin_shared::store::{
+    CANCELLED_REASON, Claim, RequestRow, Result, Store, StoreError, request_columns,
+};
 use sqlx::{Postgres, QueryBuilder};
 
 use super::chunker::AudienceSummary;
@@ -17,6 +19,8 @@ pub struct NewChunk {
     pub seq: u32,
     pub object: String,
     pub recipients: u32,
+    /// The recipients' lines, for a chunk that holds them in its row (`object` is not written).
+    pub lines: Option<String>,
 }
 
 /// Takes a request for the prepare step: from `received`, or from `preparing` whose lease ran out.
@@ -98,7 +102,7 @@ pub async fn insert_chunks(
     };
     if !chunks.is_empty() {
         let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
-            "INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, recipients, reason, finished_at) ",
+            "INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, recipients, lines, reason, finished_at) ",
         );
         query.push_values(chunks, |mut row, chunk| {
             row.push_bind(&chunk.id)
@@ -110,6 +114,7 @@ pub async fn insert_chunks(
                 .push_bind(state)
                 .push_bind(&chunk.object)
                 .push_bind(chunk.recipients as i32)
+                .push_bind(&chunk.lines)
                 .push_bind(reason)
                 .push(if reason.is_some() { "now()" } else { "NULL" });
         });
@@ -138,6 +143,56 @@ pub async fn finish_prepare(store: &Store, id: &RequestId, summary: &AudienceSum
     .execute(store.pool())
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Stores a request prepared before it was stored, already `dispatching`, with its chunks
+/// (`pending`), in one statement, in the trace of the span around the caller. Returns false, and
+/// writes nothing, when the id was already taken: the same id is the same request, whatever its
+/// body.
+pub async fn insert_prepared(
+    store: &Store,
+    request: &DeliveryRequest,
+    summary: &AudienceSummary,
+    chunks: &[NewChunk],
+) -> Result<bool> {
+    let json =
+        |value: serde_json::Result<serde_json::Value>| value.map_err(|e| StoreError::Corrupt(e.to_string()));
+    let created: i64 = sqlx::query_scalar(
+        "WITH request AS (
+             INSERT INTO requests (id, class, priority, state, body, labels, not_before, deadline, traceparent,
+                                   prepared_at, audience_rows, recipients, skipped, chunk_count, skipped_at)
+             VALUES ($1, $2, $3, 'dispatching', $4, $5, $6, $7, $8, now(), $9, $10, $11, $12, $13)
+             ON CONFLICT (id) DO NOTHING
+             RETURNING id, class, priority, deadline),
+         chunk AS (
+             INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, recipients, lines)
+             SELECT c.id, r.id, c.seq, r.class, r.priority, r.deadline, 'pending', c.object, c.recipients, c.lines
+             FROM request r,
+                  unnest($14::text[], $15::int[], $16::text[], $17::int[], $18::text[])
+                      AS c (id, seq, object, recipients, lines))
+         SELECT count(*) FROM request",
+    )
+    .bind(&request.id)
+    .bind(request.class)
+    .bind(request.priority)
+    .bind(json(serde_json::to_value(request))?)
+    .bind(json(serde_json::to_value(&request.labels))?)
+    .bind(request.not_before)
+    .bind(request.deadline)
+    .bind(haishin_shared::telemetry::current_traceparent())
+    .bind(summary.rows as i64)
+    .bind(summary.recipients as i64)
+    .bind(json(serde_json::to_value(&summary.skipped))?)
+    .bind(summary.chunks as i32)
+    .bind(json(serde_json::to_value(&summary.skipped_at))?)
+    .bind(chunks.iter().map(|c| c.id.as_str()).collect::<Vec<_>>())
+    .bind(chunks.iter().map(|c| c.seq as i32).collect::<Vec<_>>())
+    .bind(chunks.iter().map(|c| c.object.as_str()).collect::<Vec<_>>())
+    .bind(chunks.iter().map(|c| c.recipients as i32).collect::<Vec<_>>())
+    .bind(chunks.iter().map(|c| c.lines.as_deref()).collect::<Vec<_>>())
+    .fetch_one(store.pool())
+    .await?;
+    Ok(created == 1)
 }
 
 /// Ends a request that can never be delivered (its audience cannot be read, say); its pending

@@ -82,8 +82,8 @@ pub(super) async fn cut_next(
     .fetch_one(&mut **tx)
     .await?;
     sqlx::query(
-        "INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, first_line, recipients)
-         SELECT $2, request_id, $3, class, priority, deadline, 'pending', object, $4, $5
+        "INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, lines, first_line, recipients)
+         SELECT $2, request_id, $3, class, priority, deadline, 'pending', object, lines, $4, $5
          FROM chunks WHERE id = $1",
     )
     .bind(&id)
