@@ -244,9 +244,14 @@ variable "dispatch_prefetch" {
 # ---------------------------------------------------------------------------------------------
 
 variable "inline_prepare_max" {
-  description = "Inline audiences up to this many recipients are prepared as soon as they arrive, without a prepare task (realtime events)."
+  description = "Inline audiences up to this many recipients (at most 10,000, the inline limit) are prepared as the request is taken in and stored with it, without a prepare task: the realtime path. A larger inline audience is prepared by a prepare task, which reads the request back."
   type        = number
-  default     = 1000
+  default     = 10000
+
+  validation {
+    condition     = var.inline_prepare_max >= 0 && var.inline_prepare_max <= 10000
+    error_message = "inline_prepare_max must be between 0 and 10000 (the most recipients an inline audience holds)."
+  }
 }
 
 variable "prepare_partition_bytes" {

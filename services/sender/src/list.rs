@@ -145,8 +145,9 @@ async fn ready(
             }
         }
     }
-    let request = match state.store.request(&chunk.request_id).await.map(|r| r.map(|r| r.request())) {
-        Ok(Some(Ok(request))) => request,
+    let head = state.store.request_head(&chunk.request_id).await;
+    let template = match head.map(|h| h.map(|h| h.template_and_labels(&chunk.request_id))) {
+        Ok(Some(Ok((template, _)))) => template,
         Ok(_) => return Err(unknown(state, &chunk, "the chunk's request is missing").await),
         Err(err) => return Err(give_back(state, &chunk, err.into(), false).await),
     };
@@ -157,7 +158,7 @@ async fn ready(
         }
         (None, _) => return Err(fail(state, &chunk, "chunk has no uploaded list").await),
     };
-    Ok(Ready { chunk, key, template: request.template, to })
+    Ok(Ready { chunk, key, template, to })
 }
 
 /// Makes a ready send's call in a slot, within the declared rate (or waits for the shared call

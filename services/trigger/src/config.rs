@@ -71,8 +71,9 @@ pub struct Config {
     /// Upload tasks allowed to wait in the queue beyond the limit.
     #[arg(long, env = "DISPATCH_PREFETCH", default_value_t = 0)]
     pub dispatch_prefetch: u32,
-    /// Inline audiences up to this size are prepared as soon as they arrive, without a prepare task.
-    #[arg(long, env = "INLINE_PREPARE_MAX", default_value_t = 1_000)]
+    /// Inline audiences up to this size are prepared as the request is taken in and stored with
+    /// it, without a prepare task (every inline audience by default: at most 10,000 recipients).
+    #[arg(long, env = "INLINE_PREPARE_MAX", default_value_t = haishin_shared::domain::MAX_INLINE_RECIPIENTS)]
     pub inline_prepare_max: usize,
     /// How long a prepare step may run before another may take it over, in seconds: the
     /// trigger's request timeout, and so the prepare tasks' dispatch deadline.

@@ -30,9 +30,7 @@ pub use chunks::{
 };
 pub use feedback::FeedbackCounts;
 pub use rate::{RateSchedule, Reservation};
-pub use rows::{
-    ChunkRow, ChunkTotals, LINES_IN_ROW_MAX, Outcomes, RequestRow, chunk_columns, request_columns,
-};
+pub use rows::{ChunkRow, ChunkTotals, Outcomes, RequestRow, chunk_columns, request_columns};
 
 /// Errors from the store. All of them are worth a retry: the database may come back.
 #[derive(Debug, thiserror::Error)]

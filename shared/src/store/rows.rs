@@ -8,7 +8,7 @@ use serde_json::Value;
 use sqlx::FromRow;
 
 use super::{Result, Store, StoreError};
-use crate::domain::{ChunkId, ChunkState, Class, DeliveryRequest, RequestId, RequestState};
+use crate::domain::{ChunkId, ChunkState, Class, DeliveryRequest, RequestId, RequestState, Template};
 
 /// A request row as the pipeline needs it.
 #[derive(Debug, Clone, FromRow)]
@@ -49,6 +49,27 @@ impl RequestRow {
     }
 }
 
+/// What sending and logging a request's chunks need of it: not its audience, which an inline
+/// request's body holds (up to megabytes, read whole only by its prepare step).
+#[derive(Debug, Clone, FromRow)]
+pub struct RequestHead {
+    /// `None`: a request without a body (rejected before it could be read).
+    pub template: Option<sqlx::types::Json<Template>>,
+    pub labels: Value,
+    pub received_at: DateTime<Utc>,
+}
+
+impl RequestHead {
+    /// The request's template, and its labels as the request gave them.
+    pub fn template_and_labels(self, id: &RequestId) -> Result<(Template, BTreeMap<String, String>)> {
+        let template =
+            self.template.ok_or_else(|| StoreError::Corrupt(format!("request {id} has no body")))?;
+        let labels = serde_json::from_value(self.labels)
+            .map_err(|e| StoreError::Corrupt(format!("request {id}: {e}")))?;
+        Ok((template.0, labels))
+    }
+}
+
 /// A chunk row.
 #[derive(Debug, Clone, FromRow, Serialize)]
 pub struct ChunkRow {
@@ -62,8 +83,8 @@ pub struct ChunkRow {
     /// The chunk's recipients are lines `[first_line, first_line + recipients)` of its object.
     pub first_line: i32,
     pub recipients: i32,
-    /// The lines themselves, for a small chunk of an inline audience (see [`LINES_IN_ROW_MAX`]);
-    /// `None`: they are in `object`.
+    /// The lines themselves, for a chunk of an inline audience, until it has a list; `None`:
+    /// they are in `object` (or no longer needed).
     pub lines: Option<String>,
     pub generation: i32,
     pub upload_attempts: i32,
@@ -93,11 +114,6 @@ pub struct ChunkRow {
     pub sent_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
 }
-
-/// The most recipients a chunk of an inline audience holds in its row rather than in a Cloud
-/// Storage object: a realtime event's chunk then costs no object write and read, and a chunk row
-/// stays small enough to be read with every claim.
-pub const LINES_IN_ROW_MAX: usize = 1_000;
 
 const CHUNK_COLUMNS: &[&str] = &[
     "id",
@@ -154,9 +170,19 @@ const REQUEST_COLUMNS: &[&str] = &[
     "traceparent",
 ];
 
-/// The select list of a [`ChunkRow`], each column prefixed with `table.` when one is given.
+/// The select list of a [`ChunkRow`], each column prefixed with `table.` when one is given. A
+/// chunk's `lines` are read only until it has a list: an uploaded chunk is sent by its list, and
+/// a large inline audience's lines are not carried along with every later read of its row.
 pub fn chunk_columns(table: Option<&str>) -> String {
-    select_list(CHUNK_COLUMNS, table)
+    let prefix = table.map(|t| format!("{t}.")).unwrap_or_default();
+    CHUNK_COLUMNS
+        .iter()
+        .map(|c| match *c {
+            "lines" => format!("CASE WHEN {prefix}list_id IS NULL THEN {prefix}lines END AS lines"),
+            c => format!("{prefix}{c}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The select list of a [`RequestRow`], each column prefixed with `table.` when one is given.
@@ -260,6 +286,12 @@ impl Store {
     pub async fn request(&self, id: &RequestId) -> Result<Option<RequestRow>> {
         let sql = format!("SELECT {} FROM requests WHERE id = $1", request_columns(None));
         Ok(sqlx::query_as::<_, RequestRow>(&sql).bind(id).fetch_optional(self.pool()).await?)
+    }
+
+    /// A request's template and labels, without reading its audience.
+    pub async fn request_head(&self, id: &RequestId) -> Result<Option<RequestHead>> {
+        let sql = "SELECT body -> 'template' AS template, labels, received_at FROM requests WHERE id = $1";
+        Ok(sqlx::query_as::<_, RequestHead>(sql).bind(id).fetch_optional(self.pool()).await?)
     }
 
     pub async fn chunk(&self, id: &ChunkId) -> Result<Option<ChunkRow>> {

@@ -29,7 +29,7 @@ pub(crate) async fn write_logs(
         let mut requests: HashMap<RequestId, (Value, Option<DateTime<Utc>>)> = HashMap::new();
         for chunk in &chunks {
             if !requests.contains_key(&chunk.request_id) {
-                let request = store.request(&chunk.request_id).await?;
+                let request = store.request_head(&chunk.request_id).await?;
                 let known = request.map(|r| (r.labels, Some(r.received_at))).unwrap_or_default();
                 requests.insert(chunk.request_id.clone(), known);
             }

@@ -174,15 +174,15 @@ async fn request_rendering<'a>(
     path: &'a MessagePath,
     chunk: &ChunkRow,
 ) -> Result<Rendering<'a>, Result<String, Outcome>> {
-    let request = match state.store.request(&chunk.request_id).await {
-        Ok(Some(row)) => row.request().map_err(|e| Ok(e.to_string()))?,
+    let (template, labels) = match state.store.request_head(&chunk.request_id).await {
+        Ok(Some(head)) => head.template_and_labels(&chunk.request_id).map_err(|e| Ok(e.to_string()))?,
         Ok(None) => return Err(Ok("the chunk's request is missing".to_owned())),
         Err(err) => return Err(Err(err.into())),
     };
-    let renderer = MessageRenderer::new(&request.template, &path.render)
+    let renderer = MessageRenderer::new(&template, &path.render)
         .map_err(|e| Ok(e.to_string()))?
         .for_request(chunk.request_id.as_str());
-    Ok(Rendering { renderer, tokens: &path.tokens, scope: path.tokens.scope(&request.labels) })
+    Ok(Rendering { renderer, tokens: &path.tokens, scope: path.tokens.scope(&labels) })
 }
 
 /// Hands one batch over and records its outcomes.

@@ -8,7 +8,7 @@ pub mod records;
 
 use haishin_shared::domain::{Audience, DeliveryRequest, RequestId, RequestState};
 use haishin_shared::messages::PrepareTask;
-use haishin_shared::store::{LINES_IN_ROW_MAX, StoreError};
+use haishin_shared::store::StoreError;
 
 use crate::AppState;
 use crate::error::Unavailable;
@@ -87,11 +87,11 @@ pub async fn take(state: &AppState, body: &[u8], message_id: Option<&str>) -> Re
     Ok(Intake::Accepted { id: request.id, created })
 }
 
-/// Stores a request: a small inline one prepared already (see [`prepare::at_intake`]), any other
-/// in `received`. Returns whether it was stored (false: the id was taken), and whether prepared.
+/// Stores a request: an inline one of at most `inline_prepare_max` recipients prepared already
+/// (see [`prepare::at_intake`]), any other in `received`. Returns whether it was stored (false:
+/// the id was taken), and whether prepared.
 async fn store(state: &AppState, request: &DeliveryRequest) -> (Result<bool, StoreError>, bool) {
-    let small = LINES_IN_ROW_MAX.min(state.inline_prepare_max);
-    if matches!(&request.audience, Audience::Inline(list) if list.len() <= small) {
+    if matches!(&request.audience, Audience::Inline(list) if list.len() <= state.inline_prepare_max) {
         match prepare::at_intake(state, request).await {
             Ok(created) => return (Ok(created), created),
             Err(PrepareError::Store(err)) => return (Err(err), false),

@@ -136,8 +136,8 @@ pub(super) async fn read_whole(
     Ok(chunker.summary)
 }
 
-/// Reads a small inline audience of a request not stored yet into chunks held in memory (their
-/// lines in their rows), for the caller to write with the request.
+/// Reads the inline audience of a request not stored yet into chunks held in memory (their lines
+/// in their rows), for the caller to write with the request.
 pub(super) async fn read_inline_held(
     target: ChunkTarget<'_>,
 ) -> Result<(AudienceSummary, Vec<records::NewChunk>), PrepareError> {

@@ -1,8 +1,8 @@
 //! Filling chunks: recipients are de-duplicated exactly (by their address key), checked against the
 //! suppressions (one query per chunk), written to Cloud Storage `chunk_size` candidates at a
 //! time, and each chunk is recorded as it is written, so that it can be dispatched while the rest
-//! of the audience is still being read. A small chunk of an inline audience keeps its lines in
-//! its row instead of an object (see `LINES_IN_ROW_MAX`).
+//! of the audience is still being read. A chunk of an inline audience (at most 10,000
+//! recipients, already in the request's body) keeps its lines in its row instead of an object.
 //!
 //! A chunk's candidates are the de-duplicated recipients from `(seq - first) × chunk_size` on,
 //! `chunk_size` of them, where `first` is the chunker's first chunk number (0, or a partition's
@@ -22,7 +22,7 @@ use haishin_shared::domain::{
     Audience, ChunkId, ChunkState, DeliveryRequest, Recipient, chunk_object, template,
 };
 use haishin_shared::gcp::Blobs;
-use haishin_shared::store::{LINES_IN_ROW_MAX, Store};
+use haishin_shared::store::Store;
 use haishin_shared::suppression::{address_key, scopes_of, suppressed_among};
 use serde::Serialize;
 
@@ -305,10 +305,7 @@ impl<'a> Chunker<'a> {
             return Ok(());
         }
         let object = chunk_object(&request.id, seq);
-        // A held chunk is never written as an object: its request may not be stored in the end.
-        let in_row = self.held.is_some()
-            || (matches!(request.audience, Audience::Inline(_)) && recipients as usize <= LINES_IN_ROW_MAX);
-        let lines = if in_row {
+        let lines = if matches!(request.audience, Audience::Inline(_)) {
             Some(String::from_utf8(data).map_err(|e| PrepareError::Unusable(e.to_string()))?)
         } else {
             if !self.cancelled {

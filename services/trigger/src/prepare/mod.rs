@@ -134,13 +134,10 @@ pub async fn run(
     }
 }
 
-/// Prepares a small inline request as it is taken in, before it is stored: its chunks are built
-/// in memory (rows checked, repeated and suppressed addresses left out, lines kept in the chunk
+/// Prepares an inline request as it is taken in, before it is stored: its chunks are built in
+/// memory (rows checked, repeated and suppressed addresses left out, lines kept in the chunk
 /// rows) and stored with the request, already `dispatching`, in one statement; a dispatch round
 /// follows. Returns false, having written nothing, when the id was taken already.
-///
-/// The request's audience must be inline and of at most
-/// [`LINES_IN_ROW_MAX`](haishin_shared::store::LINES_IN_ROW_MAX) recipients.
 pub async fn at_intake(state: &AppState, request: &DeliveryRequest) -> Result<bool, PrepareError> {
     let target = chunker::ChunkTarget {
         blobs: &state.blobs,
