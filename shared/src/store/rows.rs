@@ -190,6 +190,16 @@ pub fn request_columns(table: Option<&str>) -> String {
     select_list(REQUEST_COLUMNS, table)
 }
 
+/// [`request_columns`] with a NULL body: for readers of a request's state and totals, which
+/// need not read its audience ([`RequestRow::request`] then fails).
+pub fn request_columns_without_body() -> String {
+    REQUEST_COLUMNS
+        .iter()
+        .map(|c| if *c == "body" { "NULL::jsonb AS body" } else { c })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn select_list(columns: &[&str], table: Option<&str>) -> String {
     match table {
         Some(table) => columns.iter().map(|c| format!("{table}.{c}")).collect::<Vec<_>>().join(", "),

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use haishin_shared::domain::{ChunkState, Class, RequestId, RequestState};
 use haishin_shared::gcp::Topic;
-use haishin_shared::store::{ChunkRow, RequestRow, Result, Store, chunk_columns, request_columns};
+use haishin_shared::store::{
+    ChunkRow, RequestRow, Result, Store, chunk_columns, request_columns_without_body,
+};
 use haishin_shared::telemetry::metrics::{KeyValue, metrics};
 use haishin_shared::telemetry::{join_trace, parse_traceparent};
 use serde_json::Value;
@@ -142,11 +144,12 @@ async fn unlogged_chunks(store: &Store, limit: i64) -> Result<Vec<ChunkRow>> {
     Ok(sqlx::query_as(&sql).bind(ChunkState::FINAL).bind(limit).fetch_all(store.pool()).await?)
 }
 
-/// Finished requests whose summary row is not written yet.
+/// Finished requests whose summary row is not written yet (without their bodies: a log row holds
+/// no audience).
 pub async fn unlogged_requests(store: &Store, limit: i64) -> Result<Vec<RequestRow>> {
     let sql = format!(
         "SELECT {} FROM requests WHERE logged_at IS NULL AND state = ANY($1) ORDER BY finished_at LIMIT $2",
-        request_columns(None)
+        request_columns_without_body()
     );
     Ok(sqlx::query_as(&sql).bind(RequestState::FINAL).bind(limit).fetch_all(store.pool()).await?)
 }
