@@ -2,6 +2,10 @@ use clap::Parser;
 use haishin_trigger::public::{PublicConfig, PublicEntry};
 use haishin_trigger::{Application, Config};
 
+/// Services parse and build JSON all day: mimalloc keeps that cheaper than the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // `trigger unsubscribe`: the public entry, serving the one-click unsubscribe links alone.

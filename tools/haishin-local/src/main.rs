@@ -4,6 +4,10 @@ use haishin_local::demo::{self, DemoArgs};
 use haishin_local::services::{self, Service};
 use haishin_local::stack::{LocalStack, ServiceMode, StackConfig};
 
+/// The local stack runs every service from this binary: the same allocator as their own.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Haishin's whole pipeline on one machine.
 #[derive(Debug, Parser)]
 #[command(name = "haishin-local", version)]
