@@ -12,7 +12,7 @@
 //! does the same for a small chunk, and looks only at the suppressions the first may not have
 //! seen for a list about to be uploaded ([`SinceBuilt`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::domain::RequestId;
 use crate::store::{Result, Store};
@@ -70,6 +70,38 @@ pub async fn suppressed_among(store: &Store, keys: &[&str], scopes: &[String]) -
     .fetch_all(store.pool())
     .await?;
     Ok(found.into_iter().collect())
+}
+
+/// The suppressions of a set of addresses, in every scope, read with one query, to be matched in
+/// memory against each request's scopes: the check of a group of requests taken in together.
+#[derive(Debug, Default)]
+pub struct KnownSuppressions(HashMap<String, Vec<String>>);
+
+impl KnownSuppressions {
+    /// The suppressions of `keys` (each an [`address_key`]).
+    pub async fn of(store: &Store, keys: &[&str]) -> Result<Self> {
+        if keys.is_empty() {
+            return Ok(Self::default());
+        }
+        let found: Vec<(String, String)> =
+            sqlx::query_as("SELECT address, scope FROM suppressions WHERE address = ANY($1)")
+                .bind(keys)
+                .fetch_all(store.pool())
+                .await?;
+        let mut known: HashMap<String, Vec<String>> = HashMap::new();
+        for (address, scope) in found {
+            known.entry(address).or_default().push(scope);
+        }
+        Ok(Self(known))
+    }
+
+    /// Which of `keys` are suppressed in any of `scopes`, as [`suppressed_among`] would say.
+    pub fn among(&self, keys: &[&str], scopes: &[String]) -> HashSet<String> {
+        keys.iter()
+            .filter(|key| self.0.get(**key).is_some_and(|held| held.iter().any(|s| scopes.contains(s))))
+            .map(|key| (*key).to_owned())
+            .collect()
+    }
 }
 
 /// Which of `keys` are suppressed in a scope that holds for `request` (`global`, or one of its

@@ -7,9 +7,11 @@
 use std::time::Duration;
 
 use haishin_local::stack::{BUCKET, LocalStack, MailProvider, UNSUBSCRIBE_SECRET};
+use haishin_shared::domain::DeliveryRequest;
 use haishin_shared::unsubscribe::{TokenClaims, TokenKey};
 use haishin_tests::mail_servers::{SmtpBehaviour, SmtpRecorder};
 use haishin_tests::{TestStack, eventually, finished, fresh_database, request_status};
+use haishin_trigger::prepare::together::Together;
 use haishin_trigger::public::{PublicConfig, PublicEntry};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -680,4 +682,67 @@ async fn the_check_before_the_provider_sees_the_suppressions_written_since_the_b
     let (kept, left_out) = since.leave_out(&store, &request.id, chunk_lines(&chunk)).await.unwrap();
     assert_eq!(emails(&kept), ["other@example.com", "kept@example.com"], "old@ too, asked in full");
     assert_eq!(left_out, 4);
+}
+
+#[tokio::test]
+async fn inline_requests_taken_in_together_are_stored_by_one_statement_each_with_its_own_suppressions() {
+    let stack = TestStack::default().start().await;
+    put(&stack, "x@example.com", json!({"scope": "category:promo"})).await;
+    put(&stack, "g@example.com", json!({})).await;
+    // Chunks of two candidates, so that a request's chunks are several.
+    let together = Together::start(stack.store.clone(), stack.blobs.clone(), BUCKET.into(), 2);
+    let request = |body: Value| DeliveryRequest::parse(body.to_string().as_bytes()).unwrap();
+    let promo = request(json!({"id": "promo", "class": "realtime", "template": template(),
+        "audience": audience(&["x@example.com", "y@example.com"]), "labels": {"category": "promo"}}));
+    let plain = request(json!({"id": "plain", "class": "realtime", "template": template(),
+        "audience": audience(&["x@example.com", "g@example.com", "z@example.com", "Z@example.com", "nobody"])}));
+    let promo_again = request(json!({"id": "promo", "class": "realtime", "template": template(),
+        "audience": audience(&["w@example.com"])}));
+
+    // Queued before the writer runs (one thread): the three are one group.
+    let answers = futures::future::join_all([promo, plain, promo_again].map(|r| together.store(r))).await;
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+
+    assert_eq!(answers.iter().map(|a| a.created).collect::<Vec<_>>(), [true, true, false]);
+    assert_eq!(answers[0].summary.recipients, 1, "x is suppressed for the promo category");
+    assert_eq!(answers[0].summary.skipped.get("suppressed"), Some(&1));
+    assert_eq!(answers[1].summary.recipients, 2, "x is not suppressed without the label; g is everywhere");
+    assert_eq!(
+        answers[1].summary.skipped.values().sum::<u64>(),
+        3,
+        "g suppressed, Z a repeat, nobody invalid: {:?}",
+        answers[1].summary.skipped
+    );
+    let lines: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT request_id, lines, recipients FROM chunks WHERE request_id IN ('promo', 'plain')
+         ORDER BY request_id, seq",
+    )
+    .fetch_all(stack.store.pool())
+    .await
+    .unwrap();
+    let emails = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["email"].as_str().unwrap().into())
+            .collect()
+    };
+    let by_chunk: Vec<(&str, Vec<String>)> =
+        lines.iter().map(|(id, text, _)| (id.as_str(), emails(text))).collect();
+    assert_eq!(
+        by_chunk,
+        [
+            ("plain", vec!["x@example.com".to_owned()]),
+            ("plain", vec!["z@example.com".to_owned()]),
+            ("promo", vec!["y@example.com".to_owned()]),
+        ]
+    );
+    let stored: Vec<(String, String, Value, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT id, state, labels, received_at FROM requests WHERE id IN ('promo', 'plain') ORDER BY id",
+    )
+    .fetch_all(stack.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored[1].2, json!({"category": "promo"}), "the first body under an id is the request");
+    assert!(stored.iter().all(|(_, state, _, _)| state == "dispatching"));
+    assert_eq!(stored[0].3, stored[1].3, "one statement, one transaction time");
+    stack.stop().await;
 }

@@ -73,6 +73,8 @@ pub struct AppState {
     pub prepare_lease: Duration,
     /// How large audiences are prepared in parts.
     pub parts: prepare::Parts,
+    /// Inline requests prepared as they are taken in, and stored a group at a time.
+    pub together: Arc<prepare::together::Together>,
     /// Checks unsubscribe tokens; `None` when `UNSUBSCRIBE_SECRET` is not set.
     pub unsubscribe: Option<TokenKey>,
     /// Checks and keeps the provider's bounce and complaint reports.
@@ -158,17 +160,26 @@ impl Application {
             None => None,
         };
         let feedback = feedback::FeedbackState::new(store.clone(), &config.feedback)?;
+        let blobs = Blobs::connect(gcp).await.context("connecting to Cloud Storage")?;
+        let chunk_size = config.chunk_size.max(1) as usize;
+        let together = prepare::together::Together::start(
+            store.clone(),
+            blobs.clone(),
+            config.bucket.clone(),
+            chunk_size,
+        );
         let state = AppState {
             unsubscribe,
             feedback,
             dispatcher: Arc::new(dispatch::Dispatcher::new(store.clone(), handoff, limits)),
-            blobs: Blobs::connect(gcp).await.context("connecting to Cloud Storage")?,
+            together: Arc::new(together),
+            blobs,
             bigquery: BigQuery::new(gcp, config.bigquery_location.as_deref())
                 .context("connecting to BigQuery")?,
             store,
             prepare_queue,
             bucket: config.bucket,
-            chunk_size: config.chunk_size.max(1) as usize,
+            chunk_size,
             inline_prepare_max: config.inline_prepare_max,
             prepare_lease: Duration::from_secs(config.prepare_lease_secs),
             parts: prepare::Parts::new(config.prepare_partition_bytes, config.prepare_parts_at_once),

@@ -10,6 +10,7 @@
 use futures::{Stream, TryStreamExt};
 use haishin_shared::domain::{Audience, FileFormat, GcsUri};
 use haishin_shared::gcp::{BigQuery, Blobs, GcpError};
+use haishin_shared::suppression::KnownSuppressions;
 
 use super::chunker::{AudienceSummary, ChunkTarget, Chunker};
 use super::rows::{self, RowAt, RowSink};
@@ -137,14 +138,16 @@ pub(super) async fn read_whole(
 }
 
 /// Reads the inline audience of a request not stored yet into chunks held in memory (their lines
-/// in their rows), for the caller to write with the request.
-pub(super) async fn read_inline_held(
-    target: ChunkTarget<'_>,
+/// in their rows), for the caller to write with the request. `known`: the suppressions of its
+/// addresses, when read already.
+pub(super) async fn read_inline_held<'a>(
+    target: ChunkTarget<'a>,
+    known: Option<&'a KnownSuppressions>,
 ) -> Result<(AudienceSummary, Vec<records::NewChunk>), PrepareError> {
     let Audience::Inline(list) = &target.request.audience else {
         return Err(PrepareError::Unusable("the audience is not inline".into()));
     };
-    let mut chunker = Chunker::holding(target);
+    let mut chunker = Chunker::holding(target, known);
     for (i, recipient) in list.iter().enumerate() {
         chunker.push(Ok(recipient.clone()), RowAt { source: "inline", line: i as u64 + 1 }).await?;
     }

@@ -23,7 +23,7 @@ use haishin_shared::domain::{
 };
 use haishin_shared::gcp::Blobs;
 use haishin_shared::store::Store;
-use haishin_shared::suppression::{address_key, scopes_of, suppressed_among};
+use haishin_shared::suppression::{KnownSuppressions, address_key, scopes_of, suppressed_among};
 use serde::Serialize;
 
 use super::PrepareError;
@@ -155,6 +155,8 @@ pub(super) struct Chunker<'a> {
     /// Chunks kept for the caller to write instead of being stored one by one (see
     /// [`Chunker::holding`]).
     held: Option<Vec<NewChunk>>,
+    /// The suppressions of every address, when read beforehand; otherwise each chunk asks.
+    known: Option<&'a KnownSuppressions>,
     pub(super) summary: AudienceSummary,
 }
 
@@ -172,14 +174,16 @@ impl<'a> Chunker<'a> {
             handed_on,
             cancelled: false,
             held: None,
+            known: None,
             summary: AudienceSummary::default(),
         }
     }
 
     /// A chunker for a request not stored yet: its chunks are kept, not stored, and handed over
-    /// by [`Chunker::into_held`] to be written with the request.
-    pub(super) fn holding(target: ChunkTarget<'a>) -> Self {
-        Self { held: Some(Vec::new()), ..Self::new(target, 0, BTreeMap::new()) }
+    /// by [`Chunker::into_held`] to be written with the request. `known`: the suppressions of
+    /// its addresses, read already.
+    pub(super) fn holding(target: ChunkTarget<'a>, known: Option<&'a KnownSuppressions>) -> Self {
+        Self { held: Some(Vec::new()), known, ..Self::new(target, 0, BTreeMap::new()) }
     }
 
     /// What was found, and the chunks kept by a [`Chunker::holding`].
@@ -284,7 +288,10 @@ impl<'a> Chunker<'a> {
         }
         let keys: Vec<&str> = candidates.iter().map(|c| c.key.as_str()).collect();
         let ChunkTarget { blobs, store, bucket, request, on_chunk, .. } = self.target;
-        let suppressed = suppressed_among(store, &keys, &self.scopes).await?;
+        let suppressed = match self.known {
+            Some(known) => known.among(&keys, &self.scopes),
+            None => suppressed_among(store, &keys, &self.scopes).await?,
+        };
         let data = if suppressed.is_empty() {
             buffer
         } else {

@@ -10,7 +10,8 @@
 //! - `recipient`: checking one row (address, parameter size) and the reasons rows are skipped;
 //! - `chunker`: de-duplicating within the request (or partition), leaving out suppressed recipients (one query
 //!   per chunk), and writing chunks as they fill;
-//! - [`records`]: what the step writes to the database.
+//! - [`records`]: what the step writes to the database;
+//! - [`together`]: inline requests prepared as they are taken in, stored a group at a time.
 
 pub(crate) mod audience;
 mod bigquery;
@@ -19,6 +20,7 @@ pub mod parts;
 pub(crate) mod recipient;
 pub mod records;
 pub mod rows;
+pub mod together;
 
 use haishin_shared::domain::{DeliveryRequest, RequestId, RequestState};
 use haishin_shared::gcp::GcpError;
@@ -136,24 +138,17 @@ pub async fn run(
 
 /// Prepares an inline request as it is taken in, before it is stored: its chunks are built in
 /// memory (rows checked, repeated and suppressed addresses left out, lines kept in the chunk
-/// rows) and stored with the request, already `dispatching`, in one statement; a dispatch round
-/// follows. Returns false, having written nothing, when the id was taken already.
+/// rows) and stored with the request, already `dispatching`, by one statement shared with the
+/// requests taken in beside it (see [`together`]); a dispatch round follows. Returns false,
+/// having written nothing, when the id was taken already.
 pub async fn at_intake(state: &AppState, request: &DeliveryRequest) -> Result<bool, PrepareError> {
-    let target = chunker::ChunkTarget {
-        blobs: &state.blobs,
-        store: &state.store,
-        bucket: &state.bucket,
-        request,
-        chunk_size: state.chunk_size,
-        on_chunk: &|| {},
-    };
-    let (summary, chunks) = audience::read_inline_held(target).await?;
-    let created = records::insert_prepared(&state.store, request, &summary, &chunks).await?;
-    if created {
+    let stored = state.together.store(request.clone()).await?;
+    if stored.created {
+        let summary = &stored.summary;
         tracing::info!(recipients = summary.recipients, chunks = summary.chunks, "Audience prepared.");
         dispatch_after_prepare(state).await;
     }
-    Ok(created)
+    Ok(stored.created)
 }
 
 /// What runs as each chunk is stored: a dispatch round, in the background.

@@ -1,6 +1,6 @@
 //! What the prepare step writes: its claim on the request, the chunk rows, and its end.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -145,54 +145,76 @@ pub async fn finish_prepare(store: &Store, id: &RequestId, summary: &AudienceSum
     Ok(done.rows_affected() == 1)
 }
 
-/// Stores a request prepared before it was stored, already `dispatching`, with its chunks
-/// (`pending`), in one statement, in the trace of the span around the caller. Returns false, and
-/// writes nothing, when the id was already taken: the same id is the same request, whatever its
-/// body.
-pub async fn insert_prepared(
-    store: &Store,
-    request: &DeliveryRequest,
-    summary: &AudienceSummary,
-    chunks: &[NewChunk],
-) -> Result<bool> {
-    let json =
-        |value: serde_json::Result<serde_json::Value>| value.map_err(|e| StoreError::Corrupt(e.to_string()));
-    let created: i64 = sqlx::query_scalar(
+/// A request prepared before it was stored: what [`insert_prepared`] writes of it.
+pub struct Prepared<'a> {
+    pub request: &'a DeliveryRequest,
+    /// The trace it was taken in.
+    pub traceparent: Option<&'a str>,
+    pub summary: &'a AudienceSummary,
+    pub chunks: &'a [NewChunk],
+}
+
+/// Stores requests prepared before they were stored, already `dispatching`, with their chunks
+/// (`pending`), in one statement. Returns the ids stored; a request whose id was already taken is
+/// not, and nothing of it is written: the same id is the same request, whatever its body. The
+/// ids must differ from one another.
+pub async fn insert_prepared(store: &Store, prepared: &[Prepared<'_>]) -> Result<HashSet<RequestId>> {
+    let (mut bodies, mut labels, mut skipped, mut skipped_at) = (vec![], vec![], vec![], vec![]);
+    for p in prepared {
+        bodies.push(json_text(p.request)?);
+        labels.push(json_text(&p.request.labels)?);
+        skipped.push(json_text(&p.summary.skipped)?);
+        skipped_at.push(json_text(&p.summary.skipped_at)?);
+    }
+    let chunks = || prepared.iter().flat_map(|p| p.chunks.iter().map(move |c| (p.request, c)));
+    let stored: Vec<RequestId> = sqlx::query_scalar(
         "WITH request AS (
              INSERT INTO requests (id, class, priority, state, body, labels, not_before, deadline, traceparent,
                                    prepared_at, audience_rows, recipients, skipped, chunk_count, skipped_at)
-             VALUES ($1, $2, $3, 'dispatching', $4, $5, $6, $7, $8, now(), $9, $10, $11, $12, $13)
+             SELECT r.id, r.class, r.priority, 'dispatching', r.body::jsonb, r.labels::jsonb, r.not_before,
+                    r.deadline, r.traceparent, now(), r.audience_rows, r.recipients, r.skipped::jsonb,
+                    r.chunk_count, r.skipped_at::jsonb
+             FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::timestamptz[],
+                         $7::timestamptz[], $8::text[], $9::bigint[], $10::bigint[], $11::text[], $12::int[],
+                         $13::text[])
+                 AS r (id, class, priority, body, labels, not_before, deadline, traceparent, audience_rows,
+                       recipients, skipped, chunk_count, skipped_at)
              ON CONFLICT (id) DO NOTHING
              RETURNING id, class, priority, deadline),
          chunk AS (
              INSERT INTO chunks (id, request_id, seq, class, priority, deadline, state, object, recipients, lines)
              SELECT c.id, r.id, c.seq, r.class, r.priority, r.deadline, 'pending', c.object, c.recipients, c.lines
-             FROM request r,
-                  unnest($14::text[], $15::int[], $16::text[], $17::int[], $18::text[])
-                      AS c (id, seq, object, recipients, lines))
-         SELECT count(*) FROM request",
+             FROM unnest($14::text[], $15::text[], $16::int[], $17::text[], $18::int[], $19::text[])
+                      AS c (request_id, id, seq, object, recipients, lines)
+             JOIN request r ON r.id = c.request_id)
+         SELECT id FROM request",
     )
-    .bind(&request.id)
-    .bind(request.class)
-    .bind(request.priority)
-    .bind(json(serde_json::to_value(request))?)
-    .bind(json(serde_json::to_value(&request.labels))?)
-    .bind(request.not_before)
-    .bind(request.deadline)
-    .bind(haishin_shared::telemetry::current_traceparent())
-    .bind(summary.rows as i64)
-    .bind(summary.recipients as i64)
-    .bind(json(serde_json::to_value(&summary.skipped))?)
-    .bind(summary.chunks as i32)
-    .bind(json(serde_json::to_value(&summary.skipped_at))?)
-    .bind(chunks.iter().map(|c| c.id.as_str()).collect::<Vec<_>>())
-    .bind(chunks.iter().map(|c| c.seq as i32).collect::<Vec<_>>())
-    .bind(chunks.iter().map(|c| c.object.as_str()).collect::<Vec<_>>())
-    .bind(chunks.iter().map(|c| c.recipients as i32).collect::<Vec<_>>())
-    .bind(chunks.iter().map(|c| c.lines.as_deref()).collect::<Vec<_>>())
-    .fetch_one(store.pool())
+    .bind(prepared.iter().map(|p| p.request.id.as_str()).collect::<Vec<_>>())
+    .bind(prepared.iter().map(|p| p.request.class.as_str()).collect::<Vec<_>>())
+    .bind(prepared.iter().map(|p| p.request.priority).collect::<Vec<_>>())
+    .bind(bodies)
+    .bind(labels)
+    .bind(prepared.iter().map(|p| p.request.not_before).collect::<Vec<_>>())
+    .bind(prepared.iter().map(|p| p.request.deadline).collect::<Vec<_>>())
+    .bind(prepared.iter().map(|p| p.traceparent).collect::<Vec<_>>())
+    .bind(prepared.iter().map(|p| p.summary.rows as i64).collect::<Vec<_>>())
+    .bind(prepared.iter().map(|p| p.summary.recipients as i64).collect::<Vec<_>>())
+    .bind(skipped)
+    .bind(prepared.iter().map(|p| p.summary.chunks as i32).collect::<Vec<_>>())
+    .bind(skipped_at)
+    .bind(chunks().map(|(r, _)| r.id.as_str()).collect::<Vec<_>>())
+    .bind(chunks().map(|(_, c)| c.id.as_str()).collect::<Vec<_>>())
+    .bind(chunks().map(|(_, c)| c.seq as i32).collect::<Vec<_>>())
+    .bind(chunks().map(|(_, c)| c.object.as_str()).collect::<Vec<_>>())
+    .bind(chunks().map(|(_, c)| c.recipients as i32).collect::<Vec<_>>())
+    .bind(chunks().map(|(_, c)| c.lines.as_deref()).collect::<Vec<_>>())
+    .fetch_all(store.pool())
     .await?;
-    Ok(created == 1)
+    Ok(stored.into_iter().collect())
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// Ends a request that can never be delivered (its audience cannot be read, say); its pending
