@@ -1,9 +1,10 @@
 use clap::Parser;
 use haishin_completion::{Config, Job};
 
-/// Services parse and build JSON all day: mimalloc keeps that cheaper than the system allocator.
+/// Services build and drop JSON values all day: jemalloc does that with less CPU than the system
+/// allocator, at about the same memory.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Runs passes until the work is done or the run's time is up, and exits, as a Cloud Run job
 /// does each time Cloud Scheduler starts it.

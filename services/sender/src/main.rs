@@ -1,9 +1,10 @@
 use clap::Parser;
 use haishin_sender::{Application, Config};
 
-/// Services parse and build JSON all day: mimalloc keeps that cheaper than the system allocator.
+/// Services build and drop JSON values all day: jemalloc does that with less CPU than the system
+/// allocator, at about the same memory.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

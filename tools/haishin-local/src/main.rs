@@ -6,7 +6,7 @@ use haishin_local::stack::{LocalStack, ServiceMode, StackConfig};
 
 /// The local stack runs every service from this binary: the same allocator as their own.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Haishin's whole pipeline on one machine.
 #[derive(Debug, Parser)]
