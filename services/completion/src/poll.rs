@@ -34,6 +34,7 @@ pub(crate) async fn poll_sent(store: &Store, esp: &dyn EspProvider, report: &mut
         .buffer_unordered(STATUS_CONCURRENCY)
         .collect()
         .await;
+    let mut settled = Vec::new();
     for (chunk, status) in statuses {
         match status {
             Ok(DeliveryStatus::Done { delivered, bounced, failed }) => {
@@ -42,9 +43,7 @@ pub(crate) async fn poll_sent(store: &Store, esp: &dyn EspProvider, report: &mut
                     bounced: bounced as i64,
                     failed: failed as i64,
                 };
-                if complete_chunk(store, &chunk.id, counts).await? {
-                    report.completed_chunks += 1;
-                }
+                settled.push((chunk.id, counts));
             }
             Ok(DeliveryStatus::Processing) => report.still_processing += 1,
             Err(err) => {
@@ -52,20 +51,27 @@ pub(crate) async fn poll_sent(store: &Store, esp: &dyn EspProvider, report: &mut
             }
         }
     }
+    report.completed_chunks += complete_chunks(store, &settled).await?;
     Ok(())
 }
 
-/// Records the ESP's final counts for a sent chunk.
-async fn complete_chunk(store: &Store, id: &ChunkId, counts: DeliveryCounts) -> Result<bool> {
+/// Records the ESP's final counts for sent chunks, with one statement; returns how many were
+/// still `sent` (a chunk completed by another run meanwhile is left as it is).
+async fn complete_chunks(store: &Store, settled: &[(ChunkId, DeliveryCounts)]) -> Result<u64> {
+    if settled.is_empty() {
+        return Ok(0);
+    }
     let done = sqlx::query(
-        "UPDATE chunks SET state = 'completed', delivered = $2, bounced = $3, failed = $4, finished_at = now()
-         WHERE id = $1 AND state = 'sent'",
+        "UPDATE chunks c SET state = 'completed', delivered = s.delivered, bounced = s.bounced,
+             failed = s.failed, finished_at = now()
+         FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS s (id, delivered, bounced, failed)
+         WHERE c.id = s.id AND c.state = 'sent'",
     )
-    .bind(id)
-    .bind(counts.delivered)
-    .bind(counts.bounced)
-    .bind(counts.failed)
+    .bind(settled.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+    .bind(settled.iter().map(|(_, c)| c.delivered).collect::<Vec<_>>())
+    .bind(settled.iter().map(|(_, c)| c.bounced).collect::<Vec<_>>())
+    .bind(settled.iter().map(|(_, c)| c.failed).collect::<Vec<_>>())
     .execute(store.pool())
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(done.rows_affected())
 }

@@ -27,19 +27,13 @@ pub(crate) async fn write_logs(
 ) -> anyhow::Result<()> {
     let chunks = unlogged_chunks(store, BATCH).await?;
     if !chunks.is_empty() {
-        let mut rows = Vec::with_capacity(chunks.len());
-        let mut requests: HashMap<RequestId, (Value, Option<DateTime<Utc>>)> = HashMap::new();
-        for chunk in &chunks {
-            if !requests.contains_key(&chunk.request_id) {
-                let request = store.request_head(&chunk.request_id).await?;
-                let known = request.map(|r| (r.labels, Some(r.received_at))).unwrap_or_default();
-                requests.insert(chunk.request_id.clone(), known);
-            }
-            rows.push(DeliveryLog::from_chunk(chunk, &requests[&chunk.request_id].0));
-        }
+        let requests = labels_of(store, &chunks).await?;
+        let unknown = (Value::Null, None);
+        let of = |chunk: &ChunkRow| requests.get(&chunk.request_id).unwrap_or(&unknown);
+        let rows: Vec<DeliveryLog> = chunks.iter().map(|c| DeliveryLog::from_chunk(c, &of(c).0)).collect();
         sink.write_deliveries(&rows).await?;
         for chunk in &chunks {
-            count_outcomes(chunk, requests[&chunk.request_id].1);
+            count_outcomes(chunk, of(chunk).1);
         }
         let ids: Vec<&str> = chunks.iter().map(|c| c.id.as_str()).collect();
         sqlx::query("UPDATE chunks SET logged_at = now() WHERE id = ANY($1)")
@@ -69,6 +63,20 @@ pub(crate) async fn write_logs(
         report.request_rows = ids.len() as u64;
     }
     Ok(())
+}
+
+/// The labels and intake time of the chunks' requests, read with one query.
+async fn labels_of(
+    store: &Store,
+    chunks: &[ChunkRow],
+) -> Result<HashMap<RequestId, (Value, Option<DateTime<Utc>>)>> {
+    let ids: Vec<&str> = chunks.iter().map(|c| c.request_id.as_str()).collect();
+    let found: Vec<(RequestId, Value, DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, labels, received_at FROM requests WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(store.pool())
+            .await?;
+    Ok(found.into_iter().map(|(id, labels, received)| (id, (labels, Some(received)))).collect())
 }
 
 /// A finished request's log row, with its chunks' totals and its feedback.

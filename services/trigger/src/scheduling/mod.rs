@@ -197,6 +197,11 @@ pub struct DispatchRound {
 /// At the tail of the batch work, chunks are cut smaller as they are dispatched (see [`tail`]).
 pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<DispatchRound> {
     let mut tx = store.pool().begin().await?;
+    // A round reads the few chunks in flight or next in line, among the many index entries their
+    // earlier states left behind until a vacuum. A plain index scan marks those it finds dead as
+    // it passes, so the next round skips them; a bitmap scan, which the planner picks on a young
+    // table's statistics, never does, and each round then reads them all again.
+    sqlx::query("SET LOCAL enable_bitmapscan = off").execute(&mut *tx).await?;
     let slots = adaptive::hold_slots(&mut tx, limits.limit).await?;
     let expired = expire_overdue_chunks(&mut *tx).await?;
     let mut dispatched = inline::take(&mut tx, limits.inline_max, limits.send_slots).await?;
