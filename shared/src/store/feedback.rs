@@ -1,6 +1,8 @@
 //! What the provider's webhooks reported of a request's messages after they were handed over
 //! (the `feedback` table; the trigger's feedback routes write it).
 
+use std::collections::HashMap;
+
 use crate::domain::RequestId;
 
 use super::{Result, Store};
@@ -19,14 +21,30 @@ pub struct FeedbackCounts {
 impl Store {
     /// The feedback the provider reported for `request`'s messages.
     pub async fn feedback_counts(&self, request: &RequestId) -> Result<FeedbackCounts> {
-        Ok(sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE kind = 'bounce') AS bounced,
-                    count(*) FILTER (WHERE kind = 'soft_bounce') AS soft_bounced,
-                    count(*) FILTER (WHERE kind = 'complaint') AS complained
-               FROM feedback WHERE request_id = $1",
+        let mut of = self.feedback_counts_of(std::slice::from_ref(request)).await?;
+        Ok(of.remove(request).unwrap_or_default())
+    }
+
+    /// [`Store::feedback_counts`] of several requests, with one query (a request without
+    /// feedback is absent).
+    pub async fn feedback_counts_of(
+        &self,
+        requests: &[RequestId],
+    ) -> Result<HashMap<RequestId, FeedbackCounts>> {
+        let ids: Vec<&str> = requests.iter().map(RequestId::as_str).collect();
+        let rows: Vec<(RequestId, i64, i64, i64)> = sqlx::query_as(
+            "SELECT request_id, count(*) FILTER (WHERE kind = 'bounce'),
+                    count(*) FILTER (WHERE kind = 'soft_bounce'), count(*) FILTER (WHERE kind = 'complaint')
+               FROM feedback WHERE request_id = ANY($1) GROUP BY request_id",
         )
-        .bind(request)
-        .fetch_one(self.pool())
-        .await?)
+        .bind(&ids)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, bounced, soft_bounced, complained)| {
+                (id, FeedbackCounts { bounced, soft_bounced, complained })
+            })
+            .collect())
     }
 }

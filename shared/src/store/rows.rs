@@ -1,6 +1,6 @@
 //! The request and chunk rows, and the reads of them that several services make.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -282,6 +282,7 @@ impl Outcomes {
 
 #[derive(FromRow)]
 struct TotalsRow {
+    request_id: RequestId,
     state: ChunkState,
     chunks: i64,
     recipients: i64,
@@ -317,32 +318,42 @@ impl Store {
 
     /// A request's chunks summed per state.
     pub async fn chunk_totals(&self, request: &RequestId) -> Result<BTreeMap<ChunkState, ChunkTotals>> {
+        let mut of = self.chunk_totals_of(std::slice::from_ref(request)).await?;
+        Ok(of.remove(request).unwrap_or_default())
+    }
+
+    /// [`Store::chunk_totals`] of several requests, with one query (a request without chunks
+    /// is absent).
+    pub async fn chunk_totals_of(
+        &self,
+        requests: &[RequestId],
+    ) -> Result<HashMap<RequestId, BTreeMap<ChunkState, ChunkTotals>>> {
+        let ids: Vec<&str> = requests.iter().map(RequestId::as_str).collect();
         let rows: Vec<TotalsRow> = sqlx::query_as(
-            "SELECT state, count(*) AS chunks, coalesce(sum(recipients), 0)::bigint AS recipients,
+            "SELECT request_id, state, count(*) AS chunks, coalesce(sum(recipients), 0)::bigint AS recipients,
                     coalesce(sum(delivered), 0)::bigint AS delivered,
                     coalesce(sum(bounced), 0)::bigint AS bounced, coalesce(sum(failed), 0)::bigint AS failed,
                     coalesce(sum(unknown), 0)::bigint AS unknown,
                     coalesce(sum(suppressed), 0)::bigint AS suppressed
-             FROM chunks WHERE request_id = $1 GROUP BY state",
+             FROM chunks WHERE request_id = ANY($1) GROUP BY request_id, state",
         )
-        .bind(request)
+        .bind(&ids)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let totals = ChunkTotals {
-                    chunks: r.chunks,
-                    recipients: r.recipients,
-                    delivered: r.delivered,
-                    bounced: r.bounced,
-                    failed: r.failed,
-                    unknown: r.unknown,
-                    suppressed: r.suppressed,
-                };
-                (r.state, totals)
-            })
-            .collect())
+        let mut of: HashMap<RequestId, BTreeMap<ChunkState, ChunkTotals>> = HashMap::new();
+        for r in rows {
+            let totals = ChunkTotals {
+                chunks: r.chunks,
+                recipients: r.recipients,
+                delivered: r.delivered,
+                bounced: r.bounced,
+                failed: r.failed,
+                unknown: r.unknown,
+                suppressed: r.suppressed,
+            };
+            of.entry(r.request_id).or_default().insert(r.state, totals);
+        }
+        Ok(of)
     }
 }
 

@@ -43,9 +43,7 @@ pub(crate) async fn write_logs(
         report.delivery_rows = ids.len() as u64;
     }
     let requests = unlogged_requests(store, BATCH).await?;
-    // The requests' totals are read together, over the pool's few connections.
-    let rows =
-        futures::future::try_join_all(requests.iter().map(|request| request_log(store, request))).await?;
+    let rows = request_logs(store, &requests).await?;
     if !rows.is_empty() {
         // One span per request, in the request's own trace, from before its row is written until
         // its completion is announced: the last hop of the request's trace.
@@ -79,10 +77,22 @@ async fn labels_of(
     Ok(found.into_iter().map(|(id, labels, received)| (id, (labels, Some(received)))).collect())
 }
 
-/// A finished request's log row, with its chunks' totals and its feedback.
-async fn request_log(store: &Store, request: &RequestRow) -> Result<RequestLog> {
-    let totals = store.chunk_totals(&request.id).await?;
-    Ok(RequestLog::new(request, &totals, store.feedback_counts(&request.id).await?))
+/// Finished requests' log rows, with their chunks' totals and their feedback (one query each for
+/// all of them).
+async fn request_logs(store: &Store, requests: &[RequestRow]) -> Result<Vec<RequestLog>> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<RequestId> = requests.iter().map(|r| r.id.clone()).collect();
+    let (mut totals, mut feedback) =
+        futures::future::try_join(store.chunk_totals_of(&ids), store.feedback_counts_of(&ids)).await?;
+    Ok(requests
+        .iter()
+        .map(|r| {
+            let totals = totals.remove(&r.id).unwrap_or_default();
+            RequestLog::new(r, &totals, feedback.remove(&r.id).unwrap_or_default())
+        })
+        .collect())
 }
 
 /// Publishes a request's `request-completed` message, in the span of its log row.
