@@ -80,13 +80,32 @@ pub(crate) async fn send_together(
         .into_iter()
         .map(|(ready, span)| (span.in_scope(|| ready.map(|ready| queue(esp, inline, ready))), span))
         .collect();
-    join_all(queued.into_iter().map(|(queued, span)| async move {
+    let called = join_all(queued.into_iter().map(|(queued, span)| async move {
         match queued {
-            Ok(queued) => make(state, esp, calls, queued).instrument(span).await,
-            Err(outcome) => outcome,
+            Ok(queued) => Ok((call(state, esp, calls, queued).instrument(span.clone()).await, span)),
+            Err(outcome) => Err(outcome),
         }
     }))
-    .await
+    .await;
+    // The sends the ESP accepted are recorded together; any other result is settled on its own.
+    let (mut outcomes, mut accepted, mut others) = (Vec::new(), Vec::new(), Vec::new());
+    for called in called {
+        match called {
+            Err(outcome) => outcomes.push(outcome),
+            Ok(((chunk, _, Ok(Ok(delivery))), span)) => accepted.push((chunk, delivery, span)),
+            Ok(((chunk, key, result), span)) => others.push((chunk, key, result, span)),
+        }
+    }
+    let settled = join_all(others.into_iter().map(|(chunk, key, result, span)| async move {
+        match result {
+            Ok(result) => settle(state, esp, &chunk, &key, result).instrument(span).await,
+            Err(err) => give_back(state, &chunk, Outcome::unavailable(err), false).instrument(span).await,
+        }
+    }));
+    let (settled, recorded) = tokio::join!(settled, record_all_sent(state, accepted));
+    outcomes.extend(settled);
+    outcomes.extend(recorded);
+    outcomes
 }
 
 /// A ready send: its call to make, or its part queued for a call shared with others.
@@ -169,7 +188,22 @@ async fn make(
     calls: Option<&RateSchedule>,
     queued: Queued<'_>,
 ) -> Outcome {
-    let (chunk, key, result) = match queued {
+    let (chunk, key, result) = call(state, esp, calls, queued).await;
+    match result {
+        Ok(result) => settle(state, esp, &chunk, &key, result).await,
+        Err(err) => give_back(state, &chunk, Outcome::unavailable(err), false).await,
+    }
+}
+
+/// A ready send's call, made in a slot within the declared rate (or its part's shared call):
+/// the chunk, its key, and what the call came to.
+async fn call(
+    state: &AppState,
+    esp: &dyn EspProvider,
+    calls: Option<&RateSchedule>,
+    queued: Queued<'_>,
+) -> (ChunkRow, String, PartResult) {
+    match queued {
         Queued::Part { chunk, key, ticket } => {
             let result = ticket.complete(esp, &state.slots, calls).await;
             (chunk, key, result)
@@ -178,10 +212,40 @@ async fn make(
             let result = send_in_a_slot(state, esp, calls, &send).await;
             (chunk, send.idempotency_key, result)
         }
-    };
-    match result {
-        Ok(result) => settle(state, esp, &chunk, &key, result).await,
-        Err(err) => give_back(state, &chunk, Outcome::unavailable(err), false).await,
+    }
+}
+
+/// Records the sends the ESP accepted, each in its chunk's span, with one statement; if that
+/// fails, chunk by chunk, so that each gets its own outcome.
+async fn record_all_sent(state: &AppState, accepted: Vec<(ChunkRow, DeliveryId, Span)>) -> Vec<Outcome> {
+    if accepted.len() < 2 {
+        let one = accepted.into_iter().map(|(chunk, delivery, span)| async move {
+            record_sent(state, &chunk, &delivery, "sent").instrument(span).await
+        });
+        return join_all(one).await;
+    }
+    let results: Vec<(ChunkId, String)> =
+        accepted.iter().map(|(chunk, delivery, _)| (chunk.id.clone(), delivery.to_string())).collect();
+    match state.store.finish_steps(&results, Step::Send).await {
+        Ok(finished) => accepted
+            .into_iter()
+            .map(|(chunk, delivery, span)| {
+                span.in_scope(|| {
+                    if finished.contains(&chunk.id) {
+                        sent(&chunk, &delivery, "sent")
+                    } else {
+                        Outcome::done("chunk was taken over while sending")
+                    }
+                })
+            })
+            .collect(),
+        Err(err) => {
+            tracing::warn!(error = %err, chunks = accepted.len(), "Sends not recorded together; one by one.");
+            let each = accepted.into_iter().map(|(chunk, delivery, span)| async move {
+                record_sent(state, &chunk, &delivery, "sent").instrument(span).await
+            });
+            join_all(each).await
+        }
     }
 }
 
@@ -309,13 +373,15 @@ async fn record_suppressed(
 
 async fn record_sent(state: &AppState, chunk: &ChunkRow, delivery: &DeliveryId, how: &str) -> Outcome {
     match state.store.finish_step(&chunk.id, Step::Send, &delivery.to_string()).await {
-        Ok(true) => {
-            // No pipeline event: a sent chunk frees none of a list-based ESP's slots (those are
-            // upload slots, freed when the list is uploaded), so there is nothing to dispatch.
-            tracing::info!(recipients = chunk.recipients, delivery = %delivery, how, "Chunk sent.");
-            Outcome::done(how.to_owned())
-        }
+        Ok(true) => sent(chunk, delivery, how),
         Ok(false) => Outcome::done("chunk was taken over while sending"),
         Err(err) => err.into(),
     }
+}
+
+/// The outcome of a send recorded: no pipeline event, since a sent chunk frees none of a
+/// list-based ESP's slots (those are upload slots, freed when the list is uploaded).
+fn sent(chunk: &ChunkRow, delivery: &DeliveryId, how: &str) -> Outcome {
+    tracing::info!(recipients = chunk.recipients, delivery = %delivery, how, "Chunk sent.");
+    Outcome::done(how.to_owned())
 }

@@ -2,6 +2,7 @@
 //! send step under a lease, moving it back or on, ending it, expiring what is overdue, and
 //! cancelling what waits.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sqlx::{FromRow, PgExecutor, Row};
@@ -191,6 +192,26 @@ impl Store {
             .execute(self.pool())
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// [`Store::finish_step`] for several chunks, each with its own result, in one statement.
+    /// Returns the chunks this attempt still held, and so finished.
+    pub async fn finish_steps(&self, results: &[(ChunkId, String)], step: Step) -> Result<HashSet<ChunkId>> {
+        let (result, at) = step.result_columns();
+        let sql = format!(
+            "UPDATE chunks c SET state = $3, {result} = r.esp_id, {at} = now(), lease_until = NULL
+             FROM unnest($1::text[], $2::text[]) AS r (id, esp_id)
+             WHERE c.id = r.id AND c.state = $4
+             RETURNING c.id"
+        );
+        let finished: Vec<ChunkId> = sqlx::query_scalar(&sql)
+            .bind(results.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>())
+            .bind(results.iter().map(|(_, esp_id)| esp_id.as_str()).collect::<Vec<_>>())
+            .bind(step.done())
+            .bind(step.working())
+            .fetch_all(self.pool())
+            .await?;
+        Ok(finished.into_iter().collect())
     }
 
     /// Moves a chunk from one state to another, if it is still where the caller left it.

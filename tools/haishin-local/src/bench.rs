@@ -131,7 +131,7 @@ pub fn scenario(name: &str, args: &BenchArgs) -> Scenario {
                 step: Duration::from_secs(args.flood_step_secs),
                 fanout_every: 200,
                 fanout_recipients: 10_000,
-                drain: Duration::from_secs(120),
+                drain: Duration::from_secs(300),
             });
             s.timeout = Duration::from_secs(3_600);
         }

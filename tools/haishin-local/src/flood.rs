@@ -11,7 +11,8 @@
 //! holds its rate for [`FloodPlan::step`] (60 s in the bench); it is sustained when every event
 //! due in it was delivered and their p99 is at most 1 s. The steps stop at the first one whose
 //! p99 is already over 1 s when it ends (counting events not delivered yet by how long they have
-//! waited so far), and the events published are then left to drain.
+//! waited so far), and the events published are then left to drain. Between two steps the
+//! events of the first are left to drain too, so that each rate is judged on its own arrivals.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -41,7 +42,7 @@ pub struct FloodPlan {
     /// One event in this many fans out to `fanout_recipients`.
     pub fanout_every: u32,
     pub fanout_recipients: u32,
-    /// How long events may take to drain after the last step.
+    /// How long events may take to drain after each step.
     pub drain: Duration,
 }
 
@@ -158,6 +159,19 @@ fn judge(
     }
 }
 
+/// Waits until every event published so far has reached the ESP, for at most `most`.
+async fn drain(stack: &LocalStack, events: &[Event], most: Duration) {
+    let until = Instant::now() + most;
+    loop {
+        let sim = stack.esp.counts();
+        let pending = events.iter().filter(|e| e.published && !sim.requests.contains_key(&e.id)).count();
+        if pending == 0 || Instant::now() >= until {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn body(id: &str, n: u64, recipients: u64, rng: &mut StdRng) -> Value {
     let list: Vec<Value> = (0..recipients)
         .map(|k| json!({ "email": format!("flood{n}-{k}@example.com"), "params": { "name": format!("Fan {k}"), "coupon": "NOW" } }))
@@ -223,21 +237,19 @@ pub async fn drive(stack: &LocalStack, scenario: &Scenario, plan: FloodPlan) -> 
         if judged.p99_ms > FLOOD_P99_TARGET_MS {
             break;
         }
+        // The next rate starts once this one's events are all delivered (or the drain's time is
+        // up), so that each step is judged on its own arrivals, not on the backlog of the last.
+        while let Ok((index, ok)) = done_rx.try_recv() {
+            events[index].published = ok;
+        }
+        drain(stack, &events, plan.drain).await;
     }
     drop(done_tx);
     // Every publication has ended once every sender is gone.
     while let Some((index, ok)) = done_rx.recv().await {
         events[index].published = ok;
     }
-    let drain_until = Instant::now() + plan.drain;
-    loop {
-        let sim = stack.esp.counts();
-        let pending = events.iter().filter(|e| e.published && !sim.requests.contains_key(&e.id)).count();
-        if pending == 0 || Instant::now() >= drain_until {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    drain(stack, &events, plan.drain).await;
     // Requests whose send was accepted are then closed by the completion job: wait for that a
     // little, so that the report reads final states.
     tokio::time::sleep(Duration::from_secs(3)).await;
