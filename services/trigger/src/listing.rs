@@ -1,11 +1,11 @@
 //! Requests as `GET /v1/requests` lists them: newest first, filtered by state, class and labels,
 //! a page at a time, each with its recipients by outcome.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use haishin_shared::domain::{ChunkState, Class, RequestId, RequestState};
-use haishin_shared::store::{ChunkTotals, Outcomes, Result, Store};
+use haishin_shared::domain::{Class, RequestId, RequestState};
+use haishin_shared::store::{Outcomes, Result, Store};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{Postgres, QueryBuilder};
@@ -95,16 +95,6 @@ impl Cursor {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct TotalsRow {
-    request_id: RequestId,
-    state: ChunkState,
-    recipients: i64,
-    failed: i64,
-    unknown: i64,
-    suppressed: i64,
-}
-
 /// Up to `page_size` requests that pass `filter`, after `after`, newest first.
 pub async fn list(store: &Store, filter: &Filter, page_size: i64, after: Option<&Cursor>) -> Result<Page> {
     let page_size = page_size.clamp(1, MAX_PAGE);
@@ -138,27 +128,8 @@ pub async fn list(store: &Store, filter: &Filter, page_size: i64, after: Option<
     } else {
         None
     };
-    let ids: Vec<&str> = requests.iter().map(|r| r.id.as_str()).collect();
-    let rows: Vec<TotalsRow> = sqlx::query_as(
-        "SELECT request_id, state, coalesce(sum(recipients), 0)::bigint AS recipients,
-                coalesce(sum(failed), 0)::bigint AS failed, coalesce(sum(unknown), 0)::bigint AS unknown,
-                coalesce(sum(suppressed), 0)::bigint AS suppressed
-         FROM chunks WHERE request_id = ANY($1) GROUP BY request_id, state",
-    )
-    .bind(&ids)
-    .fetch_all(store.pool())
-    .await?;
-    let mut totals: HashMap<RequestId, BTreeMap<ChunkState, ChunkTotals>> = HashMap::new();
-    for row in rows {
-        let of_state = ChunkTotals {
-            recipients: row.recipients,
-            failed: row.failed,
-            unknown: row.unknown,
-            suppressed: row.suppressed,
-            ..ChunkTotals::default()
-        };
-        totals.entry(row.request_id).or_default().insert(row.state, of_state);
-    }
+    let ids: Vec<RequestId> = requests.iter().map(|r| r.id.clone()).collect();
+    let totals = store.chunk_totals_of(&ids).await?;
     for request in &mut requests {
         let outcomes = totals.get(&request.id).map(Outcomes::of).unwrap_or_default();
         request.recipients = Recipients { total: request.total, outcomes };
