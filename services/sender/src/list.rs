@@ -218,35 +218,33 @@ async fn call(
 /// Records the sends the ESP accepted, each in its chunk's span, with one statement; if that
 /// fails, chunk by chunk, so that each gets its own outcome.
 async fn record_all_sent(state: &AppState, accepted: Vec<(ChunkRow, DeliveryId, Span)>) -> Vec<Outcome> {
-    if accepted.len() < 2 {
-        let one = accepted.into_iter().map(|(chunk, delivery, span)| async move {
-            record_sent(state, &chunk, &delivery, "sent").instrument(span).await
-        });
-        return join_all(one).await;
-    }
-    let results: Vec<(ChunkId, String)> =
-        accepted.iter().map(|(chunk, delivery, _)| (chunk.id.clone(), delivery.to_string())).collect();
-    match state.store.finish_steps(&results, Step::Send).await {
-        Ok(finished) => accepted
-            .into_iter()
-            .map(|(chunk, delivery, span)| {
-                span.in_scope(|| {
-                    if finished.contains(&chunk.id) {
-                        sent(&chunk, &delivery, "sent")
-                    } else {
-                        Outcome::done("chunk was taken over while sending")
-                    }
-                })
-            })
-            .collect(),
-        Err(err) => {
-            tracing::warn!(error = %err, chunks = accepted.len(), "Sends not recorded together; one by one.");
-            let each = accepted.into_iter().map(|(chunk, delivery, span)| async move {
-                record_sent(state, &chunk, &delivery, "sent").instrument(span).await
-            });
-            join_all(each).await
+    if accepted.len() >= 2 {
+        let results: Vec<(ChunkId, String)> =
+            accepted.iter().map(|(chunk, delivery, _)| (chunk.id.clone(), delivery.to_string())).collect();
+        match state.store.finish_steps(&results, Step::Send).await {
+            Ok(finished) => {
+                return accepted
+                    .into_iter()
+                    .map(|(chunk, delivery, span)| {
+                        span.in_scope(|| {
+                            if finished.contains(&chunk.id) {
+                                sent(&chunk, &delivery, "sent")
+                            } else {
+                                Outcome::done("chunk was taken over while sending")
+                            }
+                        })
+                    })
+                    .collect();
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, chunks = accepted.len(), "Sends not recorded together; one by one.")
+            }
         }
     }
+    let each = accepted.into_iter().map(|(chunk, delivery, span)| async move {
+        record_sent(state, &chunk, &delivery, "sent").instrument(span).await
+    });
+    join_all(each).await
 }
 
 /// One send call in a slot, within the declared rate; `Err` is the rate schedule's error.

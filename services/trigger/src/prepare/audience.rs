@@ -8,7 +8,7 @@
 //! object, no `email` column) does.
 
 use futures::{Stream, TryStreamExt};
-use haishin_shared::domain::{Audience, FileFormat, GcsUri};
+use haishin_shared::domain::{Audience, FileFormat, GcsUri, Recipient};
 use haishin_shared::gcp::{BigQuery, Blobs, GcpError};
 use haishin_shared::suppression::KnownSuppressions;
 
@@ -120,11 +120,7 @@ pub(super) async fn read_whole(
                 Box::pin(read_object(&mut chunker, target.blobs, file)).await?;
             }
         }
-        (None, Audience::Inline(list)) => {
-            for (i, recipient) in list.iter().enumerate() {
-                chunker.push(Ok(recipient.clone()), RowAt { source: "inline", line: i as u64 + 1 }).await?;
-            }
-        }
+        (None, Audience::Inline(list)) => push_inline(&mut chunker, list).await?,
         (None, _) => return Err(PrepareError::Unusable("the audience lists no file".into())),
     }
     chunker.flush().await?;
@@ -148,11 +144,17 @@ pub(super) async fn read_inline_held<'a>(
         return Err(PrepareError::Unusable("the audience is not inline".into()));
     };
     let mut chunker = Chunker::holding(target, known);
+    push_inline(&mut chunker, list).await?;
+    chunker.flush().await?;
+    Ok(chunker.into_held())
+}
+
+/// An inline list's recipients into the chunker, each at its line of source `inline`.
+async fn push_inline(chunker: &mut Chunker<'_>, list: &[Recipient]) -> Result<(), PrepareError> {
     for (i, recipient) in list.iter().enumerate() {
         chunker.push(Ok(recipient.clone()), RowAt { source: "inline", line: i as u64 + 1 }).await?;
     }
-    chunker.flush().await?;
-    Ok(chunker.into_held())
+    Ok(())
 }
 
 /// Expands a `*` in the object name (as BigQuery exports write) into the matching objects.
