@@ -240,7 +240,7 @@ variable "dispatch_prefetch" {
 # Cloud Run: one object per service; set only the attributes you change.
 # cpu is one of "1", "2", "4", "6", "8"; memory a Kubernetes quantity ("512Mi", "2Gi");
 # timeout the longest request, in seconds with an "s"; db_connections the pool size of one
-# instance (DATABASE_MAX_CONNECTIONS).
+# instance (DATABASE_MAX_CONNECTIONS), of which up to 4 are kept open, ready for a burst.
 # ---------------------------------------------------------------------------------------------
 
 variable "inline_prepare_max" {

@@ -38,6 +38,8 @@ impl CommonArgs {
         let store = Store::connect_lazy(self.database_url.expose_secret(), self.database_max_connections)?;
         if let Err(err) = store.migrate().await {
             tracing::warn!(error = %err, "Database migration did not run; it will be retried at the next start.");
+        } else if let Err(err) = store.open_ready_connections().await {
+            tracing::warn!(error = %err, "Database connections not opened ahead; they open as work needs them.");
         }
         Ok(store)
     }

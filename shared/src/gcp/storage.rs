@@ -87,16 +87,20 @@ impl Blobs {
         .boxed())
     }
 
-    /// Reads a whole (small) object.
+    /// Reads a whole (small) object, into a buffer of the size its metadata gives.
     pub async fn read_all(&self, bucket: &str, object: &str) -> Result<Vec<u8>, GcpError> {
-        use futures::TryStreamExt;
-        let stream = self.read(bucket, object).await?;
-        stream
-            .try_fold(Vec::new(), |mut acc, chunk| async move {
-                acc.extend_from_slice(&chunk);
-                Ok(acc)
-            })
+        let failed = |e: &google_cloud_storage::Error| GcpError::from_gax("reading an object", e);
+        let mut response = self
+            .storage
+            .read_object(Self::bucket_path(bucket), object)
+            .send()
             .await
+            .map_err(|e| failed(&e))?;
+        let mut data = Vec::with_capacity(usize::try_from(response.object().size).unwrap_or(0));
+        while let Some(piece) = response.next().await {
+            data.extend_from_slice(&piece.map_err(|e| failed(&e))?);
+        }
+        Ok(data)
     }
 
     /// Lines `[first, first + count)` of an NDJSON object (blank lines not counted), each one

@@ -79,6 +79,16 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// Opens [`READY_CONNECTIONS`] connections (fewer when the pool allows fewer) and leaves them
+    /// idle in the pool, so that the first burst of work after a start does not wait for
+    /// connections to be set up one by one. The pool keeps that many open from then on.
+    pub async fn open_ready_connections(&self) -> Result<()> {
+        let wanted = READY_CONNECTIONS.min(self.pool.options().get_max_connections());
+        let opened = futures::future::try_join_all((0..wanted).map(|_| self.pool.acquire())).await?;
+        drop(opened);
+        Ok(())
+    }
+
     /// Brings the schema up to date. Safe to run from several processes at once.
     pub async fn migrate(&self) -> Result<()> {
         sqlx::migrate!("./migrations").run(&self.pool).await?;
@@ -91,6 +101,10 @@ impl Store {
     }
 }
 
+/// Connections each pool keeps open, ready for a burst of work (see
+/// [`Store::open_ready_connections`]).
+const READY_CONNECTIONS: u32 = 4;
+
 /// A connection idle for this long is checked (a round trip) before it is used again: one the
 /// database dropped meanwhile (a restart, a failover) is replaced rather than failing a statement.
 const CHECK_IDLE_FOR: Duration = Duration::from_millis(100);
@@ -101,6 +115,7 @@ const CHECK_IDLE_FOR: Duration = Duration::from_millis(100);
 fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
+        .min_connections(READY_CONNECTIONS.min(max_connections))
         .acquire_timeout(Duration::from_secs(10))
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
