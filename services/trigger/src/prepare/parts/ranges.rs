@@ -102,17 +102,16 @@ async fn cut_file(
         if at == 0 && data.starts_with(&[0x1f, 0x8b]) {
             return Ok(None);
         }
-        for &byte in data.iter() {
-            at += 1;
-            let ends = rows.step(byte);
-            if byte == b'\n' {
-                lines += 1;
-                if ends && at - start >= target && rows.header_done {
-                    shards.push(range_shard(file, start..at, first_line));
-                    (start, first_line, target) = (at, lines + 1, sizes.take());
-                }
+        rows.scan(&data, |offset, ends| {
+            lines += 1;
+            // The byte after the line break: where the next shard would start.
+            let next = at + offset as u64 + 1;
+            if ends && next - start >= target {
+                shards.push(range_shard(file, start..next, first_line));
+                (start, first_line, target) = (next, lines + 1, sizes.take());
             }
-        }
+        });
+        at += data.len() as u64;
     }
     if at > start {
         shards.push(range_shard(file, start..at, first_line));
@@ -124,7 +123,7 @@ fn range_shard(file: &AudienceFile, range: Range<u64>, first_line: u64) -> Shard
     Shard { file: file.clone(), bytes: range.end - range.start, range: Some(range), first_line }
 }
 
-/// Follows a file byte by byte and tells which line breaks end a row.
+/// Follows a file and tells which line breaks end a row.
 pub(crate) struct RowEnds {
     csv: Option<Quoting>,
     /// The first row (a CSV file's header) has ended.
@@ -171,6 +170,42 @@ impl RowEnds {
         }
         ends
     }
+
+    /// Takes the next block of bytes, as [`RowEnds::step`] would take each of them, and calls
+    /// `on_break` with the offset of each line break in it and whether it ends a row. It stops
+    /// only at the bytes that can change the quoting (quotes, commas, line breaks; in a quoted
+    /// field quotes and line breaks), found with `memchr`: a file is cut at the speed it is
+    /// read.
+    pub(crate) fn scan(&mut self, data: &[u8], mut on_break: impl FnMut(usize, bool)) {
+        let Some(mut state) = self.csv else {
+            memchr::memchr_iter(b'\n', data).for_each(|at| on_break(at, true));
+            return;
+        };
+        let mut from = 0;
+        while from < data.len() {
+            let rest = &data[from..];
+            let found = match state {
+                Quoting::Quoted => memchr::memchr2(b'"', b'\n', rest),
+                _ => memchr::memchr3(b'"', b',', b'\n', rest),
+            };
+            let skipped = found.unwrap_or(rest.len());
+            // Any other byte leaves a quoted field quoted and makes every other state a field
+            // not quoted (as `step` does).
+            if skipped > 0 && state != Quoting::Quoted {
+                state = Quoting::Unquoted;
+            }
+            let Some(offset) = found else { break };
+            let at = from + offset;
+            self.csv = Some(state);
+            let ends = self.step(data[at]);
+            state = self.csv.unwrap_or(Quoting::FieldStart);
+            if data[at] == b'\n' {
+                on_break(at, ends);
+            }
+            from = at + 1;
+        }
+        self.csv = Some(state);
+    }
 }
 
 /// The bytes of a CSV file's header row, the line break that ends it included, from the first
@@ -212,6 +247,40 @@ mod tests {
     fn a_header_is_its_first_row() {
         assert_eq!(header_of(b"email,\"first\nname\"\na@x.io,A\n"), Some(&b"email,\"first\nname\"\n"[..]));
         assert_eq!(header_of(b"email,name"), None);
+    }
+
+    /// What `scan` reports over `text` given in blocks of `block` bytes.
+    fn scanned(format: FileFormat, text: &str, block: usize) -> Vec<(usize, bool)> {
+        let mut rows = RowEnds::new(format);
+        let mut breaks = Vec::new();
+        for (n, data) in text.as_bytes().chunks(block).enumerate() {
+            rows.scan(data, |at, ends| breaks.push((n * block + at, ends)));
+        }
+        breaks
+    }
+
+    #[test]
+    fn scanning_blocks_finds_the_line_breaks_and_row_ends_that_stepping_does() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let pieces = ["a", "b@x.io", ",", "\n", "\"", "\"\"", " ", "5\"10"];
+        for _ in 0..500 {
+            let text: String =
+                (0..rng.random_range(0..80)).map(|_| pieces[rng.random_range(0..pieces.len())]).collect();
+            for format in [FileFormat::Csv, FileFormat::Ndjson] {
+                let mut rows = RowEnds::new(format);
+                let stepped: Vec<(usize, bool)> = text
+                    .bytes()
+                    .enumerate()
+                    .map(|(i, b)| (i, b, rows.step(b)))
+                    .filter(|&(_, b, _)| b == b'\n')
+                    .map(|(i, _, ends)| (i, ends))
+                    .collect();
+                for block in [1, 2, 3, 7, 64] {
+                    assert_eq!(scanned(format, &text, block), stepped, "{text:?} in blocks of {block}");
+                }
+            }
+        }
     }
 
     #[test]
