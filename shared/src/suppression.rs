@@ -13,6 +13,9 @@
 //! seen for a list about to be uploaded ([`SinceBuilt`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Deref;
+
+use serde_json::value::RawValue;
 
 use crate::domain::RequestId;
 use crate::store::{Result, Store};
@@ -174,12 +177,12 @@ impl SinceBuilt {
     /// The recipients (chunk object lines) not suppressed for `request`, and how many were left
     /// out: matched against the suppressions written since the build, or, when there are many,
     /// with one query for all the chunk's addresses.
-    pub async fn leave_out(
+    pub async fn leave_out<R: Deref<Target = RawValue>>(
         &self,
         store: &Store,
         request: &RequestId,
-        recipients: Vec<Box<serde_json::value::RawValue>>,
-    ) -> Result<(Vec<Box<serde_json::value::RawValue>>, i64)> {
+        recipients: Vec<R>,
+    ) -> Result<(Vec<R>, i64)> {
         match &self.keys {
             Some(recent) if recent.is_empty() => Ok((recipients, 0)),
             Some(recent) => {
@@ -194,11 +197,11 @@ impl SinceBuilt {
 /// The recipients (chunk object lines) not suppressed for `request`, and how many were left out:
 /// the check made just before a small chunk's recipients go to the provider, one query for their
 /// few addresses (cheaper than [`SinceBuilt`]'s look at every recent suppression).
-pub async fn leave_out_suppressed(
+pub async fn leave_out_suppressed<R: Deref<Target = RawValue>>(
     store: &Store,
     request: &RequestId,
-    recipients: Vec<Box<serde_json::value::RawValue>>,
-) -> Result<(Vec<Box<serde_json::value::RawValue>>, i64)> {
+    recipients: Vec<R>,
+) -> Result<(Vec<R>, i64)> {
     let keys: Vec<Option<String>> = recipients.iter().map(|r| email_of(r).map(|e| address_key(&e))).collect();
     let asked: Vec<&str> = keys.iter().flatten().map(String::as_str).collect();
     let suppressed = suppressed_for_request(store, request, &asked).await?;
@@ -206,11 +209,11 @@ pub async fn leave_out_suppressed(
 }
 
 /// The recipients whose key (in the same order) is not in `suppressed`, and how many were not.
-fn keep_unsuppressed(
-    recipients: Vec<Box<serde_json::value::RawValue>>,
+fn keep_unsuppressed<R>(
+    recipients: Vec<R>,
     keys: Vec<Option<String>>,
     suppressed: &HashSet<String>,
-) -> (Vec<Box<serde_json::value::RawValue>>, i64) {
+) -> (Vec<R>, i64) {
     if suppressed.is_empty() {
         return (recipients, 0);
     }
@@ -227,7 +230,7 @@ fn keep_unsuppressed(
 
 /// The address of a recipient as a chunk object holds it (`{"email": …, "params": …}`), without
 /// reading the rest; `None` for a line that is not one.
-pub fn email_of(line: &serde_json::value::RawValue) -> Option<String> {
+pub fn email_of(line: &RawValue) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Email {
         email: String,

@@ -22,7 +22,7 @@ fn recipients(emails: &[&str]) -> Vec<Recipient> {
         .collect()
 }
 
-fn list(key: &str, request_id: &str, emails: &[&str]) -> ListUpload {
+fn list(key: &str, request_id: &str, emails: &[&str]) -> ListUpload<'static> {
     ListUpload::new(key, request_id, &recipients(emails)).unwrap()
 }
 

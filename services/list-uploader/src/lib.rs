@@ -27,7 +27,7 @@ use axum::routing::post;
 use haishin_shared::config::CommonArgs;
 use haishin_shared::domain::{ChunkId, ChunkState};
 use haishin_shared::esp::{EspArgs, EspError, EspProvider, ListId, ListUpload};
-use haishin_shared::gcp::{Blobs, GcpError, Topic};
+use haishin_shared::gcp::{Blobs, GcpError, Topic, lines_in};
 use haishin_shared::messages::{DeliveryMessage, EventKind, PipelineEvent, UploadTask};
 use haishin_shared::push::{Delivered, Outcome, RetryReason};
 use haishin_shared::server::PushService;
@@ -160,13 +160,19 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
     let read_start = Instant::now();
     // The suppressions written since the chunk was built are looked up while it is read.
     let (read, since_built) = tokio::join!(
-        state.blobs.chunk_lines(&state.bucket, &chunk),
+        state.blobs.chunk_bytes(&state.bucket, &chunk),
         SinceBuilt::of_request(&state.store, &chunk.request_id)
     );
-    let recipients = match read {
-        Ok(recipients) => recipients,
+    let data = match read {
+        Ok(data) => data,
         Err(err @ GcpError::Permanent { .. }) => return fail(state, &chunk, &err.to_string()).await,
         Err(err) => return release(state, &chunk.id, Outcome::unavailable(err)).await,
+    };
+    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
+    // Borrowed from the chunk as read: the list's body is written from them without a copy.
+    let recipients = match lines_in(&data, &chunk.object, first, count) {
+        Ok(recipients) => recipients,
+        Err(err) => return fail(state, &chunk, &err.to_string()).await,
     };
     let read_ms = read_start.elapsed().as_millis() as u64;
     let checked = async { since_built?.leave_out(&state.store, &chunk.request_id, recipients).await };

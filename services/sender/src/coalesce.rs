@@ -208,7 +208,7 @@ mod tests {
 
     #[async_trait]
     impl EspProvider for Recording {
-        async fn upload_list(&self, _: &ListUpload) -> Result<ListId, EspError> {
+        async fn upload_list(&self, _: &ListUpload<'_>) -> Result<ListId, EspError> {
             Err(EspError::Permanent("no uploads here".into()))
         }
         async fn send(&self, send: &SendRequest) -> Result<DeliveryId, EspError> {

@@ -40,6 +40,7 @@ mod render;
 pub mod ses;
 pub mod smtp;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::Duration;
 
@@ -67,7 +68,7 @@ pub use smtp::{SmtpConfig, SmtpProvider};
 #[async_trait]
 pub trait EspProvider: Send + Sync + 'static {
     /// Uploads one chunk's recipients as a list at the ESP. Idempotent by key where the ESP supports it.
-    async fn upload_list(&self, list: &ListUpload) -> Result<ListId, EspError>;
+    async fn upload_list(&self, list: &ListUpload<'_>) -> Result<ListId, EspError>;
     /// Sends a template to an uploaded list. The key is recorded by the ESP so that the send can be looked up later.
     async fn send(&self, send: &SendRequest) -> Result<DeliveryId, EspError>;
     /// Whether [`EspProvider::send_batch`] is a call of the ESP's own. Without it, each send goes
@@ -90,17 +91,19 @@ pub trait EspProvider: Send + Sync + 'static {
 
 /// One chunk's recipients, to be stored at the ESP as a list.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ListUpload {
+pub struct ListUpload<'a> {
     /// Repeating an upload with the same key returns the same list where the ESP supports it.
     pub idempotency_key: String,
     /// The delivery request the chunk belongs to.
     pub request_id: RequestId,
     /// Each a [`Recipient`] as JSON, kept as the audience step wrote it: the uploader forwards
-    /// chunks of thousands of recipients and has no reason to take them apart.
-    pub recipients: Vec<Box<RawValue>>,
+    /// chunks of thousands of recipients and has no reason to take them apart, nor to copy
+    /// them out of the chunk it read (see [`crate::gcp::lines_in`]).
+    #[serde(borrow)]
+    pub recipients: Vec<Cow<'a, RawValue>>,
 }
 
-impl ListUpload {
+impl ListUpload<'static> {
     pub fn new(
         idempotency_key: impl Into<String>,
         request_id: impl Into<RequestId>,
@@ -109,7 +112,10 @@ impl ListUpload {
         Ok(Self {
             idempotency_key: idempotency_key.into(),
             request_id: request_id.into(),
-            recipients: recipients.iter().map(serde_json::value::to_raw_value).collect::<Result<_, _>>()?,
+            recipients: recipients
+                .iter()
+                .map(|r| serde_json::value::to_raw_value(r).map(Cow::Owned))
+                .collect::<Result<_, _>>()?,
         })
     }
 }

@@ -18,7 +18,7 @@ use google_cloud_gax::error::rpc::Code;
 
 pub use bigquery::{BigQuery, BigQueryError, Job};
 pub use pubsub::Topic;
-pub use storage::Blobs;
+pub use storage::{Blobs, lines_in};
 pub use tasks::{Enqueued, QueueTarget, TaskQueue, task_name};
 
 /// Where the Google APIs are; set only to point the services at local stand-ins.

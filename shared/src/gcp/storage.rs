@@ -1,5 +1,7 @@
 //! Cloud Storage objects: writing and reading them whole or streamed, and listing them.
 
+use std::borrow::Cow;
+
 use google_cloud_auth::credentials::Credentials;
 use google_cloud_storage::client::Storage;
 use serde_json::value::RawValue;
@@ -117,6 +119,19 @@ impl Blobs {
         lines_of(&data, object, first, count)
     }
 
+    /// The bytes holding a chunk's recipients, for [`lines_in`]: its row's lines, or its
+    /// object read whole.
+    pub async fn chunk_bytes<'a>(
+        &self,
+        bucket: &str,
+        chunk: &'a ChunkRow,
+    ) -> Result<Cow<'a, [u8]>, GcpError> {
+        match &chunk.lines {
+            Some(lines) => Ok(Cow::Borrowed(lines.as_bytes())),
+            None => Ok(Cow::Owned(self.read_all(bucket, &chunk.object).await?)),
+        }
+    }
+
     /// A chunk's recipients: the lines its row holds, or those of its object.
     pub async fn chunk_lines(&self, bucket: &str, chunk: &ChunkRow) -> Result<Vec<Box<RawValue>>, GcpError> {
         let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
@@ -182,15 +197,27 @@ impl Blobs {
 
 /// Lines `[first, first + count)` of NDJSON `data` (the chunk `name`'s), blank lines not counted.
 fn lines_of(data: &[u8], name: &str, first: usize, count: usize) -> Result<Vec<Box<RawValue>>, GcpError> {
+    Ok(lines_in(data, name, first, count)?.into_iter().map(Cow::into_owned).collect())
+}
+
+/// Lines `[first, first + count)` of a chunk's bytes (see [`Blobs::chunk_bytes`]; blank lines
+/// not counted), each checked to be one JSON value and borrowed as written, not copied. A line
+/// that is not JSON, or fewer lines than asked, is [`GcpError::Permanent`]. `name` names the
+/// chunk's object in the error.
+pub fn lines_in<'a>(
+    data: &'a [u8],
+    name: &str,
+    first: usize,
+    count: usize,
+) -> Result<Vec<Cow<'a, RawValue>>, GcpError> {
     let corrupt = |detail: String| GcpError::Permanent { what: "reading a chunk object", detail };
-    let lines = data
-        .split(|b| *b == b'\n')
-        .filter(|line| !line.is_empty())
-        .skip(first)
-        .take(count)
-        .map(serde_json::from_slice::<Box<RawValue>>)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| corrupt(format!("{name} is unreadable: {e}")))?;
+    let mut lines = Vec::with_capacity(count);
+    for line in data.split(|b| *b == b'\n').filter(|line| !line.is_empty()).skip(first).take(count) {
+        let line = std::str::from_utf8(line).map_err(|e| corrupt(format!("{name} is unreadable: {e}")))?;
+        let value: &RawValue =
+            serde_json::from_str(line).map_err(|e| corrupt(format!("{name} is unreadable: {e}")))?;
+        lines.push(Cow::Borrowed(value));
+    }
     if lines.len() != count {
         return Err(corrupt(format!(
             "{name} holds {} lines from line {first}, {count} expected",

@@ -157,7 +157,7 @@ impl ListSendEsp {
 #[async_trait]
 impl EspProvider for ListSendEsp {
     #[tracing::instrument(skip_all, fields(request_id = %list.request_id, key = %list.idempotency_key, recipients = list.recipients.len()))]
-    async fn upload_list(&self, list: &ListUpload) -> Result<ListId, EspError> {
+    async fn upload_list(&self, list: &ListUpload<'_>) -> Result<ListId, EspError> {
         let body = encode(Op::Upload, list)?;
         let (status, body) =
             self.call(Op::Upload, Method::POST, self.url(&["v1", "lists"]), Some(body)).await?;
