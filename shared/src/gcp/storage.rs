@@ -105,20 +105,6 @@ impl Blobs {
         Ok(data)
     }
 
-    /// Lines `[first, first + count)` of an NDJSON object (blank lines not counted), each one
-    /// JSON value passed on as written: a chunk's recipients. An object that holds fewer lines,
-    /// or a line that is not JSON, is [`GcpError::Permanent`]: no retry can mend it.
-    pub async fn read_lines(
-        &self,
-        bucket: &str,
-        object: &str,
-        first: usize,
-        count: usize,
-    ) -> Result<Vec<Box<RawValue>>, GcpError> {
-        let data = self.read_all(bucket, object).await?;
-        lines_of(&data, object, first, count)
-    }
-
     /// The bytes holding a chunk's recipients, for [`lines_in`]: its row's lines, or its
     /// object read whole.
     pub async fn chunk_bytes<'a>(
@@ -132,13 +118,13 @@ impl Blobs {
         }
     }
 
-    /// A chunk's recipients: the lines its row holds, or those of its object.
+    /// A chunk's recipients, each its own copy (see [`lines_in`] for them borrowed): the lines
+    /// its row holds, or those of its object. An object that holds fewer lines, or a line that
+    /// is not JSON, is [`GcpError::Permanent`]: no retry can mend it.
     pub async fn chunk_lines(&self, bucket: &str, chunk: &ChunkRow) -> Result<Vec<Box<RawValue>>, GcpError> {
         let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
-        match &chunk.lines {
-            Some(lines) => lines_of(lines.as_bytes(), &chunk.object, first, count),
-            None => self.read_lines(bucket, &chunk.object, first, count).await,
-        }
+        let data = self.chunk_bytes(bucket, chunk).await?;
+        Ok(lines_in(&data, &chunk.object, first, count)?.into_iter().map(Cow::into_owned).collect())
     }
 
     /// Names of the objects under `prefix`, in name order.
@@ -193,11 +179,6 @@ impl Blobs {
         objects.sort();
         Ok(objects)
     }
-}
-
-/// Lines `[first, first + count)` of NDJSON `data` (the chunk `name`'s), blank lines not counted.
-fn lines_of(data: &[u8], name: &str, first: usize, count: usize) -> Result<Vec<Box<RawValue>>, GcpError> {
-    Ok(lines_in(data, name, first, count)?.into_iter().map(Cow::into_owned).collect())
 }
 
 /// Lines `[first, first + count)` of a chunk's bytes (see [`Blobs::chunk_bytes`]; blank lines
