@@ -168,9 +168,8 @@ async fn upload_chunk(state: &AppState, task: &UploadTask) -> Outcome {
         Err(err @ GcpError::Permanent { .. }) => return fail(state, &chunk, &err.to_string()).await,
         Err(err) => return release(state, &chunk.id, Outcome::unavailable(err)).await,
     };
-    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
     // Borrowed from the chunk as read: the list's body is written from them without a copy.
-    let recipients = match lines_in(&data, &chunk.object, first, count) {
+    let recipients = match lines_in(&data, &chunk) {
         Ok(recipients) => recipients,
         Err(err) => return fail(state, &chunk, &err.to_string()).await,
     };

@@ -4,6 +4,7 @@ use std::borrow::Cow;
 
 use google_cloud_auth::credentials::Credentials;
 use google_cloud_storage::client::Storage;
+use google_cloud_storage::read_object::ReadObjectResponse;
 use serde_json::value::RawValue;
 
 use super::{GcpArgs, GcpError, anonymous, rest_credentials, rest_headers};
@@ -45,6 +46,15 @@ impl Blobs {
             .map_err(|e| GcpError::from_gax("writing an object", &e))
     }
 
+    /// Starts reading a whole object: its metadata, then its bytes as they come.
+    async fn open(&self, bucket: &str, object: &str) -> Result<ReadObjectResponse, GcpError> {
+        self.storage
+            .read_object(Self::bucket_path(bucket), object)
+            .send()
+            .await
+            .map_err(|e| GcpError::from_gax("reading an object", &e))
+    }
+
     /// Streams an object's bytes.
     pub async fn read(
         &self,
@@ -52,12 +62,7 @@ impl Blobs {
         object: &str,
     ) -> Result<futures::stream::BoxStream<'static, Result<bytes::Bytes, GcpError>>, GcpError> {
         use futures::StreamExt;
-        let response = self
-            .storage
-            .read_object(Self::bucket_path(bucket), object)
-            .send()
-            .await
-            .map_err(|e| GcpError::from_gax("reading an object", &e))?;
+        let response = self.open(bucket, object).await?;
         Ok(futures::stream::unfold(response, |mut response| async move {
             let item = response.next().await?;
             Some((item.map_err(|e| GcpError::from_gax("reading an object", &e)), response))
@@ -91,16 +96,10 @@ impl Blobs {
 
     /// Reads a whole (small) object, into a buffer of the size its metadata gives.
     pub async fn read_all(&self, bucket: &str, object: &str) -> Result<Vec<u8>, GcpError> {
-        let failed = |e: &google_cloud_storage::Error| GcpError::from_gax("reading an object", e);
-        let mut response = self
-            .storage
-            .read_object(Self::bucket_path(bucket), object)
-            .send()
-            .await
-            .map_err(|e| failed(&e))?;
+        let mut response = self.open(bucket, object).await?;
         let mut data = Vec::with_capacity(usize::try_from(response.object().size).unwrap_or(0));
         while let Some(piece) = response.next().await {
-            data.extend_from_slice(&piece.map_err(|e| failed(&e))?);
+            data.extend_from_slice(&piece.map_err(|e| GcpError::from_gax("reading an object", &e))?);
         }
         Ok(data)
     }
@@ -122,9 +121,8 @@ impl Blobs {
     /// its row holds, or those of its object. An object that holds fewer lines, or a line that
     /// is not JSON, is [`GcpError::Permanent`]: no retry can mend it.
     pub async fn chunk_lines(&self, bucket: &str, chunk: &ChunkRow) -> Result<Vec<Box<RawValue>>, GcpError> {
-        let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
         let data = self.chunk_bytes(bucket, chunk).await?;
-        Ok(lines_in(&data, &chunk.object, first, count)?.into_iter().map(Cow::into_owned).collect())
+        Ok(lines_in(&data, chunk)?.into_iter().map(Cow::into_owned).collect())
     }
 
     /// Names of the objects under `prefix`, in name order.
@@ -181,16 +179,13 @@ impl Blobs {
     }
 }
 
-/// Lines `[first, first + count)` of a chunk's bytes (see [`Blobs::chunk_bytes`]; blank lines
-/// not counted), each checked to be one JSON value and borrowed as written, not copied. A line
-/// that is not JSON, or fewer lines than asked, is [`GcpError::Permanent`]. `name` names the
-/// chunk's object in the error.
-pub fn lines_in<'a>(
-    data: &'a [u8],
-    name: &str,
-    first: usize,
-    count: usize,
-) -> Result<Vec<Cow<'a, RawValue>>, GcpError> {
+/// A chunk's recipients in `data`, its bytes (see [`Blobs::chunk_bytes`]): the chunk's range of
+/// lines (blank lines not counted), each checked to be one JSON value and borrowed as written,
+/// not copied. A line that is not JSON, or fewer lines than the chunk's, is
+/// [`GcpError::Permanent`].
+pub fn lines_in<'a>(data: &'a [u8], chunk: &ChunkRow) -> Result<Vec<Cow<'a, RawValue>>, GcpError> {
+    let (first, count) = (chunk.first_line.max(0) as usize, chunk.recipients.max(0) as usize);
+    let name = &chunk.object;
     let corrupt = |detail: String| GcpError::Permanent { what: "reading a chunk object", detail };
     let mut lines = Vec::with_capacity(count);
     for line in data.split(|b| *b == b'\n').filter(|line| !line.is_empty()).skip(first).take(count) {
