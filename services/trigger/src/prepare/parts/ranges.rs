@@ -126,8 +126,6 @@ fn range_shard(file: &AudienceFile, range: Range<u64>, first_line: u64) -> Shard
 /// Follows a file and tells which line breaks end a row.
 pub(crate) struct RowEnds {
     csv: Option<Quoting>,
-    /// The first row (a CSV file's header) has ended.
-    pub(crate) header_done: bool,
 }
 
 /// Where a CSV reader is within a row, as far as quoting goes.
@@ -142,13 +140,21 @@ enum Quoting {
     QuoteInQuoted,
 }
 
+impl Quoting {
+    /// Where a reader outside a quoted field is after `byte`, not a quote: at a field's start
+    /// after a comma or a line break, else in a field not quoted.
+    fn outside_quotes_after(byte: u8) -> Self {
+        if matches!(byte, b',' | b'\n') { Self::FieldStart } else { Self::Unquoted }
+    }
+}
+
 impl RowEnds {
     pub(crate) fn new(format: FileFormat) -> Self {
         let csv = match format {
             FileFormat::Csv => Some(Quoting::FieldStart),
             FileFormat::Ndjson => None,
         };
-        Self { csv, header_done: csv.is_none() }
+        Self { csv }
     }
 
     /// Takes the next byte; true when it is a line break that ends a row.
@@ -165,34 +171,39 @@ impl RowEnds {
             _ => (Unquoted, false),
         };
         self.csv = Some(next);
-        if ends {
-            self.header_done = true;
-        }
         ends
     }
 
     /// Takes the next block of bytes, as [`RowEnds::step`] would take each of them, and calls
     /// `on_break` with the offset of each line break in it and whether it ends a row. It stops
-    /// only at the bytes that can change the quoting (quotes, commas, line breaks; in a quoted
-    /// field quotes and line breaks), found with `memchr`: a file is cut at the speed it is
-    /// read.
+    /// only at quotes and line breaks, found with `memchr`: outside a quoted field, the bytes
+    /// between them only tell whether the next quote opens a field (it does right after a
+    /// comma), so a file is cut at the speed it is read.
     pub(crate) fn scan(&mut self, data: &[u8], mut on_break: impl FnMut(usize, bool)) {
         let Some(mut state) = self.csv else {
             memchr::memchr_iter(b'\n', data).for_each(|at| on_break(at, true));
             return;
         };
+        // Most files quote nothing: then every line break ends a row.
+        let in_quotes = matches!(state, Quoting::Quoted | Quoting::QuoteInQuoted);
+        if !in_quotes && memchr::memchr(b'"', data).is_none() {
+            memchr::memchr_iter(b'\n', data).for_each(|at| on_break(at, true));
+            self.csv = data.last().map(|&last| Quoting::outside_quotes_after(last)).or(self.csv);
+            return;
+        }
         let mut from = 0;
         while from < data.len() {
             let rest = &data[from..];
+            // After a quote in a quoted field, the next byte alone tells what it was.
             let found = match state {
-                Quoting::Quoted => memchr::memchr2(b'"', b'\n', rest),
-                _ => memchr::memchr3(b'"', b',', b'\n', rest),
+                Quoting::QuoteInQuoted => Some(0),
+                _ => memchr::memchr2(b'"', b'\n', rest),
             };
             let skipped = found.unwrap_or(rest.len());
-            // Any other byte leaves a quoted field quoted and makes every other state a field
-            // not quoted (as `step` does).
+            // Other bytes leave a quoted field quoted; outside one, each makes the state a
+            // field's start (a comma) or a field not quoted (any other), as `step` does.
             if skipped > 0 && state != Quoting::Quoted {
-                state = Quoting::Unquoted;
+                state = Quoting::outside_quotes_after(rest[skipped - 1]);
             }
             let Some(offset) = found else { break };
             let at = from + offset;
