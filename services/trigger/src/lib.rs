@@ -82,9 +82,11 @@ pub struct AppState {
 }
 
 /// The tail of the batch work is cut into pieces of no less than a chunk divided by this. The
-/// pieces are sized by the provider's pace so that the slots end together; this only keeps a
-/// crumb from costing a call of its own.
-const TAIL_PIECES_PER_CHUNK: u32 = 16;
+/// pieces are sized by the provider's pace so that the slots end together, and the pace already
+/// gives a slot a piece only when it would otherwise idle longer than a call's fixed cost; this
+/// floor only keeps a crumb from a misjudged pace. A higher floor (a sixteenth) left the last
+/// rests whole, and a slot or two idle while they ended.
+const TAIL_PIECES_PER_CHUNK: u32 = 64;
 
 /// The trigger, bound to its port and ready to serve.
 pub struct Application {

@@ -180,26 +180,32 @@ impl Pace {
     /// do. The pending recipients are poured over the slots (the free ones, this one among them,
     /// and each chunk in flight from the moment it should end) so that every slot that gets
     /// some ends at the same moment, each new piece paying a call's fixed cost; a slot whose
-    /// chunk ends after that moment gets none.
+    /// chunk ends after that moment gets none. A piece dispatched beyond the free slots (a
+    /// prefetched one) starts only when a chunk in flight ends: the first to end, or the next
+    /// after those already queued beyond the slots.
     pub(super) fn piece(self, pending: u64, in_flight: &[InFlight], slots: u32) -> u64 {
-        let slots = (slots as usize).max(in_flight.len() + 1);
-        // When each slot is free: now (0) for those with nothing in flight, this one first.
-        let mut free_at: Vec<f64> =
+        let slots = (slots as usize).max(1);
+        let mut ends: Vec<f64> =
             in_flight.iter().map(|&(r, since)| (self.seconds(r) - since).max(0.0)).collect();
-        free_at.resize(slots, 0.0);
-        free_at.sort_by(f64::total_cmp);
+        ends.sort_by(f64::total_cmp);
+        // When each slot is free, this piece's first: now for those with nothing in flight.
+        let free_at: Vec<f64> = match (ends.len() + 1).checked_sub(slots) {
+            Some(waiting) if waiting > 0 => ends[waiting - 1..].to_vec(),
+            _ => std::iter::repeat_n(0.0, slots - ends.len()).chain(ends).collect(),
+        };
+        let starts = free_at[0];
         let work = self.per_recipient * pending as f64;
         // The first `n` slots to be free share the work, ending together at `end`, when the
         // next slot would not be free before `end` anyway.
         let (mut end, mut before) = (f64::INFINITY, 0.0);
-        for n in 1..=slots {
+        for n in 1..=free_at.len() {
             before += free_at[n - 1] + self.per_call;
             end = (work + before) / n as f64;
             if free_at.get(n).is_none_or(|&next| end <= next + self.per_call) {
                 break;
             }
         }
-        ((end - self.per_call) / self.per_recipient).ceil().clamp(1.0, pending as f64) as u64
+        ((end - starts - self.per_call) / self.per_recipient).ceil().clamp(1.0, pending as f64) as u64
     }
 }
 
@@ -238,5 +244,24 @@ mod tests {
     #[test]
     fn the_piece_never_exceeds_what_is_pending() {
         assert_eq!(PACE.piece(500, &[(10_000.0, 0.0); 7], 8), 500);
+    }
+
+    #[test]
+    fn a_piece_queued_beyond_the_free_slots_starts_when_a_slot_frees() {
+        // Every slot busy, one free in 0.2 s and seven in 1 s: prefetched, the piece starts in
+        // 0.2 s and ends with the others, 20,000 poured over all eight.
+        let soon = (10_000.0, PACE.seconds(10_000.0) - 0.2);
+        let late = (10_000.0, PACE.seconds(10_000.0) - 1.0);
+        let mut busy = vec![late; 7];
+        busy.push(soon);
+        let piece = PACE.piece(20_000, &busy, 8);
+        let ends = 0.2 + PACE.seconds(piece as f64);
+        let others = 1.0 + PACE.seconds((20_000 - piece) as f64 / 7.0);
+        assert!((ends - others).abs() < 0.01, "{piece}: {ends} vs {others}");
+        // The next one, queued behind it, starts when the second slot frees.
+        let mut queued = busy.clone();
+        queued.push((piece as f64, 0.0));
+        let rest = 20_000 - piece;
+        assert!(PACE.piece(rest, &queued, 8) < rest / 7, "it starts in 1 s, not now");
     }
 }
