@@ -189,9 +189,8 @@ pub fn lines_in<'a>(data: &'a [u8], chunk: &ChunkRow) -> Result<Vec<Cow<'a, RawV
     let corrupt = |detail: String| GcpError::Permanent { what: "reading a chunk object", detail };
     let mut lines = Vec::with_capacity(count);
     for line in data.split(|b| *b == b'\n').filter(|line| !line.is_empty()).skip(first).take(count) {
-        let line = std::str::from_utf8(line).map_err(|e| corrupt(format!("{name} is unreadable: {e}")))?;
         let value: &RawValue =
-            serde_json::from_str(line).map_err(|e| corrupt(format!("{name} is unreadable: {e}")))?;
+            serde_json::from_slice(line).map_err(|e| corrupt(format!("{name} is unreadable: {e}")))?;
         lines.push(Cow::Borrowed(value));
     }
     if lines.len() != count {
@@ -201,4 +200,73 @@ pub fn lines_in<'a>(data: &'a [u8], chunk: &ChunkRow) -> Result<Vec<Cow<'a, RawV
         )));
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ChunkId, ChunkState, Class, RequestId};
+
+    /// A chunk of lines `[first_line, first_line + recipients)` of `chunks/c.json`.
+    fn chunk(first_line: i32, recipients: i32) -> ChunkRow {
+        let request_id = RequestId::from("r");
+        ChunkRow {
+            id: ChunkId::new(&request_id, 0),
+            request_id,
+            seq: 0,
+            class: Class::Batch,
+            priority: 0,
+            state: ChunkState::Uploading,
+            object: "chunks/c.json".into(),
+            first_line,
+            recipients,
+            lines: None,
+            generation: 1,
+            upload_attempts: 0,
+            send_attempts: 0,
+            list_id: None,
+            delivery_id: None,
+            delivered: None,
+            bounced: None,
+            failed: None,
+            unknown: None,
+            suppressed: None,
+            progress: 0,
+            retry: Vec::new(),
+            in_flight: None,
+            yields: 0,
+            reason: None,
+            created_at: chrono::Utc::now(),
+            queued_at: None,
+            uploaded_at: None,
+            sent_at: None,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn a_chunks_lines_are_its_range_borrowed_as_written() {
+        let data = b"{\"email\":\"a@x.io\"}\n\n{\"email\":\"b@x.io\"}\n{\"email\": \"c@x.io\"}\n";
+        let lines = lines_in(data, &chunk(1, 2)).unwrap();
+        let texts: Vec<&str> = lines.iter().map(|l| l.get()).collect();
+        assert_eq!(texts, ["{\"email\":\"b@x.io\"}", "{\"email\": \"c@x.io\"}"], "blank lines not counted");
+        assert!(lines.iter().all(|l| matches!(l, Cow::Borrowed(_))));
+    }
+
+    #[test]
+    fn a_chunk_object_that_cannot_hold_its_lines_is_a_permanent_error() {
+        let cases: [(&[u8], &str); 3] = [
+            (b"{\"email\":\"a@x.io\"}\nnot json\n", "unreadable"),
+            (b"{\"email\":\"a@x.io\"}\n\"\xff\"\n", "unreadable"),
+            (b"{\"email\":\"a@x.io\"}\n", "holds 1 lines from line 0, 2 expected"),
+        ];
+        for (data, expected) in cases {
+            match lines_in(data, &chunk(0, 2)) {
+                Err(GcpError::Permanent { detail, .. }) => {
+                    assert!(detail.contains("chunks/c.json") && detail.contains(expected), "{detail}")
+                }
+                other => panic!("{:?}: {other:?}", String::from_utf8_lossy(data)),
+            }
+        }
+    }
 }
