@@ -229,6 +229,7 @@ pub async fn dispatch_round(store: &Store, limits: SlotLimits) -> Result<Dispatc
             slots: slots.effective.saturating_sub(limits.realtime_reserved),
             min_part: limits.min_part,
             shape: limits.shape,
+            send_slots: limits.send_slots,
         };
         dispatched.extend(
             take_pending(&mut tx, &NEXT_PENDING, limits.shape, Class::Batch, free_batch, Some(split)).await?,

@@ -10,6 +10,11 @@
 //! object). Pieces shrink as the work runs out, so the slots run dry together instead of some
 //! idling while a few full chunks finish. A chunk that was ever dispatched keeps its range: the
 //! ESP may hold a list under its key.
+//!
+//! With a list-based ESP, each list's send follows its upload, and the campaign ends with the
+//! last send. When more slots would end together than the ESP can start sends for (its send
+//! slots less those realtime traffic holds), the last send would wait for one of them; so the
+//! slots beyond that end a send's time earlier, their sends done before the others' start.
 
 use haishin_shared::domain::{ChunkId, Class, RequestId};
 use haishin_shared::esp::Shape;
@@ -19,12 +24,13 @@ use sqlx::{Postgres, Transaction};
 use super::{ELIGIBLE, NEXT_PENDING, holding_states};
 
 /// How the tail of the batch work is cut: over `slots` of `shape`'s bottleneck API, into pieces
-/// of at least `min_part`.
+/// of at least `min_part`; with a list-based ESP, whose `send_slots` send calls follow the uploads.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TailSplit {
     pub(super) slots: u32,
     pub(super) min_part: u32,
     pub(super) shape: Shape,
+    pub(super) send_slots: u32,
 }
 
 /// Cuts the next chunk of `class` in two when the tail has been reached.
@@ -62,8 +68,12 @@ pub(super) async fn cut_next(
         return Ok(());
     }
     let (pace, in_flight) = Pace::of_run(tx, class, split.shape).await?;
-    let piece = pace.piece(pending as u64, &in_flight, split.slots);
-    tracing::debug!(?pace, in_flight = in_flight.len(), pending, piece, "Tail piece paced.");
+    let room = match split.shape {
+        Shape::Lists => SendRoom::of_run(tx, class, split.send_slots).await?,
+        Shape::Messages => None,
+    };
+    let piece = pace.piece(pending as u64, &in_flight, split.slots, split.min_part, room);
+    tracing::debug!(?pace, ?room, in_flight = in_flight.len(), pending, piece, "Tail piece paced.");
     let head = piece.max(min_part);
     if (recipients as u64) < head + min_part {
         return Ok(());
@@ -95,6 +105,57 @@ pub(super) async fn cut_next(
     .await?;
     tracing::debug!(request_id = %request_id, chunk = %id, recipients = head, rest = recipients - head, "Tail chunk cut.");
     Ok(())
+}
+
+/// The sends that follow the last uploads: how many calls the ESP can start at once for them,
+/// and how long each holds its send slot, from the end of its list's upload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct SendRoom {
+    pub(super) calls: usize,
+    pub(super) seconds: f64,
+}
+
+impl SendRoom {
+    /// The room for the sends of `class` on this run: a send's time, the shortest from upload
+    /// to send among the latest chunks sent; the calls, the ESP's `send_slots` less those that
+    /// realtime traffic holds on average (its requests of the last two seconds, each a call of
+    /// about that time), and never less than one. `None` until a chunk has been sent.
+    async fn of_run(
+        tx: &mut Transaction<'_, Postgres>,
+        class: Class,
+        send_slots: u32,
+    ) -> Result<Option<Self>> {
+        let (seconds, realtime): (Option<f64>, i64) = sqlx::query_as(
+            "SELECT (SELECT min(extract(epoch FROM sent_at - uploaded_at))::float8
+                     FROM (SELECT c.sent_at, c.uploaded_at FROM chunks c JOIN requests r ON r.id = c.request_id
+                           WHERE r.state = 'dispatching' AND c.class = $1
+                             AND c.sent_at IS NOT NULL AND c.uploaded_at IS NOT NULL
+                           ORDER BY c.sent_at DESC LIMIT 64) AS sent),
+                    (SELECT count(*) FROM requests
+                     WHERE class = 'realtime' AND received_at > now() - interval '2 seconds')",
+        )
+        .bind(class)
+        .fetch_one(&mut **tx)
+        .await?;
+        Ok(seconds.filter(|&s| s > 0.0).map(|seconds| Self::of(send_slots, realtime as f64 / 2.0, seconds)))
+    }
+
+    /// Whether more slots would end together at `end` than sends can start: the `sharing`
+    /// slots that share the pending work, and those `after` them whose chunk ends while the
+    /// last sends would run (more than half a send before `end`, a chunk's send is mostly done;
+    /// those are the slots that ended early already, and no more than the calls do).
+    fn crowded(self, end: f64, after: &[f64], sharing: usize) -> bool {
+        let half = self.seconds / 2.0;
+        let ending = after.iter().filter(|&&free| free > end - half && free < end + self.seconds).count();
+        let early = after.iter().filter(|&&free| free > end - 3.0 * half && free <= end - half).count();
+        sharing + ending > self.calls && early < self.calls
+    }
+
+    /// The room left by realtime traffic of `rate` requests a second, with sends of `seconds`.
+    fn of(send_slots: u32, rate: f64, seconds: f64) -> Self {
+        let held = (rate * seconds).ceil() as usize;
+        Self { calls: (send_slots as usize).saturating_sub(held).max(1), seconds }
+    }
 }
 
 /// How long a chunk holds a slot, from its dispatch to the end of its call: `per_call` seconds
@@ -179,11 +240,21 @@ impl Pace {
     /// The recipients of the piece that makes the slot about to take it end when the others
     /// do. The pending recipients are poured over the slots (the free ones, this one among them,
     /// and each chunk in flight from the moment it should end) so that every slot that gets
-    /// some ends at the same moment, each new piece paying a call's fixed cost; a slot whose
-    /// chunk ends after that moment gets none. A piece dispatched beyond the free slots (a
-    /// prefetched one) starts only when a chunk in flight ends: the first to end, or the next
-    /// after those already queued beyond the slots.
-    pub(super) fn piece(self, pending: u64, in_flight: &[InFlight], slots: u32) -> u64 {
+    /// some ends at the same moment, each new piece paying a call's fixed cost and taking at
+    /// least `min_part`; a slot whose chunk ends too late for that gets none. A piece dispatched
+    /// beyond the free slots (a prefetched one) starts only when a chunk in flight ends: the
+    /// first to end, or the next after those already queued beyond the slots.
+    ///
+    /// With `room` for the sends that follow, a slot free now ends a send's time before the
+    /// others when more would end together than the ESP can start sends for ([`SendRoom`]).
+    pub(super) fn piece(
+        self,
+        pending: u64,
+        in_flight: &[InFlight],
+        slots: u32,
+        min_part: u32,
+        room: Option<SendRoom>,
+    ) -> u64 {
         let slots = (slots as usize).max(1);
         let mut ends: Vec<f64> =
             in_flight.iter().map(|&(r, since)| (self.seconds(r) - since).max(0.0)).collect();
@@ -193,38 +264,61 @@ impl Pace {
             Some(waiting) if waiting > 0 => ends[waiting - 1..].to_vec(),
             _ => std::iter::repeat_n(0.0, slots - ends.len()).chain(ends).collect(),
         };
-        let starts = free_at[0];
-        let work = self.per_recipient * pending as f64;
-        // The first `n` slots to be free share the work, ending together at `end`, when the
-        // next slot would not be free before `end` anyway.
-        let (mut end, mut before) = (f64::INFINITY, 0.0);
-        for n in 1..=free_at.len() {
-            before += free_at[n - 1] + self.per_call;
-            end = (work + before) / n as f64;
-            if free_at.get(n).is_none_or(|&next| end <= next + self.per_call) {
+        let pour =
+            Pour { work: self.per_recipient * pending as f64, least: self.seconds(f64::from(min_part)) };
+        let (end, n) = pour.over(self, &free_at, 0.0);
+        let lead = match room {
+            Some(room) if free_at[0] == 0.0 && n > 1 && room.crowded(end, &free_at[n..], n) => room.seconds,
+            _ => 0.0,
+        };
+        let end = if lead > 0.0 { pour.over(self, &free_at, lead).0 } else { end };
+        ((end - lead - free_at[0] - self.per_call) / self.per_recipient).ceil().clamp(1.0, pending as f64)
+            as u64
+    }
+}
+
+/// Work poured over slots: its seconds at the provider's pace, and the least a slot takes.
+#[derive(Debug, Clone, Copy)]
+struct Pour {
+    work: f64,
+    least: f64,
+}
+
+impl Pour {
+    /// The first `n` slots to be free (at `free_at`, sorted) share the work, each piece paying
+    /// a call's fixed cost, and all ending together but the first, `lead` seconds before the
+    /// others: `n` is where the next slot would not be free in time for the least piece
+    /// anyway. Returns the common end and `n`.
+    fn over(self, pace: Pace, free_at: &[f64], lead: f64) -> (f64, usize) {
+        let (mut end, mut before, mut n) = (f64::INFINITY, 0.0, 0);
+        while n < free_at.len() {
+            before += free_at[n] + pace.per_call;
+            n += 1;
+            end = (self.work + before + lead) / n as f64;
+            if free_at.get(n).is_none_or(|&next| end <= next + self.least) {
                 break;
             }
         }
-        ((end - starts - self.per_call) / self.per_recipient).ceil().clamp(1.0, pending as f64) as u64
+        (end, n)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Pace;
+    use super::{Pace, SendRoom};
 
     const PACE: Pace = Pace { per_call: 0.15, per_recipient: 0.000_15 };
 
     #[test]
     fn with_every_other_slot_idle_the_piece_is_an_even_share() {
-        assert_eq!(PACE.piece(80_000, &[], 8), 10_000);
+        assert_eq!(PACE.piece(80_000, &[], 8, 0, None), 10_000);
     }
 
     #[test]
     fn a_slot_freed_while_the_others_are_busy_ends_with_them() {
         // Seven uploads of 10,000 dispatched 0.8 s ago still have 0.85 s each to go.
         let busy = [(10_000.0, 0.8); 7];
-        let piece = PACE.piece(40_000, &busy, 8);
+        let piece = PACE.piece(40_000, &busy, 8, 0, None);
         assert!(piece > 40_000 / 8, "{piece}");
         let ends = PACE.seconds(piece as f64);
         let others = 0.85 + PACE.seconds((40_000 - piece) as f64 / 7.0);
@@ -237,13 +331,13 @@ mod tests {
         // the four (1,334 here, 667 each there, all ending 0.35 s from now), none to the three.
         let (soon, late) = ((10_000.0, 1.55), (10_000.0, 0.05));
         let busy = [soon, soon, soon, soon, late, late, late];
-        let piece = PACE.piece(4_000, &busy, 8);
+        let piece = PACE.piece(4_000, &busy, 8, 0, None);
         assert_eq!(piece, 1_334);
     }
 
     #[test]
     fn the_piece_never_exceeds_what_is_pending() {
-        assert_eq!(PACE.piece(500, &[(10_000.0, 0.0); 7], 8), 500);
+        assert_eq!(PACE.piece(500, &[(10_000.0, 0.0); 7], 8, 0, None), 500);
     }
 
     #[test]
@@ -254,7 +348,7 @@ mod tests {
         let late = (10_000.0, PACE.seconds(10_000.0) - 1.0);
         let mut busy = vec![late; 7];
         busy.push(soon);
-        let piece = PACE.piece(20_000, &busy, 8);
+        let piece = PACE.piece(20_000, &busy, 8, 0, None);
         let ends = 0.2 + PACE.seconds(piece as f64);
         let others = 1.0 + PACE.seconds((20_000 - piece) as f64 / 7.0);
         assert!((ends - others).abs() < 0.01, "{piece}: {ends} vs {others}");
@@ -262,6 +356,67 @@ mod tests {
         let mut queued = busy.clone();
         queued.push((piece as f64, 0.0));
         let rest = 20_000 - piece;
-        assert!(PACE.piece(rest, &queued, 8) < rest / 7, "it starts in 1 s, not now");
+        assert!(PACE.piece(rest, &queued, 8, 0, None) < rest / 7, "it starts in 1 s, not now");
+    }
+
+    /// The least piece: a sixty-fourth of a chunk of 10,000.
+    const LEAST: u32 = 156;
+
+    /// The final round, slot by slot: eight slots busy until 0, 0.05, ... 0.35 s, each given
+    /// its piece of `pending` when it frees, as the trigger would. Returns when each slot ends.
+    fn final_round(pending: u64, room: Option<SendRoom>) -> Vec<f64> {
+        let free: Vec<f64> = (0..8).map(|i| f64::from(i) * 0.05).collect();
+        // Each slot: (recipients, dispatched at) of its chunk in flight.
+        let mut slots: Vec<(f64, f64)> =
+            free.iter().map(|&f| (10_000.0, f - PACE.seconds(10_000.0))).collect();
+        let mut left = pending;
+        for (i, &now) in free.iter().enumerate() {
+            let in_flight: Vec<(f64, f64)> = slots
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, &(r, at))| (r, now - at))
+                .collect();
+            // As the cut does: at least the least piece, and no rest smaller than one.
+            let piece = match PACE.piece(left, &in_flight, 8, LEAST, room).max(LEAST.into()) {
+                _ if left == 0 => 0,
+                piece if piece + u64::from(LEAST) > left => left,
+                piece => piece,
+            };
+            left -= piece;
+            slots[i] = (piece as f64, now);
+        }
+        assert_eq!(left, 0, "the round takes every pending recipient");
+        let mut ends: Vec<f64> = slots.iter().map(|&(r, at)| at + PACE.seconds(r)).collect();
+        ends.sort_by(f64::total_cmp);
+        ends
+    }
+
+    #[test]
+    fn with_room_for_every_send_the_slots_end_together() {
+        let ends = final_round(16_000, None);
+        assert!(ends[7] - ends[0] < 0.01, "{ends:?}");
+        let roomy = SendRoom { calls: 8, seconds: 0.16 };
+        assert_eq!(final_round(16_000, Some(roomy)), ends, "eight sends start at once");
+    }
+
+    #[test]
+    fn a_slot_beyond_the_sends_that_can_start_ends_a_send_earlier() {
+        // One of the eight send slots is held by realtime traffic: seven end together, and the
+        // eighth a send's time before them, so that its send is done when theirs start.
+        let ends = final_round(16_000, Some(SendRoom { calls: 7, seconds: 0.16 }));
+        assert!(ends[7] - ends[1] < 0.01, "{ends:?}");
+        assert!(ends[1] - ends[0] >= 0.155, "{ends:?}");
+        // The others take its share: they end about a send's time over eight later.
+        let together = final_round(16_000, None)[7];
+        assert!((ends[7] - together - 0.02).abs() < 0.005, "{ends:?} against {together}");
+    }
+
+    #[test]
+    fn realtime_traffic_holds_its_rate_times_a_send_of_the_send_slots() {
+        assert_eq!(SendRoom::of(8, 0.0, 0.16).calls, 8);
+        assert_eq!(SendRoom::of(8, 5.0, 0.16).calls, 7, "a call of 0.16 s every 0.2 s");
+        assert_eq!(SendRoom::of(8, 20.0, 0.16).calls, 4);
+        assert_eq!(SendRoom::of(8, 1_000.0, 0.16).calls, 1, "a flood leaves the batch one");
     }
 }
