@@ -222,7 +222,7 @@ async fn a_shard_whose_worker_died_halfway_is_taken_over_and_done_again() {
                 "UPDATE prepare_parts p SET lease_until = now() + interval '3 seconds'
              FROM requests r
              WHERE p.request_id = 'taken-over' AND p.kind = 'shard' AND r.id = p.request_id
-               AND p.index = (SELECT max(index) FROM prepare_parts
+               AND NOT r.plan_open AND p.index = (SELECT max(index) FROM prepare_parts
                               WHERE request_id = 'taken-over' AND kind = 'shard')
                AND NOT p.done AND p.lease_until IS NULL
              RETURNING p.index, r.partitions",
@@ -286,6 +286,74 @@ async fn a_cut_whose_worker_died_is_taken_over_once_its_lease_runs_out() {
     assert_eq!(held, 1, "the held cut was done");
     let sim = stack.esp.report();
     assert_eq!(sim.requests["held-cut"].counts.unique, 1_400);
+    assert_eq!(sim.deliveries.duplicates, 0);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_first_chunks_are_stored_while_the_plan_still_reads_and_an_interrupted_plan_is_taken_up_again() {
+    // Partitions of 600 KB: a 2.5 MB file is cut into shards of 256 KB, 512 KB, then 600 KB.
+    let stack =
+        TestStack { chunk_size: 5_000, prepare_partition_bytes: Some(600_000), ..TestStack::default() }
+            .start()
+            .await;
+    stack.stand_ins.set_redelivery(Redelivery::with_probability(1.0)).expect("redelivery set");
+    // The plan records its first shards one by one as it finds them, and the others together
+    // once it has read the whole file. That last record stalls the first time, then fails, as a
+    // plan whose instance died would.
+    sqlx::raw_sql(
+        "CREATE SEQUENCE plan_attempts;
+         CREATE FUNCTION stalled_plan() RETURNS trigger AS $$
+         BEGIN
+             IF NEW.kind = 'shard' AND NEW.index >= 4 AND nextval('plan_attempts') = 1 THEN
+                 PERFORM pg_sleep(3);
+                 RAISE EXCEPTION 'the plan was interrupted';
+             END IF;
+             RETURN NEW;
+         END $$ LANGUAGE plpgsql;
+         CREATE TRIGGER stalled_plan BEFORE INSERT ON prepare_parts
+             FOR EACH ROW EXECUTE FUNCTION stalled_plan();",
+    )
+    .execute(stack.store.pool())
+    .await
+    .unwrap();
+    let people: Vec<String> =
+        (0..50_000).map(|i| format!("streamed-{i:05}@example.com,Person number {i:05}")).collect();
+    let uri = csv_file(&stack, "audiences/streamed.csv", &people).await;
+    stack.requests_topic.publish(&batch("streamed", &[uri]), &[]).await.expect("published");
+
+    // While the plan is open, the first shard's chunks are stored and on their way, and the
+    // request is not summed.
+    let pool = stack.store.pool();
+    haishin_tests::eventually("a chunk stored while the plan is open", Duration::from_secs(30), || async {
+        let (open, state, chunks): (bool, String, i64) = sqlx::query_as(
+            "SELECT r.plan_open, r.state::text, (SELECT count(*) FROM chunks WHERE request_id = r.id)
+             FROM requests r WHERE r.id = 'streamed'",
+        )
+        .fetch_optional(pool)
+        .await
+        .unwrap()?;
+        (open && chunks > 0).then(|| assert_eq!(state, "preparing"))
+    })
+    .await;
+
+    let status = finished_within(&stack, "streamed", Duration::from_secs(120)).await;
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["audience"]["rows"], 50_000, "{status}");
+    assert_eq!(status["audience"]["recipients"], 50_000, "{status}");
+    let attempts: i64 =
+        sqlx::query_scalar("SELECT last_value FROM plan_attempts").fetch_one(pool).await.unwrap();
+    assert!(attempts >= 2, "the plan was taken up again after it was interrupted");
+    let (shards, open): (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM prepare_parts WHERE request_id = r.id AND kind = 'shard'), r.plan_open
+         FROM requests r WHERE r.id = 'streamed'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert!(shards >= 5 && !open, "{shards} shards, plan open: {open}");
+    let sim = stack.esp.report();
+    assert_eq!(sim.requests["streamed"].counts.unique, 50_000);
     assert_eq!(sim.deliveries.duplicates, 0);
     stack.stop().await;
 }

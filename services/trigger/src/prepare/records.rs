@@ -23,7 +23,8 @@ pub struct NewChunk {
     pub lines: Option<String>,
 }
 
-/// Takes a request for the prepare step: from `received`, or from `preparing` whose lease ran out.
+/// Takes a request for the prepare step: from `received`, or from `preparing` whose lease ran out
+/// before its plan recorded every shard.
 pub async fn claim_prepare(
     store: &Store,
     id: &RequestId,
@@ -32,7 +33,8 @@ pub async fn claim_prepare(
     let claimed = sqlx::query_as::<_, RequestRow>(&format!(
         "UPDATE requests SET state = 'preparing', lease_until = now() + $2
          WHERE id = $1 AND (state = 'received'
-                          OR (state = 'preparing' AND partitions IS NULL AND lease_until < now()))
+                          OR (state = 'preparing' AND (partitions IS NULL OR plan_open)
+                              AND lease_until < now()))
          RETURNING {}",
         request_columns(None)
     ))

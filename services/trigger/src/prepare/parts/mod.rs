@@ -5,9 +5,11 @@
 //! 1. **Plan** (the request's prepare task): the audience's files are listed (a BigQuery audience
 //!    exported first) and cut into shards: a large file is read in byte ranges, each ending
 //!    where a row does, the first small and each next one twice as large up to a partition's
-//!    size (see `ranges`). A `shard` part is recorded for each, with the number of partitions
-//!    (a power of two, about [`Parts::partition_bytes`] of rows each), and the first
-//!    [`SHARDS_AHEAD`] shards' tasks are created; each shard's end creates the next ones'.
+//!    size (see `ranges`). A `shard` part is recorded for each as it is found, with the number
+//!    of partitions (a power of two, about [`Parts::partition_bytes`] of rows each): the plan
+//!    spreads the first shard itself at once, and creates the tasks of the next ones up to
+//!    [`SHARDS_AHEAD`] as they are found; each shard's end creates the next ones'. Until every
+//!    shard is recorded the plan is open: its last group is not cut, nor the request summed.
 //! 2. **Shards** (`shard`): a shard reads its range, checks each row (bad rows are skipped and
 //!    counted there), and appends each valid one to its partition, chosen by a hash of the
 //!    address key, as objects `requests/<id>/parts/<partition>/<shard>-<n>.json`.
@@ -39,7 +41,10 @@ use std::sync::Arc;
 
 use haishin_shared::domain::{DeliveryRequest, RequestId};
 use haishin_shared::messages::{PreparePart, PrepareTask};
-use tokio::sync::Semaphore;
+use ranges::Shard;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
 use turns::Turns;
 
 use super::Prepared;
@@ -53,6 +58,8 @@ const MAX_PARTITIONS: u64 = 4_096;
 /// Shard tasks waiting in the queue at once, so that the cuts of the shards done are not queued
 /// behind all the others.
 const SHARDS_AHEAD: usize = 4;
+/// Most shards a plan records in one statement, of those found while it recorded the last.
+const RECORDED_AT_ONCE: usize = 1_000;
 
 /// How large audiences are prepared in parts.
 #[derive(Clone, Debug)]
@@ -87,10 +94,21 @@ impl Parts {
 }
 
 /// The groups of shards whose rows are cut together, given each shard's bytes: shard 0 alone,
-/// then each group as few shards as hold at least the bytes of all the groups before it. The
-/// groups double in bytes, so each group's cuts read back about as many earlier keys as its own
-/// rows, and each waits for about as much spreading as the groups before it take to send.
+/// then each group as few shards as hold at least the bytes of all the groups before it, and the
+/// shards left over. The groups double in bytes, so each group's cuts read back about as many
+/// earlier keys as its own rows, and each waits for about as much spreading as the groups before
+/// it take to send.
 pub(super) fn groups(bytes: &[u64]) -> Vec<Range<u32>> {
+    let mut groups = closed_groups(bytes);
+    let start = groups.last().map_or(0, |g| g.end);
+    if (start as usize) < bytes.len() {
+        groups.push(start..bytes.len() as u32);
+    }
+    groups
+}
+
+/// The groups that no shard recorded after these can change: all but the shards left over.
+pub(super) fn closed_groups(bytes: &[u64]) -> Vec<Range<u32>> {
     let (mut groups, mut start, mut before, mut current) = (Vec::new(), 0, 0u64, 0u64);
     for (i, &b) in bytes.iter().enumerate() {
         current += b.max(1);
@@ -98,9 +116,6 @@ pub(super) fn groups(bytes: &[u64]) -> Vec<Range<u32>> {
             groups.push(start..i as u32 + 1);
             (start, before, current) = (i as u32 + 1, before + current, 0);
         }
-    }
-    if (start as usize) < bytes.len() {
-        groups.push(start..bytes.len() as u32);
     }
     groups
 }
@@ -148,21 +163,91 @@ pub(super) fn partition_prefix(request: &RequestId, partition: u32) -> String {
     format!("requests/{request}/parts/{partition:05}/")
 }
 
-/// Records the shards of a request's files and creates their tasks.
+/// Plans a request's parts: cuts its files into shards and records each as it is found, so that
+/// the first are spread while the rest of the audience is still being read. The first shard is
+/// spread here, at once, and each of the next up to [`SHARDS_AHEAD`] gets its task as it is
+/// found; the reading's end closes the plan. A crash meanwhile is covered by this plan's own
+/// task, not acknowledged yet: redelivered, it plans again, finding the same shards, and creates
+/// the tasks of those not done.
 pub(super) async fn plan(
     state: &AppState,
     request: &DeliveryRequest,
     files: &[AudienceFile],
 ) -> Result<Prepared, Unavailable> {
     let partitions = state.parts.partitions(files);
-    let shards = match ranges::shards(&state.blobs, files, state.parts.partition_bytes).await {
-        Ok(shards) => shards,
+    let (found, shards) = mpsc::unbounded_channel();
+    let read = async move {
+        // The sender goes with the reading: the recording ends when the reading does.
+        let found = found;
+        ranges::shards(&state.blobs, files, state.parts.partition_bytes, &found).await
+    };
+    let mut recording = Recording { state, id: &request.id, partitions, recorded: 0, first: None };
+    let (read, recorded) = tokio::join!(read, recording.record(shards));
+    recording.first_spread().await;
+    match read {
         Err(err) if err.is_permanent() => return super::fail(state, &request.id, &err.to_string()).await,
         Err(err) => return Err(Unavailable::Dependency(err.to_string())),
-    };
-    records::plan(&state.store, &request.id, &shards, partitions).await?;
-    tracing::info!(files = files.len(), shards = shards.len(), partitions, "Audience prepared in parts.");
+        Ok(()) => recorded?,
+    }
+    records::close_plan(&state.store, &request.id).await?;
+    tracing::info!(
+        files = files.len(),
+        shards = recording.recorded,
+        partitions,
+        "Audience prepared in parts."
+    );
     start_shards(state, &request.id).await
+}
+
+/// The shards of a plan recorded as they are found.
+struct Recording<'a> {
+    state: &'a AppState,
+    id: &'a RequestId,
+    partitions: u32,
+    recorded: u32,
+    /// The first shard, spread by this instance as soon as it was recorded.
+    first: Option<JoinHandle<Result<Prepared, Unavailable>>>,
+}
+
+impl Recording<'_> {
+    /// Records the shards as they are `found`, those found together at once, and starts the
+    /// first [`SHARDS_AHEAD`]: the first here, the others by their tasks (the next ones get
+    /// theirs as shards end).
+    async fn record(&mut self, mut found: mpsc::UnboundedReceiver<Shard>) -> Result<(), Unavailable> {
+        let mut shards = Vec::new();
+        while found.recv_many(&mut shards, RECORDED_AT_ONCE).await > 0 {
+            let first = self.recorded;
+            records::record_shards(&self.state.store, self.id, first, &shards, self.partitions).await?;
+            self.recorded += shards.len() as u32;
+            shards.clear();
+            for index in first..self.recorded.min(SHARDS_AHEAD as u32) {
+                if index == 0 {
+                    let (state, id) = (self.state.clone(), self.id.clone());
+                    let spread = async move { run(&state, &id, PreparePart::Shard(0)).await };
+                    self.first = Some(tokio::spawn(spread.in_current_span()));
+                } else {
+                    start(self.state, self.id, std::iter::once(PreparePart::Shard(index))).await?;
+                }
+            }
+        }
+        if self.recorded == 0 {
+            // No shard at all: the plan is recorded all the same, and closes.
+            records::record_shards(&self.state.store, self.id, 0, &[], self.partitions).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the first shard's spreading (and its first cut), if it is under way: the
+    /// plan's task covers it until then. Its result is its own: a shard left undone gets its
+    /// task when the plan ends, or from the plan again.
+    async fn first_spread(&mut self) {
+        let Some(first) = self.first.take() else { return };
+        let spread =
+            first.await.map_err(|err| err.to_string()).and_then(|r| r.map_err(|err| err.to_string()));
+        if let Err(err) = spread {
+            tracing::warn!(error = %err, "First shard not spread here; its task will spread it.");
+        }
+    }
 }
 
 /// Creates the tasks of the first [`SHARDS_AHEAD`] shards not done yet (again, for a plan that
@@ -327,6 +412,9 @@ mod tests {
         // Shards doubling up to a most of 8, then 8 each.
         let bytes = [1, 2, 4, 8, 8, 8, 8, 8, 8, 8, 8, 3];
         assert_eq!(groups(&bytes), vec![0..1, 1..2, 2..3, 3..4, 4..6, 6..10, 10..12]);
+        // Until every shard is recorded, the shards left over may yet close a group otherwise.
+        assert_eq!(closed_groups(&bytes), vec![0..1, 1..2, 2..3, 3..4, 4..6, 6..10]);
+        assert_eq!(closed_groups(&bytes[..5]), vec![0..1, 1..2, 2..3, 3..4]);
         assert_eq!(groups(&[5]), vec![0..1]);
         assert!(groups(&[]).is_empty());
     }

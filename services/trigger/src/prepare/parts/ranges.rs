@@ -12,6 +12,7 @@ use std::ops::Range;
 use futures::TryStreamExt;
 use haishin_shared::domain::FileFormat;
 use haishin_shared::gcp::Blobs;
+use tokio::sync::mpsc::UnboundedSender;
 
 use super::super::PrepareError;
 use super::super::audience::AudienceFile;
@@ -48,75 +49,89 @@ impl Sizes {
 /// Files read at once while an audience is cut into shards.
 const FILES_AT_ONCE: usize = 4;
 
-/// The shards of an audience's files, in order, each at most about `most` bytes. The files are
-/// read one after the other while the shards grow, then [`FILES_AT_ONCE`] at a time.
+/// Cuts an audience's files into shards, each at most about `most` bytes, and hands each to
+/// `found` in order as soon as it is known, so that the first are spread while the rest of the
+/// audience is still being read. The files are read one after the other while the shards grow,
+/// then [`FILES_AT_ONCE`] at a time.
 pub(crate) async fn shards(
     blobs: &Blobs,
     files: &[AudienceFile],
     most: u64,
-) -> Result<Vec<Shard>, PrepareError> {
+    found: &UnboundedSender<Shard>,
+) -> Result<(), PrepareError> {
+    // A shard nobody waits for any more is dropped with the plan it was for.
+    let mut hand = |shard| drop(found.send(shard));
     let most = most.max(1);
     let mut sizes = Sizes { next: FIRST_SHARD_BYTES.min(most), most };
-    let mut shards = Vec::new();
     let mut files = files.iter();
     while sizes.next < most {
         let Some(file) = files.next() else { break };
-        shards.extend(cut(blobs, file, &mut sizes).await?);
+        cut(blobs, file, &mut sizes, &mut hand).await?;
     }
     let rest = files.as_slice();
     for batch in rest.chunks(FILES_AT_ONCE) {
         let cut = futures::future::try_join_all(batch.iter().map(|file| cut_at_most(blobs, file, most)));
-        shards.extend(cut.await?.into_iter().flatten());
+        cut.await?.into_iter().flatten().for_each(&mut hand);
     }
-    Ok(shards)
+    Ok(())
 }
 
 /// The shards of one file, each at most `most` bytes.
 async fn cut_at_most(blobs: &Blobs, file: &AudienceFile, most: u64) -> Result<Vec<Shard>, PrepareError> {
-    cut(blobs, file, &mut Sizes { next: most, most }).await
+    let mut shards = Vec::new();
+    cut(blobs, file, &mut Sizes { next: most, most }, &mut |shard| shards.push(shard)).await?;
+    Ok(shards)
 }
 
-/// The shards of one file: itself when it is small or compressed, else its ranges.
-async fn cut(blobs: &Blobs, file: &AudienceFile, sizes: &mut Sizes) -> Result<Vec<Shard>, PrepareError> {
-    let whole = Shard { file: file.clone(), range: None, first_line: 1, bytes: file.row_bytes() };
+/// Cuts one file into shards, each given to `found` as it is known: the file itself when it is
+/// small or compressed, else its ranges.
+async fn cut(
+    blobs: &Blobs,
+    file: &AudienceFile,
+    sizes: &mut Sizes,
+    found: &mut impl FnMut(Shard),
+) -> Result<(), PrepareError> {
+    let whole = || Shard { file: file.clone(), range: None, first_line: 1, bytes: file.row_bytes() };
     if file.row_bytes() <= sizes.next || file.row_bytes() != file.size {
         sizes.take();
-        return Ok(vec![whole]);
+        found(whole());
+    } else if !cut_file(blobs, file, sizes, found).await? {
+        found(whole());
     }
-    Ok(cut_file(blobs, file, sizes).await?.unwrap_or_else(|| vec![whole]))
+    Ok(())
 }
 
 /// Reads a file once and cuts it into ranges of the sizes `sizes` gives, each ending where a row
-/// does; `None` for a compressed file.
+/// does, given to `found` as each ends; false (and none given) for a compressed file.
 async fn cut_file(
     blobs: &Blobs,
     file: &AudienceFile,
     sizes: &mut Sizes,
-) -> Result<Option<Vec<Shard>>, PrepareError> {
+    found: &mut impl FnMut(Shard),
+) -> Result<bool, PrepareError> {
     let mut stream = blobs.read(&file.bucket, &file.object).await?;
     let mut rows = RowEnds::new(file.format);
     let (mut at, mut start, mut lines, mut first_line) = (0u64, 0u64, 0u64, 1u64);
     let mut target = sizes.take();
-    let mut shards = Vec::new();
     while let Some(data) = stream.try_next().await? {
         if at == 0 && data.starts_with(&[0x1f, 0x8b]) {
-            return Ok(None);
+            return Ok(false);
         }
         rows.scan(&data, |offset, ends| {
             lines += 1;
             // The byte after the line break: where the next shard would start.
             let next = at + offset as u64 + 1;
             if ends && next - start >= target {
-                shards.push(range_shard(file, start..next, first_line));
+                found(range_shard(file, start..next, first_line));
                 (start, first_line, target) = (next, lines + 1, sizes.take());
             }
         });
         at += data.len() as u64;
     }
     if at > start {
-        shards.push(range_shard(file, start..at, first_line));
+        found(range_shard(file, start..at, first_line));
     }
-    Ok(Some(shards))
+    Ok(true)
 }
 
 fn range_shard(file: &AudienceFile, range: Range<u64>, first_line: u64) -> Shard {

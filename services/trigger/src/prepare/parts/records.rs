@@ -10,7 +10,7 @@ use haishin_shared::store::{Result, Store};
 use super::super::audience::AudienceFile;
 use super::super::chunker::AudienceSummary;
 use super::ranges::Shard;
-use super::{Cut, groups};
+use super::{Cut, closed_groups, groups};
 
 /// A part taken by this worker.
 #[derive(Debug, sqlx::FromRow)]
@@ -58,19 +58,27 @@ pub(crate) enum PartClaim {
     Past(Option<RequestState>),
 }
 
-/// The request's partition count, once its shards are planned and it is still being prepared.
+/// The request's partition count, once its plan has recorded every shard and it is still being
+/// prepared.
 pub(crate) async fn planned(store: &Store, id: &RequestId) -> Result<Option<u32>> {
-    let partitions: Option<Option<i32>> =
-        sqlx::query_scalar("SELECT partitions FROM requests WHERE id = $1 AND state = 'preparing'")
-            .bind(id)
-            .fetch_optional(store.pool())
-            .await?;
+    let partitions: Option<Option<i32>> = sqlx::query_scalar(
+        "SELECT partitions FROM requests WHERE id = $1 AND state = 'preparing' AND NOT plan_open",
+    )
+    .bind(id)
+    .fetch_optional(store.pool())
+    .await?;
     Ok(partitions.flatten().map(|p| p.max(1) as u32))
 }
 
-/// Records a request's shards and how many partitions they spread over. Done once: a second
-/// plan of the same request changes nothing.
-pub(crate) async fn plan(store: &Store, id: &RequestId, shards: &[Shard], partitions: u32) -> Result<()> {
+/// Records shards of a request, numbered from `first`, and how many partitions they spread over;
+/// the first record opens the plan (see [`close_plan`]). A shard recorded again changes nothing.
+pub(crate) async fn record_shards(
+    store: &Store,
+    id: &RequestId,
+    first: u32,
+    shards: &[Shard],
+    partitions: u32,
+) -> Result<()> {
     let mut tx = store.pool().begin().await?;
     let buckets: Vec<&str> = shards.iter().map(|s| s.file.bucket.as_str()).collect();
     let objects: Vec<&str> = shards.iter().map(|s| s.file.object.as_str()).collect();
@@ -90,7 +98,7 @@ pub(crate) async fn plan(store: &Store, id: &RequestId, shards: &[Shard], partit
     sqlx::query(
         "INSERT INTO prepare_parts
              (request_id, kind, index, bucket, object, format, start_byte, end_byte, first_line, bytes)
-         SELECT $1, 'shard', n - 1, b, o, f, s, e, l, y
+         SELECT $1, 'shard', $9 + n - 1, b, o, f, s, e, l, y
          FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
                      $8::bigint[]) WITH ORDINALITY AS t(b, o, f, s, e, l, y, n)
          ON CONFLICT DO NOTHING",
@@ -103,14 +111,28 @@ pub(crate) async fn plan(store: &Store, id: &RequestId, shards: &[Shard], partit
     .bind(range(true))
     .bind(&first_lines)
     .bind(&bytes)
+    .bind(first as i32)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE requests SET partitions = COALESCE(partitions, $2) WHERE id = $1")
-        .bind(id)
-        .bind(partitions as i32)
-        .execute(&mut *tx)
-        .await?;
+    // The plan opens with its first record; a plan taken up again finds it open still. Last,
+    // so that the request's row, which every part's end locks, is held only for the commit.
+    sqlx::query(
+        "UPDATE requests SET plan_open = plan_open OR partitions IS NULL,
+             partitions = COALESCE(partitions, $2)
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(partitions as i32)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Closes a request's plan once every shard is recorded: its last group of shards can be cut,
+/// and its parts summed.
+pub(crate) async fn close_plan(store: &Store, id: &RequestId) -> Result<()> {
+    sqlx::query("UPDATE requests SET plan_open = false WHERE id = $1").bind(id).execute(store.pool()).await?;
     Ok(())
 }
 
@@ -222,7 +244,13 @@ pub(crate) async fn finish(
     }
     let finished = match part {
         PreparePart::Shard(_) => {
-            Finished::Partitions(open_cuts(&mut tx, id, chunk_size, partition_bytes).await?)
+            let open = open_cuts(&mut tx, id, chunk_size, partition_bytes).await?;
+            // Every cut done already: a plan closed after the last of them ends the request.
+            let summary = if open.is_empty() { summary_when_done(&mut tx, id).await? } else { None };
+            match summary {
+                Some(summary) => Finished::Request(Some(summary)),
+                None => Finished::Partitions(open),
+            }
         }
         PreparePart::Partition(_) => Finished::Request(summary_when_done(&mut tx, id).await?),
     };
@@ -277,10 +305,11 @@ async fn open_cuts(
     chunk_size: usize,
     partition_bytes: u64,
 ) -> Result<Vec<u32>> {
-    let partitions: i32 = sqlx::query_scalar("SELECT COALESCE(partitions, 1) FROM requests WHERE id = $1")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let (partitions, plan_open): (i32, bool) =
+        sqlx::query_as("SELECT COALESCE(partitions, 1), plan_open FROM requests WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
     let partitions = partitions.max(1) as u32;
     type ShardDone = (bool, Vec<i64>, Option<i64>);
     let shards: Vec<ShardDone> = sqlx::query_as(
@@ -312,7 +341,9 @@ async fn open_cuts(
     .await?;
     let bytes: Vec<u64> = shards.iter().map(|s| s.2.unwrap_or(0).max(0) as u64).collect();
     let (mut indexes, mut rows, mut firsts, mut strides) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (group, members) in groups(&bytes).into_iter().enumerate() {
+    // While the plan is open, its last group may still grow: only the groups closed are cut.
+    let groups = if plan_open { closed_groups(&bytes) } else { groups(&bytes) };
+    for (group, members) in groups.into_iter().enumerate() {
         let group = group as u32;
         if legacy || !shards[..members.end as usize].iter().all(|s| s.0) {
             break;
@@ -368,8 +399,12 @@ async fn summary_when_done(tx: &mut sqlx::PgConnection, id: &RequestId) -> Resul
     .bind(id)
     .fetch_all(&mut *tx)
     .await?;
+    let plan_open: bool = sqlx::query_scalar("SELECT plan_open FROM requests WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
     let partitions = parts.iter().filter(|p| p.0 == "partition").count();
-    if partitions == 0 || parts.iter().any(|p| !p.1) {
+    if plan_open || partitions == 0 || parts.iter().any(|p| !p.1) {
         return Ok(None);
     }
     let mut summary = AudienceSummary::default();
