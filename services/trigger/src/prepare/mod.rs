@@ -77,7 +77,7 @@ pub async fn run(
     if let Some(part) = part {
         return parts::run(state, id, part).await;
     }
-    if parts::records::planned(&state.store, id).await?.is_some() {
+    if parts::plan::planned(&state.store, id).await?.is_some() {
         // Planned already (this task is a redelivery): its shards' tasks are made sure of.
         return parts::start_shards(state, id).await;
     }
@@ -98,7 +98,7 @@ pub async fn run(
     // Boxed: the reading's future is large, and every caller's stack would otherwise hold it.
     let prepared = match Box::pin(audience::files(&sources, &state.bucket, &request)).await {
         Ok(Some(files)) if audience::worth_parts(&files, state.parts.partition_bytes) => {
-            return match parts::plan(state, &request, &files).await {
+            return match parts::plan::plan(state, &request, &files).await {
                 Err(err) => {
                     let _ = records::drop_request_lease(&state.store, id).await;
                     Err(err)

@@ -31,6 +31,7 @@
 //! only checks that what follows it has started.
 
 mod partition;
+pub(super) mod plan;
 mod ranges;
 pub(super) mod records;
 mod shard;
@@ -39,12 +40,9 @@ mod turns;
 use std::ops::Range;
 use std::sync::Arc;
 
-use haishin_shared::domain::{DeliveryRequest, RequestId};
+use haishin_shared::domain::RequestId;
 use haishin_shared::messages::{PreparePart, PrepareTask};
-use ranges::Shard;
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::JoinHandle;
-use tracing::Instrument;
+use tokio::sync::Semaphore;
 use turns::Turns;
 
 use super::Prepared;
@@ -58,8 +56,6 @@ const MAX_PARTITIONS: u64 = 4_096;
 /// Shard tasks waiting in the queue at once, so that the cuts of the shards done are not queued
 /// behind all the others.
 const SHARDS_AHEAD: usize = 4;
-/// Most shards a plan records in one statement, of those found while it recorded the last.
-const RECORDED_AT_ONCE: usize = 1_000;
 
 /// How large audiences are prepared in parts.
 #[derive(Clone, Debug)]
@@ -161,93 +157,6 @@ pub fn part_object(request: &RequestId, partition: u32, shard: u32, n: u32) -> S
 /// The prefix of a partition's objects.
 pub(super) fn partition_prefix(request: &RequestId, partition: u32) -> String {
     format!("requests/{request}/parts/{partition:05}/")
-}
-
-/// Plans a request's parts: cuts its files into shards and records each as it is found, so that
-/// the first are spread while the rest of the audience is still being read. The first shard is
-/// spread here, at once, and each of the next up to [`SHARDS_AHEAD`] gets its task as it is
-/// found; the reading's end closes the plan. A crash meanwhile is covered by this plan's own
-/// task, not acknowledged yet: redelivered, it plans again, finding the same shards, and creates
-/// the tasks of those not done.
-pub(super) async fn plan(
-    state: &AppState,
-    request: &DeliveryRequest,
-    files: &[AudienceFile],
-) -> Result<Prepared, Unavailable> {
-    let partitions = state.parts.partitions(files);
-    let (found, shards) = mpsc::unbounded_channel();
-    let read = async move {
-        // The sender goes with the reading: the recording ends when the reading does.
-        let found = found;
-        ranges::shards(&state.blobs, files, state.parts.partition_bytes, &found).await
-    };
-    let mut recording = Recording { state, id: &request.id, partitions, recorded: 0, first: None };
-    let (read, recorded) = tokio::join!(read, recording.record(shards));
-    recording.first_spread().await;
-    match read {
-        Err(err) if err.is_permanent() => return super::fail(state, &request.id, &err.to_string()).await,
-        Err(err) => return Err(Unavailable::Dependency(err.to_string())),
-        Ok(()) => recorded?,
-    }
-    records::close_plan(&state.store, &request.id).await?;
-    tracing::info!(
-        files = files.len(),
-        shards = recording.recorded,
-        partitions,
-        "Audience prepared in parts."
-    );
-    start_shards(state, &request.id).await
-}
-
-/// The shards of a plan recorded as they are found.
-struct Recording<'a> {
-    state: &'a AppState,
-    id: &'a RequestId,
-    partitions: u32,
-    recorded: u32,
-    /// The first shard, spread by this instance as soon as it was recorded.
-    first: Option<JoinHandle<Result<Prepared, Unavailable>>>,
-}
-
-impl Recording<'_> {
-    /// Records the shards as they are `found`, those found together at once, and starts the
-    /// first [`SHARDS_AHEAD`]: the first here, the others by their tasks (the next ones get
-    /// theirs as shards end).
-    async fn record(&mut self, mut found: mpsc::UnboundedReceiver<Shard>) -> Result<(), Unavailable> {
-        let mut shards = Vec::new();
-        while found.recv_many(&mut shards, RECORDED_AT_ONCE).await > 0 {
-            let first = self.recorded;
-            records::record_shards(&self.state.store, self.id, first, &shards, self.partitions).await?;
-            self.recorded += shards.len() as u32;
-            shards.clear();
-            for index in first..self.recorded.min(SHARDS_AHEAD as u32) {
-                if index == 0 {
-                    let (state, id) = (self.state.clone(), self.id.clone());
-                    let spread = async move { run(&state, &id, PreparePart::Shard(0)).await };
-                    self.first = Some(tokio::spawn(spread.in_current_span()));
-                } else {
-                    start(self.state, self.id, std::iter::once(PreparePart::Shard(index))).await?;
-                }
-            }
-        }
-        if self.recorded == 0 {
-            // No shard at all: the plan is recorded all the same, and closes.
-            records::record_shards(&self.state.store, self.id, 0, &[], self.partitions).await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for the first shard's spreading (and its first cut), if it is under way: the
-    /// plan's task covers it until then. Its result is its own: a shard left undone gets its
-    /// task when the plan ends, or from the plan again.
-    async fn first_spread(&mut self) {
-        let Some(first) = self.first.take() else { return };
-        let spread =
-            first.await.map_err(|err| err.to_string()).and_then(|r| r.map_err(|err| err.to_string()));
-        if let Err(err) = spread {
-            tracing::warn!(error = %err, "First shard not spread here; its task will spread it.");
-        }
-    }
 }
 
 /// Creates the tasks of the first [`SHARDS_AHEAD`] shards not done yet (again, for a plan that
