@@ -2,6 +2,7 @@
 //! the first are spread while the rest of the audience is still being read (see the module above).
 //! Until the reading ends the plan is open (`requests.plan_open`).
 
+use futures::TryFutureExt;
 use haishin_shared::domain::{DeliveryRequest, FileFormat, RequestId};
 use haishin_shared::messages::PreparePart;
 use haishin_shared::store::{Result, Store};
@@ -9,8 +10,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use super::super::Prepared;
 use super::super::audience::AudienceFile;
+use super::super::{PrepareError, Prepared};
 use super::ranges::{self, Shard};
 use super::{SHARDS_AHEAD, run, start, start_shards};
 use crate::AppState;
@@ -35,17 +36,19 @@ pub(crate) async fn plan(
     let read = async move {
         // The sender goes with the reading: the recording ends when the reading does.
         let found = found;
-        ranges::shards(&state.blobs, files, state.parts.partition_bytes, &found).await
+        ranges::shards(&state.blobs, files, state.parts.partition_bytes, &found).await.map_err(Stopped::Read)
     };
     let mut recording = Recording { state, id: &request.id, partitions, recorded: 0, first: None };
-    let (read, recorded) = tokio::join!(read, recording.record(shards));
+    // Whichever fails first stops the other: a plan that cannot record reads no further.
+    let planned = futures::future::try_join(read, recording.record(shards).map_err(Stopped::Record)).await;
     recording.first_spread().await;
-    match read {
-        Err(err) if err.is_permanent() => {
+    match planned {
+        Err(Stopped::Read(err)) if err.is_permanent() => {
             return super::super::fail(state, &request.id, &err.to_string()).await;
         }
-        Err(err) => return Err(Unavailable::Dependency(err.to_string())),
-        Ok(()) => recorded?,
+        Err(Stopped::Read(err)) => return Err(Unavailable::Dependency(err.to_string())),
+        Err(Stopped::Record(err)) => return Err(err),
+        Ok(_) => {}
     }
     close_plan(&state.store, &request.id).await?;
     tracing::info!(
@@ -55,6 +58,12 @@ pub(crate) async fn plan(
         "Audience prepared in parts."
     );
     start_shards(state, &request.id).await
+}
+
+/// Why a plan stopped before it read the whole audience.
+enum Stopped {
+    Read(PrepareError),
+    Record(Unavailable),
 }
 
 /// The shards of a plan recorded as they are found.
