@@ -6,6 +6,11 @@ use secrecy::SecretString;
 
 use crate::feedback::FeedbackArgs;
 
+/// Upload tasks that may wait in the queue beyond the free slots, by default. One hides the
+/// dispatch round trip between two uploads (the queue starts it as the slot frees); each more
+/// only puts another batch chunk ahead of a realtime event that needs an upload.
+pub const DISPATCH_PREFETCH: u32 = 1;
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "trigger",
@@ -68,8 +73,8 @@ pub struct Config {
     /// that come due while every one is out wait, and go together in the next.
     #[arg(long, env = "ESP_SEND_SLOTS", default_value_t = 8)]
     pub esp_send_slots: u32,
-    /// Upload tasks allowed to wait in the queue beyond the limit.
-    #[arg(long, env = "DISPATCH_PREFETCH", default_value_t = 0)]
+    /// Upload tasks allowed to wait in the queue beyond the limit ([`DISPATCH_PREFETCH`]).
+    #[arg(long, env = "DISPATCH_PREFETCH", default_value_t = DISPATCH_PREFETCH)]
     pub dispatch_prefetch: u32,
     /// Inline audiences up to this size are prepared as the request is taken in and stored with
     /// it, without a prepare task (every inline audience by default: at most 10,000 recipients).

@@ -70,6 +70,14 @@ impl Step {
         }
     }
 
+    /// What else a claim sets: an upload attempt's start, which the tail's pace is fitted to.
+    fn claim_columns(self) -> &'static str {
+        match self {
+            Step::Upload => ", upload_started_at = now()",
+            Step::Send => "",
+        }
+    }
+
     /// The column that keeps the ESP's id for the step's result, and the one that keeps its time.
     fn result_columns(self) -> (&'static str, &'static str) {
         match self {
@@ -144,10 +152,10 @@ impl Store {
         lease: Duration,
     ) -> Result<Claim<Claimed, ChunkState>> {
         cancel_waiting_chunks(self.pool(), CancelScope::Chunk(id)).await?;
-        let attempts = step.attempts_column();
+        let (attempts, started) = (step.attempts_column(), step.claim_columns());
         let sql = format!(
             "WITH before AS (SELECT id, state FROM chunks WHERE id = $1 FOR UPDATE)
-             UPDATE chunks SET state = $3, lease_until = now() + $4, {attempts} = {attempts} + 1
+             UPDATE chunks SET state = $3, lease_until = now() + $4, {attempts} = {attempts} + 1{started}
              FROM before
              WHERE chunks.id = before.id
                AND (before.state = $2 OR (before.state = $3 AND chunks.lease_until < now()))

@@ -37,7 +37,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub triggers: u32,
     /// Upload tasks allowed to wait in the queue beyond the ESP's limit.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = haishin_trigger::config::DISPATCH_PREFETCH)]
     pub prefetch: u32,
     /// Where to write the reports (a JSON array).
     #[arg(long, default_value = "bench.report.json")]
@@ -263,7 +263,7 @@ pub(crate) mod tests {
         BenchArgs {
             scenarios: Vec::new(),
             triggers: 1,
-            prefetch: 0,
+            prefetch: haishin_trigger::config::DISPATCH_PREFETCH,
             json: "bench.json".into(),
             seed: 1,
             huge_recipients: 10_000_000,

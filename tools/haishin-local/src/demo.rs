@@ -137,7 +137,7 @@ impl DemoArgs {
             realtime_reserved_slots: self.realtime_reserved_slots,
             inline_recipients_max: self.inline_recipients_max,
             triggers: self.triggers,
-            prefetch: 0,
+            prefetch: haishin_trigger::config::DISPATCH_PREFETCH,
             seed: self.seed,
             timeout: Duration::from_secs(self.timeout_secs),
             run_dir: self.run_dir.clone(),

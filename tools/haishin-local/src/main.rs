@@ -60,7 +60,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         realtime_reserved_slots: 0,
         inline_recipients_max: demo::INLINE_RECIPIENTS_MAX,
         triggers: 1,
-        prefetch: 0,
+        prefetch: haishin_trigger::config::DISPATCH_PREFETCH,
         mode: ServiceMode::Processes { exe: std::env::current_exe()? },
         completion_every: std::time::Duration::from_secs(2),
         run_dir: args.run_dir.clone(),

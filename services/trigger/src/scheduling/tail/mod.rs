@@ -4,8 +4,9 @@
 //! the chunk about to be dispatched is cut so that its slot ends when the others do: the pending
 //! recipients poured over the slots, each from the moment its chunk in flight should end, at the
 //! pace the provider has shown on this run's chunks (a fixed cost per call and a cost per
-//! recipient, fitted to the chunks done; until a few are, a chunk's time is its recipients and
-//! every chunk in flight has all its work ahead). Pieces are at least `min_part`, and the rest of
+//! recipient, fitted to the chunks done from the start of their upload; until a few are, a
+//! chunk's time is its recipients and every chunk in flight has all its work ahead). A chunk
+//! prefetched into the upload queue starts on the first slot to free. Pieces are at least `min_part`, and the rest of
 //! the chunk's lines stay pending as a chunk of their own (own id, task name and ESP keys, same
 //! object). Pieces shrink as the work runs out, so the slots run dry together instead of some
 //! idling while a few full chunks finish. A chunk that was ever dispatched keeps its range: the
