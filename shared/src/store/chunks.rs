@@ -115,6 +115,11 @@ pub enum CancelScope<'a> {
     All,
 }
 
+/// Whether chunk `c` of request `r`, if it waits for a step, is to end `cancelled` instead: its
+/// request was cancelled while open, and nothing of the chunk was delivered yet.
+const CANCELLING: &str = "r.cancel_requested_at IS NOT NULL
+    AND r.state IN ('received', 'preparing', 'dispatching') AND c.progress = 0";
+
 /// Ends `cancelled` the chunks of cancelled requests (`cancel_requested_at` set) that were not
 /// handed to the provider's send step: waiting for dispatch (`pending`), for their upload
 /// (`queued`) or for their send (`uploaded`), with none of their messages tried yet (a
@@ -131,9 +136,8 @@ pub async fn cancel_waiting_chunks(conn: impl PgExecutor<'_>, scope: CancelScope
     let sql = format!(
         "UPDATE chunks c SET state = 'cancelled', reason = $1, finished_at = now(), lease_until = NULL
          FROM requests r
-         WHERE {filter} AND r.id = c.request_id AND r.cancel_requested_at IS NOT NULL
-           AND r.state IN ('received', 'preparing', 'dispatching')
-           AND c.state IN ('pending', 'queued', 'uploaded') AND c.progress = 0"
+         WHERE {filter} AND r.id = c.request_id AND {CANCELLING}
+           AND c.state IN ('pending', 'queued', 'uploaded')"
     );
     let done = sqlx::query(&sql).bind(CANCELLED_REASON).bind(id).execute(conn).await?;
     Ok(done.rows_affected())
@@ -151,14 +155,18 @@ impl Store {
         step: Step,
         lease: Duration,
     ) -> Result<Claim<Claimed, ChunkState>> {
-        cancel_waiting_chunks(self.pool(), CancelScope::Chunk(id)).await?;
+        // One statement when the chunk can be taken, as it nearly always can; a waiting chunk of
+        // a cancelled request is not taken, but ended below.
         let (attempts, started) = (step.attempts_column(), step.claim_columns());
         let sql = format!(
-            "WITH before AS (SELECT id, state FROM chunks WHERE id = $1 FOR UPDATE)
+            "WITH before AS (SELECT c.id, c.state, {CANCELLING} AS cancelling
+                             FROM chunks c JOIN requests r ON r.id = c.request_id
+                             WHERE c.id = $1 FOR UPDATE OF c)
              UPDATE chunks SET state = $3, lease_until = now() + $4, {attempts} = {attempts} + 1{started}
              FROM before
              WHERE chunks.id = before.id
-               AND (before.state = $2 OR (before.state = $3 AND chunks.lease_until < now()))
+               AND ((before.state = $2 AND NOT before.cancelling)
+                    OR (before.state = $3 AND chunks.lease_until < now()))
              RETURNING before.state AS before_state, {}",
             chunk_columns(Some("chunks"))
         );
@@ -174,6 +182,7 @@ impl Store {
             let chunk = ChunkRow::from_row(&row)?;
             return Ok(Claim::Claimed(Claimed { chunk, takeover: before == step.working() }));
         }
+        cancel_waiting_chunks(self.pool(), CancelScope::Chunk(id)).await?;
         let state: Option<ChunkState> = sqlx::query_scalar("SELECT state FROM chunks WHERE id = $1")
             .bind(id)
             .fetch_optional(self.pool())
