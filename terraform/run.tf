@@ -105,6 +105,7 @@ locals {
       INLINE_PREPARE_MAX      = var.inline_prepare_max
       PREPARE_PARTITION_BYTES = var.prepare_partition_bytes
       PREPARE_PARTS_AT_ONCE   = var.prepare_parts_at_once
+      PREPARE_KEPT_BYTES      = var.prepare_kept_bytes
       # A prepare step may run as long as the request that runs it; each task's dispatch deadline
       # is the timeout of the service it targets.
       PREPARE_LEASE_SECS  = trimsuffix(var.trigger.timeout, "s")

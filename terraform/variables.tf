@@ -276,6 +276,17 @@ variable "prepare_parts_at_once" {
   }
 }
 
+variable "prepare_kept_bytes" {
+  description = "Bytes of partition objects a trigger instance keeps in memory after spreading them (a shard at most half of it), so that the cuts it runs next, the first chunks of a large audience among them, skip the round trips to Cloud Storage. Counts toward the trigger's memory. 0: none are kept. Default: 16 MiB."
+  type        = number
+  default     = 16777216
+
+  validation {
+    condition     = var.prepare_kept_bytes >= 0 && floor(var.prepare_kept_bytes) == var.prepare_kept_bytes
+    error_message = "prepare_kept_bytes must be a whole number of bytes, 0 or more."
+  }
+}
+
 variable "esp_timeout_secs" {
   description = "Longest wait for one provider request, in seconds. A request that times out may still have been accepted: for list-send the sender then asks the ESP's history before anything is sent again; for smtp and ses a message that may have reached the provider is never sent again blindly (its outcome is unknown). Default: 30."
   type        = number

@@ -49,6 +49,8 @@ pub struct TestStack {
     pub bigquery_endpoint: Option<String>,
     /// Audience bytes per prepare partition; larger audiences are prepared in parts.
     pub prepare_partition_bytes: Option<u64>,
+    /// The trigger's `PREPARE_KEPT_BYTES`; none: its default.
+    pub prepare_kept_bytes: Option<u64>,
     /// How often the completion job runs.
     pub completion_every: Duration,
 }
@@ -65,6 +67,7 @@ impl Default for TestStack {
             provider: MailProvider::Simulator,
             bigquery_endpoint: None,
             prepare_partition_bytes: None,
+            prepare_kept_bytes: None,
             completion_every: Duration::from_millis(200),
         }
     }
@@ -93,6 +96,7 @@ impl TestStack {
             provider: self.provider,
             bigquery_endpoint: self.bigquery_endpoint,
             prepare_partition_bytes: self.prepare_partition_bytes,
+            prepare_kept_bytes: self.prepare_kept_bytes,
         })
         .await
         .expect("local stack starts")

@@ -146,6 +146,56 @@ async fn an_address_repeated_across_files_keeps_the_parameters_of_its_first_row(
     stack.stop().await;
 }
 
+/// The chunk objects of a request, by name, with their bytes.
+async fn chunk_objects(stack: &LocalStack, id: &str) -> Vec<(String, Vec<u8>)> {
+    let mut objects = Vec::new();
+    for object in stack.blobs.list(BUCKET, &format!("requests/{id}/chunks/")).await.unwrap() {
+        let data = stack.blobs.read_all(BUCKET, &object).await.unwrap();
+        objects.push((object, data));
+    }
+    objects
+}
+
+#[tokio::test]
+async fn cuts_of_shards_kept_in_memory_make_the_same_chunks_as_cuts_read_from_storage() {
+    // The same audience, with repeats within and across its files, prepared by one trigger that
+    // keeps what it spreads for its cuts, and by one that keeps nothing.
+    let people = |from: usize, to: usize| -> Vec<String> {
+        (from..to).map(|i| format!("same-{i}@example.com,User {i}")).collect()
+    };
+    let mut first = people(0, 500);
+    first.extend(people(100, 120));
+    let files = [first, people(400, 900)];
+    let mut prepared = Vec::new();
+    for kept_bytes in [None, Some(0)] {
+        let stack = TestStack {
+            chunk_size: 50,
+            prepare_partition_bytes: Some(2_000),
+            prepare_kept_bytes: kept_bytes,
+            ..TestStack::default()
+        }
+        .start()
+        .await;
+        let mut uris = Vec::new();
+        for (i, rows) in files.iter().enumerate() {
+            uris.push(csv_file(&stack, &format!("audiences/same/{i}.csv"), rows).await);
+        }
+        stack.requests_topic.publish(&batch("same", &uris), &[]).await.expect("published");
+        let status = finished_within(&stack, "same", Duration::from_secs(120)).await;
+        assert_eq!(status["state"], "completed", "{status}");
+        assert_eq!(status["audience"]["recipients"], 900);
+        assert_eq!(status["audience"]["skipped"], json!({"duplicate": 120}), "{status}");
+        let parts_read = stack.stand_ins.storage.reads_under("requests/same/parts/");
+        prepared.push((parts_read, chunk_objects(&stack, "same").await));
+        stack.stop().await;
+    }
+    let [(read_kept, kept), (read_stored, stored)] = <[_; 2]>::try_from(prepared).unwrap();
+    assert_eq!(read_kept, 0, "every cut read its shards from memory");
+    assert!(read_stored > 0, "every cut read its shards from storage");
+    assert!(kept.len() >= 18, "{} chunk objects", kept.len());
+    assert!(kept == stored, "the same chunk objects, byte for byte");
+}
+
 #[tokio::test]
 async fn a_csv_file_read_in_ranges_keeps_quoted_line_breaks_and_the_file_s_line_numbers() {
     let stack = parts_stack().await;

@@ -184,7 +184,11 @@ impl Application {
             chunk_size,
             inline_prepare_max: config.inline_prepare_max,
             prepare_lease: Duration::from_secs(config.prepare_lease_secs),
-            parts: prepare::Parts::new(config.prepare_partition_bytes, config.prepare_parts_at_once),
+            parts: prepare::Parts::new(
+                config.prepare_partition_bytes,
+                config.prepare_parts_at_once,
+                config.prepare_kept_bytes,
+            ),
         };
         Ok(Self { service, state })
     }

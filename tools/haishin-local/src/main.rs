@@ -70,6 +70,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         provider: Default::default(),
         bigquery_endpoint: None,
         prepare_partition_bytes: None,
+        prepare_kept_bytes: None,
     })
     .await?;
     std::fs::write(&args.endpoints, serde_json::to_vec_pretty(&stack.endpoints)?)?;

@@ -44,6 +44,7 @@ pub async fn run_scenario(scenario: &Scenario, mode: ServiceMode) -> anyhow::Res
         provider: scenario.provider.clone(),
         bigquery_endpoint: crate::bigquery::batch_endpoint(),
         prepare_partition_bytes: None,
+        prepare_kept_bytes: None,
     })
     .await?;
     let (stop_chaos, chaos_stopped) = tokio::sync::watch::channel(false);

@@ -97,6 +97,9 @@ pub struct StackConfig {
     /// Audience bytes per prepare partition (`PREPARE_PARTITION_BYTES`); none: the trigger's
     /// default. Audiences larger than one partition are prepared in parts.
     pub prepare_partition_bytes: Option<u64>,
+    /// Bytes of partition objects the trigger keeps for its cuts (`PREPARE_KEPT_BYTES`); none:
+    /// the trigger's default.
+    pub prepare_kept_bytes: Option<u64>,
 }
 
 /// The provider the local services deliver through.
@@ -687,6 +690,7 @@ fn service_env(
         ]);
         trigger.extend(config.bigquery_endpoint.iter().map(|url| ("BIGQUERY_ENDPOINT", url.clone())));
         trigger.extend(config.prepare_partition_bytes.map(|b| ("PREPARE_PARTITION_BYTES", b.to_string())));
+        trigger.extend(config.prepare_kept_bytes.map(|b| ("PREPARE_KEPT_BYTES", b.to_string())));
         pairs(&trigger)
     };
     let mut uploader = serving(Instance::first(Service::ListUploader), &endpoints.list_uploader);

@@ -63,6 +63,7 @@ impl GcsServer {
             sessions: Mutex::default(),
             files: AtomicU64::new(0),
             last_generation: AtomicI64::new(0),
+            reads: Mutex::default(),
         });
         let served = Served::start(port, rest::router(store.clone()), CancellationToken::new()).await?;
         store.base_url.set(served.url()).expect("set once");
@@ -72,6 +73,13 @@ impl GcsServer {
     /// The endpoint for `Storage::builder().with_endpoint(..)` and for JSON API calls.
     pub fn endpoint(&self) -> String {
         self.served.url()
+    }
+
+    /// How many times objects whose name starts with `prefix` were read (their data, whole or
+    /// a range) or listed (a listing of a prefix under it counts once), since the start.
+    pub fn reads_under(&self, prefix: &str) -> u64 {
+        let reads = self.store.reads.lock().expect("reads lock");
+        reads.iter().filter(|(name, _)| name.starts_with(prefix)).map(|(_, n)| n).sum()
     }
 
     /// Creates an empty bucket.
@@ -93,6 +101,8 @@ pub(crate) struct Store {
     sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<rest::Session>>>>,
     files: AtomicU64,
     last_generation: AtomicI64,
+    /// Reads and listings served, by object name or listed prefix.
+    reads: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -219,6 +229,10 @@ enum StoreError {
 }
 
 impl Store {
+    fn count_read(&self, name: &str) {
+        *self.reads.lock().expect("reads lock").entry(name.to_owned()).or_default() += 1;
+    }
+
     fn create_bucket(&self, name: &str) -> Result<Value, Error> {
         let valid = (3..=63).contains(&name.len())
             && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c));

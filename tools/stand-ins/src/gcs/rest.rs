@@ -141,6 +141,7 @@ async fn get_object(
         return Err(StoreError::Precondition.into());
     }
     if query.alt.as_deref() == Some("media") {
+        store.count_read(&name);
         media(&object, headers.get(RANGE)).await
     } else {
         Ok(Json(object.to_json(store.base_url())).into_response())
@@ -257,6 +258,7 @@ async fn list_objects(
     Query(query): Query<ObjectQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let prefix = query.prefix.unwrap_or_default();
+    store.count_read(&prefix);
     let delimiter = query.delimiter.filter(|d| !d.is_empty());
     let max = query.max_results.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
     let after = match &query.page_token {

@@ -19,7 +19,9 @@
 //!    partitions, keeps the first row of each address unless a shard before the group holds it
 //!    (exact: every copy of an address is in the same partition, and the earlier shards' keys
 //!    are read back), and cuts chunks numbered from its `first_seq`. The shard whose end opens
-//!    cuts runs the first of them itself, at once (the others are tasks). The last part to end
+//!    cuts runs the first of them itself, at once (the others are tasks); when this instance
+//!    spread every shard the cut needs, it reads them from memory, as kept when they were written
+//!    (see `kept`), without a round trip to Cloud Storage. The last part to end
 //!    sums the parts into the request's summary and hands the request to dispatch; its chunks
 //!    were dispatched as they were stored.
 //!
@@ -30,6 +32,7 @@
 //! so a part redone after a crash or a redelivery writes the same again, and a part done already
 //! only checks that what follows it has started.
 
+mod kept;
 mod partition;
 pub(super) mod plan;
 mod ranges;
@@ -68,15 +71,18 @@ pub struct Parts {
     /// Taken in the order of the shards' index, so that each request's first shard (and its
     /// first chunks) goes before any request's later ones.
     shards_at_once: Turns,
+    /// The objects of the shards spread here lately, for the cuts that follow.
+    kept: kept::Kept,
 }
 
 impl Parts {
-    pub fn new(partition_bytes: u64, at_once: usize) -> Self {
+    pub fn new(partition_bytes: u64, at_once: usize, kept_bytes: usize) -> Self {
         let at_once = at_once.max(1);
         Self {
             partition_bytes: partition_bytes.max(1),
             at_once: Arc::new(Semaphore::new(at_once)),
             shards_at_once: Turns::new((at_once - 1).max(1)),
+            kept: kept::Kept::new(kept_bytes),
         }
     }
 
@@ -280,6 +286,7 @@ async fn run_held(state: &AppState, id: &RequestId, part: PreparePart) -> Result
         Finished::Partitions(open) => Ok(Ended::Cuts(open)),
         Finished::Request(None) => ended(Prepared::InParts),
         Finished::Request(Some(summary)) => {
+            state.parts.kept.forget_request(id);
             super::records::finish_prepare(&state.store, id, &summary).await?;
             tracing::info!(
                 rows = summary.rows,
@@ -337,7 +344,7 @@ mod tests {
 
     #[test]
     fn an_audience_gets_one_partition_per_partition_size() {
-        let parts = Parts::new(100, 1);
+        let parts = Parts::new(100, 1, 0);
         let file = |size| AudienceFile {
             bucket: "b".into(),
             object: "o.csv".into(),
@@ -347,6 +354,6 @@ mod tests {
         assert_eq!(parts.partitions(&[file(250)]), 4, "a power of two");
         assert_eq!(parts.partitions(&[file(200)]), 2);
         assert_eq!(parts.partitions(&[file(50), file(50)]), 1);
-        assert_eq!(Parts::new(1, 1).partitions(&[file(u64::MAX)]), MAX_PARTITIONS as u32);
+        assert_eq!(Parts::new(1, 1, 0).partitions(&[file(u64::MAX)]), MAX_PARTITIONS as u32);
     }
 }

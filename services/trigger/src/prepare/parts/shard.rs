@@ -18,6 +18,7 @@ use super::super::chunker::{AudienceSummary, check_columns};
 use super::super::recipient::{Skip, check};
 use super::super::rows::{RowAt, RowSink};
 use super::super::{PrepareError, audience};
+use super::kept::ShardObjects;
 use super::ranges::{self, Shard};
 use super::records::PartRow;
 use super::{part_object, partition_of};
@@ -61,6 +62,9 @@ pub(super) async fn run(
         buffered: 0,
         line_offset: 0,
         summary: AudienceSummary::default(),
+        kept: Some(vec![Vec::new(); partitions as usize]),
+        kept_bytes: 0,
+        most_kept: state.parts.kept.shard_most(),
     };
     match &part.range {
         None => audience::read_object(&mut spread, &state.blobs, &part.file).await?,
@@ -68,6 +72,9 @@ pub(super) async fn run(
     }
     for p in 0..partitions {
         spread.write(p).await?;
+    }
+    if let Some(objects) = spread.kept.take() {
+        state.parts.kept.keep(&request.id, shard, objects);
     }
     tracing::info!(
         rows = spread.summary.rows,
@@ -131,6 +138,11 @@ struct Spreader<'a> {
     /// How many lines of the file precede the first the reader numbers as its own.
     line_offset: u64,
     summary: AudienceSummary,
+    /// The objects written, for the cuts of this instance ([`Kept`]); `None` once they outgrew
+    /// what is kept of a shard.
+    kept: Option<ShardObjects>,
+    kept_bytes: usize,
+    most_kept: usize,
 }
 
 impl RowSink for Spreader<'_> {
@@ -177,8 +189,15 @@ impl Spreader<'_> {
         self.buffered -= data.len();
         let n = self.written[p as usize];
         let object = part_object(&self.request.id, p, self.shard, n);
-        self.blobs.write(self.bucket, &object, bytes::Bytes::from(data)).await?;
+        let data = bytes::Bytes::from(data);
+        self.blobs.write(self.bucket, &object, data.clone()).await?;
         self.written[p as usize] = n + 1;
+        self.kept_bytes += data.len();
+        match &mut self.kept {
+            Some(_) if self.kept_bytes > self.most_kept => self.kept = None,
+            Some(kept) => kept[p as usize].push(data),
+            None => {}
+        }
         Ok(())
     }
 }
