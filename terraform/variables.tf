@@ -277,9 +277,9 @@ variable "prepare_parts_at_once" {
 }
 
 variable "prepare_kept_bytes" {
-  description = "Bytes of partition objects a trigger instance keeps in memory after spreading them (a shard at most half of it), so that the cuts it runs next, the first chunks of a large audience among them, skip the round trips to Cloud Storage. Counts toward the trigger's memory. 0: none are kept. Default: 16 MiB."
+  description = "Bytes of partition objects a trigger instance keeps in memory after spreading them, so that the cuts it runs next, the first chunks of a large audience among them, skip the round trips to Cloud Storage (the first three shards, about 2 MB of rows, fit; only a request's first shards are kept, as a cut reads every shard up to its own). Counts toward the trigger's memory. 0: none are kept. Default: 8 MiB."
   type        = number
-  default     = 16777216
+  default     = 8388608
 
   validation {
     condition     = var.prepare_kept_bytes >= 0 && floor(var.prepare_kept_bytes) == var.prepare_kept_bytes

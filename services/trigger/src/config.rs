@@ -91,10 +91,11 @@ pub struct Config {
     /// at a time, so this bounds a prepare step's memory, about 70 bytes per 40-byte row.
     #[arg(long, env = "PREPARE_PARTITION_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub prepare_partition_bytes: u64,
-    /// Bytes of the partition objects an instance keeps in memory after spreading them (a shard
-    /// at most half of it), so that the cuts it runs next, the first chunks of a large audience
-    /// among them, read them without a round trip to Cloud Storage. 0: none are kept.
-    #[arg(long, env = "PREPARE_KEPT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    /// Bytes of the partition objects an instance keeps in memory after spreading them, so that
+    /// the cuts it runs next, the first chunks of a large audience among them, read them without
+    /// a round trip to Cloud Storage (the first three shards, about 2 MB of rows, fit). Only a
+    /// request's first shards are kept: a cut reads every shard up to its own. 0: none are kept.
+    #[arg(long, env = "PREPARE_KEPT_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub prepare_kept_bytes: usize,
     /// Parts of large audiences one instance prepares at once; further part tasks wait for one to
     /// end. With the partition size, this bounds an instance's memory.

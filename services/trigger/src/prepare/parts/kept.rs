@@ -5,8 +5,10 @@
 //! uploads, and each list or read is a round trip (tens of milliseconds on Cloud Storage).
 //!
 //! A shard's objects are the same whenever it is spread (they depend on the rows alone), so
-//! what is kept is what Cloud Storage holds. Bounded in bytes (`PREPARE_KEPT_BYTES`): a shard
-//! larger than half of it is not kept, and the oldest go first.
+//! what is kept is what Cloud Storage holds. Bounded in bytes (`PREPARE_KEPT_BYTES`): a cut
+//! reads every shard up to its own, so a request's shards are kept from its first on, as long
+//! as they fit (other requests' shards making room, the oldest first). Only the first shards of
+//! an audience are small enough, and only their cuts lie on the way to the first uploads.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -37,22 +39,34 @@ impl Kept {
         Self { inner: Arc::default(), most }
     }
 
-    /// The largest shard kept.
-    pub(super) fn shard_most(&self) -> usize {
-        self.most / 2
+    /// Whether a shard of `request` with about `row_bytes` of rows may be kept: its objects, a
+    /// line of JSON for each row, take about three times its rows' bytes, and they must fit
+    /// beside the request's shards kept already (those of other requests make room).
+    pub(super) fn may_keep(&self, request: &RequestId, row_bytes: u64) -> bool {
+        let inner = self.inner.lock().expect("kept shards lock");
+        let own = inner.bytes_of(request) as u64;
+        row_bytes.saturating_mul(3) + own <= self.most as u64
     }
 
-    /// Keeps a shard's objects (replacing any kept before for it), the oldest shards making
-    /// room.
+    /// The most bytes of a shard's objects kept.
+    pub(super) fn shard_most(&self) -> usize {
+        self.most
+    }
+
+    /// Keeps a shard's objects (replacing any kept before for it), other requests' shards
+    /// making room, the oldest first. A cut reads every shard up to its own, so the request's
+    /// earlier shards are never let go for a later one: one that does not fit beside them is
+    /// not kept.
     pub(super) fn keep(&self, request: &RequestId, shard: u32, objects: ShardObjects) {
         let bytes = size_of(&objects);
-        if bytes > self.shard_most() {
-            return;
-        }
         let mut inner = self.inner.lock().expect("kept shards lock");
         inner.forget(request, shard);
+        if inner.bytes_of(request) + bytes > self.most {
+            return;
+        }
         while inner.bytes + bytes > self.most {
-            let Some((_, _, oldest)) = inner.shards.pop_front() else { break };
+            let Some(at) = inner.shards.iter().position(|(r, _, _)| r != request) else { return };
+            let (_, _, oldest) = inner.shards.remove(at).expect("found above");
             inner.bytes -= size_of(&oldest);
         }
         inner.bytes += bytes;
@@ -88,6 +102,10 @@ impl Kept {
 }
 
 impl Inner {
+    fn bytes_of(&self, request: &RequestId) -> usize {
+        self.shards.iter().filter(|(r, _, _)| r == request).map(|(_, _, o)| size_of(o)).sum()
+    }
+
     fn forget(&mut self, request: &RequestId, shard: u32) {
         if let Some(at) = self.shards.iter().position(|(r, s, _)| r == request && *s == shard) {
             let (_, _, objects) = self.shards.remove(at).expect("found above");
@@ -126,20 +144,24 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_shards_make_room_and_a_shard_kept_again_counts_once() {
+    fn other_requests_make_room_but_a_request_s_earlier_shards_never_do() {
         let kept = Kept::new(MOST);
-        let id = RequestId::from("r");
+        let (old, new) = (RequestId::from("old"), RequestId::from("new"));
         let quarter = MOST / 4;
-        for shard_no in 0..4 {
-            kept.keep(&id, shard_no, shard(quarter));
-        }
-        kept.keep(&id, 3, shard(quarter));
-        assert!(kept.all_of(&id, 0..4).is_some(), "four quarters fit");
-        kept.keep(&id, 4, shard(quarter));
-        assert!(kept.all_of(&id, 0..1).is_none(), "the oldest went");
-        assert!(kept.all_of(&id, 1..5).is_some());
-        kept.keep(&id, 5, shard(MOST / 2 + 1));
-        assert!(kept.all_of(&id, 5..6).is_none(), "too large to keep");
-        assert!(kept.all_of(&id, 1..5).is_some(), "and nothing made room for it");
+        kept.keep(&old, 0, shard(quarter));
+        kept.keep(&old, 1, shard(quarter));
+        kept.keep(&new, 0, shard(quarter));
+        kept.keep(&new, 1, shard(quarter));
+        assert!(kept.all_of(&old, 0..2).is_some() && kept.all_of(&new, 0..2).is_some(), "all fit");
+        kept.keep(&new, 2, shard(quarter));
+        assert!(kept.all_of(&old, 0..1).is_none(), "the oldest of another request went");
+        assert!(kept.all_of(&new, 0..3).is_some());
+        assert!(kept.may_keep(&new, quarter as u64 / 3) && !kept.may_keep(&new, quarter as u64 / 3 + 1));
+        kept.keep(&new, 3, shard(quarter * 2));
+        assert!(kept.all_of(&new, 3..4).is_none(), "not beside the request's earlier shards");
+        assert!(kept.all_of(&new, 0..3).is_some(), "which stay");
+        assert!(kept.all_of(&old, 1..2).is_some(), "nor did another request's make room for it");
+        kept.keep(&new, 1, shard(quarter));
+        assert!(kept.all_of(&new, 0..3).is_some(), "a shard kept again counts once");
     }
 }

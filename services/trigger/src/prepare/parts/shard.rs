@@ -62,7 +62,11 @@ pub(super) async fn run(
         buffered: 0,
         line_offset: 0,
         summary: AudienceSummary::default(),
-        kept: Some(vec![Vec::new(); partitions as usize]),
+        kept: state
+            .parts
+            .kept
+            .may_keep(&request.id, part.bytes)
+            .then(|| vec![Vec::new(); partitions as usize]),
         kept_bytes: 0,
         most_kept: state.parts.kept.shard_most(),
     };
