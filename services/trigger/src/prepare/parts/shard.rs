@@ -142,8 +142,8 @@ struct Spreader<'a> {
     /// How many lines of the file precede the first the reader numbers as its own.
     line_offset: u64,
     summary: AudienceSummary,
-    /// The objects written, for the cuts of this instance ([`Kept`]); `None` once they outgrew
-    /// what is kept of a shard.
+    /// The objects written, for the cuts of this instance (see `kept`); `None` for a shard too
+    /// large to keep, or once its objects outgrew `most_kept` bytes.
     kept: Option<ShardObjects>,
     kept_bytes: usize,
     most_kept: usize,
